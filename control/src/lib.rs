@@ -1,0 +1,1 @@
+//! The podnet control service and its client library.

@@ -1,0 +1,6 @@
+//! Wire formats for podnet, free of I/O.
+//!
+//! Zero-copy views over byte buffers (checked once at construction, then panic-free),
+//! encapsulation into caller-owned headroom, ICMP error generation and the Internet checksum.
+//! Everything here is a pure function over bytes so it can be tested and fuzzed without root.
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! Test harness: namespaces with a Drop guard, processes stopped by PID, bounded waits.
