@@ -1,0 +1,336 @@
+//! Why packets are dropped, and the lock-free counters the data path bumps.
+//!
+//! Every drop has a [`DropReason`] with a stable snake_case name used as the Prometheus label,
+//! so renaming a variant never changes a metric. [`Counters`] (node-wide) and [`PeerCounters`]
+//! (one per peer, shared across route-table rebuilds) are plain `AtomicU64`s updated with
+//! relaxed ordering: the hot path never locks or allocates, and readers (`/status`,
+//! `/metrics`) take a snapshot that is consistent per counter, not across counters.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+/// Why the forwarder dropped a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// Not an IPv4 packet (IPv6, empty, junk) read from `tunl0` or found inside a tunnel.
+    NotIpv4,
+    /// IPv4 or encapsulation headers that do not parse: bad lengths, checksum, flags, outer
+    /// fragment.
+    Malformed,
+    /// Outbound destination is this node's own pod CIDR (served by the pod bridge, never by
+    /// `tunl0`), or the table routes it back to this node's underlay address: forwarding would
+    /// loop.
+    OwnCidr,
+    /// Outbound destination outside the cluster CIDR (answered with ICMP net unreachable).
+    OutsideCluster,
+    /// Outbound destination inside the cluster CIDR but no node holds it (answered with ICMP
+    /// host unreachable).
+    NoRoute,
+    /// Outbound packet larger than the overlay MTU. With DF set it is answered with ICMP
+    /// fragmentation needed; without DF it is dropped silently, as userspace never fragments.
+    TooBig,
+    /// Inbound tunnel packet whose outer source is not a current peer.
+    UnknownPeer,
+    /// Inbound VXLAN packet with another VNI than this node's.
+    WrongVni,
+    /// Inbound inner destination outside this node's pod CIDR.
+    NotLocal,
+    /// Inbound inner source outside the sending peer's pod CIDR (anti-spoofing).
+    Spoofed,
+}
+
+impl DropReason {
+    /// Every reason, in declaration order (the order metrics are listed in).
+    pub const ALL: [DropReason; 10] = [
+        DropReason::NotIpv4,
+        DropReason::Malformed,
+        DropReason::OwnCidr,
+        DropReason::OutsideCluster,
+        DropReason::NoRoute,
+        DropReason::TooBig,
+        DropReason::UnknownPeer,
+        DropReason::WrongVni,
+        DropReason::NotLocal,
+        DropReason::Spoofed,
+    ];
+
+    /// Stable snake_case name, used as the `reason` metric label and in `/status`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::NotIpv4 => "not_ipv4",
+            DropReason::Malformed => "malformed",
+            DropReason::OwnCidr => "own_cidr",
+            DropReason::OutsideCluster => "outside_cluster",
+            DropReason::NoRoute => "no_route",
+            DropReason::TooBig => "too_big",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::WrongVni => "wrong_vni",
+            DropReason::NotLocal => "not_local",
+            DropReason::Spoofed => "spoofed",
+        }
+    }
+
+    /// Position in [`DropReason::ALL`].
+    const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for DropReason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// A packet and byte counter pair, alone on its cache line so the TUN-reading thread (tx) and
+/// the underlay-reading thread (rx) do not bounce one line between cores.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct Traffic {
+    packets: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Traffic {
+    /// Counts one packet of `bytes` bytes.
+    #[inline]
+    pub fn add(&self, bytes: usize) {
+        self.add_many(1, bytes as u64);
+    }
+
+    /// Counts `packets` packets totalling `bytes` bytes (one update per batch or super-packet).
+    #[inline]
+    pub fn add_many(&self, packets: u64, bytes: u64) {
+        self.packets.fetch_add(packets, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+    }
+
+    /// Current values.
+    pub fn snapshot(&self) -> TrafficSnapshot {
+        TrafficSnapshot {
+            packets: self.packets.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+        }
+    }
+}
+
+/// Values read from a [`Traffic`] counter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TrafficSnapshot {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Node-wide counters. Bytes are inner (pod) IPv4 packet bytes, without tunnel overhead.
+#[derive(Debug, Default)]
+pub struct Counters {
+    drops: [AtomicU64; DropReason::ALL.len()],
+    /// Packets encapsulated for a peer.
+    pub tx: Traffic,
+    /// Packets decapsulated and handed to `tunl0`.
+    pub rx: Traffic,
+    /// ICMP errors written back into `tunl0`.
+    pub icmp_sent: AtomicU64,
+}
+
+impl Counters {
+    /// Fresh counters, all zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts one dropped packet.
+    #[inline]
+    pub fn count_drop(&self, reason: DropReason) {
+        self.drops[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    /// Packets dropped for `reason` so far.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()].load(Relaxed)
+    }
+
+    /// Every reason with its count, in [`DropReason::ALL`] order.
+    pub fn drop_counts(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL.iter().map(|&r| (r, self.drops(r)))
+    }
+
+    /// Sum over all drop reasons.
+    pub fn total_drops(&self) -> u64 {
+        self.drop_counts().map(|(_, n)| n).sum()
+    }
+
+    /// ICMP errors sent so far.
+    pub fn icmp_sent(&self) -> u64 {
+        self.icmp_sent.load(Relaxed)
+    }
+
+    /// A serialisable copy for `/status`.
+    pub fn snapshot(&self) -> CountersSnapshot {
+        CountersSnapshot {
+            tx: self.tx.snapshot(),
+            rx: self.rx.snapshot(),
+            icmp_sent: self.icmp_sent(),
+            drops: self.drop_counts().collect(),
+        }
+    }
+}
+
+/// Values read from [`Counters`]; `drops` lists every reason, zero or not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CountersSnapshot {
+    pub tx: TrafficSnapshot,
+    pub rx: TrafficSnapshot,
+    pub icmp_sent: u64,
+    #[serde(serialize_with = "drops_as_map")]
+    pub drops: Vec<(DropReason, u64)>,
+}
+
+fn drops_as_map<S: serde::Serializer>(
+    drops: &[(DropReason, u64)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(drops.iter().map(|(r, n)| (r.name(), n)))
+}
+
+/// Traffic exchanged with one peer. Bytes are inner (pod) IPv4 packet bytes.
+///
+/// Held in an `Arc` by the route table; a rebuilt table hands the same `Arc` to the same peer
+/// (same node name and underlay address), so counts survive table swaps.
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    /// Packets encapsulated for this peer.
+    pub tx: Traffic,
+    /// Packets from this peer delivered to `tunl0`.
+    pub rx: Traffic,
+}
+
+impl PeerCounters {
+    /// A serialisable copy.
+    pub fn snapshot(&self) -> PeerStats {
+        PeerStats {
+            tx: self.tx.snapshot(),
+            rx: self.rx.snapshot(),
+        }
+    }
+}
+
+/// Values read from [`PeerCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PeerStats {
+    pub tx: TrafficSnapshot,
+    pub rx: TrafficSnapshot,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_reason_in_index_order() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r}");
+        }
+    }
+
+    #[test]
+    fn names_are_unique_snake_case() {
+        let mut names: Vec<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
+        for n in &names {
+            assert!(
+                n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()),
+                "{n}"
+            );
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), DropReason::ALL.len());
+    }
+
+    #[test]
+    fn names_are_stable() {
+        // Metric labels: changing one breaks dashboards and the testbed's assertions.
+        assert_eq!(DropReason::NotIpv4.name(), "not_ipv4");
+        assert_eq!(DropReason::UnknownPeer.to_string(), "unknown_peer");
+        assert_eq!(DropReason::WrongVni.name(), "wrong_vni");
+        assert_eq!(DropReason::Spoofed.name(), "spoofed");
+    }
+
+    #[test]
+    fn drops_count_per_reason() {
+        let c = Counters::new();
+        c.count_drop(DropReason::Spoofed);
+        c.count_drop(DropReason::Spoofed);
+        c.count_drop(DropReason::NoRoute);
+        assert_eq!(c.drops(DropReason::Spoofed), 2);
+        assert_eq!(c.drops(DropReason::NoRoute), 1);
+        assert_eq!(c.drops(DropReason::Malformed), 0);
+        assert_eq!(c.total_drops(), 3);
+    }
+
+    #[test]
+    fn traffic_counts_packets_and_bytes() {
+        let c = Counters::new();
+        c.tx.add(100);
+        c.tx.add(1400);
+        c.rx.add_many(44, 64_000);
+        assert_eq!(
+            c.tx.snapshot(),
+            TrafficSnapshot {
+                packets: 2,
+                bytes: 1500
+            }
+        );
+        assert_eq!(c.rx.snapshot().packets, 44);
+    }
+
+    #[test]
+    fn snapshot_serialises_drops_by_name() {
+        let c = Counters::new();
+        c.count_drop(DropReason::WrongVni);
+        c.icmp_sent.fetch_add(1, Relaxed);
+        let json = serde_json::to_value(c.snapshot()).unwrap();
+        assert_eq!(json["drops"]["wrong_vni"], 1);
+        assert_eq!(json["drops"]["not_ipv4"], 0);
+        assert_eq!(
+            json["drops"].as_object().unwrap().len(),
+            DropReason::ALL.len()
+        );
+        assert_eq!(json["icmp_sent"], 1);
+        assert_eq!(json["tx"]["packets"], 0);
+    }
+
+    #[test]
+    fn counters_are_shared_across_threads() {
+        let c = std::sync::Arc::new(PeerCounters::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        c.tx.add(10);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(
+            c.snapshot().tx,
+            TrafficSnapshot {
+                packets: 4000,
+                bytes: 40_000
+            }
+        );
+    }
+}
