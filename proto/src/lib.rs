@@ -4,3 +4,10 @@
 //! encapsulation into caller-owned headroom, ICMP error generation and the Internet checksum.
 //! Everything here is a pure function over bytes so it can be tested and fuzzed without root.
 #![forbid(unsafe_code)]
+
+pub mod checksum;
+pub mod error;
+pub mod ipv4;
+
+pub use error::{Layer, WireError};
+pub use ipv4::{Ipv4Packet, Ipv4Repr};
