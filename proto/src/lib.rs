@@ -5,9 +5,14 @@
 //! Everything here is a pure function over bytes so it can be tested and fuzzed without root.
 #![forbid(unsafe_code)]
 
+pub use error::{Layer, WireError};
+pub use ethernet::MacAddr;
+pub use ipv4::{Ipv4Packet, Ipv4Repr};
+pub use vxlan::Vni;
+
 pub mod checksum;
 pub mod error;
+pub mod ethernet;
+pub mod ipip;
 pub mod ipv4;
-
-pub use error::{Layer, WireError};
-pub use ipv4::{Ipv4Packet, Ipv4Repr};
+pub mod vxlan;
