@@ -15,6 +15,7 @@ pub mod error;
 pub mod ethernet;
 pub mod gro;
 pub mod gso;
+pub mod icmp;
 pub mod ipip;
 pub mod ipv4;
 pub mod virtio;
