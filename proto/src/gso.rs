@@ -197,7 +197,11 @@ impl Segments {
     /// and at most `max_segments` segments, for one `UDP_SEGMENT` send each (the kernel caps a
     /// GSO datagram at 64 KiB of UDP payload and `UDP_MAX_SEGMENTS` segments). Every range
     /// holds at least one segment even if a single segment exceeds `max_bytes`.
-    pub fn chunks(&self, max_bytes: usize, max_segments: usize) -> impl Iterator<Item = Range<usize>> {
+    pub fn chunks(
+        &self,
+        max_bytes: usize,
+        max_segments: usize,
+    ) -> impl Iterator<Item = Range<usize>> {
         let per = (max_bytes / self.stride.max(1)).clamp(1, max_segments.max(1));
         let this = *self;
         (0..this.count).step_by(per).map(move |first| {
@@ -325,7 +329,8 @@ where
         // TCP: the kernel clears CWR after the first segment and keeps FIN/PSH for the last.
         let th = ip_len;
         let offset = (i * mss) as u32;
-        inner[th + tcp::SEQ..th + tcp::SEQ + 4].copy_from_slice(&seq.wrapping_add(offset).to_be_bytes());
+        inner[th + tcp::SEQ..th + tcp::SEQ + 4]
+            .copy_from_slice(&seq.wrapping_add(offset).to_be_bytes());
         let mut f = flags;
         if i > 0 {
             f &= !tcp::CWR;
@@ -481,7 +486,11 @@ pub(crate) mod tests {
     pub(crate) fn assert_checksums_ok(packet: &[u8]) {
         let ip = Ipv4Slice::from_slice(packet).expect("etherparse parses the IPv4 packet");
         let h = ip.header();
-        assert_eq!(h.header_checksum(), h.to_header().calc_header_checksum(), "IPv4 checksum");
+        assert_eq!(
+            h.header_checksum(),
+            h.to_header().calc_header_checksum(),
+            "IPv4 checksum"
+        );
         let t = TcpSlice::from_slice(ip.payload().payload).expect("etherparse parses TCP");
         assert_eq!(
             t.checksum(),
@@ -555,8 +564,14 @@ pub(crate) mod tests {
         assert_eq!(seg(2)[20 + 4..20 + 8], [0, 0, 0, 2], "seq wraps");
         assert_eq!(seg(0)[20 + 13], tcp::ACK_FLAG | tcp::CWR | tcp::ECE);
         assert_eq!(seg(1)[20 + 13], tcp::ACK_FLAG | tcp::ECE);
-        assert_eq!(seg(2)[20 + 13], tcp::ACK_FLAG | tcp::ECE | tcp::PSH | tcp::FIN);
-        assert!(out[segs.total_len()..].iter().all(|&b| b == 0x55), "rest untouched");
+        assert_eq!(
+            seg(2)[20 + 13],
+            tcp::ACK_FLAG | tcp::ECE | tcp::PSH | tcp::FIN
+        );
+        assert!(
+            out[segs.total_len()..].iter().all(|&b| b == 0x55),
+            "rest untouched"
+        );
         assert_eq!(segs.range(3), None);
         assert_eq!(segs.iter().count(), 3);
     }
@@ -580,7 +595,11 @@ pub(crate) mod tests {
             let seg = &out[r];
             assert_eq!(seg[0], 0x46);
             assert_eq!(seg[20..24], [1, 1, 1, 0]);
-            assert_eq!(checksum::checksum(&seg[..24]), 0, "header checksum covers options");
+            assert_eq!(
+                checksum::checksum(&seg[..24]),
+                0,
+                "header checksum covers options"
+            );
             let t = TcpIpv4::parse(seg).unwrap();
             assert!(t.tcp_checksum_ok());
             assert_eq!(t.payload(), &[7; 10][..]);
@@ -676,7 +695,10 @@ pub(crate) mod tests {
         );
         let mut frag = p.clone();
         frag[6] = 0x20; // MF
-        assert_eq!(seg(&hdr, &frag, &mut out), Err(WireError::Fragmented.into()));
+        assert_eq!(
+            seg(&hdr, &frag, &mut out),
+            Err(WireError::Fragmented.into())
+        );
         let mut short_doff = p.clone();
         short_doff[20 + 12] = 0x40;
         assert_eq!(
@@ -685,7 +707,10 @@ pub(crate) mod tests {
         );
         let mut v6 = p.clone();
         v6[0] = 0x60;
-        assert_eq!(seg(&hdr, &v6, &mut out), Err(WireError::BadVersion(6).into()));
+        assert_eq!(
+            seg(&hdr, &v6, &mut out),
+            Err(WireError::BadVersion(6).into())
+        );
 
         // 100 bytes at MSS 10: 10 segments of 52 + 10 bytes.
         let need = 10 * 62;
@@ -739,7 +764,11 @@ pub(crate) mod tests {
         let c: Vec<_> = segs.chunks(65_000, 4).collect();
         assert_eq!(c, vec![0..400, 400..800, 800..950]);
         let c: Vec<_> = segs.chunks(10, 64).collect();
-        assert_eq!(c.len(), 10, "a segment larger than the cap still goes alone");
+        assert_eq!(
+            c.len(),
+            10,
+            "a segment larger than the cap still goes alone"
+        );
         assert_eq!(c[9], 900..950);
     }
 

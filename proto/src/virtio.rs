@@ -197,7 +197,11 @@ mod tests {
         let mut buf = [0xeeu8; 12];
         h.emit(&mut buf).unwrap();
         assert_eq!(buf[..HEADER_LEN], TSO_READ);
-        assert_eq!(buf[HEADER_LEN..], [0xee, 0xee], "bytes after the header untouched");
+        assert_eq!(
+            buf[HEADER_LEN..],
+            [0xee, 0xee],
+            "bytes after the header untouched"
+        );
     }
 
     #[test]
