@@ -1,0 +1,125 @@
+//! Packet captures with tcpdump inside a namespace, decoded afterwards with tcpdump / tshark.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cmd::run;
+use crate::process::Background;
+use crate::wait::wait_for;
+
+/// A running `tcpdump -w`, bounded by a packet count; stopped by PID.
+pub struct Capture {
+    proc: Background,
+    pcap: PathBuf,
+}
+
+impl Capture {
+    /// Starts tcpdump on `iface` in `ns` writing at most `count` packets matching `filter`
+    /// (a pcap filter, may be empty) to `pcap`, and waits until it is listening.
+    pub fn start(ns: &str, iface: &str, filter: &str, count: u32, pcap: &Path) -> Capture {
+        let log = pcap.with_extension("tcpdump.log");
+        let count = count.to_string();
+        let pcap_s = pcap.to_str().expect("utf-8 path");
+        // -Z root: tcpdump would otherwise drop to user `tcpdump` and fail to write the file.
+        let mut argv = vec![
+            "tcpdump",
+            "-Z",
+            "root",
+            "-U",
+            "--immediate-mode",
+            "-n",
+            "-i",
+            iface,
+            "-c",
+            &count,
+            "-w",
+            pcap_s,
+        ];
+        argv.extend(filter.split_whitespace());
+        let mut proc = Background::start("tcpdump", Some(ns), &argv, &log);
+        let ready = wait_for("tcpdump to listen", Duration::from_secs(10), || {
+            let text = proc.log();
+            if text.contains("listening on") {
+                Ok(None)
+            } else if let Some(status) = proc.try_exit() {
+                Ok(Some(format!("tcpdump exited ({status}): {text}")))
+            } else {
+                Err(text)
+            }
+        });
+        match ready {
+            Ok(None) => {}
+            Ok(Some(e)) | Err(e) => panic!("tcpdump on {iface} in {ns}: {e}"),
+        }
+        Capture {
+            proc,
+            pcap: pcap.to_owned(),
+        }
+    }
+
+    /// Stops the capture (if the count was not reached yet) and returns the pcap path.
+    pub fn finish(mut self) -> PathBuf {
+        // Give in-flight packets a moment to reach the file (-U flushes per packet).
+        if self.proc.wait_exit(Duration::from_millis(300)).is_none() {
+            self.proc.signal(nix::sys::signal::Signal::SIGINT);
+            if self.proc.wait_exit(Duration::from_secs(3)).is_none() {
+                self.proc.stop();
+            }
+        }
+        self.pcap.clone()
+    }
+}
+
+/// `tcpdump -nr PCAP [-v]` output: how a user would look at the capture.
+pub fn tcpdump_text(pcap: &Path, verbose: bool) -> String {
+    let p = pcap.to_str().expect("utf-8 path");
+    let mut argv = vec!["tcpdump", "-n", "-r", p];
+    if verbose {
+        argv.push("-vv");
+    }
+    let out = run(None, &argv, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.success(), "tcpdump -r {p}: {}", out.stderr);
+    out.stdout
+}
+
+/// TCP checksum verdicts tshark gives for every TCP segment in a capture (innermost TCP when
+/// encapsulated).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ChecksumTally {
+    pub good: u32,
+    pub bad: u32,
+    pub unverified: u32,
+}
+
+/// Decodes `pcap` with tshark (VXLAN on 4789 and IP-in-IP are decoded by default) and tallies
+/// `tcp.checksum.status` (1 good, 0 bad, 2 unverified) with checksum validation enabled.
+pub fn tcp_checksums(pcap: &Path) -> ChecksumTally {
+    let p = pcap.to_str().expect("utf-8 path");
+    let argv = [
+        "tshark",
+        "-n",
+        "-r",
+        p,
+        "-o",
+        "tcp.check_checksum:TRUE",
+        "-Y",
+        "tcp",
+        "-T",
+        "fields",
+        "-e",
+        "tcp.checksum.status",
+    ];
+    let out = run(None, &argv, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.success(), "tshark -r {p}: {}", out.stderr);
+    let mut t = ChecksumTally::default();
+    for line in out.stdout.lines() {
+        // Several TCP layers in one frame are comma separated; the last is the innermost.
+        match line.rsplit(',').next().map(str::trim) {
+            Some("1") => t.good += 1,
+            Some("0") => t.bad += 1,
+            Some(_) => t.unverified += 1,
+            None => {}
+        }
+    }
+    t
+}

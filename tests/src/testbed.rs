@@ -1,0 +1,792 @@
+//! A multi-host testbed in network namespaces, torn down by `Drop`.
+//!
+//! Layout (DESIGN.md "Testbed"): netns `<prefix>-ul` holds bridge `br0`; host n lives in
+//! `<prefix>-hn` with `eth0` 198.18.0.n/24 on `br0`, a `cni0` bridge holding the gateway of its
+//! pod CIDR, and pods `<prefix>-hn-pm` on `cni0`. Static pod CIDRs are 10.244.n.0/24; with the
+//! control service the CIDR comes from the agent's `subnet.env`.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use nix::sys::signal::Signal;
+
+use crate::cmd::{must, run, Output};
+use crate::http;
+use crate::parse;
+use crate::process::Background;
+use crate::wait::wait_for;
+
+/// Port of podnet-control on host 1's underlay address.
+pub const CONTROL_PORT: u16 = 7800;
+/// The agent's admin API inside each host namespace (DESIGN.md default).
+pub const ADMIN_API: &str = "127.0.0.1:7801";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encap {
+    Ipip,
+    Vxlan,
+}
+
+impl Encap {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encap::Ipip => "ipip",
+            Encap::Vxlan => "vxlan",
+        }
+    }
+
+    /// Bytes the encapsulation adds; overlay MTU = 1500 - overhead on the testbed's underlay.
+    pub fn overhead(self) -> u32 {
+        match self {
+            Encap::Ipip => 20,
+            Encap::Vxlan => 50,
+        }
+    }
+}
+
+/// What carries a host's pod traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostMode {
+    /// `podnet-agent run --encap E`.
+    Podnet(Encap),
+    /// The kernel's vxlan device with static neighbour/FDB entries (DESIGN.md VTEP MAC rule).
+    KernelVxlan,
+    /// Plain routes over the underlay, no encapsulation.
+    Plain,
+    /// Namespaces, addresses and pods only; the test starts whatever it wants.
+    Bare,
+}
+
+/// Where podnet agents get their peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peers {
+    /// `--pod-cidr 10.244.n.0/24 --static-peer 10.244.k.0/24=198.18.0.k` for every other host.
+    Static,
+    /// `--control http://198.18.0.1:7800`, podnet-control running in host 1.
+    Control,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    pub host: u8,
+}
+
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub index: u8,
+    pub ns: String,
+    pub underlay_ip: Ipv4Addr,
+    pub mode: HostMode,
+    pub pod_cidr: Option<Ipv4Net>,
+    pub pods: Vec<Pod>,
+}
+
+pub struct TestbedBuilder {
+    name: String,
+    hosts: u8,
+    pods: u8,
+    mode: HostMode,
+    overrides: Vec<(u8, HostMode)>,
+    peers: Peers,
+    agent_args: Vec<String>,
+    control_args: Vec<String>,
+    wait_mesh: bool,
+}
+
+impl TestbedBuilder {
+    /// `name` goes into the namespace prefix (with the PID and a counter, so it is unique).
+    pub fn new(name: &str) -> TestbedBuilder {
+        TestbedBuilder {
+            name: name.to_owned(),
+            hosts: 3,
+            pods: 2,
+            mode: HostMode::Bare,
+            overrides: Vec::new(),
+            peers: Peers::Static,
+            agent_args: Vec::new(),
+            control_args: Vec::new(),
+            wait_mesh: true,
+        }
+    }
+
+    pub fn hosts(mut self, n: u8) -> Self {
+        assert!((1..=200).contains(&n));
+        self.hosts = n;
+        self
+    }
+
+    pub fn pods_per_host(mut self, m: u8) -> Self {
+        assert!((1..=200).contains(&m));
+        self.pods = m;
+        self
+    }
+
+    /// Mode of every host not given its own with [`Self::host_mode`].
+    pub fn mode(mut self, mode: HostMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    pub fn host_mode(mut self, host: u8, mode: HostMode) -> Self {
+        self.overrides.push((host, mode));
+        self
+    }
+
+    pub fn peers(mut self, peers: Peers) -> Self {
+        self.peers = peers;
+        self
+    }
+
+    /// Extra flags for every `podnet-agent run`.
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.agent_args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    /// Extra flags for `podnet-control serve`.
+    pub fn control_args(mut self, args: &[&str]) -> Self {
+        self.control_args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    /// Do not wait for the full ping mesh in `build` (the test checks reachability itself).
+    pub fn no_wait(mut self) -> Self {
+        self.wait_mesh = false;
+        self
+    }
+
+    pub fn build(self) -> Testbed {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let tag: String = self
+            .name
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(12)
+            .collect::<String>()
+            .to_ascii_lowercase();
+        let prefix = format!(
+            "pn-e2e-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join("podnet-e2e").join(&prefix);
+        std::fs::create_dir_all(&dir).expect("create testbed dir");
+        let mut tb = Testbed {
+            prefix,
+            dir,
+            hosts: Vec::new(),
+            namespaces: Vec::new(),
+            procs: BTreeMap::new(),
+            peers: self.peers,
+            agent_args: self.agent_args,
+            control_args: self.control_args,
+            pods_per_host: self.pods,
+        };
+        let ul = tb.add_netns("ul");
+        must(Some(&ul), &["ip", "link", "add", "br0", "type", "bridge"]);
+        must(Some(&ul), &["ip", "link", "set", "br0", "up"]);
+        for n in 1..=self.hosts {
+            let mode = self
+                .overrides
+                .iter()
+                .rev()
+                .find(|(h, _)| *h == n)
+                .map_or(self.mode, |(_, m)| *m);
+            tb.add_host(n, mode);
+        }
+        let podnet_control = self.peers == Peers::Control
+            && tb
+                .hosts
+                .iter()
+                .any(|h| matches!(h.mode, HostMode::Podnet(_)));
+        if podnet_control {
+            tb.start_control(&[]);
+        }
+        for n in 1..=self.hosts {
+            tb.setup_dataplane(n);
+        }
+        for n in 1..=self.hosts {
+            if tb.host(n).pods.is_empty() {
+                let cidr = tb.wait_subnet(n, Duration::from_secs(30));
+                tb.add_pods(n, cidr);
+            }
+        }
+        if self.wait_mesh {
+            if let Err(e) = tb.wait_mesh(Duration::from_secs(60)) {
+                panic!("testbed {}: {e}", tb.prefix);
+            }
+        }
+        tb
+    }
+}
+
+/// A running testbed. Dropping it stops every process it started (by PID) and deletes every
+/// namespace it created, also when the test panicked (then the logs are printed and kept).
+pub struct Testbed {
+    pub prefix: String,
+    /// Logs, pcaps, agent state dirs.
+    pub dir: PathBuf,
+    pub hosts: Vec<Host>,
+    namespaces: Vec<String>,
+    procs: BTreeMap<String, Background>,
+    peers: Peers,
+    agent_args: Vec<String>,
+    control_args: Vec<String>,
+    pods_per_host: u8,
+}
+
+pub fn underlay_ip(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, n)
+}
+
+pub fn static_cidr(n: u8) -> Ipv4Net {
+    Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).expect("valid prefix")
+}
+
+/// DESIGN.md VTEP MAC: 02:00 followed by the 4 bytes of the underlay address.
+pub fn vtep_mac(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("02:00:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+impl Testbed {
+    pub fn ul(&self) -> String {
+        format!("{}-ul", self.prefix)
+    }
+
+    /// Host n (1-based).
+    pub fn host(&self, n: u8) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.index == n)
+            .unwrap_or_else(|| panic!("no host {n}"))
+    }
+
+    fn host_mut(&mut self, n: u8) -> &mut Host {
+        self.hosts
+            .iter_mut()
+            .find(|h| h.index == n)
+            .unwrap_or_else(|| panic!("no host {n}"))
+    }
+
+    /// Pod m (1-based) of host n.
+    pub fn pod(&self, n: u8, m: u8) -> &Pod {
+        &self.host(n).pods[usize::from(m) - 1]
+    }
+
+    pub fn pods(&self) -> Vec<Pod> {
+        self.hosts.iter().flat_map(|h| h.pods.clone()).collect()
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// Creates `<prefix>-<suffix>` with `lo` up and records it for teardown.
+    pub fn add_netns(&mut self, suffix: &str) -> String {
+        let ns = format!("{}-{suffix}", self.prefix);
+        must(None, &["ip", "netns", "add", &ns]);
+        self.namespaces.push(ns.clone());
+        must(Some(&ns), &["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Attaches a new namespace `<prefix>-<suffix>` to the underlay bridge with `ip`/24 on eth0.
+    pub fn add_underlay_node(&mut self, suffix: &str, ip: Ipv4Addr) -> String {
+        let ns = self.add_netns(suffix);
+        let ul = self.ul();
+        let port = format!("u{suffix}");
+        must(
+            Some(&ul),
+            &[
+                "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+        );
+        must(
+            Some(&ul),
+            &["ip", "link", "set", &port, "master", "br0", "up"],
+        );
+        must(
+            Some(&ns),
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        );
+        must(Some(&ns), &["ip", "link", "set", "eth0", "up"]);
+        ns
+    }
+
+    /// Creates host n's namespace on the underlay with IPv4 forwarding on; no pods yet.
+    pub fn add_host(&mut self, n: u8, mode: HostMode) {
+        let ns = self.add_underlay_node(&format!("h{n}"), underlay_ip(n));
+        must(Some(&ns), &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        self.hosts.push(Host {
+            index: n,
+            ns,
+            underlay_ip: underlay_ip(n),
+            mode,
+            pod_cidr: None,
+            pods: Vec::new(),
+        });
+    }
+
+    /// Host n's `cni0` bridge (gateway = first address of `cidr`) and its pods; pods keep MTU
+    /// 1500 so they can send more than the overlay MTU (for the frag-needed checks).
+    pub fn add_pods(&mut self, n: u8, cidr: Ipv4Net) {
+        let hns = self.host(n).ns.clone();
+        let base = u32::from(cidr.network());
+        let gw = Ipv4Addr::from(base + 1);
+        let len = cidr.prefix_len();
+        must(Some(&hns), &["ip", "link", "add", "cni0", "type", "bridge"]);
+        must(
+            Some(&hns),
+            &["ip", "addr", "add", &format!("{gw}/{len}"), "dev", "cni0"],
+        );
+        must(Some(&hns), &["ip", "link", "set", "cni0", "up"]);
+        let mut pods = Vec::new();
+        for m in 1..=self.pods_per_host {
+            let pns = self.add_netns(&format!("h{n}-p{m}"));
+            let port = format!("p{m}");
+            must(
+                Some(&hns),
+                &[
+                    "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                    &pns,
+                ],
+            );
+            must(
+                Some(&hns),
+                &["ip", "link", "set", &port, "master", "cni0", "up"],
+            );
+            let ip = Ipv4Addr::from(base + 1 + u32::from(m));
+            must(
+                Some(&pns),
+                &["ip", "addr", "add", &format!("{ip}/{len}"), "dev", "eth0"],
+            );
+            must(Some(&pns), &["ip", "link", "set", "eth0", "up"]);
+            must(
+                Some(&pns),
+                &["ip", "route", "add", "default", "via", &gw.to_string()],
+            );
+            pods.push(Pod {
+                ns: pns,
+                ip,
+                host: n,
+            });
+        }
+        let host = self.host_mut(n);
+        host.pod_cidr = Some(cidr);
+        host.pods = pods;
+    }
+
+    /// Sets up host n's data path for its mode (static CIDRs; control-mode pods come later).
+    pub fn setup_dataplane(&mut self, n: u8) {
+        let mode = self.host(n).mode;
+        let control = self.peers == Peers::Control && matches!(mode, HostMode::Podnet(_));
+        if !control {
+            self.add_pods(n, static_cidr(n));
+        }
+        match mode {
+            HostMode::Podnet(encap) => {
+                let args = self.agent_args(n, encap);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                self.start_agent(n, &args);
+            }
+            HostMode::KernelVxlan => self.setup_kernel_vxlan(n),
+            HostMode::Plain => {
+                let ns = self.host(n).ns.clone();
+                for k in self.other_hosts(n) {
+                    let cidr = static_cidr(k).to_string();
+                    must(
+                        Some(&ns),
+                        &[
+                            "ip",
+                            "route",
+                            "add",
+                            &cidr,
+                            "via",
+                            &underlay_ip(k).to_string(),
+                        ],
+                    );
+                }
+            }
+            HostMode::Bare => {}
+        }
+    }
+
+    fn other_hosts(&self, n: u8) -> Vec<u8> {
+        self.hosts
+            .iter()
+            .map(|h| h.index)
+            .filter(|&k| k != n)
+            .collect()
+    }
+
+    fn setup_kernel_vxlan(&mut self, n: u8) {
+        let ns = self.host(n).ns.clone();
+        let local = underlay_ip(n).to_string();
+        let mac = vtep_mac(underlay_ip(n));
+        must(
+            Some(&ns),
+            &[
+                "ip",
+                "link",
+                "add",
+                "vxlan0",
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "dstport",
+                "4789",
+                "local",
+                &local,
+                "dev",
+                "eth0",
+                "nolearning",
+            ],
+        );
+        must(
+            Some(&ns),
+            &[
+                "ip", "link", "set", "vxlan0", "address", &mac, "mtu", "1450", "up",
+            ],
+        );
+        for k in self.other_hosts(n) {
+            let peer_mac = vtep_mac(underlay_ip(k));
+            let gw = static_cidr(k).network().to_string();
+            let dst = underlay_ip(k).to_string();
+            must(
+                Some(&ns),
+                &[
+                    "ip",
+                    "neigh",
+                    "add",
+                    &gw,
+                    "lladdr",
+                    &peer_mac,
+                    "dev",
+                    "vxlan0",
+                    "nud",
+                    "permanent",
+                ],
+            );
+            must(
+                Some(&ns),
+                &[
+                    "bridge", "fdb", "append", &peer_mac, "dev", "vxlan0", "dst", &dst,
+                ],
+            );
+            must(
+                Some(&ns),
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    &static_cidr(k).to_string(),
+                    "via",
+                    &gw,
+                    "dev",
+                    "vxlan0",
+                    "onlink",
+                ],
+            );
+        }
+    }
+
+    /// The `podnet-agent run` flags the testbed uses for host n (without the binary).
+    pub fn agent_args(&self, n: u8, encap: Encap) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "run",
+            "--node-name",
+            &format!("h{n}"),
+            "--underlay-ip",
+            &underlay_ip(n).to_string(),
+            "--underlay-dev",
+            "eth0",
+            "--encap",
+            encap.as_str(),
+            "--state-dir",
+            self.path(&format!("h{n}")).to_str().expect("utf-8 path"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        match self.peers {
+            Peers::Static => {
+                a.push("--pod-cidr".into());
+                a.push(static_cidr(n).to_string());
+                for k in self.other_hosts(n) {
+                    a.push("--static-peer".into());
+                    a.push(format!("{}={}", static_cidr(k), underlay_ip(k)));
+                }
+            }
+            Peers::Control => {
+                a.push("--control".into());
+                a.push(self.control_url());
+            }
+        }
+        a.extend(self.agent_args.iter().cloned());
+        a
+    }
+
+    pub fn control_url(&self) -> String {
+        format!("http://{}:{CONTROL_PORT}", underlay_ip(1))
+    }
+
+    pub fn control_addr(&self) -> SocketAddr {
+        SocketAddr::from((underlay_ip(1), CONTROL_PORT))
+    }
+
+    /// Starts `podnet-agent ARGS` in host n as process `agent-hn` (replacing a stopped one).
+    pub fn start_agent(&mut self, n: u8, args: &[&str]) {
+        std::fs::create_dir_all(self.path(&format!("h{n}"))).expect("state dir");
+        let bin = crate::podnet_bin("podnet-agent");
+        let mut argv = vec![bin.to_str().expect("utf-8 path")];
+        argv.extend_from_slice(args);
+        let ns = self.host(n).ns.clone();
+        self.start(&format!("agent-h{n}"), &ns, &argv);
+    }
+
+    /// Starts `podnet-control serve` in host 1 on 198.18.0.1:7800 with its state in the
+    /// testbed dir, as process `control`.
+    pub fn start_control(&mut self, extra: &[&str]) {
+        let bin = crate::podnet_bin("podnet-control");
+        let state = self.path("control-state.json");
+        let listen = self.control_addr().to_string();
+        let mut argv = vec![
+            bin.to_str().expect("utf-8 path").to_owned(),
+            "serve".into(),
+            "--listen".into(),
+            listen,
+            "--state".into(),
+            state.to_str().expect("utf-8 path").to_owned(),
+        ];
+        argv.extend(self.control_args.iter().cloned());
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let ns = self.host(1).ns.clone();
+        self.start("control", &ns, &argv);
+        let addr = self.control_addr();
+        let r = wait_for("podnet-control /healthz", Duration::from_secs(20), || {
+            if let Some(status) = self.procs.get_mut("control").and_then(|p| p.try_exit()) {
+                return Ok(Err(format!("podnet-control exited ({status})")));
+            }
+            match http::get(&ns, addr, "/healthz") {
+                Ok(r) if r.status == 200 => Ok(Ok(())),
+                Ok(r) => Err(format!("status {}", r.status)),
+                Err(e) => Err(e),
+            }
+        });
+        if let Err(e) | Ok(Err(e)) = r {
+            panic!("{e}; log:\n{}", self.log("control"));
+        }
+    }
+
+    /// Starts `argv` in `ns` in the background under `name` (logs in the testbed dir).
+    pub fn start(&mut self, name: &str, ns: &str, argv: &[&str]) {
+        if let Some(mut old) = self.procs.remove(name) {
+            old.stop();
+        }
+        let log = self.path(&format!("{name}.log"));
+        let p = Background::start(name, Some(ns), argv, &log);
+        self.procs.insert(name.to_owned(), p);
+    }
+
+    pub fn proc(&mut self, name: &str) -> &mut Background {
+        self.procs
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    /// Stops (SIGTERM, then SIGKILL) and forgets process `name`.
+    pub fn stop(&mut self, name: &str) -> Option<std::process::ExitStatus> {
+        self.procs.remove(name).and_then(|mut p| p.stop())
+    }
+
+    /// SIGKILLs process `name` but keeps it (for its log).
+    pub fn kill9(&mut self, name: &str) {
+        self.proc(name).signal(Signal::SIGKILL);
+        self.proc(name).wait_exit(Duration::from_secs(5));
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Waits until host n's agent wrote `subnet.env`, returning its POD_SUBNET.
+    pub fn wait_subnet(&mut self, n: u8, timeout: Duration) -> Ipv4Net {
+        let file = self.path(&format!("h{n}/subnet.env"));
+        let name = format!("agent-h{n}");
+        let r = wait_for(&format!("{}", file.display()), timeout, || {
+            if let Some(status) = self.procs.get_mut(&name).and_then(|p| p.try_exit()) {
+                return Ok(Err(format!("{name} exited ({status})")));
+            }
+            let text = std::fs::read_to_string(&file).map_err(|e| e.to_string())?;
+            let env = parse::env_file(&text);
+            let subnet = env.get("POD_SUBNET").ok_or("no POD_SUBNET yet")?;
+            Ok(subnet
+                .parse::<Ipv4Net>()
+                .map_err(|e| format!("POD_SUBNET={subnet}: {e}")))
+        });
+        match r {
+            Ok(Ok(net)) => net,
+            Err(e) | Ok(Err(e)) => panic!("{e}; log:\n{}", self.log(&name)),
+        }
+    }
+
+    /// `ping -c COUNT` from `from` to `to` (-W 1 s per reply, 0.2 s apart), bounded.
+    pub fn ping(&self, from: &Pod, to: Ipv4Addr, count: u32) -> Output {
+        let c = count.to_string();
+        let timeout = Duration::from_secs(u64::from(count) + 5);
+        run(
+            Some(&from.ns),
+            &[
+                "ping",
+                "-n",
+                "-c",
+                &c,
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                &to.to_string(),
+            ],
+            timeout,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// One ping from every pod to every other pod; lists the pairs that got no reply.
+    pub fn mesh_failures(&self) -> Vec<String> {
+        let pods = self.pods();
+        let mut failed = Vec::new();
+        for a in &pods {
+            for b in &pods {
+                if a.ns != b.ns && !self.ping(a, b.ip, 1).success() {
+                    failed.push(format!("{} -> {}", a.ns, b.ip));
+                }
+            }
+        }
+        failed
+    }
+
+    /// Waits until every pod pings every other pod.
+    pub fn wait_mesh(&mut self, timeout: Duration) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            let failed = self.mesh_failures();
+            if failed.is_empty() {
+                return Ok(());
+            }
+            for (name, p) in self.procs.iter_mut() {
+                if let Some(status) = p.try_exit() {
+                    return Err(format!("{name} exited ({status}):\n{}", p.log()));
+                }
+            }
+            if start.elapsed() > timeout {
+                return Err(format!(
+                    "after {timeout:?} still no ping {}",
+                    failed.join(", ")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// A bounded iperf3 TCP run (`-t SECS -J`) from `client` to an `iperf3 -s -1` in `server`.
+    pub fn iperf(
+        &mut self,
+        client: &Pod,
+        server: &Pod,
+        secs: u32,
+    ) -> Result<parse::IperfResult, String> {
+        let name = format!("iperf3-s-{}", server.ns);
+        self.start(
+            &name,
+            &server.ns.clone(),
+            &["iperf3", "-s", "-1", "--forceflush"],
+        );
+        wait_for("iperf3 server to listen", Duration::from_secs(10), || {
+            if self.log(&name).contains("listening") {
+                Ok(())
+            } else {
+                Err(self.log(&name))
+            }
+        })?;
+        let t = secs.to_string();
+        let out = run(
+            Some(&client.ns),
+            &[
+                "iperf3",
+                "-c",
+                &server.ip.to_string(),
+                "-t",
+                &t,
+                "-J",
+                "--connect-timeout",
+                "3000",
+            ],
+            Duration::from_secs(u64::from(secs) + 20),
+        )?;
+        self.stop(&name);
+        parse::iperf3_json(&out.stdout).map_err(|e| format!("{e}; stderr: {}", out.stderr))
+    }
+
+    /// GET on host n's agent admin API.
+    pub fn admin_get(&self, n: u8, path: &str) -> Result<http::Response, String> {
+        http::get(&self.host(n).ns, ADMIN_API.parse().expect("addr"), path)
+    }
+
+    /// Host n's agent `/metrics` text (panics unless 200).
+    pub fn metrics(&self, n: u8) -> String {
+        let r = self
+            .admin_get(n, "/metrics")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status, 200, "/metrics on h{n}: {}", r.body);
+        r.body
+    }
+
+    /// Sum of host n's drop counters for `reason` (0 when the agent has no such sample yet).
+    pub fn drops(&self, n: u8, reason: &str) -> f64 {
+        parse::metric_sum(&self.metrics(n), "drop", &[("reason", reason)]).unwrap_or(0.0)
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        // Agents last: the control service and tools go first.
+        let mut names: Vec<String> = self.procs.keys().cloned().collect();
+        names.sort_by_key(|n| n.starts_with("agent-"));
+        for name in names {
+            if let Some(mut p) = self.procs.remove(&name) {
+                p.stop();
+                if panicking {
+                    let log = p.log();
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    eprintln!("--- {} ({name}) last lines:", self.prefix);
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = run(None, &["ip", "netns", "del", ns], Duration::from_secs(10));
+        }
+        if panicking {
+            eprintln!(
+                "testbed {} torn down; logs kept in {}",
+                self.prefix,
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
