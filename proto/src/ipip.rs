@@ -77,10 +77,7 @@ pub fn decapsulate(outer: &[u8]) -> Result<(Ipv4Addr, &[u8]), WireError> {
     if p.is_fragment() {
         return Err(WireError::Fragmented);
     }
-    let src = p.src();
-    // `payload` of a view over `&'a [u8]` borrows from the view; re-slice the original instead.
-    let (start, end) = (p.header_len(), p.total_len());
-    Ok((src, &outer[start..end]))
+    Ok((p.src(), p.into_payload()))
 }
 
 #[cfg(test)]

@@ -180,6 +180,20 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     }
 }
 
+impl<'a> Ipv4Packet<&'a [u8]> {
+    /// The payload with the lifetime of the underlying slice rather than of the view.
+    pub fn into_payload(self) -> &'a [u8] {
+        let (start, end) = (self.header_len(), self.total_len());
+        &self.buffer[start..end]
+    }
+
+    /// The packet up to `total_len`, with the lifetime of the underlying slice.
+    pub fn into_packet(self) -> &'a [u8] {
+        let end = self.total_len();
+        &self.buffer[..end]
+    }
+}
+
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     fn b_mut(&mut self) -> &mut [u8] {
         self.buffer.as_mut()
@@ -343,6 +357,8 @@ mod tests {
         assert!(p.verify_checksum());
         assert_eq!(p.payload().len(), 0x73 - 20, "padding is not payload");
         assert_eq!(p.packet().len(), 0x73);
+        assert_eq!(p.into_payload(), &bytes[20..0x73]);
+        assert_eq!(p.into_packet(), &bytes[..0x73]);
     }
 
     #[test]
