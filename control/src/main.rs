@@ -1,1 +1,296 @@
-fn main() {}
+//! `podnet-control`: run the control service (`serve`) or show its node table (`nodes`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ipnet::Ipv4Net;
+use podnet_control::api::{Node, NodeList};
+use podnet_control::client::read_token_file;
+use podnet_control::server::now_ms;
+use podnet_control::{Client, FileStore, Server, ServerConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "podnet-control",
+    version,
+    about = "podnet control service: pod CIDRs and the node table"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control service.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7800")]
+        listen: SocketAddr,
+        /// The whole pod network, cut into one block per node (the first block is reserved).
+        #[arg(long, default_value = "10.244.0.0/16")]
+        cluster_cidr: Ipv4Net,
+        /// Prefix length of each node's pod CIDR.
+        #[arg(long, default_value_t = 24)]
+        node_prefix: u8,
+        /// State file (written atomically; refuses to start over a corrupt one).
+        #[arg(long, default_value = "/var/lib/podnet/control-state.json")]
+        state: PathBuf,
+        /// A node that does not renew within this is marked down and withdrawn.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        lease_ttl: Duration,
+        /// How long a down node's pod CIDR stays reserved for its name.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        reclaim_after: Duration,
+        /// Require `Authorization: Bearer <token>` with the token in this file (except /healthz).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// Print the node table.
+    Nodes {
+        /// Control service URL.
+        #[arg(
+            long,
+            env = "PODNET_CONTROL_URL",
+            default_value = "http://127.0.0.1:7800"
+        )]
+        server: String,
+        /// Bearer token file.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Server(#[from] podnet_control::ServerError),
+    #[error(transparent)]
+    Client(#[from] podnet_control::ClientError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(CliError::Runtime(e)),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve {
+                listen,
+                cluster_cidr,
+                node_prefix,
+                state,
+                lease_ttl,
+                reclaim_after,
+                token_file,
+            } => {
+                let token = token_file.as_deref().map(read_token_file).transpose()?;
+                let config = ServerConfig {
+                    cluster_cidr,
+                    node_prefix,
+                    lease_ttl,
+                    reclaim_after,
+                    token,
+                    ..ServerConfig::default()
+                };
+                serve(listen, config, &state).await
+            }
+            Command::Nodes { server, token_file } => {
+                let token = token_file.as_deref().map(read_token_file).transpose()?;
+                let list = Client::new(&server, token)?.list().await?;
+                print!("{}", render_table(&list, now_ms()));
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn fail(e: CliError) -> ExitCode {
+    eprintln!("podnet-control: error: {e}");
+    ExitCode::FAILURE
+}
+
+async fn serve(listen: SocketAddr, config: ServerConfig, state: &Path) -> Result<(), CliError> {
+    if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| CliError::StateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let cluster = config.cluster_cidr;
+    let server = Server::open(config, Arc::new(FileStore::new(state))).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| CliError::Listen {
+            addr: listen,
+            source,
+        })?;
+    tracing::info!(%listen, %cluster, state = %state.display(), "podnet-control serving");
+    server.run(listener, shutdown_signal()).await?;
+    tracing::info!("podnet-control stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT, shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM, shutting down"),
+    }
+}
+
+/// The `nodes` table: one row per node, columns padded to the widest cell.
+fn render_table(list: &NodeList, now: u64) -> String {
+    let header = [
+        "NAME",
+        "UNDERLAY IP",
+        "POD CIDR",
+        "ENCAP",
+        "STATE",
+        "LAST HEARTBEAT",
+    ];
+    let rows: Vec<[String; 6]> = list
+        .nodes
+        .iter()
+        .map(|n: &Node| {
+            [
+                n.name.clone(),
+                n.underlay_ip.to_string(),
+                n.pod_cidr.to_string(),
+                n.encap.to_string(),
+                n.state.to_string(),
+                age(now.saturating_sub(n.last_heartbeat)),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut text = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in &rows {
+        line(&row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+/// "850ms ago", "12s ago", "3m ago", "5h ago", "2d ago".
+fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match () {
+        _ if ms < 1000 => format!("{ms}ms ago"),
+        _ if s < 120 => format!("{s}s ago"),
+        _ if s < 7200 => format!("{}m ago", s / 60),
+        _ if s < 172_800 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podnet_control::api::{Encap, NodeState};
+
+    #[test]
+    fn table_is_aligned_and_readable() {
+        let node = |name: &str, ip: &str, cidr: &str, state, hb| Node {
+            name: name.into(),
+            underlay_ip: ip.parse().unwrap(),
+            encap: Encap::Vxlan,
+            vtep_mac: "02:00:c6:12:00:01".parse().unwrap(),
+            pod_cidr: cidr.parse().unwrap(),
+            state,
+            last_heartbeat: hb,
+            revision: 1,
+        };
+        let list = NodeList {
+            revision: 3,
+            nodes: vec![
+                node("h1", "198.18.0.1", "10.244.1.0/24", NodeState::Up, 97_000),
+                node(
+                    "worker-long",
+                    "198.18.0.12",
+                    "10.244.2.0/24",
+                    NodeState::Down,
+                    0,
+                ),
+            ],
+        };
+        let text = render_table(&list, 100_000);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "NAME         UNDERLAY IP  POD CIDR       ENCAP  STATE  LAST HEARTBEAT",
+                "h1           198.18.0.1   10.244.1.0/24  vxlan  up     3s ago",
+                "worker-long  198.18.0.12  10.244.2.0/24  vxlan  down   100s ago",
+            ]
+        );
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(age(850), "850ms ago");
+        assert_eq!(age(61_000), "61s ago");
+        assert_eq!(age(600_000), "10m ago");
+        assert_eq!(age(3 * 3_600_000), "3h ago");
+        assert_eq!(age(3 * 86_400_000), "3d ago");
+    }
+}

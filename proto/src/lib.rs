@@ -10,6 +10,7 @@ pub use ethernet::MacAddr;
 pub use ipv4::{Ipv4Packet, Ipv4Repr};
 pub use vxlan::Vni;
 
+pub mod api;
 pub mod checksum;
 pub mod error;
 pub mod ethernet;

@@ -1,0 +1,781 @@
+//! The HTTP/JSON control API around the [`Registry`] (routes in DESIGN.md "Control plane").
+//!
+//! One async mutex serializes changes so the store sees them in order; a change is applied to a
+//! copy of the registry, written to the store, and only then committed, announced to watchers
+//! and acknowledged. Watch streams are NDJSON, resumable from a revision while the history
+//! still holds it (410 Gone otherwise, so the client lists again).
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use ipnet::Ipv4Net;
+use podnet_proto::api::{
+    validate_node_name, Encap, ErrorBody, RegisterRequest, RegisterResponse, WatchEvent,
+};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::ipam::{Ipam, IpamError};
+use crate::state::{Gone, History, RegisterError, Registry, RestoreError, Timing};
+use crate::store::{Store, StoreError};
+
+/// Settings of `podnet-control serve`.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub cluster_cidr: Ipv4Net,
+    pub node_prefix: u8,
+    pub lease_ttl: Duration,
+    pub reclaim_after: Duration,
+    /// Bearer token required on every call but `/healthz`.
+    pub token: Option<String>,
+    /// Watch events kept for resuming watches.
+    pub history_len: usize,
+    pub max_body_bytes: usize,
+    /// An empty line is sent on idle watch streams this often, so clients can tell a silent
+    /// stream from a dead one.
+    pub watch_keepalive: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            cluster_cidr: "10.244.0.0/16".parse().expect("literal CIDR"),
+            node_prefix: 24,
+            lease_ttl: Duration::from_secs(20),
+            reclaim_after: Duration::from_secs(24 * 3600),
+            token: None,
+            history_len: 1024,
+            max_body_bytes: 16 * 1024,
+            watch_keepalive: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("invalid --cluster-cidr/--node-prefix: {0}")]
+    Ipam(#[from] IpamError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("state file does not fit this configuration: {0}")]
+    Restore(#[from] RestoreError),
+    #[error("--lease-ttl must be at least 10ms")]
+    LeaseTtl,
+    #[error("server I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Unix time in milliseconds: leases and heartbeats are wall-clock so they survive restarts.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Core {
+    registry: Registry,
+    history: History,
+}
+
+#[derive(Default)]
+struct Metrics {
+    added: AtomicU64,
+    modified: AtomicU64,
+    renewed: AtomicU64,
+    lapsed: AtomicU64,
+    store_errors: AtomicU64,
+    watchers: AtomicU64,
+    requests: Mutex<BTreeMap<u16, u64>>,
+}
+
+struct Shared {
+    config: ServerConfig,
+    core: tokio::sync::Mutex<Core>,
+    events: broadcast::Sender<WatchEvent>,
+    store: Arc<dyn Store>,
+    metrics: Metrics,
+    /// Flips to true on shutdown so watch streams end and the server can drain.
+    stopping: watch::Sender<bool>,
+}
+
+/// A loaded control service, ready to serve.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Loads the state from `store` (a fresh state is saved at once, so an unwritable store
+    /// fails here rather than at the first registration).
+    pub async fn open(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server, ServerError> {
+        if config.lease_ttl < Duration::from_millis(10) {
+            return Err(ServerError::LeaseTtl);
+        }
+        let ipam = Ipam::new(config.cluster_cidr, config.node_prefix)?;
+        let timing = Timing {
+            lease_ttl_ms: config.lease_ttl.as_millis() as u64,
+            reclaim_after_ms: config.reclaim_after.as_millis() as u64,
+        };
+        let loader = store.clone();
+        let stored = tokio::task::spawn_blocking(move || loader.load())
+            .await
+            .map_err(|e| StoreError::Other(e.to_string()))??;
+        let registry = match stored {
+            Some(stored) => {
+                let registry = Registry::restore(ipam, timing, stored, now_ms())?;
+                let (up, down) = registry.counts();
+                tracing::info!(revision = registry.revision(), up, down, "state loaded");
+                registry
+            }
+            None => {
+                let registry = Registry::new(ipam, timing);
+                save(&store, &registry).await?;
+                tracing::info!("no saved state, starting with an empty node table");
+                registry
+            }
+        };
+        let history = History::new(registry.revision(), config.history_len);
+        let (events, _) = broadcast::channel(config.history_len.max(16));
+        let (stopping, _) = watch::channel(false);
+        Ok(Server {
+            shared: Arc::new(Shared {
+                config,
+                core: tokio::sync::Mutex::new(Core { registry, history }),
+                events,
+                store,
+                metrics: Metrics::default(),
+                stopping,
+            }),
+        })
+    }
+
+    /// The routes, with authentication, body limit and request counting.
+    pub fn router(&self) -> Router {
+        let shared = self.shared.clone();
+        let api = Router::new()
+            .route("/v1/nodes", get(list_or_watch))
+            .route(
+                "/v1/nodes/{name}",
+                get(get_node).put(put_node).delete(delete_node),
+            )
+            .route("/metrics", get(metrics))
+            .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
+        Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .merge(api)
+            .fallback(|| async {
+                error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no such route; see /v1/nodes",
+                )
+            })
+            .layer(middleware::from_fn_with_state(
+                shared.clone(),
+                count_requests,
+            ))
+            .layer(DefaultBodyLimit::max(shared.config.max_body_bytes))
+            .with_state(shared)
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, sweeping lapsed leases meanwhile; then
+    /// ends watch streams and waits for in-flight requests.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let sweeper = tokio::spawn(sweep(self.shared.clone()));
+        let stopping = self.shared.stopping.clone();
+        let router = self.router();
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                stopping.send_replace(true);
+            })
+            .await;
+        self.shared.stopping.send_replace(true);
+        sweeper.abort();
+        result.map_err(ServerError::from)
+    }
+}
+
+async fn save(store: &Arc<dyn Store>, registry: &Registry) -> Result<(), StoreError> {
+    let stored = registry.to_stored();
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.save(&stored))
+        .await
+        .map_err(|e| StoreError::Other(e.to_string()))?
+}
+
+/// Marks lapsed leases down. Runs often enough that a node is withdrawn within a tenth of the
+/// lease TTL (at most a second) after it lapsed.
+async fn sweep(shared: Arc<Shared>) {
+    let period =
+        (shared.config.lease_ttl / 10).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    let mut stopping = shared.stopping.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+        let mut core = shared.core.lock().await;
+        let mut next = core.registry.clone();
+        let (events, changed) = next.expire(now_ms());
+        if !changed {
+            continue;
+        }
+        if let Err(e) = save(&shared.store, &next).await {
+            // Not committed: the next sweep tries again.
+            shared.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("{e}");
+            continue;
+        }
+        core.registry = next;
+        for ev in events {
+            tracing::info!(node = %ev.node.name, underlay_ip = %ev.node.underlay_ip, revision = ev.revision,
+                "lease lapsed, node withdrawn");
+            shared.metrics.lapsed.fetch_add(1, Ordering::Relaxed);
+            core.history.push(ev.clone());
+            let _ = shared.events.send(ev);
+        }
+    }
+}
+
+/// An error answer: status plus `{error, detail}`.
+fn error(status: StatusCode, kind: &str, detail: impl Into<String>) -> Response {
+    let body = ErrorBody {
+        error: kind.to_string(),
+        detail: Some(detail.into()),
+    };
+    (status, Json(body)).into_response()
+}
+
+fn bad_request(detail: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, "bad_request", detail)
+}
+
+fn store_failed(shared: &Shared, e: StoreError) -> Response {
+    shared.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+    tracing::error!("{e}");
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "store_failed",
+        format!("the change was not saved and not applied: {e}"),
+    )
+}
+
+async fn authenticate(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let Some(token) = &shared.config.token else {
+        return next.run(req).await;
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let detail = match presented {
+        Some(p) if constant_time_eq(p.trim().as_bytes(), token.as_bytes()) => {
+            return next.run(req).await
+        }
+        Some(_) => "wrong bearer token; use the token in the server's --token-file",
+        None => {
+            "missing bearer token; send `Authorization: Bearer <token>` (clients: --token-file)"
+        }
+    };
+    let mut resp = error(StatusCode::UNAUTHORIZED, "unauthorized", detail);
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+/// Compares without an early exit, so response time does not tell how much of a guess matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u64;
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= u64::from(x ^ y);
+    }
+    diff == 0
+}
+
+async fn count_requests(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let code = resp.status().as_u16();
+    *shared
+        .metrics
+        .requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(code)
+        .or_default() += 1;
+    resp
+}
+
+/// Reads a registration body field by field so a 400 names the field and the reason.
+fn parse_register(body: &[u8]) -> Result<RegisterRequest, String> {
+    const EXAMPLE: &str = r#"{"underlay_ip": "198.18.0.1", "encap": "vxlan"}"#;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(format!(
+            "request body is empty; send a JSON object like {EXAMPLE}"
+        ));
+    }
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("request body is not valid JSON: {e}"))?;
+    let Value::Object(fields) = value else {
+        return Err(format!("request body must be a JSON object like {EXAMPLE}"));
+    };
+    if let Some(unknown) = fields
+        .keys()
+        .find(|k| !matches!(k.as_str(), "underlay_ip" | "encap" | "vtep_mac"))
+    {
+        return Err(format!(
+            "field `{unknown}`: unknown field; expected underlay_ip, encap and optionally vtep_mac"
+        ));
+    }
+    let underlay_ip = match fields.get("underlay_ip") {
+        None => {
+            return Err(
+                "field `underlay_ip`: missing; the node's IPv4 address on the underlay".into(),
+            )
+        }
+        Some(Value::String(s)) => s.parse::<Ipv4Addr>().map_err(|_| {
+            format!("field `underlay_ip`: {s:?} is not an IPv4 address like \"198.18.0.1\"")
+        })?,
+        Some(other) => {
+            return Err(format!(
+                "field `underlay_ip`: expected a string like \"198.18.0.1\", got {other}"
+            ))
+        }
+    };
+    let encap = match fields.get("encap") {
+        None => return Err("field `encap`: missing; \"ipip\" or \"vxlan\"".into()),
+        Some(Value::String(s)) => s
+            .parse::<Encap>()
+            .map_err(|e| format!("field `encap`: {e}"))?,
+        Some(other) => {
+            return Err(format!(
+                "field `encap`: expected \"ipip\" or \"vxlan\", got {other}"
+            ))
+        }
+    };
+    let vtep_mac = match fields.get("vtep_mac") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.parse().map_err(|e| format!("field `vtep_mac`: {e}"))?),
+        Some(other) => {
+            return Err(format!(
+                "field `vtep_mac`: expected a string like \"02:00:c6:12:00:01\", got {other}"
+            ))
+        }
+    };
+    Ok(RegisterRequest {
+        underlay_ip,
+        encap,
+        vtep_mac,
+    })
+}
+
+/// Why a node name in the URL is unusable (the 400 detail).
+fn check_name(name: &str) -> Result<(), String> {
+    validate_node_name(name).map_err(|e| format!("node name {name:?} in the URL: {e}"))
+}
+
+async fn put_node(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(detail) = check_name(&name) {
+        return bad_request(detail);
+    }
+    let req = match parse_register(&body) {
+        Ok(req) => req,
+        Err(detail) => return bad_request(detail),
+    };
+    let mut core = shared.core.lock().await;
+    let mut next = core.registry.clone();
+    let done = match next.register(&name, &req, now_ms()) {
+        Ok(done) => done,
+        Err(e) => {
+            let status = match e {
+                RegisterError::BadName { .. }
+                | RegisterError::BadVtepMac(_)
+                | RegisterError::BadUnderlay(_) => StatusCode::BAD_REQUEST,
+                RegisterError::NameTaken { .. } | RegisterError::UnderlayTaken { .. } => {
+                    StatusCode::CONFLICT
+                }
+                RegisterError::Exhausted { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            };
+            let kind = match status {
+                StatusCode::BAD_REQUEST => "bad_request",
+                StatusCode::CONFLICT => "conflict",
+                _ => "exhausted",
+            };
+            tracing::warn!(node = %name, "registration refused: {e}");
+            return error(status, kind, e.to_string());
+        }
+    };
+    if done.changed() {
+        if let Err(e) = save(&shared.store, &next).await {
+            return store_failed(&shared, e);
+        }
+    }
+    core.registry = next;
+    let counter = match &done.event {
+        None => &shared.metrics.renewed,
+        Some(ev) => {
+            tracing::info!(node = %name, underlay_ip = %ev.node.underlay_ip, pod_cidr = %ev.node.pod_cidr,
+                revision = ev.revision, "node {}", ev.kind);
+            core.history.push(ev.clone());
+            let _ = shared.events.send(ev.clone());
+            if ev.kind == podnet_proto::api::EventType::Added {
+                &shared.metrics.added
+            } else {
+                &shared.metrics.modified
+            }
+        }
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let ttl = core.registry.timing().lease_ttl_ms;
+    Json(RegisterResponse {
+        node: done.node.name,
+        pod_cidr: done.node.pod_cidr,
+        cluster_cidr: core.registry.ipam().cluster(),
+        lease_ttl_s: ttl.div_ceil(1000),
+        lease_ttl_ms: ttl,
+        revision: done.node.revision,
+    })
+    .into_response()
+}
+
+async fn get_node(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+    if let Err(detail) = check_name(&name) {
+        return bad_request(detail);
+    }
+    let core = shared.core.lock().await;
+    match core.registry.node(&name) {
+        Some(node) => Json(node.clone()).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no node named {name:?}"),
+        ),
+    }
+}
+
+async fn delete_node(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(detail) = check_name(&name) {
+        return bad_request(detail);
+    }
+    let purge = match parse_bool(&params, "purge") {
+        Ok(p) => p,
+        Err(detail) => return bad_request(detail),
+    };
+    let mut core = shared.core.lock().await;
+    let mut next = core.registry.clone();
+    let Some(event) = next.remove(&name, purge) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no node named {name:?}"),
+        );
+    };
+    if let Err(e) = save(&shared.store, &next).await {
+        return store_failed(&shared, e);
+    }
+    core.registry = next;
+    tracing::info!(node = %name, purge, "node left");
+    if let Some(ev) = event {
+        core.history.push(ev.clone());
+        let _ = shared.events.send(ev);
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+fn parse_bool(params: &HashMap<String, String>, key: &str) -> Result<bool, String> {
+    match params.get(key).map(String::as_str) {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") | Some("") => Ok(true),
+        Some(other) => Err(format!(
+            "query parameter `{key}`: expected true or false, got {other:?}"
+        )),
+    }
+}
+
+async fn list_or_watch(
+    State(shared): State<Arc<Shared>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let watch = match parse_bool(&params, "watch") {
+        Ok(w) => w,
+        Err(detail) => return bad_request(detail),
+    };
+    let since = match params.get("since").map(|s| s.parse::<u64>()) {
+        None => None,
+        Some(Ok(rev)) => Some(rev),
+        Some(Err(_)) => {
+            return bad_request(format!(
+                "query parameter `since`: expected a revision number, got {:?}",
+                params["since"]
+            ))
+        }
+    };
+    if !watch {
+        let core = shared.core.lock().await;
+        return Json(core.registry.list()).into_response();
+    }
+
+    // Subscribe while holding the lock, so no event falls between the backlog and the feed.
+    let (backlog, feed) = {
+        let core = shared.core.lock().await;
+        let backlog = match since {
+            Some(rev) => match core.history.since(rev) {
+                Ok(events) => events,
+                Err(gone) => return gone_response(gone),
+            },
+            // No revision: the current live nodes as `added`, then changes (Kubernetes style).
+            None => core
+                .registry
+                .live()
+                .map(|node| WatchEvent {
+                    kind: podnet_proto::api::EventType::Added,
+                    revision: core.registry.revision(),
+                    node: node.clone(),
+                })
+                .collect(),
+        };
+        (backlog, shared.events.subscribe())
+    };
+    let start = since.unwrap_or(0);
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(feed_watch(shared.clone(), backlog, feed, start, tx));
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|line| (Ok::<_, Infallible>(line), rx))
+    }));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(body)
+        .expect("static headers are valid")
+}
+
+fn gone_response(gone: Gone) -> Response {
+    error(StatusCode::GONE, "gone", gone.to_string())
+}
+
+fn ndjson(event: &WatchEvent) -> Bytes {
+    let mut line = serde_json::to_vec(event).expect("watch events always serialize");
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// Writes one watch stream: the backlog, then live events, with keepalive lines when idle.
+/// Ends when the client goes away, falls too far behind, or the server stops.
+async fn feed_watch(
+    shared: Arc<Shared>,
+    backlog: Vec<WatchEvent>,
+    mut feed: broadcast::Receiver<WatchEvent>,
+    mut last: u64,
+    tx: mpsc::Sender<Bytes>,
+) {
+    shared.metrics.watchers.fetch_add(1, Ordering::Relaxed);
+    let _gauge = Decrement(&shared.metrics.watchers);
+    for ev in backlog {
+        last = last.max(ev.revision);
+        if tx.send(ndjson(&ev)).await.is_err() {
+            return;
+        }
+    }
+    let mut stopping = shared.stopping.subscribe();
+    let mut keepalive = tokio::time::interval(shared.config.watch_keepalive);
+    keepalive.reset();
+    loop {
+        let line = tokio::select! {
+            received = feed.recv() => match received {
+                Ok(ev) if ev.revision <= last => continue,
+                Ok(ev) => {
+                    last = ev.revision;
+                    ndjson(&ev)
+                }
+                // Too slow to keep up (or shutting down): the client resumes from `last`.
+                Err(_) => return,
+            },
+            _ = keepalive.tick() => Bytes::from_static(b"\n"),
+            _ = stopping.wait_for(|s| *s) => return,
+            _ = tx.closed() => return,
+        };
+        if tx.send(line).await.is_err() {
+            return;
+        }
+    }
+}
+
+struct Decrement<'a>(&'a AtomicU64);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    use std::fmt::Write;
+    let (up, down, revision, capacity) = {
+        let core = shared.core.lock().await;
+        let (up, down) = core.registry.counts();
+        (
+            up,
+            down,
+            core.registry.revision(),
+            core.registry.ipam().capacity(),
+        )
+    };
+    let m = &shared.metrics;
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP podnet_control_nodes Nodes known to the control service, by state."
+    );
+    let _ = writeln!(out, "# TYPE podnet_control_nodes gauge");
+    let _ = writeln!(out, "podnet_control_nodes{{state=\"up\"}} {up}");
+    let _ = writeln!(out, "podnet_control_nodes{{state=\"down\"}} {down}");
+    let _ = writeln!(
+        out,
+        "# HELP podnet_control_revision Revision of the node table."
+    );
+    let _ = writeln!(out, "# TYPE podnet_control_revision gauge");
+    let _ = writeln!(out, "podnet_control_revision {revision}");
+    let _ = writeln!(
+        out,
+        "# HELP podnet_control_pod_cidr_capacity Nodes the cluster CIDR fits."
+    );
+    let _ = writeln!(out, "# TYPE podnet_control_pod_cidr_capacity gauge");
+    let _ = writeln!(out, "podnet_control_pod_cidr_capacity {capacity}");
+    let _ = writeln!(
+        out,
+        "# HELP podnet_control_registrations_total Accepted registrations by outcome."
+    );
+    let _ = writeln!(out, "# TYPE podnet_control_registrations_total counter");
+    for (result, counter) in [
+        ("added", &m.added),
+        ("modified", &m.modified),
+        ("renewed", &m.renewed),
+    ] {
+        let _ = writeln!(
+            out,
+            "podnet_control_registrations_total{{result=\"{result}\"}} {}",
+            load(counter)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP podnet_control_lease_lapses_total Nodes withdrawn because their lease lapsed."
+    );
+    let _ = writeln!(out, "# TYPE podnet_control_lease_lapses_total counter");
+    let _ = writeln!(out, "podnet_control_lease_lapses_total {}", load(&m.lapsed));
+    let _ = writeln!(
+        out,
+        "# HELP podnet_control_store_errors_total Failed writes of the state store."
+    );
+    let _ = writeln!(out, "# TYPE podnet_control_store_errors_total counter");
+    let _ = writeln!(
+        out,
+        "podnet_control_store_errors_total {}",
+        load(&m.store_errors)
+    );
+    let _ = writeln!(out, "# HELP podnet_control_watchers Open watch streams.");
+    let _ = writeln!(out, "# TYPE podnet_control_watchers gauge");
+    let _ = writeln!(out, "podnet_control_watchers {}", load(&m.watchers));
+    let _ = writeln!(
+        out,
+        "# HELP podnet_control_http_requests_total HTTP requests by status code."
+    );
+    let _ = writeln!(out, "# TYPE podnet_control_http_requests_total counter");
+    for (code, n) in m.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let _ = writeln!(
+            out,
+            "podnet_control_http_requests_total{{code=\"{code}\"}} {n}"
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn register_bodies_name_the_bad_field() {
+        let ok = parse_register(br#"{"underlay_ip":"198.18.0.1","encap":"vxlan","vtep_mac":null}"#)
+            .unwrap();
+        assert_eq!(ok.underlay_ip, Ipv4Addr::new(198, 18, 0, 1));
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "empty"),
+            (b"{", "not valid JSON"),
+            (b"[1]", "JSON object"),
+            (br#"{"encap":"vxlan"}"#, "field `underlay_ip`: missing"),
+            (
+                br#"{"underlay_ip":"198.18.0.300","encap":"vxlan"}"#,
+                "field `underlay_ip`",
+            ),
+            (
+                br#"{"underlay_ip":7,"encap":"vxlan"}"#,
+                "field `underlay_ip`",
+            ),
+            (br#"{"underlay_ip":"198.18.0.1"}"#, "field `encap`: missing"),
+            (
+                br#"{"underlay_ip":"198.18.0.1","encap":"gre"}"#,
+                "field `encap`",
+            ),
+            (
+                br#"{"underlay_ip":"198.18.0.1","encap":"ipip","vtep_mac":5}"#,
+                "field `vtep_mac`",
+            ),
+            (
+                br#"{"underlay_ip":"198.18.0.1","encap":"ipip","vtep_mac":"02:00"}"#,
+                "field `vtep_mac`",
+            ),
+            (
+                br#"{"underlay_ip":"198.18.0.1","encap":"ipip","underlay":"x"}"#,
+                "field `underlay`",
+            ),
+        ];
+        for (body, expect) in cases {
+            let err = parse_register(body).unwrap_err();
+            assert!(
+                err.contains(expect),
+                "{:?}: {err}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+}

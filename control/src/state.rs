@@ -1,0 +1,797 @@
+//! The control service's state machine: membership, leases, IPAM and revisions, without I/O.
+//!
+//! Every method takes `now` (Unix milliseconds) instead of reading a clock, so lease expiry and
+//! reclaim are tested without sleeping. [`Registry`] is the persisted part (small, cloned before
+//! a change so a failed write can be rolled back); [`History`] keeps recent watch events so a
+//! reconnecting agent can resume from its last revision.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use podnet_proto::api::{
+    validate_node_name, EventType, NameError, Node, NodeList, NodeState, RegisterRequest,
+    WatchEvent,
+};
+use serde::{Deserialize, Serialize};
+
+use podnet_proto::ethernet::MacAddr;
+
+use crate::ipam::Ipam;
+
+/// Version of the state file layout; bumped on incompatible changes.
+pub const STATE_FORMAT: u32 = 1;
+
+/// Lease and reservation timing, in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// A node that does not renew within this is marked down and withdrawn.
+    pub lease_ttl_ms: u64,
+    /// A down node's pod CIDR stays reserved for its name this long after its last heartbeat.
+    pub reclaim_after_ms: u64,
+}
+
+/// What the store holds: everything needed to hand every node its pod CIDR again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredState {
+    pub format: u32,
+    pub cluster_cidr: Ipv4Net,
+    pub node_prefix: u8,
+    pub revision: u64,
+    pub nodes: Vec<Node>,
+}
+
+/// A registration the service refuses.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    #[error("invalid node name {name:?}: {source}")]
+    BadName { name: String, source: NameError },
+    #[error("field `vtep_mac`: {0} is a multicast address and cannot be a VTEP")]
+    BadVtepMac(MacAddr),
+    #[error("field `underlay_ip`: {0} cannot be a node's underlay address (unspecified, broadcast or multicast)")]
+    BadUnderlay(Ipv4Addr),
+    #[error(
+        "node {name:?} is live at {holder_ip} (lease ends in {expires_in_ms} ms); choose another \
+         name, or stop that node / DELETE /v1/nodes/{name} first"
+    )]
+    NameTaken {
+        name: String,
+        holder_ip: Ipv4Addr,
+        expires_in_ms: u64,
+    },
+    #[error(
+        "underlay IP {underlay_ip} is already used by live node {holder:?}; each node needs its \
+         own underlay address"
+    )]
+    UnderlayTaken {
+        underlay_ip: Ipv4Addr,
+        holder: String,
+    },
+    #[error(
+        "cluster CIDR {cluster} is exhausted: it fits {capacity} nodes with /{prefix} each (the \
+         first block is reserved) and all are assigned or reserved; remove nodes with \
+         DELETE /v1/nodes/NAME?purge=true or use a larger --cluster-cidr / longer --node-prefix"
+    )]
+    Exhausted {
+        cluster: Ipv4Net,
+        prefix: u8,
+        capacity: u64,
+    },
+}
+
+/// The stored state does not fit this service's configuration.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error("state format {0} is not supported (this build reads format {STATE_FORMAT})")]
+    Format(u32),
+    #[error(
+        "state was written for cluster CIDR {stored_cidr} with /{stored_prefix} per node but the \
+         service was started with {cidr} and /{prefix}; start with the stored values, or move the \
+         state file away to start over (every node then gets a new pod CIDR)"
+    )]
+    Layout {
+        stored_cidr: Ipv4Net,
+        stored_prefix: u8,
+        cidr: Ipv4Net,
+        prefix: u8,
+    },
+    #[error("node {name:?}: pod CIDR {pod_cidr} is not one of this cluster's node blocks")]
+    ForeignCidr { name: String, pod_cidr: Ipv4Net },
+    #[error("node {name:?}: pod CIDR {pod_cidr} is also held by {other:?}")]
+    DuplicateCidr {
+        name: String,
+        other: String,
+        pod_cidr: Ipv4Net,
+    },
+    #[error("node {name:?} appears twice or has an invalid name")]
+    BadNode { name: String },
+}
+
+/// What a registration did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registered {
+    pub node: Node,
+    /// The change to announce to watchers; `None` for a plain lease renewal.
+    pub event: Option<WatchEvent>,
+}
+
+impl Registered {
+    /// Whether the store must be written before acknowledging (anything but a renewal).
+    pub fn changed(&self) -> bool {
+        self.event.is_some()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    node: Node,
+    /// Meaningful while the node is up.
+    lease_expires: u64,
+}
+
+/// Membership, leases and pod CIDR assignments.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    ipam: Ipam,
+    timing: Timing,
+    revision: u64,
+    nodes: BTreeMap<String, Entry>,
+}
+
+impl Registry {
+    pub fn new(ipam: Ipam, timing: Timing) -> Registry {
+        Registry {
+            ipam,
+            timing,
+            revision: 0,
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    /// Rebuilds the registry from the store. Nodes that were up get a fresh lease from `now`:
+    /// they could not renew while the service was away.
+    pub fn restore(
+        ipam: Ipam,
+        timing: Timing,
+        stored: StoredState,
+        now: u64,
+    ) -> Result<Registry, RestoreError> {
+        if stored.format != STATE_FORMAT {
+            return Err(RestoreError::Format(stored.format));
+        }
+        if stored.cluster_cidr != ipam.cluster() || stored.node_prefix != ipam.node_prefix() {
+            return Err(RestoreError::Layout {
+                stored_cidr: stored.cluster_cidr,
+                stored_prefix: stored.node_prefix,
+                cidr: ipam.cluster(),
+                prefix: ipam.node_prefix(),
+            });
+        }
+        let mut registry = Registry::new(ipam, timing);
+        registry.revision = stored.revision;
+        let mut holders: BTreeMap<u32, String> = BTreeMap::new();
+        for node in stored.nodes {
+            if validate_node_name(&node.name).is_err() || registry.nodes.contains_key(&node.name) {
+                return Err(RestoreError::BadNode { name: node.name });
+            }
+            let index = ipam
+                .index_of(node.pod_cidr)
+                .ok_or_else(|| RestoreError::ForeignCidr {
+                    name: node.name.clone(),
+                    pod_cidr: node.pod_cidr,
+                })?;
+            if let Some(other) = holders.insert(index, node.name.clone()) {
+                return Err(RestoreError::DuplicateCidr {
+                    name: node.name,
+                    other,
+                    pod_cidr: node.pod_cidr,
+                });
+            }
+            let lease_expires = now + timing.lease_ttl_ms;
+            registry.nodes.insert(
+                node.name.clone(),
+                Entry {
+                    node,
+                    lease_expires,
+                },
+            );
+        }
+        Ok(registry)
+    }
+
+    pub fn to_stored(&self) -> StoredState {
+        StoredState {
+            format: STATE_FORMAT,
+            cluster_cidr: self.ipam.cluster(),
+            node_prefix: self.ipam.node_prefix(),
+            revision: self.revision,
+            nodes: self.nodes.values().map(|e| e.node.clone()).collect(),
+        }
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    pub fn ipam(&self) -> &Ipam {
+        &self.ipam
+    }
+
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    pub fn list(&self) -> NodeList {
+        NodeList {
+            revision: self.revision,
+            nodes: self.nodes.values().map(|e| e.node.clone()).collect(),
+        }
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name).map(|e| &e.node)
+    }
+
+    /// Live nodes, for a watch that starts without a revision.
+    pub fn live(&self) -> impl Iterator<Item = &Node> {
+        self.nodes
+            .values()
+            .map(|e| &e.node)
+            .filter(|n| n.state == NodeState::Up)
+    }
+
+    /// Counts of (up, down) nodes.
+    pub fn counts(&self) -> (usize, usize) {
+        let up = self.live().count();
+        (up, self.nodes.len() - up)
+    }
+
+    /// Joins a node or renews its lease.
+    pub fn register(
+        &mut self,
+        name: &str,
+        req: &RegisterRequest,
+        now: u64,
+    ) -> Result<Registered, RegisterError> {
+        validate_node_name(name).map_err(|source| RegisterError::BadName {
+            name: name.to_string(),
+            source,
+        })?;
+        let ip = req.underlay_ip;
+        if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+            return Err(RegisterError::BadUnderlay(ip));
+        }
+        let vtep_mac = match req.vtep_mac {
+            Some(mac) if mac.is_multicast() => return Err(RegisterError::BadVtepMac(mac)),
+            Some(mac) => mac,
+            None => MacAddr::vtep_for(ip),
+        };
+        if let Some(holder) = self.nodes.values().find(|e| {
+            e.node.name != name && e.node.state == NodeState::Up && e.node.underlay_ip == ip
+        }) {
+            return Err(RegisterError::UnderlayTaken {
+                underlay_ip: ip,
+                holder: holder.node.name.clone(),
+            });
+        }
+        let lease_expires = now + self.timing.lease_ttl_ms;
+
+        if let Some(entry) = self.nodes.get_mut(name) {
+            let node = &mut entry.node;
+            let kind = match node.state {
+                NodeState::Up if node.underlay_ip != ip => {
+                    return Err(RegisterError::NameTaken {
+                        name: name.to_string(),
+                        holder_ip: node.underlay_ip,
+                        expires_in_ms: entry.lease_expires.saturating_sub(now),
+                    });
+                }
+                NodeState::Up if node.encap == req.encap && node.vtep_mac == vtep_mac => None,
+                NodeState::Up => Some(EventType::Modified),
+                NodeState::Down => Some(EventType::Added),
+            };
+            entry.lease_expires = lease_expires;
+            node.last_heartbeat = now;
+            let Some(kind) = kind else {
+                return Ok(Registered {
+                    node: node.clone(),
+                    event: None,
+                });
+            };
+            self.revision += 1;
+            node.underlay_ip = ip;
+            node.encap = req.encap;
+            node.vtep_mac = vtep_mac;
+            node.state = NodeState::Up;
+            node.revision = self.revision;
+            let node = node.clone();
+            return Ok(Registered {
+                event: Some(event(kind, &node)),
+                node,
+            });
+        }
+
+        let index = self.allocate(now)?;
+        self.revision += 1;
+        let node = Node {
+            name: name.to_string(),
+            underlay_ip: ip,
+            encap: req.encap,
+            vtep_mac,
+            pod_cidr: self.ipam.block(index),
+            state: NodeState::Up,
+            last_heartbeat: now,
+            revision: self.revision,
+        };
+        self.nodes.insert(
+            name.to_string(),
+            Entry {
+                node: node.clone(),
+                lease_expires,
+            },
+        );
+        Ok(Registered {
+            event: Some(event(EventType::Added, &node)),
+            node,
+        })
+    }
+
+    /// A free block, else the block of the down node whose reservation ran out longest ago.
+    fn allocate(&mut self, now: u64) -> Result<u32, RegisterError> {
+        let taken: BTreeSet<u32> = self
+            .nodes
+            .values()
+            .filter_map(|e| self.ipam.index_of(e.node.pod_cidr))
+            .collect();
+        if let Some(index) = self.ipam.first_free(&taken) {
+            return Ok(index);
+        }
+        let reclaimable = self
+            .nodes
+            .values()
+            .filter(|e| e.node.state == NodeState::Down && self.reservation_over(&e.node, now))
+            .min_by_key(|e| e.node.last_heartbeat)
+            .map(|e| e.node.name.clone());
+        match reclaimable {
+            Some(name) => {
+                let entry = self.nodes.remove(&name).expect("name taken from the map");
+                Ok(self
+                    .ipam
+                    .index_of(entry.node.pod_cidr)
+                    .expect("validated on insert"))
+            }
+            None => Err(RegisterError::Exhausted {
+                cluster: self.ipam.cluster(),
+                prefix: self.ipam.node_prefix(),
+                capacity: self.ipam.capacity(),
+            }),
+        }
+    }
+
+    fn reservation_over(&self, node: &Node, now: u64) -> bool {
+        now >= node
+            .last_heartbeat
+            .saturating_add(self.timing.reclaim_after_ms)
+    }
+
+    /// Graceful leave: the node goes down and is withdrawn; its pod CIDR stays reserved like
+    /// after a lapsed lease unless `purge` releases it now. `None` if there is no such node.
+    pub fn remove(&mut self, name: &str, purge: bool) -> Option<Option<WatchEvent>> {
+        let entry = self.nodes.get_mut(name)?;
+        let event = if entry.node.state == NodeState::Up {
+            self.revision += 1;
+            entry.node.state = NodeState::Down;
+            entry.node.revision = self.revision;
+            Some(event(EventType::Deleted, &entry.node))
+        } else {
+            None
+        };
+        if purge {
+            self.nodes.remove(name);
+        }
+        Some(event)
+    }
+
+    /// Marks nodes whose lease lapsed as down (one `deleted` event each) and forgets down nodes
+    /// whose reservation ran out. Returns the events and whether anything changed.
+    pub fn expire(&mut self, now: u64) -> (Vec<WatchEvent>, bool) {
+        let mut events = Vec::new();
+        for entry in self.nodes.values_mut() {
+            if entry.node.state == NodeState::Up && now >= entry.lease_expires {
+                self.revision += 1;
+                entry.node.state = NodeState::Down;
+                entry.node.revision = self.revision;
+                events.push(event(EventType::Deleted, &entry.node));
+            }
+        }
+        let before = self.nodes.len();
+        let reclaim_after = self.timing.reclaim_after_ms;
+        self.nodes.retain(|_, e| {
+            e.node.state == NodeState::Up
+                || now < e.node.last_heartbeat.saturating_add(reclaim_after)
+        });
+        let changed = !events.is_empty() || self.nodes.len() != before;
+        (events, changed)
+    }
+
+    /// When the next lease runs out, for a sweeper that wants to sleep exactly that long.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.nodes
+            .values()
+            .filter(|e| e.node.state == NodeState::Up)
+            .map(|e| e.lease_expires)
+            .min()
+    }
+}
+
+fn event(kind: EventType, node: &Node) -> WatchEvent {
+    WatchEvent {
+        kind,
+        revision: node.revision,
+        node: node.clone(),
+    }
+}
+
+/// The requested revision is older than the retained history (or newer than the service
+/// knows): the client must list again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("revision {requested} cannot be resumed: history holds revisions after {floor} up to {current}; list again")]
+pub struct Gone {
+    pub requested: u64,
+    pub floor: u64,
+    pub current: u64,
+}
+
+/// The last few watch events, for resuming watches.
+#[derive(Clone, Debug)]
+pub struct History {
+    events: VecDeque<WatchEvent>,
+    /// Every event after this revision is retained.
+    floor: u64,
+    current: u64,
+    capacity: usize,
+}
+
+impl History {
+    /// An empty history starting at `revision` (the registry's revision when loaded).
+    pub fn new(revision: u64, capacity: usize) -> History {
+        History {
+            events: VecDeque::new(),
+            floor: revision,
+            current: revision,
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn push(&mut self, event: WatchEvent) {
+        self.current = self.current.max(event.revision);
+        if self.events.len() == self.capacity {
+            if let Some(old) = self.events.pop_front() {
+                self.floor = old.revision;
+            }
+        }
+        self.events.push_back(event);
+    }
+
+    /// The events after `revision`, or [`Gone`] when they are no longer all retained.
+    pub fn since(&self, revision: u64) -> Result<Vec<WatchEvent>, Gone> {
+        if revision < self.floor || revision > self.current {
+            return Err(Gone {
+                requested: revision,
+                floor: self.floor,
+                current: self.current,
+            });
+        }
+        Ok(self
+            .events
+            .iter()
+            .filter(|e| e.revision > revision)
+            .cloned()
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podnet_proto::api::Encap;
+
+    const TTL: u64 = 20_000;
+    const RECLAIM: u64 = 3_600_000;
+
+    fn registry(cidr: &str) -> Registry {
+        Registry::new(
+            Ipam::new(cidr.parse().unwrap(), 24).unwrap(),
+            Timing {
+                lease_ttl_ms: TTL,
+                reclaim_after_ms: RECLAIM,
+            },
+        )
+    }
+
+    fn req(last: u8) -> RegisterRequest {
+        RegisterRequest {
+            underlay_ip: Ipv4Addr::new(198, 18, 0, last),
+            encap: Encap::Vxlan,
+            vtep_mac: None,
+        }
+    }
+
+    fn cidr(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn nodes_get_distinct_cidrs_starting_after_the_reserved_block() {
+        let mut reg = registry("10.244.0.0/16");
+        let a = reg.register("h1", &req(1), 0).unwrap();
+        let b = reg.register("h2", &req(2), 0).unwrap();
+        let c = reg.register("h3", &req(3), 0).unwrap();
+        assert_eq!(a.node.pod_cidr, cidr("10.244.1.0/24"));
+        assert_eq!(b.node.pod_cidr, cidr("10.244.2.0/24"));
+        assert_eq!(c.node.pod_cidr, cidr("10.244.3.0/24"));
+        assert_eq!(a.node.vtep_mac.to_string(), "02:00:c6:12:00:01");
+        assert_eq!(reg.revision(), 3);
+        assert_eq!(c.event.unwrap().kind, EventType::Added);
+    }
+
+    #[test]
+    fn renewal_keeps_cidr_and_revision() {
+        let mut reg = registry("10.244.0.0/16");
+        reg.register("h1", &req(1), 0).unwrap();
+        let again = reg.register("h1", &req(1), 5_000).unwrap();
+        assert!(!again.changed(), "a heartbeat is not a change");
+        assert_eq!(again.node.pod_cidr, cidr("10.244.1.0/24"));
+        assert_eq!(again.node.last_heartbeat, 5_000);
+        assert_eq!(reg.revision(), 1);
+        // The lease now runs from the renewal.
+        assert!(reg.expire(5_000 + TTL - 1).0.is_empty());
+        assert_eq!(reg.expire(5_000 + TTL).0.len(), 1);
+    }
+
+    #[test]
+    fn changing_encap_is_a_modification() {
+        let mut reg = registry("10.244.0.0/16");
+        reg.register("h1", &req(1), 0).unwrap();
+        let mut r = req(1);
+        r.encap = Encap::Ipip;
+        let done = reg.register("h1", &r, 10).unwrap();
+        let ev = done.event.unwrap();
+        assert_eq!(ev.kind, EventType::Modified);
+        assert_eq!(ev.revision, 2);
+        assert_eq!(ev.node.encap, Encap::Ipip);
+        r.vtep_mac = Some("02:AA:00:00:00:01".parse().unwrap());
+        let done = reg.register("h1", &r, 20).unwrap();
+        assert_eq!(done.node.vtep_mac.to_string(), "02:aa:00:00:00:01");
+        assert_eq!(done.event.unwrap().kind, EventType::Modified);
+    }
+
+    #[test]
+    fn live_name_at_another_underlay_ip_conflicts() {
+        let mut reg = registry("10.244.0.0/16");
+        reg.register("h1", &req(1), 0).unwrap();
+        let err = reg.register("h1", &req(9), 1_000).unwrap_err();
+        assert_eq!(
+            err,
+            RegisterError::NameTaken {
+                name: "h1".into(),
+                holder_ip: Ipv4Addr::new(198, 18, 0, 1),
+                expires_in_ms: TTL - 1_000
+            }
+        );
+        assert_eq!(reg.revision(), 1, "a refused registration changes nothing");
+        // Once the lease lapsed, the name may move, keeping its CIDR.
+        reg.expire(TTL);
+        let moved = reg.register("h1", &req(9), TTL + 1).unwrap();
+        assert_eq!(moved.node.pod_cidr, cidr("10.244.1.0/24"));
+        assert_eq!(moved.node.underlay_ip, Ipv4Addr::new(198, 18, 0, 9));
+        assert_eq!(moved.event.unwrap().kind, EventType::Added);
+    }
+
+    #[test]
+    fn two_live_nodes_cannot_share_an_underlay_ip() {
+        let mut reg = registry("10.244.0.0/16");
+        reg.register("h1", &req(1), 0).unwrap();
+        assert_eq!(
+            reg.register("h2", &req(1), 0).unwrap_err(),
+            RegisterError::UnderlayTaken {
+                underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
+                holder: "h1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_inputs_are_refused() {
+        let mut reg = registry("10.244.0.0/16");
+        assert!(matches!(
+            reg.register("H1", &req(1), 0),
+            Err(RegisterError::BadName { .. })
+        ));
+        let mut r = req(1);
+        r.vtep_mac = Some("01:00:5e:00:00:01".parse().unwrap());
+        assert!(matches!(
+            reg.register("h1", &r, 0),
+            Err(RegisterError::BadVtepMac(_))
+        ));
+        let r = RegisterRequest {
+            underlay_ip: Ipv4Addr::new(224, 0, 0, 1),
+            ..req(1)
+        };
+        assert!(matches!(
+            reg.register("h1", &r, 0),
+            Err(RegisterError::BadUnderlay(_))
+        ));
+        assert_eq!(reg.revision(), 0);
+    }
+
+    #[test]
+    fn lapsed_lease_withdraws_but_keeps_the_reservation() {
+        let mut reg = registry("10.244.0.0/16");
+        reg.register("h1", &req(1), 0).unwrap();
+        reg.register("h2", &req(2), 0).unwrap();
+        reg.register("h2", &req(2), 15_000).unwrap();
+        let (events, changed) = reg.expire(TTL);
+        assert!(changed);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, EventType::Deleted);
+        assert_eq!(events[0].node.name, "h1");
+        assert_eq!(events[0].node.state, NodeState::Down);
+        assert_eq!(events[0].revision, 3);
+        assert_eq!(reg.counts(), (1, 1));
+        // Nothing more to do until h2's lease runs out.
+        assert_eq!(reg.expire(TTL + 1), (vec![], false));
+        assert_eq!(reg.next_expiry(), Some(15_000 + TTL));
+
+        // A newcomer does not get h1's reserved block.
+        let h3 = reg.register("h3", &req(3), TTL + 2).unwrap();
+        assert_eq!(h3.node.pod_cidr, cidr("10.244.3.0/24"));
+        // h1 comes back (even at a new underlay IP) and gets its CIDR again.
+        let back = reg.register("h1", &req(11), TTL + 3).unwrap();
+        assert_eq!(back.node.pod_cidr, cidr("10.244.1.0/24"));
+        assert_eq!(back.event.unwrap().kind, EventType::Added);
+    }
+
+    #[test]
+    fn reservations_end_after_reclaim_after() {
+        let mut reg = registry("10.244.0.0/16");
+        reg.register("h1", &req(1), 0).unwrap();
+        reg.expire(TTL);
+        assert_eq!(reg.expire(RECLAIM - 1), (vec![], false));
+        assert_eq!(reg.expire(RECLAIM), (vec![], true));
+        assert!(reg.node("h1").is_none());
+        let next = reg.register("h9", &req(9), RECLAIM + 1).unwrap();
+        assert_eq!(next.node.pod_cidr, cidr("10.244.1.0/24"));
+    }
+
+    #[test]
+    fn exhaustion_reports_capacity_and_reclaims_old_reservations() {
+        let mut reg = registry("10.244.0.0/22");
+        for i in 1..=3 {
+            reg.register(&format!("h{i}"), &req(i), 0).unwrap();
+        }
+        let err = reg.register("h4", &req(4), 0).unwrap_err();
+        assert_eq!(
+            err,
+            RegisterError::Exhausted {
+                cluster: cidr("10.244.0.0/22"),
+                prefix: 24,
+                capacity: 3
+            }
+        );
+        assert!(err.to_string().contains("fits 3 nodes"), "{err}");
+        // Down but still reserved: still exhausted.
+        reg.expire(TTL);
+        assert!(reg.register("h4", &req(4), TTL).is_err());
+        // h2's reservation is over (without a sweep having run): h4 takes the oldest one.
+        reg.register("h1", &req(1), 100).unwrap();
+        reg.register("h3", &req(3), 100).unwrap();
+        let h4 = reg.register("h4", &req(4), RECLAIM).unwrap();
+        assert_eq!(h4.node.pod_cidr, cidr("10.244.2.0/24"));
+        assert!(reg.node("h2").is_none());
+    }
+
+    #[test]
+    fn graceful_leave_and_purge() {
+        let mut reg = registry("10.244.0.0/16");
+        reg.register("h1", &req(1), 0).unwrap();
+        reg.register("h2", &req(2), 0).unwrap();
+        let ev = reg.remove("h1", false).unwrap().unwrap();
+        assert_eq!(ev.kind, EventType::Deleted);
+        assert_eq!(reg.remove("h1", false), Some(None), "already down");
+        assert_eq!(reg.node("h1").unwrap().state, NodeState::Down);
+        assert_eq!(reg.remove("nope", false), None);
+        assert_eq!(
+            reg.remove("h2", true).unwrap().unwrap().kind,
+            EventType::Deleted
+        );
+        assert!(reg.node("h2").is_none());
+        let h3 = reg.register("h3", &req(3), 1).unwrap();
+        assert_eq!(
+            h3.node.pod_cidr,
+            cidr("10.244.2.0/24"),
+            "purged block is free"
+        );
+    }
+
+    #[test]
+    fn restore_keeps_cidrs_and_revision_and_renews_leases() {
+        let mut reg = registry("10.244.0.0/16");
+        reg.register("h1", &req(1), 0).unwrap();
+        reg.register("h2", &req(2), 0).unwrap();
+        reg.expire(TTL);
+        let stored = reg.to_stored();
+        let json = serde_json::to_string(&stored).unwrap();
+        let back: StoredState = serde_json::from_str(&json).unwrap();
+        let mut again = Registry::restore(*reg.ipam(), reg.timing(), back, 1_000_000).unwrap();
+        assert_eq!(again.revision(), reg.revision());
+        assert_eq!(again.list(), reg.list());
+        // Leases restart at load time rather than lapsing at once.
+        assert_eq!(again.expire(1_000_000 + TTL - 1), (vec![], false));
+        let h3 = again.register("h3", &req(3), 1_000_001).unwrap();
+        assert_eq!(h3.node.pod_cidr, cidr("10.244.3.0/24"));
+    }
+
+    #[test]
+    fn restore_refuses_a_different_layout_or_bad_records() {
+        let mut reg = registry("10.244.0.0/16");
+        reg.register("h1", &req(1), 0).unwrap();
+        let stored = reg.to_stored();
+        let other = Ipam::new(cidr("10.244.0.0/16"), 25).unwrap();
+        assert!(matches!(
+            Registry::restore(other, reg.timing(), stored.clone(), 0),
+            Err(RestoreError::Layout { .. })
+        ));
+        let mut dup = stored.clone();
+        let mut twin = dup.nodes[0].clone();
+        twin.name = "h2".into();
+        dup.nodes.push(twin);
+        assert!(matches!(
+            Registry::restore(*reg.ipam(), reg.timing(), dup, 0),
+            Err(RestoreError::DuplicateCidr { .. })
+        ));
+        let mut foreign = stored.clone();
+        foreign.nodes[0].pod_cidr = cidr("10.99.1.0/24");
+        assert!(matches!(
+            Registry::restore(*reg.ipam(), reg.timing(), foreign, 0),
+            Err(RestoreError::ForeignCidr { .. })
+        ));
+        let mut future = stored;
+        future.format = 99;
+        assert_eq!(
+            Registry::restore(*reg.ipam(), reg.timing(), future, 0).unwrap_err(),
+            RestoreError::Format(99)
+        );
+    }
+
+    #[test]
+    fn history_resumes_or_says_gone() {
+        let mut reg = registry("10.244.0.0/16");
+        let mut history = History::new(reg.revision(), 3);
+        for i in 1..=5u8 {
+            let done = reg.register(&format!("h{i}"), &req(i), 0).unwrap();
+            history.push(done.event.unwrap());
+        }
+        // Revisions 3, 4, 5 retained: resuming from 2 or later works.
+        let revs = |v: Vec<WatchEvent>| v.iter().map(|e| e.revision).collect::<Vec<_>>();
+        assert_eq!(revs(history.since(2).unwrap()), [3, 4, 5]);
+        assert_eq!(revs(history.since(4).unwrap()), [5]);
+        assert_eq!(revs(history.since(5).unwrap()), Vec::<u64>::new());
+        assert_eq!(
+            history.since(1),
+            Err(Gone {
+                requested: 1,
+                floor: 2,
+                current: 5
+            })
+        );
+        assert!(history.since(6).is_err(), "a revision from the future");
+    }
+
+    #[test]
+    fn fresh_history_after_restart_resumes_from_the_loaded_revision() {
+        let history = History::new(7, 100);
+        assert_eq!(history.since(7).unwrap(), vec![]);
+        assert!(history.since(6).is_err());
+    }
+}

@@ -1,0 +1,240 @@
+//! Where the registry is kept across restarts.
+//!
+//! [`Store`] is a trait so a replicated store (etcd) can back the service for HA; the embedded
+//! default [`FileStore`] keeps the whole state as one JSON file, replaced atomically: write a
+//! temporary file in the same directory, fsync it, rename it over the old one, fsync the
+//! directory. A crash at any moment leaves either the old or the new file, never a torn one.
+//! An unreadable or corrupt file is an error: starting empty over it would hand out pod CIDRs
+//! that running nodes already use.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::state::StoredState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot read state file {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error(
+        "state file {path} is corrupt ({reason}); refusing to start empty over it because that \
+         would hand out pod CIDRs nodes already use; restore it from a backup, or move it away \
+         to start over"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("cannot write state file {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("state store: {0}")]
+    Other(String),
+}
+
+/// Durable home of the registry.
+pub trait Store: Send + Sync + 'static {
+    /// The saved state, `None` when nothing was ever saved.
+    fn load(&self) -> Result<Option<StoredState>, StoreError>;
+    /// Saves `state` durably before returning: callers acknowledge changes after this.
+    fn save(&self, state: &StoredState) -> Result<(), StoreError>;
+}
+
+/// The whole state as one JSON file, replaced atomically.
+#[derive(Clone, Debug)]
+pub struct FileStore {
+    path: PathBuf,
+}
+
+impl FileStore {
+    pub fn new(path: impl Into<PathBuf>) -> FileStore {
+        FileStore { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn dir(&self) -> PathBuf {
+        match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        let mut name = self
+            .path
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        name.push(format!(".tmp.{}", std::process::id()));
+        self.dir().join(name)
+    }
+
+    fn write_err(&self, source: io::Error) -> StoreError {
+        StoreError::Write {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+impl Store for FileStore {
+    fn load(&self) -> Result<Option<StoredState>, StoreError> {
+        let bytes = match fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StoreError::Read {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
+        if bytes.is_empty() {
+            return Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                reason: "the file is empty".into(),
+            });
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })
+    }
+
+    fn save(&self, state: &StoredState) -> Result<(), StoreError> {
+        let mut bytes =
+            serde_json::to_vec_pretty(state).map_err(|e| StoreError::Other(e.to_string()))?;
+        bytes.push(b'\n');
+        let temp = self.temp_path();
+        let result = (|| {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&temp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            drop(file);
+            fs::rename(&temp, &self.path)?;
+            // The rename is durable only once the directory entry is.
+            File::open(self.dir())?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        result.map_err(|e| self.write_err(e))
+    }
+}
+
+/// Keeps state in memory only; for tests and throwaway runs.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: std::sync::Mutex<Option<StoredState>>,
+}
+
+impl Store for MemoryStore {
+    fn load(&self) -> Result<Option<StoredState>, StoreError> {
+        Ok(self.state.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    fn save(&self, state: &StoredState) -> Result<(), StoreError> {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(state.clone());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::STATE_FORMAT;
+    use podnet_proto::api::{Encap, Node, NodeState};
+
+    fn state(revision: u64, nodes: usize) -> StoredState {
+        StoredState {
+            format: STATE_FORMAT,
+            cluster_cidr: "10.244.0.0/16".parse().unwrap(),
+            node_prefix: 24,
+            revision,
+            nodes: (1..=nodes)
+                .map(|i| Node {
+                    name: format!("h{i}"),
+                    underlay_ip: format!("198.18.0.{i}").parse().unwrap(),
+                    encap: Encap::Ipip,
+                    vtep_mac: format!("02:00:c6:12:00:{i:02x}").parse().unwrap(),
+                    pod_cidr: format!("10.244.{i}.0/24").parse().unwrap(),
+                    state: NodeState::Up,
+                    last_heartbeat: 1,
+                    revision: i as u64,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn missing_file_means_fresh_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path().join("state.json"));
+        assert_eq!(store.load().unwrap(), None);
+    }
+
+    #[test]
+    fn save_replaces_atomically_and_leaves_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let store = FileStore::new(&path);
+        store.save(&state(1, 1)).unwrap();
+        store.save(&state(2, 3)).unwrap();
+        assert_eq!(store.load().unwrap(), Some(state(2, 3)));
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["state.json"]);
+    }
+
+    #[test]
+    fn a_leftover_temp_file_from_a_crash_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let store = FileStore::new(&path);
+        store.save(&state(4, 2)).unwrap();
+        // A crash between creating the temp file and the rename leaves a torn temp file.
+        fs::write(dir.path().join("state.json.tmp.1"), b"{\"format\":1,\"clus").unwrap();
+        assert_eq!(store.load().unwrap(), Some(state(4, 2)));
+        store.save(&state(5, 2)).unwrap();
+        assert_eq!(store.load().unwrap(), Some(state(5, 2)));
+    }
+
+    #[test]
+    fn corrupt_or_empty_file_is_an_error_not_a_fresh_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let store = FileStore::new(&path);
+        fs::write(&path, b"{\"format\":1,\"clus").unwrap();
+        let err = store.load().unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("state.json"), "{err}");
+        fs::write(&path, b"").unwrap();
+        assert!(store.load().unwrap_err().to_string().contains("empty"));
+        fs::write(&path, b"{\"nodes\": 3}").unwrap();
+        assert!(matches!(store.load(), Err(StoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn unreadable_path_is_a_read_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be cannot be read as a file.
+        let store = FileStore::new(dir.path());
+        assert!(matches!(store.load(), Err(StoreError::Read { .. })));
+    }
+
+    #[test]
+    fn save_into_a_missing_directory_fails_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path().join("no/such/dir/state.json"));
+        let err = store.save(&state(1, 0)).unwrap_err();
+        assert!(matches!(err, StoreError::Write { .. }), "{err}");
+    }
+}

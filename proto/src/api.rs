@@ -1,0 +1,342 @@
+//! JSON types of the control API (`/v1/nodes`), shared by `podnet-control` and the agent.
+//!
+//! Plain serde data plus the rules both sides must agree on: what a node name may look like
+//! and how a stream of watch events folds into a table of live
+//! nodes ([`NodeTable`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::ethernet::MacAddr;
+
+/// Longest node name accepted (a DNS-1123 label).
+pub const MAX_NODE_NAME_LEN: usize = 63;
+
+/// How a node wraps pod packets on the underlay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encap {
+    Ipip,
+    Vxlan,
+}
+
+impl fmt::Display for Encap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Encap::Ipip => "ipip",
+            Encap::Vxlan => "vxlan",
+        })
+    }
+}
+
+impl FromStr for Encap {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ipip" => Ok(Encap::Ipip),
+            "vxlan" => Ok(Encap::Vxlan),
+            other => Err(format!(
+                "unknown encapsulation {other:?}, expected ipip or vxlan"
+            )),
+        }
+    }
+}
+
+/// Body of `PUT /v1/nodes/{name}`: join, or renew the lease (heartbeat).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub underlay_ip: Ipv4Addr,
+    pub encap: Encap,
+    /// Defaults to [`MacAddr::vtep_for`] the underlay IP (`02:00:` + its four bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_mac: Option<MacAddr>,
+}
+
+/// Answer to a registration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// The node name, as registered.
+    pub node: String,
+    pub pod_cidr: Ipv4Net,
+    /// The whole overlay: agents route it into their TUN device.
+    pub cluster_cidr: Ipv4Net,
+    /// Renew well before this runs out (the client library renews at a third of it).
+    pub lease_ttl_s: u64,
+    /// The same lease in milliseconds, for sub-second test settings.
+    pub lease_ttl_ms: u64,
+    /// Revision of the node record after this registration.
+    pub revision: u64,
+}
+
+/// Whether a node holds a live lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Up,
+    Down,
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeState::Up => "up",
+            NodeState::Down => "down",
+        })
+    }
+}
+
+/// One node as the control service knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub underlay_ip: Ipv4Addr,
+    pub encap: Encap,
+    pub vtep_mac: MacAddr,
+    pub pod_cidr: Ipv4Net,
+    pub state: NodeState,
+    /// Unix time in milliseconds of the last registration or renewal.
+    pub last_heartbeat: u64,
+    /// Revision at which this record last changed (renewals alone do not change it).
+    pub revision: u64,
+}
+
+/// Answer to `GET /v1/nodes`: every known node, live or down, sorted by name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeList {
+    pub revision: u64,
+    pub nodes: Vec<Node>,
+}
+
+/// Kind of change in a watch stream (Kubernetes watch style).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventType {
+    /// A node became live: new, or back after its lease lapsed.
+    Added,
+    /// A live node changed its underlay IP, encapsulation or VTEP MAC.
+    Modified,
+    /// A node left or its lease lapsed: withdraw it from forwarding tables.
+    Deleted,
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EventType::Added => "added",
+            EventType::Modified => "modified",
+            EventType::Deleted => "deleted",
+        })
+    }
+}
+
+/// One line of the NDJSON stream of `GET /v1/nodes?watch=true`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchEvent {
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    pub revision: u64,
+    pub node: Node,
+}
+
+/// Body of every error answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Short machine-readable kind, e.g. `conflict`, `bad_request`.
+    pub error: String,
+    /// What went wrong and what to do about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.detail {
+            Some(detail) => write!(f, "{}: {}", self.error, detail),
+            None => f.write_str(&self.error),
+        }
+    }
+}
+
+/// The live nodes an agent forwards to, folded from a list and the watch events after it.
+///
+/// Agents persist it so a restart while the control service is away still forwards, and resume
+/// their watch from `revision`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeTable {
+    pub revision: u64,
+    /// Live (`up`) nodes by name.
+    pub nodes: BTreeMap<String, Node>,
+}
+
+impl NodeTable {
+    /// The live part of a full list.
+    pub fn from_list(list: NodeList) -> NodeTable {
+        let nodes = list
+            .nodes
+            .into_iter()
+            .filter(|n| n.state == NodeState::Up)
+            .map(|n| (n.name.clone(), n))
+            .collect();
+        NodeTable {
+            revision: list.revision,
+            nodes,
+        }
+    }
+
+    /// Folds one event in. Returns false (and changes nothing) for an event at or before the
+    /// table's revision, which a resumed watch may repeat.
+    pub fn apply(&mut self, event: &WatchEvent) -> bool {
+        if event.revision <= self.revision {
+            return false;
+        }
+        self.revision = event.revision;
+        let live = event.kind != EventType::Deleted && event.node.state == NodeState::Up;
+        if live {
+            self.nodes
+                .insert(event.node.name.clone(), event.node.clone());
+        } else {
+            self.nodes.remove(&event.node.name);
+        }
+        true
+    }
+
+    /// Live nodes other than `own`, the peers an agent forwards to.
+    pub fn peers<'a>(&'a self, own: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
+        self.nodes.values().filter(move |n| n.name != own)
+    }
+}
+
+/// Why a node name was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("node name is empty")]
+    Empty,
+    #[error("node name is {0} characters long, at most {MAX_NODE_NAME_LEN} are allowed")]
+    TooLong(usize),
+    #[error("node name contains {0:?}; use lowercase letters, digits and '-'")]
+    BadChar(char),
+    #[error("node name must start and end with a lowercase letter or digit")]
+    BadEdge,
+}
+
+/// Checks a node name: a DNS-1123 label (`[a-z0-9]([a-z0-9-]*[a-z0-9])?`, at most 63 characters),
+/// the same rule Kubernetes applies to node names, so names work in URLs and file names as is.
+pub fn validate_node_name(name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if name.len() > MAX_NODE_NAME_LEN {
+        return Err(NameError::TooLong(name.len()));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(NameError::BadChar(c));
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Err(NameError::BadEdge);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, state: NodeState, revision: u64) -> Node {
+        Node {
+            name: name.to_string(),
+            underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
+            encap: Encap::Vxlan,
+            vtep_mac: MacAddr::vtep_for(Ipv4Addr::new(198, 18, 0, 1)),
+            pod_cidr: "10.244.1.0/24".parse().unwrap(),
+            state,
+            last_heartbeat: 1_700_000_000_000,
+            revision,
+        }
+    }
+
+    #[test]
+    fn node_names_follow_dns_labels() {
+        assert_eq!(validate_node_name("h1"), Ok(()));
+        assert_eq!(validate_node_name("node-7-a"), Ok(()));
+        assert_eq!(validate_node_name(&"a".repeat(63)), Ok(()));
+        assert_eq!(validate_node_name(""), Err(NameError::Empty));
+        assert_eq!(
+            validate_node_name(&"a".repeat(64)),
+            Err(NameError::TooLong(64))
+        );
+        assert_eq!(validate_node_name("H1"), Err(NameError::BadChar('H')));
+        assert_eq!(validate_node_name("a.b"), Err(NameError::BadChar('.')));
+        assert_eq!(validate_node_name("a/b"), Err(NameError::BadChar('/')));
+        assert_eq!(validate_node_name("-a"), Err(NameError::BadEdge));
+        assert_eq!(validate_node_name("a-"), Err(NameError::BadEdge));
+    }
+
+    #[test]
+    fn wire_names_are_lowercase() {
+        let ev = WatchEvent {
+            kind: EventType::Added,
+            revision: 3,
+            node: node("h1", NodeState::Up, 3),
+        };
+        let json = serde_json::to_value(&ev).unwrap();
+        assert_eq!(json["type"], "added");
+        assert_eq!(json["node"]["encap"], "vxlan");
+        assert_eq!(json["node"]["state"], "up");
+        assert_eq!(json["node"]["pod_cidr"], "10.244.1.0/24");
+        assert_eq!(json["node"]["vtep_mac"], "02:00:c6:12:00:01");
+        let back: WatchEvent = serde_json::from_value(json).unwrap();
+        assert_eq!(back, ev);
+
+        let req: RegisterRequest =
+            serde_json::from_str(r#"{"underlay_ip":"198.18.0.2","encap":"ipip"}"#).unwrap();
+        assert_eq!(req.encap, Encap::Ipip);
+        assert_eq!(req.vtep_mac, None);
+        assert!(serde_json::from_str::<RegisterRequest>(
+            r#"{"underlay_ip":"198.18.0.2","encap":"IPIP"}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn table_folds_events_and_skips_repeats() {
+        let mut table = NodeTable::from_list(NodeList {
+            revision: 5,
+            nodes: vec![node("h1", NodeState::Up, 2), node("h2", NodeState::Down, 5)],
+        });
+        assert_eq!(table.nodes.keys().collect::<Vec<_>>(), ["h1"]);
+
+        let added = WatchEvent {
+            kind: EventType::Added,
+            revision: 6,
+            node: node("h3", NodeState::Up, 6),
+        };
+        assert!(table.apply(&added));
+        assert!(!table.apply(&added), "a repeated event must be ignored");
+        assert_eq!(table.revision, 6);
+        assert_eq!(
+            table
+                .peers("h1")
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>(),
+            ["h3"]
+        );
+
+        let deleted = WatchEvent {
+            kind: EventType::Deleted,
+            revision: 7,
+            node: node("h1", NodeState::Down, 7),
+        };
+        assert!(table.apply(&deleted));
+        assert_eq!(table.nodes.keys().collect::<Vec<_>>(), ["h3"]);
+        assert_eq!(table.revision, 7);
+    }
+}
