@@ -5,3 +5,5 @@
 //! Unsafe code is allowed only inside `sys/`.
 pub mod drops;
 pub mod lpm;
+pub mod table;
+pub mod forward;

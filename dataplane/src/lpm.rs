@@ -17,6 +17,9 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+/// Hash map keyed by a `u32` (an IPv4 address) with the cheap [`U32Hasher`].
+pub(crate) type U32Map<V> = HashMap<u32, V, BuildHasherDefault<U32Hasher>>;
+
 /// Number of distinct IPv4 prefix lengths (`/0` ..= `/32`).
 const LENGTHS: usize = 33;
 
@@ -26,7 +29,7 @@ const LENGTHS: usize = 33;
 #[derive(Clone)]
 pub struct Lpm<V> {
     /// `by_len[n]` maps masked network addresses of `/n` prefixes to their values.
-    by_len: [HashMap<u32, V, BuildHasherDefault<U32Hasher>>; LENGTHS],
+    by_len: [U32Map<V>; LENGTHS],
     /// Bit `n` is set when `by_len[n]` is non-empty.
     present: u64,
     len: usize,
@@ -142,10 +145,10 @@ fn mask(len: usize) -> u32 {
     u32::MAX.checked_shl(32 - len as u32).unwrap_or(0)
 }
 
-/// Hasher for `u32` keys: one multiply-xorshift round of the murmur3 finalizer, which spreads the
+/// Hasher for `u32` keys (also used for the route table's underlay index): one multiply-xorshift round of the murmur3 finalizer, which spreads the
 /// high bits of a masked address into the low bits the hash table indexes with.
 #[derive(Default, Clone, Copy)]
-struct U32Hasher(u64);
+pub(crate) struct U32Hasher(u64);
 
 impl Hasher for U32Hasher {
     fn finish(&self) -> u64 {

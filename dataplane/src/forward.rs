@@ -1,0 +1,896 @@
+//! Forwarding decisions: pod packet -> tunnel packet (outbound), tunnel packet -> pod packet
+//! (inbound), as pure functions over caller-owned buffers.
+//!
+//! The [`Forwarder`] never touches a socket, a device or the clock; the OS shells hand it bytes
+//! and act on the result ([`Outbound::Send`]: put these bytes on the underlay to that peer,
+//! [`Outbound::Reply`] / [`Inbound::Deliver`]: write these bytes into `tunl0`, `Drop`: count
+//! and forget). Results borrow the caller's buffers; nothing is allocated per packet. Every drop
+//! is counted in [`Counters`] and per-peer traffic in the table's [`PeerCounters`](crate::drops::PeerCounters).
+//!
+//! TTL: the kernel already decremented the TTL when it routed the packet into `tunl0` (and the
+//! receiving kernel decrements it again when it routes from its `tunl0` to the pod), so the
+//! tunnel is one hop like any link and the forwarder leaves the inner TTL alone. A packet the
+//! kernel would expire never reaches `tunl0`: the kernel sends the ICMP time-exceeded itself.
+//!
+//! Fragments: userspace never fragments. `tunl0` has the overlay MTU, so the kernel fragments
+//! (or answers DF packets with fragmentation-needed) before we see them; an oversized packet
+//! here means the MTU changed under the kernel's feet, and we answer DF packets with ICMP
+//! fragmentation-needed carrying the overlay MTU and drop the others as `too_big`.
+//! Inner fragments are forwarded like any packet (their header carries the addresses).
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU16, Ordering::Relaxed};
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+use podnet_proto::ethernet::MacAddr;
+use podnet_proto::icmp;
+use podnet_proto::ipv4::{self, Ipv4Packet};
+use podnet_proto::vxlan::{self, Vni};
+use podnet_proto::{ipip, WireError};
+
+use crate::drops::{Counters, DropReason};
+use crate::table::{Peer, RouteTable};
+
+/// Bytes the caller must reserve in front of an outbound packet: room for the largest
+/// prefix we write (VXLAN header + inner Ethernet; IP-in-IP needs 20).
+pub const HEADROOM: usize = vxlan::ENCAP_LEN;
+
+/// Minimum size of the scratch buffer for ICMP replies.
+pub const SCRATCH_LEN: usize = icmp::MAX_ERROR_LEN;
+
+/// How packets travel between nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encap {
+    /// IPv4-in-IPv4 (protocol 4) over a raw socket.
+    Ipip,
+    /// VXLAN on UDP port 4789 with this VNI.
+    Vxlan { vni: Vni },
+}
+
+impl Encap {
+    /// Bytes the encapsulation adds on the underlay (outer headers included): what the overlay
+    /// MTU must leave free below the underlay MTU.
+    pub const fn overhead(self) -> usize {
+        match self {
+            Encap::Ipip => ipip::OVERHEAD,
+            Encap::Vxlan { .. } => vxlan::OVERHEAD,
+        }
+    }
+
+    /// `ipip` or `vxlan`, as on the command line and in the control API.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Encap::Ipip => "ipip",
+            Encap::Vxlan { .. } => "vxlan",
+        }
+    }
+}
+
+/// What the forwarder needs to know about this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// This node's name.
+    pub node: String,
+    /// This node's underlay address: the outer source of what we send.
+    pub underlay_ip: Ipv4Addr,
+    /// This node's VTEP MAC (inner Ethernet source for VXLAN).
+    pub vtep_mac: MacAddr,
+    /// This node's pod CIDR: inbound inner destinations must be inside it.
+    pub pod_cidr: Ipv4Net,
+    /// The whole pod network: outbound destinations outside it get ICMP net unreachable.
+    pub cluster_cidr: Ipv4Net,
+    /// Encapsulation (and VNI) used to send and expected on receive.
+    pub encap: Encap,
+    /// Overlay MTU (the `tunl0` MTU): the largest inner packet we encapsulate.
+    pub mtu: u16,
+    /// Source address of the ICMP errors we write into `tunl0`. The kernel drops packets that
+    /// arrive with one of its own addresses as source ("martian source") unless the input
+    /// device has `accept_local=1`, so pick a non-local address or set that sysctl on `tunl0`.
+    pub icmp_source: Ipv4Addr,
+}
+
+/// The routing decision for one outbound packet, without encapsulation (see
+/// [`Forwarder::classify`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Send to the peer at this index of the table.
+    Peer(usize),
+    /// No node serves the destination: drop with `reason` and answer with ICMP destination
+    /// unreachable `code`.
+    Unreachable { reason: DropReason, code: u8 },
+    /// Drop silently.
+    Drop(DropReason),
+}
+
+/// Result of [`Forwarder::outbound`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outbound<'a> {
+    /// Send `bytes` to the peer at underlay address `peer`: for IP-in-IP the full outer IPv4
+    /// packet (for an `IP_HDRINCL` raw socket), for VXLAN the UDP payload (for the socket on
+    /// port 4789).
+    Send { peer: Ipv4Addr, bytes: &'a [u8] },
+    /// Write this ICMP error into `tunl0`; the original packet is dropped (and counted).
+    Reply(&'a [u8]),
+    /// Drop the packet (already counted).
+    Drop(DropReason),
+}
+
+/// Result of [`Forwarder::inbound_ipip`] and [`Forwarder::inbound_vxlan`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbound<'a> {
+    /// Write this inner IPv4 packet into `tunl0`.
+    Deliver(&'a [u8]),
+    /// Drop the packet (already counted).
+    Drop(DropReason),
+}
+
+/// The forwarding core of one node. Shared by the data-path threads (`&self` everywhere).
+#[derive(Debug)]
+pub struct Forwarder {
+    config: NodeConfig,
+    counters: Arc<Counters>,
+    /// IPv4 identification for outer IP-in-IP headers (RFC 6864: unique per source,
+    /// destination and protocol while a datagram may be fragmented; a wrapping counter is enough).
+    ident: AtomicU16,
+}
+
+impl Forwarder {
+    /// A forwarder for `config`, counting into `counters`.
+    pub fn new(config: NodeConfig, counters: Arc<Counters>) -> Self {
+        Self {
+            config,
+            counters,
+            ident: AtomicU16::new(0),
+        }
+    }
+
+    /// This node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// The node-wide counters.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// Decides where an outbound pod packet goes, counting nothing: the routing step of
+    /// [`outbound`](Self::outbound) on its own, for the offload path that segments a
+    /// super-packet after the decision (and then counts itself).
+    ///
+    /// Checks, in order: IPv4 (`not_ipv4`), header valid with a good checksum (`malformed`),
+    /// destination not in this node's pod CIDR (`own_cidr`), inside the cluster CIDR (else
+    /// unreachable, `outside_cluster`), a peer holds it (else unreachable, `no_route`), and that
+    /// peer is not this node (`own_cidr`). The MTU is not checked here.
+    pub fn classify(&self, table: &RouteTable, packet: &[u8]) -> Route {
+        match parse_ipv4(packet) {
+            Ok(ip) => self.route(table, ip.dst()),
+            Err(reason) => Route::Drop(reason),
+        }
+    }
+
+    /// Routing for a valid packet to `dst`.
+    fn route(&self, table: &RouteTable, dst: Ipv4Addr) -> Route {
+        if self.config.pod_cidr.contains(&dst) {
+            return Route::Drop(DropReason::OwnCidr);
+        }
+        if !self.config.cluster_cidr.contains(&dst) {
+            return Route::Unreachable {
+                reason: DropReason::OutsideCluster,
+                code: icmp::code::NET_UNREACHABLE,
+            };
+        }
+        match table.lookup(dst) {
+            None => Route::Unreachable {
+                reason: DropReason::NoRoute,
+                code: icmp::code::HOST_UNREACHABLE,
+            },
+            Some(i) if table.peer(i).underlay_ip == self.config.underlay_ip => {
+                Route::Drop(DropReason::OwnCidr)
+            }
+            Some(i) => Route::Peer(i),
+        }
+    }
+
+    /// Handles one packet read from `tunl0`, sitting at `buf[start..start + len]` with at least
+    /// [`HEADROOM`] bytes in front of it. On [`Outbound::Send`] the encapsulation has been
+    /// written into that headroom. ICMP errors are built into `scratch`.
+    ///
+    /// # Panics
+    ///
+    /// If `start < HEADROOM`, `start + len > buf.len()` or `scratch.len() < SCRATCH_LEN`:
+    /// caller bugs, never caused by packet contents.
+    pub fn outbound<'a>(
+        &self,
+        table: &RouteTable,
+        buf: &'a mut [u8],
+        start: usize,
+        len: usize,
+        scratch: &'a mut [u8],
+    ) -> Outbound<'a> {
+        assert!(
+            start >= HEADROOM,
+            "outbound needs {HEADROOM} bytes of headroom"
+        );
+        assert!(
+            scratch.len() >= SCRATCH_LEN,
+            "ICMP scratch buffer too small"
+        );
+        let ip = match parse_ipv4(&buf[start..start + len]) {
+            Ok(ip) => ip,
+            Err(reason) => return self.drop(reason),
+        };
+        let packet = ip.packet();
+        let index = match self.route(table, ip.dst()) {
+            Route::Peer(i) => i,
+            Route::Unreachable { reason, code } => {
+                return self.reject(packet, reason, code, 0, scratch);
+            }
+            Route::Drop(reason) => return self.drop(reason),
+        };
+        let total_len = packet.len();
+        if total_len > usize::from(self.config.mtu) {
+            // RFC 1191: DF set -> fragmentation needed with the next-hop MTU. Without DF the
+            // kernel fragments to the tunl0 MTU before we see the packet, so this only happens
+            // while the MTU changes; userspace does not fragment.
+            if ip.dont_frag() {
+                let mtu = self.config.mtu;
+                return self.reject(
+                    packet,
+                    DropReason::TooBig,
+                    icmp::code::FRAG_NEEDED,
+                    mtu,
+                    scratch,
+                );
+            }
+            return self.drop(DropReason::TooBig);
+        }
+        let peer = table.peer(index);
+        let end = start + total_len;
+        let new_start = match self.encapsulate(peer, buf, start, total_len) {
+            Ok(s) => s,
+            Err(_) => return self.drop(DropReason::Malformed),
+        };
+        self.counters.tx.add(total_len);
+        table.counters(index).tx.add(total_len);
+        Outbound::Send {
+            peer: peer.underlay_ip,
+            bytes: &buf[new_start..end],
+        }
+    }
+
+    /// Writes this node's encapsulation for `peer` in front of the inner packet at
+    /// `buf[start..start + len]`; returns where the encapsulated bytes now start. Needs
+    /// `start >= HEADROOM`.
+    pub fn encapsulate(
+        &self,
+        peer: &Peer,
+        buf: &mut [u8],
+        start: usize,
+        len: usize,
+    ) -> Result<usize, WireError> {
+        match self.config.encap {
+            Encap::Ipip => {
+                let ident = self.ident.fetch_add(1, Relaxed);
+                ipip::encapsulate(
+                    buf,
+                    start,
+                    len,
+                    self.config.underlay_ip,
+                    peer.underlay_ip,
+                    ident,
+                )
+            }
+            Encap::Vxlan { vni } => Ok(vxlan::encapsulate(
+                buf,
+                start,
+                vni,
+                self.config.vtep_mac,
+                peer.vtep_mac,
+            )),
+        }
+    }
+
+    /// The 22-byte VXLAN + inner Ethernet prefix for packets to `peer` (for segmenters that
+    /// repeat it in front of every segment); `None` for IP-in-IP, whose outer header depends on
+    /// each packet.
+    pub fn vxlan_prefix(&self, peer: &Peer) -> Option<[u8; vxlan::ENCAP_LEN]> {
+        match self.config.encap {
+            Encap::Ipip => None,
+            Encap::Vxlan { vni } => {
+                let mut out = [0; vxlan::ENCAP_LEN];
+                vxlan::write_header(&mut out, vni, self.config.vtep_mac, peer.vtep_mac);
+                Some(out)
+            }
+        }
+    }
+
+    /// Builds the ICMP destination-unreachable `code` for `original` into `scratch`, from
+    /// `icmp_source`; `None` when ICMP forbids answering (an ICMP error, a non-first fragment,
+    /// a broadcast source) or `original` is not a valid packet. Counts `icmp_sent` on success.
+    pub fn icmp_error<'a>(
+        &self,
+        original: &[u8],
+        code: u8,
+        next_hop_mtu: u16,
+        scratch: &'a mut [u8],
+    ) -> Option<&'a [u8]> {
+        let n = icmp::dest_unreachable(
+            original,
+            code,
+            next_hop_mtu,
+            self.config.icmp_source,
+            scratch,
+        )
+        .ok()??;
+        self.counters.icmp_sent.fetch_add(1, Relaxed);
+        Some(&scratch[..n])
+    }
+
+    /// Handles one IP-in-IP packet as the raw socket delivers it (outer header included).
+    ///
+    /// Checks, in order: outer source is a current peer (`unknown_peer`), outer header and
+    /// decapsulation (`malformed`), then the inner checks of [`inbound_vxlan`](Self::inbound_vxlan).
+    pub fn inbound_ipip<'a>(&self, table: &RouteTable, outer: &'a [u8]) -> Inbound<'a> {
+        // The source is read before the outer header is validated so that packets from
+        // strangers are counted as such, whatever their shape.
+        let Some(src) = outer.get(12..16) else {
+            return self.deliver_drop(DropReason::Malformed);
+        };
+        let src = Ipv4Addr::new(src[0], src[1], src[2], src[3]);
+        let Some(index) = table.by_underlay(src) else {
+            return self.deliver_drop(DropReason::UnknownPeer);
+        };
+        let inner = match ipip::decapsulate(outer) {
+            Ok((_, inner)) => inner,
+            Err(_) => return self.deliver_drop(DropReason::Malformed),
+        };
+        self.inner(table, index, inner)
+    }
+
+    /// Handles one VXLAN UDP payload received from `outer_src`.
+    ///
+    /// Checks, in order: `outer_src` is a current peer (`unknown_peer`), VXLAN header and inner
+    /// Ethernet (`malformed`; a non-IPv4 EtherType is `not_ipv4`), VNI (`wrong_vni`), inner
+    /// IPv4 valid (`not_ipv4` / `malformed`), inner destination in this node's pod CIDR
+    /// (`not_local`), inner source in the sending peer's pod CIDR (`spoofed`). The inner
+    /// Ethernet addresses are not checked: a kernel VXLAN peer may use its device MAC as source.
+    pub fn inbound_vxlan<'a>(
+        &self,
+        table: &RouteTable,
+        outer_src: Ipv4Addr,
+        udp_payload: &'a [u8],
+    ) -> Inbound<'a> {
+        let Some(index) = table.by_underlay(outer_src) else {
+            return self.deliver_drop(DropReason::UnknownPeer);
+        };
+        let frame = match vxlan::decapsulate(udp_payload) {
+            Ok(f) => f,
+            Err(WireError::BadEtherType(_)) => return self.deliver_drop(DropReason::NotIpv4),
+            Err(_) => return self.deliver_drop(DropReason::Malformed),
+        };
+        let expected = match self.config.encap {
+            Encap::Vxlan { vni } => vni,
+            Encap::Ipip => Vni::default(),
+        };
+        if frame.vni != expected {
+            return self.deliver_drop(DropReason::WrongVni);
+        }
+        self.inner(table, index, frame.inner)
+    }
+
+    /// Inner-packet checks shared by both encapsulations; `index` is the sending peer.
+    fn inner<'a>(&self, table: &RouteTable, index: usize, inner: &'a [u8]) -> Inbound<'a> {
+        let ip = match parse_ipv4(inner) {
+            Ok(ip) => ip,
+            Err(reason) => return self.deliver_drop(reason),
+        };
+        if !self.config.pod_cidr.contains(&ip.dst()) {
+            return self.deliver_drop(DropReason::NotLocal);
+        }
+        if !table.peer(index).pod_cidr.contains(&ip.src()) {
+            return self.deliver_drop(DropReason::Spoofed);
+        }
+        // Trailing bytes after the IPv4 total length (link padding) are not delivered.
+        let packet = &inner[..ip.total_len()];
+        self.counters.rx.add(packet.len());
+        table.counters(index).rx.add(packet.len());
+        Inbound::Deliver(packet)
+    }
+
+    fn reject<'a>(
+        &self,
+        packet: &[u8],
+        reason: DropReason,
+        code: u8,
+        mtu: u16,
+        scratch: &'a mut [u8],
+    ) -> Outbound<'a> {
+        self.counters.count_drop(reason);
+        match self.icmp_error(packet, code, mtu, scratch) {
+            Some(reply) => Outbound::Reply(reply),
+            None => Outbound::Drop(reason),
+        }
+    }
+
+    fn drop<'a>(&self, reason: DropReason) -> Outbound<'a> {
+        self.counters.count_drop(reason);
+        Outbound::Drop(reason)
+    }
+
+    fn deliver_drop<'a>(&self, reason: DropReason) -> Inbound<'a> {
+        self.counters.count_drop(reason);
+        Inbound::Drop(reason)
+    }
+}
+
+/// Validates an IPv4 packet: another version is `not_ipv4`, anything else wrong `malformed`.
+fn parse_ipv4(bytes: &[u8]) -> Result<Ipv4Packet<&[u8]>, DropReason> {
+    match bytes.first() {
+        Some(b) if b >> 4 != 4 => return Err(DropReason::NotIpv4),
+        _ => {}
+    }
+    let ip = Ipv4Packet::new_checked(bytes).map_err(|_| DropReason::Malformed)?;
+    if !ip.verify_checksum() {
+        return Err(DropReason::Malformed);
+    }
+    debug_assert!(ip.header_len() >= ipv4::HEADER_LEN);
+    Ok(ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::Peer;
+
+    /// UDP 10.244.1.2:12345 -> 10.244.2.3:53, DF, TTL 64, payload "hi" (30 bytes).
+    const INNER: [u8; 30] = [
+        0x45, 0x00, 0x00, 0x1e, 0x00, 0x01, 0x40, 0x00, 0x40, 0x11, 0x21, 0xe2, // IPv4
+        0x0a, 0xf4, 0x01, 0x02, 0x0a, 0xf4, 0x02, 0x03, //
+        0x30, 0x39, 0x00, 0x35, 0x00, 0x0a, 0x00, 0x00, // UDP, no checksum
+        b'h', b'i',
+    ];
+
+    /// Outer IPv4 for [`INNER`] from 198.18.0.1 to 198.18.0.2: protocol 4, TTL 64, DF copied,
+    /// identification 0 (the first packet of a forwarder).
+    const IPIP_OUTER: [u8; 20] = [
+        0x45, 0x00, 0x00, 0x32, 0x00, 0x00, 0x40, 0x00, 0x40, 0x04, 0xae, 0xa0, //
+        0xc6, 0x12, 0x00, 0x01, 0xc6, 0x12, 0x00, 0x02,
+    ];
+
+    /// VXLAN (I flag, VNI 1) + Ethernet 02:00:c6:12:00:02 <- 02:00:c6:12:00:01, IPv4.
+    const VXLAN_PREFIX: [u8; 22] = [
+        0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, //
+        0x02, 0x00, 0xc6, 0x12, 0x00, 0x02, 0x02, 0x00, 0xc6, 0x12, 0x00, 0x01, 0x08, 0x00,
+    ];
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn peer(node: &str, n: u8) -> Peer {
+        let underlay_ip = Ipv4Addr::new(198, 18, 0, n);
+        Peer {
+            node: node.into(),
+            underlay_ip,
+            vtep_mac: MacAddr::vtep_for(underlay_ip),
+            pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).unwrap(),
+        }
+    }
+
+    fn table() -> RouteTable {
+        RouteTable::build(1, vec![peer("a", 1), peer("b", 2), peer("c", 3)]).unwrap()
+    }
+
+    fn node(n: u8, encap: Encap) -> Forwarder {
+        let underlay_ip = Ipv4Addr::new(198, 18, 0, n);
+        let config = NodeConfig {
+            node: format!("n{n}"),
+            underlay_ip,
+            vtep_mac: MacAddr::vtep_for(underlay_ip),
+            pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).unwrap(),
+            cluster_cidr: "10.244.0.0/16".parse().unwrap(),
+            encap,
+            mtu: 1450,
+            icmp_source: Ipv4Addr::new(10, 244, 0, 254),
+        };
+        Forwarder::new(config, Arc::new(Counters::new()))
+    }
+
+    fn vxlan1() -> Encap {
+        Encap::Vxlan {
+            vni: Vni::default(),
+        }
+    }
+
+    /// `packet` placed after `HEADROOM` bytes of headroom.
+    fn with_headroom(packet: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0xee; HEADROOM];
+        buf.extend_from_slice(packet);
+        buf
+    }
+
+    /// Re-computes the IPv4 header checksum after a test edits a header field.
+    fn fix_checksum(packet: &mut [u8]) {
+        packet[10..12].fill(0);
+        let c = podnet_proto::checksum::checksum(&packet[..20]);
+        packet[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+
+    fn out(fwd: &Forwarder, table: &RouteTable, packet: &[u8]) -> (Vec<u8>, Option<Ipv4Addr>) {
+        let mut buf = with_headroom(packet);
+        let mut scratch = [0; SCRATCH_LEN];
+        match fwd.outbound(table, &mut buf, HEADROOM, packet.len(), &mut scratch) {
+            Outbound::Send { peer, bytes } => (bytes.to_vec(), Some(peer)),
+            Outbound::Reply(r) => (r.to_vec(), None),
+            Outbound::Drop(r) => panic!("dropped: {r}"),
+        }
+    }
+
+    fn out_drop(fwd: &Forwarder, table: &RouteTable, packet: &[u8]) -> DropReason {
+        let mut buf = with_headroom(packet);
+        let mut scratch = [0; SCRATCH_LEN];
+        match fwd.outbound(table, &mut buf, HEADROOM, packet.len(), &mut scratch) {
+            Outbound::Drop(r) => r,
+            other => panic!("not dropped: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fixture_is_valid() {
+        let ip = Ipv4Packet::new_checked(&INNER[..]).unwrap();
+        assert!(ip.verify_checksum());
+        assert_eq!(podnet_proto::checksum::checksum(&IPIP_OUTER), 0);
+    }
+
+    #[test]
+    fn outbound_vxlan_prepends_header_and_inner_ethernet() {
+        let (fwd, t) = (node(1, vxlan1()), table());
+        let (bytes, peer) = out(&fwd, &t, &INNER);
+        assert_eq!(peer, Some(ip("198.18.0.2")));
+        assert_eq!(bytes[..22], VXLAN_PREFIX);
+        assert_eq!(bytes[22..], INNER);
+        assert_eq!(fwd.vxlan_prefix(t.peer(1)), Some(VXLAN_PREFIX));
+    }
+
+    #[test]
+    fn outbound_ipip_writes_outer_header_with_fresh_ident() {
+        let (fwd, t) = (node(1, Encap::Ipip), table());
+        let (bytes, peer) = out(&fwd, &t, &INNER);
+        assert_eq!(peer, Some(ip("198.18.0.2")));
+        assert_eq!(bytes[..20], IPIP_OUTER);
+        assert_eq!(bytes[20..], INNER);
+        let (second, _) = out(&fwd, &t, &INNER);
+        assert_eq!(second[4..6], [0, 1], "identification advances per packet");
+        assert_eq!(fwd.vxlan_prefix(t.peer(1)), None);
+    }
+
+    #[test]
+    fn outbound_counts_inner_bytes_per_peer() {
+        let (fwd, t) = (node(1, Encap::Ipip), table());
+        out(&fwd, &t, &INNER);
+        out(&fwd, &t, &INNER);
+        let b = t.by_underlay(ip("198.18.0.2")).unwrap();
+        assert_eq!(t.counters(b).snapshot().tx.packets, 2);
+        assert_eq!(t.counters(b).snapshot().tx.bytes, 60);
+        assert_eq!(fwd.counters().tx.snapshot().bytes, 60);
+        assert_eq!(fwd.counters().total_drops(), 0);
+    }
+
+    #[test]
+    fn outbound_ignores_trailing_bytes_after_total_len() {
+        let (fwd, t) = (node(1, vxlan1()), table());
+        let mut padded = INNER.to_vec();
+        padded.extend_from_slice(&[0; 10]);
+        let (bytes, _) = out(&fwd, &t, &padded);
+        assert_eq!(bytes[22..], INNER);
+    }
+
+    #[test]
+    fn outbound_leaves_ttl_alone() {
+        let (fwd, t) = (node(1, vxlan1()), table());
+        let mut p = INNER;
+        p[8] = 1;
+        fix_checksum(&mut p);
+        let (bytes, _) = out(&fwd, &t, &p);
+        assert_eq!(bytes[22..], p);
+    }
+
+    #[test]
+    fn classify_reasons() {
+        let (fwd, t) = (node(1, vxlan1()), table());
+        assert_eq!(fwd.classify(&t, &INNER), Route::Peer(1));
+        let mut v6 = INNER;
+        v6[0] = 0x60;
+        assert_eq!(fwd.classify(&t, &v6), Route::Drop(DropReason::NotIpv4));
+        assert_eq!(
+            fwd.classify(&t, &INNER[..19]),
+            Route::Drop(DropReason::Malformed)
+        );
+        assert_eq!(fwd.classify(&t, &[]), Route::Drop(DropReason::Malformed));
+        let mut bad_sum = INNER;
+        bad_sum[11] ^= 1;
+        assert_eq!(
+            fwd.classify(&t, &bad_sum),
+            Route::Drop(DropReason::Malformed)
+        );
+        let to = |dst: [u8; 4]| {
+            let mut p = INNER;
+            p[16..20].copy_from_slice(&dst);
+            fix_checksum(&mut p);
+            fwd.classify(&t, &p)
+        };
+        assert_eq!(to([10, 244, 1, 9]), Route::Drop(DropReason::OwnCidr));
+        assert_eq!(to([10, 244, 3, 9]), Route::Peer(2));
+        assert_eq!(
+            to([10, 244, 9, 9]),
+            Route::Unreachable {
+                reason: DropReason::NoRoute,
+                code: icmp::code::HOST_UNREACHABLE
+            }
+        );
+        assert_eq!(
+            to([192, 0, 2, 1]),
+            Route::Unreachable {
+                reason: DropReason::OutsideCluster,
+                code: icmp::code::NET_UNREACHABLE
+            }
+        );
+        assert_eq!(fwd.counters().total_drops(), 0, "classify counts nothing");
+    }
+
+    #[test]
+    fn route_back_to_own_underlay_is_a_loop() {
+        // The table still maps 10.244.9.0/24 to this node (its CIDR changed under it).
+        let mut me = peer("me", 1);
+        me.pod_cidr = "10.244.9.0/24".parse().unwrap();
+        let t = RouteTable::build(2, vec![me, peer("b", 2)]).unwrap();
+        let fwd = node(1, Encap::Ipip);
+        let mut p = INNER;
+        p[16..20].copy_from_slice(&[10, 244, 9, 1]);
+        fix_checksum(&mut p);
+        assert_eq!(out_drop(&fwd, &t, &p), DropReason::OwnCidr);
+        assert_eq!(fwd.counters().drops(DropReason::OwnCidr), 1);
+    }
+
+    #[test]
+    fn no_route_answers_host_unreachable_quoting_the_packet() {
+        let (fwd, t) = (node(1, vxlan1()), table());
+        let mut p = INNER;
+        p[16..20].copy_from_slice(&[10, 244, 77, 1]);
+        fix_checksum(&mut p);
+        let (reply, peer) = out(&fwd, &t, &p);
+        assert_eq!(peer, None);
+        let r = Ipv4Packet::new_checked(&reply[..]).unwrap();
+        assert!(r.verify_checksum());
+        assert_eq!(r.protocol(), ipv4::protocol::ICMP);
+        assert_eq!(r.src(), ip("10.244.0.254"));
+        assert_eq!(r.dst(), ip("10.244.1.2"));
+        let icmp = r.payload();
+        assert_eq!(icmp[..2], [3, icmp::code::HOST_UNREACHABLE]);
+        assert_eq!(podnet_proto::checksum::checksum(icmp), 0);
+        assert_eq!(icmp[8..], p, "the whole short original is quoted");
+        assert_eq!(fwd.counters().drops(DropReason::NoRoute), 1);
+        assert_eq!(fwd.counters().icmp_sent(), 1);
+    }
+
+    #[test]
+    fn outside_cluster_answers_net_unreachable() {
+        let (fwd, t) = (node(1, Encap::Ipip), table());
+        let mut p = INNER;
+        p[16..20].copy_from_slice(&[192, 0, 2, 1]);
+        fix_checksum(&mut p);
+        let (reply, _) = out(&fwd, &t, &p);
+        assert_eq!(reply[20..22], [3, icmp::code::NET_UNREACHABLE]);
+        assert_eq!(fwd.counters().drops(DropReason::OutsideCluster), 1);
+    }
+
+    #[test]
+    fn icmp_errors_are_never_answered() {
+        let (fwd, t) = (node(1, Encap::Ipip), table());
+        // An ICMP destination-unreachable to an unknown node: counted, not answered.
+        let mut p = INNER;
+        p[9] = ipv4::protocol::ICMP;
+        p[16..20].copy_from_slice(&[10, 244, 77, 1]);
+        p[20..22].copy_from_slice(&[3, 1]);
+        fix_checksum(&mut p);
+        assert_eq!(out_drop(&fwd, &t, &p), DropReason::NoRoute);
+        assert_eq!(fwd.counters().icmp_sent(), 0);
+    }
+
+    /// [`INNER`] grown to `len` bytes with the DF flag as given.
+    fn big(len: usize, dont_frag: bool) -> Vec<u8> {
+        let mut p = INNER.to_vec();
+        p.resize(len, 0x55);
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        p[6] = if dont_frag { 0x40 } else { 0 };
+        fix_checksum(&mut p);
+        p
+    }
+
+    #[test]
+    fn mtu_sized_packet_passes() {
+        let (fwd, t) = (node(1, vxlan1()), table());
+        let (bytes, peer) = out(&fwd, &t, &big(1450, true));
+        assert!(peer.is_some());
+        assert_eq!(bytes.len(), 1450 + 22);
+    }
+
+    #[test]
+    fn too_big_with_df_answers_frag_needed_with_overlay_mtu() {
+        let (fwd, t) = (node(1, vxlan1()), table());
+        let p = big(1451, true);
+        let (reply, peer) = out(&fwd, &t, &p);
+        assert_eq!(peer, None);
+        assert_eq!(reply[20..22], [3, icmp::code::FRAG_NEEDED]);
+        assert_eq!(reply[26..28], 1450u16.to_be_bytes(), "next-hop MTU");
+        assert_eq!(reply[28..48], p[..20], "quotes the original header");
+        assert!(reply.len() <= icmp::MAX_ERROR_LEN);
+        assert_eq!(fwd.counters().drops(DropReason::TooBig), 1);
+    }
+
+    #[test]
+    fn too_big_without_df_is_dropped_not_fragmented() {
+        let (fwd, t) = (node(1, Encap::Ipip), table());
+        assert_eq!(out_drop(&fwd, &t, &big(1500, false)), DropReason::TooBig);
+        assert_eq!(fwd.counters().icmp_sent(), 0);
+        assert_eq!(fwd.counters().tx.snapshot().packets, 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "headroom")]
+    fn missing_headroom_is_a_caller_bug() {
+        let (fwd, t) = (node(1, vxlan1()), table());
+        let mut buf = INNER;
+        let mut scratch = [0; SCRATCH_LEN];
+        let _ = fwd.outbound(&t, &mut buf, 0, INNER.len(), &mut scratch);
+    }
+
+    /// Node 2 receiving [`INNER`] (10.244.1.2 -> 10.244.2.3) from node 1.
+    fn ipip_from_1(inner: &[u8]) -> Vec<u8> {
+        let mut outer = IPIP_OUTER.to_vec();
+        outer[2..4].copy_from_slice(&((20 + inner.len()) as u16).to_be_bytes());
+        fix_checksum(&mut outer);
+        outer.extend_from_slice(inner);
+        outer
+    }
+
+    #[test]
+    fn inbound_ipip_delivers_inner_packet() {
+        let (fwd, t) = (node(2, Encap::Ipip), table());
+        let mut outer = IPIP_OUTER.to_vec();
+        outer.extend_from_slice(&INNER);
+        assert_eq!(fwd.inbound_ipip(&t, &outer), Inbound::Deliver(&INNER[..]));
+        let a = t.by_underlay(ip("198.18.0.1")).unwrap();
+        assert_eq!(t.counters(a).snapshot().rx.bytes, 30);
+        assert_eq!(fwd.counters().rx.snapshot().packets, 1);
+    }
+
+    #[test]
+    fn inbound_ipip_checks_in_order() {
+        let (fwd, t) = (node(2, Encap::Ipip), table());
+        let drop = |outer: &[u8]| match fwd.inbound_ipip(&t, outer) {
+            Inbound::Drop(r) => r,
+            Inbound::Deliver(_) => panic!("delivered"),
+        };
+        assert_eq!(drop(&IPIP_OUTER[..10]), DropReason::Malformed);
+        let mut stranger = ipip_from_1(&INNER);
+        stranger[12..16].copy_from_slice(&[198, 18, 0, 99]);
+        fix_checksum(&mut stranger);
+        assert_eq!(drop(&stranger), DropReason::UnknownPeer);
+        // A stranger's garbage is unknown_peer, not malformed.
+        stranger[0] = 0;
+        assert_eq!(drop(&stranger), DropReason::UnknownPeer);
+        let mut bad_outer = ipip_from_1(&INNER);
+        bad_outer[11] ^= 0xff;
+        assert_eq!(drop(&bad_outer), DropReason::Malformed);
+        assert_eq!(drop(&ipip_from_1(&INNER[..25])), DropReason::Malformed);
+
+        let mut v6 = INNER;
+        v6[0] = 0x60;
+        assert_eq!(drop(&ipip_from_1(&v6)), DropReason::NotIpv4);
+        let mut bad_inner = INNER;
+        bad_inner[11] ^= 1;
+        assert_eq!(drop(&ipip_from_1(&bad_inner)), DropReason::Malformed);
+
+        let with = |src: [u8; 4], dst: [u8; 4]| {
+            let mut p = INNER;
+            p[12..16].copy_from_slice(&src);
+            p[16..20].copy_from_slice(&dst);
+            fix_checksum(&mut p);
+            ipip_from_1(&p)
+        };
+        assert_eq!(
+            drop(&with([10, 244, 1, 2], [10, 244, 3, 3])),
+            DropReason::NotLocal
+        );
+        assert_eq!(
+            drop(&with([10, 244, 3, 2], [10, 244, 2, 3])),
+            DropReason::Spoofed
+        );
+        // NotLocal is checked before Spoofed.
+        assert_eq!(
+            drop(&with([10, 244, 3, 2], [10, 244, 3, 3])),
+            DropReason::NotLocal
+        );
+        let c = fwd.counters();
+        assert_eq!(c.drops(DropReason::Malformed), 4);
+        assert_eq!(c.drops(DropReason::UnknownPeer), 2);
+        assert_eq!(c.drops(DropReason::NotLocal), 2);
+        assert_eq!(c.drops(DropReason::Spoofed), 1);
+        assert_eq!(c.rx.snapshot().packets, 0);
+    }
+
+    #[test]
+    fn inbound_vxlan_delivers_and_checks_vni() {
+        let (fwd, t) = (node(2, vxlan1()), table());
+        let mut payload = VXLAN_PREFIX.to_vec();
+        payload.extend_from_slice(&INNER);
+        let from1 = ip("198.18.0.1");
+        assert_eq!(
+            fwd.inbound_vxlan(&t, from1, &payload),
+            Inbound::Deliver(&INNER[..])
+        );
+        assert_eq!(
+            fwd.inbound_vxlan(&t, ip("198.18.0.99"), &payload),
+            Inbound::Drop(DropReason::UnknownPeer)
+        );
+        let mut other_vni = payload.clone();
+        other_vni[6] = 2;
+        assert_eq!(
+            fwd.inbound_vxlan(&t, from1, &other_vni),
+            Inbound::Drop(DropReason::WrongVni)
+        );
+        let mut no_i_flag = payload.clone();
+        no_i_flag[0] = 0;
+        assert_eq!(
+            fwd.inbound_vxlan(&t, from1, &no_i_flag),
+            Inbound::Drop(DropReason::Malformed)
+        );
+        let mut ipv6_frame = payload.clone();
+        ipv6_frame[20..22].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(
+            fwd.inbound_vxlan(&t, from1, &ipv6_frame),
+            Inbound::Drop(DropReason::NotIpv4)
+        );
+        assert_eq!(
+            fwd.inbound_vxlan(&t, from1, &payload[..30]),
+            Inbound::Drop(DropReason::Malformed)
+        );
+        // The spoofing check uses the peer the packet came from, not the inner source's owner.
+        assert_eq!(
+            fwd.inbound_vxlan(&t, ip("198.18.0.3"), &payload),
+            Inbound::Drop(DropReason::Spoofed)
+        );
+    }
+
+    #[test]
+    fn nonzero_vni_is_honoured() {
+        let vni = Vni::new(0x00ab_cdef).unwrap();
+        let (a, b, t) = (
+            node(1, Encap::Vxlan { vni }),
+            node(2, Encap::Vxlan { vni }),
+            table(),
+        );
+        let (bytes, _) = out(&a, &t, &INNER);
+        assert_eq!(bytes[4..7], [0xab, 0xcd, 0xef]);
+        assert_eq!(
+            b.inbound_vxlan(&t, ip("198.18.0.1"), &bytes),
+            Inbound::Deliver(&INNER[..])
+        );
+        let default = node(2, vxlan1());
+        assert_eq!(
+            default.inbound_vxlan(&t, ip("198.18.0.1"), &bytes),
+            Inbound::Drop(DropReason::WrongVni)
+        );
+    }
+
+    #[test]
+    fn encap_overheads() {
+        assert_eq!(Encap::Ipip.overhead(), 20);
+        assert_eq!(vxlan1().overhead(), 50);
+        assert_eq!(vxlan1().name(), "vxlan");
+        const { assert!(HEADROOM >= ipip::OVERHEAD) };
+    }
+}
