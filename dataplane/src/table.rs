@@ -2,9 +2,9 @@
 //!
 //! A [`RouteTable`] is immutable once built. The agent builds a whole new one from the control
 //! plane's node list on every change and swaps it in (`arc_swap::ArcSwap<RouteTable>`), so the
-//! data path reads a consistent table without ever waiting. Building is one sort plus two hash
-//! inserts per peer (about a millisecond per 10k peers in release builds); [`RouteTable::rebuild`]
-//! carries each surviving peer's [`PeerCounters`] over so counts survive swaps.
+//! data path reads a consistent table without ever waiting. Building is one sort plus a few hash
+//! inserts per peer, no pairwise overlap check; [`RouteTable::rebuild`] carries each surviving
+//! peer's [`PeerCounters`] over so counts survive swaps.
 //!
 //! Peers are addressed by their index in [`RouteTable::peers`], valid for that table only.
 
