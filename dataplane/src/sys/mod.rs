@@ -1,0 +1,229 @@
+//! OS shells: the only code in podnet that talks to the kernel.
+//!
+//! Each module is a thin, blocking adapter over one kernel interface: [`tun`] (the TUN device,
+//! optionally with virtio-net offload headers), [`udp`] (the VXLAN socket with
+//! `recvmmsg`/`sendmmsg`, UDP GSO and GRO), [`raw`] (the IP-in-IP raw socket), [`netlink`]
+//! (host setup over rtnetlink), [`sysctl`] and [`caps`]. The data path runs on dedicated threads
+//! that call these blocking functions with caller-owned buffers; nothing here allocates per packet.
+//! A blocked reader is released for shutdown through a shared [`Stop`] signal.
+//!
+//! Unsafe code is allowed in this module tree only, and every unsafe block says why it is sound.
+
+pub mod caps;
+mod mmsg;
+pub mod netlink;
+pub mod raw;
+pub mod sysctl;
+pub mod tun;
+pub mod udp;
+
+#[cfg(test)]
+mod testns;
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+pub use mmsg::{BatchSent, RecvMeta, Transmit, MAX_BATCH};
+
+/// A sticky shutdown signal that releases every reader blocked in this module.
+///
+/// It is an `eventfd` that is written once and never drained, so every `poll` on it returns at
+/// once from then on. Clone it into each data-path thread; calling [`Stop::stop`] from any thread
+/// (a signal handler task, the main thread) makes blocked `read`/`recv_batch` calls return
+/// `Ok(0)`.
+#[derive(Clone, Debug)]
+pub struct Stop {
+    fd: Arc<OwnedFd>,
+}
+
+impl Stop {
+    /// Creates a signal that is not yet raised.
+    pub fn new() -> io::Result<Stop> {
+        // SAFETY: eventfd takes no pointers; the flags are valid constants.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: eventfd just returned this descriptor to us and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Stop { fd: Arc::new(fd) })
+    }
+
+    /// Raises the signal. Idempotent.
+    pub fn stop(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd. The only possible failure
+        // is EAGAIN when the counter is saturated, which still leaves the fd readable.
+        unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
+
+    /// Whether [`Stop::stop`] has been called.
+    pub fn is_stopped(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0 && pfd.revents & libc::POLLIN != 0
+    }
+}
+
+/// Blocks until `fd` is readable (`Ok(true)`) or `stop` is raised (`Ok(false)`).
+pub(crate) fn wait_readable(fd: RawFd, stop: &Stop) -> io::Result<bool> {
+    loop {
+        let mut pfds = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: pfds is a live array of two pollfd; the length passed matches it.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if pfds[1].revents != 0 {
+            return Ok(false);
+        }
+        if pfds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Sets an integer socket option.
+pub(crate) fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live c_int and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Reads an integer socket option.
+pub(crate) fn getsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len are live and len holds value's size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(value)
+    }
+}
+
+/// Grows a socket's receive and send buffers to `bytes`.
+///
+/// Tries `SO_*BUFFORCE` first (needs CAP_NET_ADMIN, ignores `net.core.[rw]mem_max`), then the
+/// plain options, which the kernel silently caps at `[rw]mem_max`. Returns the sizes the kernel
+/// reports afterwards (which Linux doubles for bookkeeping overhead).
+pub(crate) fn grow_buffers(fd: RawFd, bytes: usize) -> (usize, usize) {
+    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if setsockopt_int(fd, libc::SOL_SOCKET, force, want).is_err() {
+            // Best effort: a smaller buffer only costs throughput under bursts.
+            let _ = setsockopt_int(fd, libc::SOL_SOCKET, plain, want);
+        }
+    }
+    let rcv = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF).unwrap_or(0);
+    let snd = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0);
+    (rcv.max(0) as usize, snd.max(0) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_releases_a_blocked_waiter() {
+        let stop = Stop::new().unwrap();
+        assert!(!stop.is_stopped());
+        // A pipe that never becomes readable stands in for an idle socket.
+        let mut fds = [0; 2];
+        // SAFETY: fds is a live array of two c_int.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: pipe returned two fresh descriptors we now own.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let waiter = {
+            let stop = stop.clone();
+            let rfd = r.as_raw_fd();
+            std::thread::spawn(move || wait_readable(rfd, &stop))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        stop.stop();
+        assert!(
+            !waiter.join().unwrap().unwrap(),
+            "woken by stop, not by data"
+        );
+        assert!(stop.is_stopped());
+        stop.stop();
+        assert!(stop.is_stopped(), "stop is sticky and idempotent");
+        drop((r, w));
+    }
+
+    #[test]
+    fn wait_readable_reports_data() {
+        let stop = Stop::new().unwrap();
+        let mut fds = [0; 2];
+        // SAFETY: fds is a live array of two c_int.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: pipe returned two fresh descriptors we now own.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: writes one byte from a live array to our pipe.
+        assert_eq!(
+            unsafe { libc::write(w.as_raw_fd(), [7u8].as_ptr().cast(), 1) },
+            1
+        );
+        assert!(wait_readable(r.as_raw_fd(), &stop).unwrap());
+    }
+}

@@ -1,0 +1,104 @@
+//! Test support: run a closure on a thread that has entered a fresh network namespace.
+//!
+//! `setns(CLONE_NEWNET)` only moves the calling thread, so each test gets its own thread; the
+//! namespace is created with `ip netns add` under a unique `pn-h5-...` name and deleted by a
+//! Drop guard even when the test panics. Tests are skipped (with a message) when not root.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static CURRENT: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Deletes the namespace when dropped.
+pub struct NetnsGuard {
+    pub name: String,
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Creates a uniquely named namespace (deleted when the guard drops).
+pub fn create(tag: &str) -> NetnsGuard {
+    let name = format!(
+        "pn-h5-{tag}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let st = Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .unwrap();
+    assert!(st.success(), "ip netns add {name} failed");
+    NetnsGuard { name }
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Moves the calling thread into namespace `name`.
+pub fn enter(name: &str) {
+    let f = File::open(format!("/var/run/netns/{name}")).unwrap();
+    // SAFETY: f is an open netns file; setns only changes this thread's network namespace.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    CURRENT.with(|c| *c.borrow_mut() = Some(name.to_string()));
+}
+
+/// Runs `f` on a new thread inside a fresh namespace; skips when not root.
+pub fn in_netns<F: FnOnce() + Send + 'static>(tag: &str, f: F) {
+    if !is_root() {
+        eprintln!("skipping {tag}: needs root to create network namespaces");
+        return;
+    }
+    let guard = create(tag);
+    let name = guard.name.clone();
+    let res = std::thread::spawn(move || {
+        enter(&name);
+        f();
+    })
+    .join();
+    drop(guard);
+    if let Err(panic) = res {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Runs a shell command inside the current thread's test namespace and returns its stdout;
+/// panics with its stderr if it fails.
+pub fn run(cmd: &str) -> String {
+    let out = try_run(cmd);
+    match out {
+        Ok(s) => s,
+        Err(e) => panic!("`{cmd}` failed: {e}"),
+    }
+}
+
+/// Like [`run`] but returns stderr as the error.
+pub fn try_run(cmd: &str) -> Result<String, String> {
+    let ns = CURRENT
+        .with(|c| c.borrow().clone())
+        .expect("not inside a test netns");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns, "sh", "-c", cmd])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}

@@ -1,0 +1,372 @@
+//! The VXLAN underlay socket: UDP bound to `underlay_ip:4789`, batched with
+//! `recvmmsg`/`sendmmsg`, with UDP GSO on send and UDP GRO on receive when the kernel has them.
+//!
+//! Offloads are probed at bind time and reported by [`VxlanSocket::gro`] and
+//! [`VxlanSocket::gso`]; without them the same calls still work one datagram per message.
+//!
+//! Path MTU discovery is set to `IP_PMTUDISC_DONT`: outer packets leave with DF clear, like the
+//! kernel's own VXLAN device by default (`df unset`). The overlay MTU already keeps every outer
+//! packet within the underlay device MTU, so nothing is fragmented in normal operation; a smaller
+//! MTU further along the underlay path then degrades to fragmentation instead of a black hole
+//! (an ICMP frag-needed from the underlay could not be relayed to the pod's TCP anyway).
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::mmsg::{self, UDP_GRO, UDP_SEGMENT};
+use super::{grow_buffers, setsockopt_int, BatchSent, RecvMeta, Stop, Transmit};
+
+/// Default socket buffer size asked for (receive and send each).
+pub const DEFAULT_BUFFER_BYTES: usize = 8 << 20;
+/// The kernel coalesces or segments at most this many datagrams per GSO/GRO message
+/// (`UDP_MAX_SEGMENTS`; 64 on older kernels, 128 since 6.x — we stay at the lower bound).
+pub const MAX_GSO_SEGMENTS: usize = 64;
+/// Receive buffers must be this large to take a whole GRO-coalesced message.
+pub const GRO_BUFFER_BYTES: usize = 65535;
+
+/// How to open the socket.
+#[derive(Clone, Debug)]
+pub struct UdpConfig {
+    /// Local address, normally `underlay_ip:4789`.
+    pub bind: SocketAddrV4,
+    /// Receive and send buffer size to ask for.
+    pub buffer_bytes: usize,
+    /// Try to enable UDP GRO on receive.
+    pub gro: bool,
+    /// Try to use UDP GSO (`UDP_SEGMENT`) on send.
+    pub gso: bool,
+}
+
+impl UdpConfig {
+    /// Offloads on, default buffers, bound to `ip:port`.
+    pub fn new(ip: Ipv4Addr, port: u16) -> UdpConfig {
+        UdpConfig {
+            bind: SocketAddrV4::new(ip, port),
+            buffer_bytes: DEFAULT_BUFFER_BYTES,
+            gro: true,
+            gso: true,
+        }
+    }
+}
+
+/// Why the socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UdpError {
+    #[error("cannot create the VXLAN UDP socket: {0}")]
+    Create(#[source] io::Error),
+    #[error("cannot bind the VXLAN UDP socket to {addr}: {source} (is the underlay IP on a device here, and is another VXLAN endpoint using port {}?)", addr.port())]
+    Bind {
+        addr: SocketAddrV4,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set {option} on the VXLAN UDP socket bound to {addr}: {source}")]
+    Option {
+        option: &'static str,
+        addr: SocketAddrV4,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The VXLAN UDP socket. Share it between a receive thread and a send thread by reference
+/// or `Arc`: every method takes `&self`.
+#[derive(Debug)]
+pub struct VxlanSocket {
+    sock: Socket,
+    local: SocketAddrV4,
+    gro: bool,
+    gso: AtomicBool,
+    buffers: (usize, usize),
+}
+
+impl VxlanSocket {
+    /// Creates, tunes and binds the socket, probing GRO and GSO.
+    pub fn bind(cfg: &UdpConfig) -> Result<VxlanSocket, UdpError> {
+        let sock = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))
+            .map_err(UdpError::Create)?;
+        let fd = sock.as_raw_fd();
+        let opt = |option, source| UdpError::Option {
+            option,
+            addr: cfg.bind,
+            source,
+        };
+        setsockopt_int(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DONT,
+        )
+        .map_err(|e| opt("IP_MTU_DISCOVER", e))?;
+        let buffers = grow_buffers(fd, cfg.buffer_bytes);
+        sock.bind(&SocketAddr::V4(cfg.bind).into())
+            .map_err(|source| UdpError::Bind {
+                addr: cfg.bind,
+                source,
+            })?;
+        let local = sock
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket_ipv4())
+            .unwrap_or(cfg.bind);
+        // UDP_GRO: Linux >= 5.0. Refused means the kernel will hand us single datagrams.
+        let gro = cfg.gro && setsockopt_int(fd, libc::SOL_UDP, UDP_GRO, 1).is_ok();
+        // UDP_SEGMENT: Linux >= 4.18; reading the option tells whether the kernel knows it.
+        let gso = cfg.gso && super::getsockopt_int(fd, libc::SOL_UDP, UDP_SEGMENT).is_ok();
+        Ok(VxlanSocket {
+            sock,
+            local,
+            gro,
+            gso: AtomicBool::new(gso),
+            buffers,
+        })
+    }
+
+    /// The bound address (with the real port if 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddrV4 {
+        self.local
+    }
+
+    /// Whether received messages may be GRO-coalesced (see [`RecvMeta::segment_size`]).
+    pub fn gro(&self) -> bool {
+        self.gro
+    }
+
+    /// Whether GSO trains go out as one message. Can turn false at run time if the kernel
+    /// refuses a GSO send (`EIO`); sends then fall back to plain datagrams by themselves.
+    pub fn gso(&self) -> bool {
+        self.gso.load(Ordering::Relaxed)
+    }
+
+    /// Receive and send buffer sizes the kernel granted (as it reports them, i.e. doubled).
+    pub fn buffer_sizes(&self) -> (usize, usize) {
+        self.buffers
+    }
+
+    /// Receives a batch into `bufs` (use [`GRO_BUFFER_BYTES`]-sized buffers when GRO is on),
+    /// describing datagram `i` in `meta[i]`. Blocks until at least one arrives; returns the
+    /// count, or `Ok(0)` once `stop` is raised.
+    pub fn recv_batch<B: AsMut<[u8]>>(
+        &self,
+        bufs: &mut [B],
+        meta: &mut [RecvMeta],
+        stop: &Stop,
+    ) -> io::Result<usize> {
+        mmsg::recv_batch(self.sock.as_raw_fd(), bufs, meta, stop)
+    }
+
+    /// Sends every item (blocking while the socket buffer is full); see [`Transmit`]. A GSO
+    /// train must hold at most [`MAX_GSO_SEGMENTS`] segments and fit in one IPv4 datagram
+    /// (65507 bytes of payload), and `segment_size` plus 28 bytes of IPv4/UDP header must fit
+    /// the route MTU, or the kernel refuses that item (counted in [`BatchSent::failed`]).
+    pub fn send_batch(&self, items: &[Transmit<'_>]) -> BatchSent {
+        mmsg::send_batch(self.sock.as_raw_fd(), items, &self.gso)
+    }
+}
+
+impl AsRawFd for VxlanSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
+impl AsFd for VxlanSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::testns::{in_netns, run};
+    use crate::sys::MAX_BATCH;
+
+    fn loopback(port: u16, gro: bool, gso: bool) -> VxlanSocket {
+        let mut cfg = UdpConfig::new(Ipv4Addr::LOCALHOST, port);
+        cfg.gro = gro;
+        cfg.gso = gso;
+        VxlanSocket::bind(&cfg).unwrap()
+    }
+
+    /// Receives until `want` payload bytes arrived (bounded by count), returning the metas.
+    fn drain(sock: &VxlanSocket, want: usize, bufs: &mut [Vec<u8>]) -> Vec<(RecvMeta, Vec<u8>)> {
+        let stop = Stop::new().unwrap();
+        let mut out = Vec::new();
+        let mut got = 0;
+        let mut meta = [RecvMeta::default(); MAX_BATCH];
+        for _ in 0..100 {
+            if got >= want {
+                break;
+            }
+            let n = sock.recv_batch(bufs, &mut meta, &stop).unwrap();
+            for i in 0..n {
+                got += meta[i].len;
+                out.push((meta[i], bufs[i][..meta[i].len].to_vec()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn batch_send_and_receive_plain() {
+        in_netns("udp-plain", || {
+            run("ip link set lo up");
+            let a = loopback(0, false, false);
+            let b = loopback(0, false, false);
+            let dst = b.local_addr();
+            let payloads: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 100 + i as usize]).collect();
+            let items: Vec<Transmit<'_>> = payloads
+                .iter()
+                .map(|p| Transmit {
+                    dst,
+                    data: p,
+                    segment_size: None,
+                })
+                .collect();
+            let sent = a.send_batch(&items);
+            assert_eq!((sent.sent, sent.failed), (10, 0), "{:?}", sent.last_error);
+            let mut bufs = vec![vec![0u8; 2048]; 16];
+            let got = drain(&b, payloads.iter().map(Vec::len).sum(), &mut bufs);
+            assert_eq!(got.len(), 10);
+            for ((meta, data), want) in got.iter().zip(&payloads) {
+                assert_eq!(meta.src, a.local_addr());
+                assert_eq!(meta.segment_size, meta.len);
+                assert!(!meta.truncated);
+                assert_eq!(data, want);
+            }
+        });
+    }
+
+    #[test]
+    fn gso_send_arrives_gro_coalesced_with_segment_size() {
+        in_netns("udp-gso", || {
+            run("ip link set lo up");
+            let a = loopback(0, true, true);
+            let b = loopback(0, true, true);
+            assert!(
+                a.gso() && b.gro(),
+                "this kernel should offer UDP GSO and GRO"
+            );
+            // 10 segments of 1000 bytes, each filled with its index, as one GSO train.
+            let train: Vec<u8> = (0..10u8).flat_map(|i| vec![i; 1000]).collect();
+            let sent = a.send_batch(&[Transmit {
+                dst: b.local_addr(),
+                data: &train,
+                segment_size: Some(1000),
+            }]);
+            assert_eq!((sent.sent, sent.failed), (1, 0), "{:?}", sent.last_error);
+            let mut bufs = vec![vec![0u8; GRO_BUFFER_BYTES]; 4];
+            let got = drain(&b, train.len(), &mut bufs);
+            // Over loopback the GSO skb reaches the GRO-enabled socket whole.
+            assert_eq!(got.len(), 1, "one coalesced message");
+            assert_eq!(got[0].0.len, 10_000);
+            assert_eq!(got[0].0.segment_size, 1000);
+            assert_eq!(got[0].1, train);
+
+            // A receiver without GRO sees the same train as 10 separate datagrams.
+            let c = loopback(0, false, false);
+            let sent = a.send_batch(&[Transmit {
+                dst: c.local_addr(),
+                data: &train,
+                segment_size: Some(1000),
+            }]);
+            assert_eq!(sent.sent, 1);
+            let got = drain(&c, train.len(), &mut bufs);
+            assert_eq!(got.len(), 10);
+            for (i, (meta, data)) in got.iter().enumerate() {
+                assert_eq!((meta.len, meta.segment_size), (1000, 1000));
+                assert!(data.iter().all(|&b| b == i as u8));
+            }
+        });
+    }
+
+    #[test]
+    fn gso_off_splits_trains_into_datagrams() {
+        in_netns("udp-split", || {
+            run("ip link set lo up");
+            let a = loopback(0, false, false);
+            let b = loopback(0, true, false);
+            assert!(!a.gso());
+            let train: Vec<u8> = (0..5u8)
+                .flat_map(|i| vec![i; 700])
+                .chain([9u8; 100])
+                .collect();
+            let sent = a.send_batch(&[Transmit {
+                dst: b.local_addr(),
+                data: &train,
+                segment_size: Some(700),
+            }]);
+            assert_eq!((sent.sent, sent.failed), (1, 0));
+            let mut bufs = vec![vec![0u8; GRO_BUFFER_BYTES]; 8];
+            let got = drain(&b, train.len(), &mut bufs);
+            let lens: Vec<usize> = got.iter().map(|g| g.0.len).collect();
+            assert_eq!(lens, [700, 700, 700, 700, 700, 100]);
+            assert_eq!(got.concat_data(), train);
+        });
+    }
+
+    #[test]
+    fn oversized_item_is_skipped_and_counted() {
+        in_netns("udp-fail", || {
+            run("ip link set lo up");
+            let a = loopback(0, false, false);
+            let b = loopback(0, false, false);
+            let big = vec![0u8; 70_000];
+            let small = [1u8; 10];
+            let items = [
+                Transmit {
+                    dst: b.local_addr(),
+                    data: &big,
+                    segment_size: None,
+                },
+                Transmit {
+                    dst: b.local_addr(),
+                    data: &small,
+                    segment_size: None,
+                },
+            ];
+            let sent = a.send_batch(&items);
+            assert_eq!((sent.sent, sent.failed), (1, 1));
+            assert_eq!(
+                sent.last_error.unwrap().raw_os_error(),
+                Some(libc::EMSGSIZE)
+            );
+            let mut bufs = vec![vec![0u8; 2048]; 4];
+            let got = drain(&b, 10, &mut bufs);
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].1, small);
+        });
+    }
+
+    #[test]
+    fn recv_returns_zero_on_stop() {
+        in_netns("udp-stop", || {
+            run("ip link set lo up");
+            let a = loopback(0, false, false);
+            let stop = Stop::new().unwrap();
+            let s2 = stop.clone();
+            let t = std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                s2.stop();
+            });
+            let mut bufs = vec![vec![0u8; 64]; 2];
+            let mut meta = [RecvMeta::default(); 2];
+            assert_eq!(a.recv_batch(&mut bufs, &mut meta, &stop).unwrap(), 0);
+            t.join().unwrap();
+        });
+    }
+
+    trait ConcatData {
+        fn concat_data(&self) -> Vec<u8>;
+    }
+    impl ConcatData for Vec<(RecvMeta, Vec<u8>)> {
+        fn concat_data(&self) -> Vec<u8> {
+            self.iter().flat_map(|g| g.1.iter().copied()).collect()
+        }
+    }
+}
