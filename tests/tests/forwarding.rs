@@ -1,0 +1,329 @@
+//! Issue 2, "What it must show" 1-4 and 6: podnet agents with static peers, 3 hosts x 2 pods,
+//! for each of IP-in-IP and VXLAN.
+
+use std::time::Duration;
+
+use podnet_tests::capture::{self, Capture};
+use podnet_tests::parse::{frag_needed_mtu, ping_summary};
+use podnet_tests::{
+    e2e_ready, must, require_tools, run, Encap, HostMode, Peers, Testbed, TestbedBuilder,
+};
+
+/// 3 hosts x 2 pods running podnet with static peers; `build` waits for the full ping mesh.
+fn podnet(name: &str, encap: Encap) -> Testbed {
+    TestbedBuilder::new(name)
+        .hosts(3)
+        .pods_per_host(2)
+        .mode(HostMode::Podnet(encap))
+        .peers(Peers::Static)
+        .build()
+}
+
+/// pcap filter for the encapsulated traffic on the underlay.
+fn underlay_filter(encap: Encap) -> &'static str {
+    match encap {
+        Encap::Ipip => "ip proto 4",
+        Encap::Vxlan => "udp port 4789",
+    }
+}
+
+// 1. Every pod pings every pod on the other hosts.
+fn full_mesh(encap: Encap) {
+    if !e2e_ready() {
+        return;
+    }
+    let tb = podnet(&format!("mesh{}", encap.as_str()), encap);
+    let failed = tb.mesh_failures();
+    assert!(failed.is_empty(), "no ping: {failed:?}");
+    // Three pings per cross-host pair, none lost.
+    for a in tb.pods() {
+        for b in tb.pods().iter().filter(|b| b.host != a.host) {
+            let out = tb.ping(&a, b.ip, 3);
+            let s = ping_summary(&out.stdout).unwrap_or_else(|| panic!("{}", out.combined()));
+            assert_eq!(
+                (s.transmitted, s.received),
+                (3, 3),
+                "{} -> {}: {}",
+                a.ns,
+                b.ip,
+                out.stdout
+            );
+        }
+    }
+}
+
+#[test]
+fn ipip_every_pod_pings_every_remote_pod() {
+    full_mesh(Encap::Ipip);
+}
+
+#[test]
+fn vxlan_every_pod_pings_every_remote_pod() {
+    full_mesh(Encap::Vxlan);
+}
+
+// 2. iperf3 TCP completes with non-zero throughput, and every inner TCP checksum on the
+// underlay is valid (podnet fills them: with offload it segments super-packets itself).
+fn iperf_and_checksums(encap: Encap) {
+    if !e2e_ready() {
+        return;
+    }
+    require_tools(&["iperf3", "tcpdump", "tshark"]);
+    let mut tb = podnet(&format!("iperf{}", encap.as_str()), encap);
+    let (a, b) = (tb.pod(1, 1).clone(), tb.pod(2, 2).clone());
+    let pcap = tb.path("underlay-tcp.pcap");
+    let cap = Capture::start(&tb.ul(), "br0", underlay_filter(encap), 3000, &pcap);
+    let r = tb
+        .iperf(&a, &b, 3)
+        .unwrap_or_else(|e| panic!("iperf3 {} -> {}: {e}", a.ns, b.ip));
+    assert!(r.received_bps > 0.0 && r.received_bytes > 0, "{r:?}");
+    eprintln!(
+        "{encap:?}: {:.2} Gbit/s, {} retransmits",
+        r.received_bps / 1e9,
+        r.retransmits
+    );
+    let tally = capture::tcp_checksums(&cap.finish());
+    assert!(
+        tally.good >= 100,
+        "too few TCP segments decoded on the underlay: {tally:?}"
+    );
+    assert_eq!(
+        tally.bad, 0,
+        "invalid inner TCP checksums on the wire: {tally:?}"
+    );
+    // The other direction works too (server on host 1).
+    let r = tb.iperf(&b, &a, 1).unwrap();
+    assert!(r.received_bps > 0.0, "{r:?}");
+}
+
+#[test]
+fn ipip_iperf3_runs_with_valid_inner_checksums() {
+    iperf_and_checksums(Encap::Ipip);
+}
+
+#[test]
+fn vxlan_iperf3_runs_with_valid_inner_checksums() {
+    iperf_and_checksums(Encap::Vxlan);
+}
+
+// 3. tcpdump on tunl0 shows the inner ICMP; on the underlay the same packets decoded as
+// IPIP / VXLAN (port 4789, VNI 1) around it.
+fn tcpdump_views(encap: Encap) {
+    if !e2e_ready() {
+        return;
+    }
+    require_tools(&["tcpdump"]);
+    let tb = podnet(&format!("dump{}", encap.as_str()), encap);
+    let (a, b) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
+    let inner = tb.path("tunl0.pcap");
+    let outer = tb.path("underlay.pcap");
+    let cap_in = Capture::start(&tb.host(1).ns, "tunl0", "icmp", 6, &inner);
+    let cap_out = Capture::start(&tb.ul(), "br0", underlay_filter(encap), 6, &outer);
+    let out = tb.ping(&a, b.ip, 3);
+    assert!(out.success(), "{}", out.combined());
+    let inner = capture::tcpdump_text(&cap_in.finish(), false);
+    let outer = capture::tcpdump_text(&cap_out.finish(), false);
+    let request = format!("IP {} > {}: ICMP echo request", a.ip, b.ip);
+    let reply = format!("IP {} > {}: ICMP echo reply", b.ip, a.ip);
+    assert!(
+        inner.contains(&request) && inner.contains(&reply),
+        "tunl0:\n{inner}"
+    );
+    match encap {
+        Encap::Ipip => {
+            let outer_req = format!("IP 198.18.0.1 > 198.18.0.2: {request}");
+            let outer_rep = format!("IP 198.18.0.2 > 198.18.0.1: {reply}");
+            assert!(outer.contains(&outer_req), "underlay:\n{outer}");
+            assert!(outer.contains(&outer_rep), "underlay:\n{outer}");
+        }
+        Encap::Vxlan => {
+            assert!(
+                outer.contains("> 198.18.0.2.4789: VXLAN, flags [I] (0x08), vni 1"),
+                "{outer}"
+            );
+            assert!(
+                outer.contains("> 198.18.0.1.4789: VXLAN, flags [I] (0x08), vni 1"),
+                "{outer}"
+            );
+            assert!(
+                outer.contains(&request) && outer.contains(&reply),
+                "underlay:\n{outer}"
+            );
+        }
+    }
+}
+
+#[test]
+fn ipip_tcpdump_shows_inner_on_tunl0_and_ipip_on_underlay() {
+    tcpdump_views(Encap::Ipip);
+}
+
+#[test]
+fn vxlan_tcpdump_shows_inner_on_tunl0_and_vxlan_on_underlay() {
+    tcpdump_views(Encap::Vxlan);
+}
+
+// 4. Unowned cluster address: quick destination-unreachable. DF ping one byte over the overlay
+// MTU: frag-needed carrying that MTU; exactly at the MTU: passes. Pods keep MTU 1500.
+fn unreachable_and_mtu(encap: Encap) {
+    if !e2e_ready() {
+        return;
+    }
+    let tb = podnet(&format!("icmp{}", encap.as_str()), encap);
+    let mtu = 1500 - encap.overhead();
+    let link = must(Some(&tb.host(1).ns), &["ip", "link", "show", "tunl0"]).stdout;
+    assert!(
+        link.contains(&format!("mtu {mtu} ")),
+        "tunl0 MTU should be {mtu}: {link}"
+    );
+
+    let a = tb.pod(1, 1).clone();
+    let out = tb.ping(&a, "10.244.200.1".parse().unwrap(), 1);
+    let s = ping_summary(&out.stdout).unwrap_or_else(|| panic!("{}", out.combined()));
+    assert_eq!((s.received, s.errors), (0, 1), "{}", out.combined());
+    assert!(out.stdout.contains("Unreachable"), "{}", out.stdout);
+    assert!(
+        out.elapsed < Duration::from_millis(900),
+        "took {:?}",
+        out.elapsed
+    );
+
+    let b = tb.pod(3, 2).clone();
+    let df_ping = |size: u32| {
+        run(
+            Some(&a.ns),
+            &[
+                "ping",
+                "-n",
+                "-c1",
+                "-W2",
+                "-M",
+                "do",
+                "-s",
+                &size.to_string(),
+                &b.ip.to_string(),
+            ],
+            Duration::from_secs(10),
+        )
+        .unwrap()
+    };
+    let over = df_ping(mtu - 28 + 1);
+    assert!(!over.success(), "{}", over.combined());
+    assert_eq!(
+        frag_needed_mtu(&over.combined()),
+        Some(mtu),
+        "{}",
+        over.combined()
+    );
+    let at = df_ping(mtu - 28);
+    assert!(
+        at.success(),
+        "a DF ping of exactly {mtu} bytes must pass: {}",
+        at.combined()
+    );
+}
+
+#[test]
+fn ipip_unreachable_and_frag_needed() {
+    unreachable_and_mtu(Encap::Ipip);
+}
+
+#[test]
+fn vxlan_unreachable_and_frag_needed() {
+    unreachable_and_mtu(Encap::Vxlan);
+}
+
+// 6. Malformed or foreign packets are dropped and counted by reason (admin API /metrics, drop
+// counters labelled reason="..."), and forwarding goes on.
+fn foreign_packets(encap: Encap) {
+    if !e2e_ready() {
+        return;
+    }
+    let mut tb = podnet(&format!("junk{}", encap.as_str()), encap);
+    let rogue = tb.add_underlay_node("x", "198.18.0.99".parse().unwrap());
+    let h2 = tb.host(2).ns.clone();
+    let inject = env!("CARGO_BIN_EXE_pn-inject");
+    let count = 5u32;
+    // (namespace to send from, reason expected at host 1, extra flags)
+    let mut cases: Vec<(&str, &str, Vec<&str>)> = vec![
+        // IP-in-IP: an inner packet of 12 bytes; VXLAN: a UDP payload too short for the header.
+        (
+            &h2,
+            "malformed",
+            vec!["--truncate", if encap == Encap::Ipip { "12" } else { "10" }],
+        ),
+        (&rogue, "unknown_peer", vec![]),
+        (&h2, "spoofed", vec!["--inner-src", "10.244.3.2"]),
+        (&h2, "not_local", vec!["--inner-dst", "10.244.3.2"]),
+    ];
+    if encap == Encap::Vxlan {
+        cases.push((&h2, "wrong_vni", vec!["--vni", "2"]));
+    }
+    for (ns, reason, extra) in &cases {
+        let before = tb.drops(1, reason);
+        let c = count.to_string();
+        let mut argv = vec![
+            inject,
+            "--encap",
+            encap.as_str(),
+            "--to",
+            "198.18.0.1",
+            "--count",
+            &c,
+        ];
+        // Defaults: a well-formed echo request from pod 10.244.2.2 to pod 10.244.1.2.
+        if !extra.contains(&"--inner-src") {
+            argv.extend(["--inner-src", "10.244.2.2"]);
+        }
+        if !extra.contains(&"--inner-dst") {
+            argv.extend(["--inner-dst", "10.244.1.2"]);
+        }
+        argv.extend(extra.iter().copied());
+        must(Some(ns), &argv);
+        let r = podnet_tests::wait_for(&format!("{reason} drops"), Duration::from_secs(3), || {
+            let now = tb.drops(1, reason);
+            if now - before >= f64::from(count) {
+                Ok(())
+            } else {
+                Err(format!("{reason}: {before} -> {now}"))
+            }
+        });
+        if let Err(e) = r {
+            panic!("{e}\nmetrics:\n{}", tb.metrics(1));
+        }
+    }
+    // The agent still runs and forwards.
+    assert!(tb.proc("agent-h1").is_running(), "{}", tb.log("agent-h1"));
+    let failed = tb.mesh_failures();
+    assert!(failed.is_empty(), "after junk: {failed:?}");
+    // A valid packet from the peer is not counted as a drop: host 1 delivers it to its pod.
+    let spoofed_before = tb.drops(1, "spoofed");
+    must(
+        Some(&h2),
+        &[
+            inject,
+            "--encap",
+            encap.as_str(),
+            "--to",
+            "198.18.0.1",
+            "--inner-src",
+            "10.244.2.2",
+            "--inner-dst",
+            "10.244.1.2",
+            "--count",
+            "1",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(tb.drops(1, "spoofed"), spoofed_before);
+}
+
+#[test]
+fn ipip_foreign_packets_are_dropped_and_counted() {
+    foreign_packets(Encap::Ipip);
+}
+
+#[test]
+fn vxlan_foreign_packets_are_dropped_and_counted() {
+    foreign_packets(Encap::Vxlan);
+}
