@@ -89,6 +89,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -158,6 +159,7 @@ async fn serve(listen: SocketAddr, config: ServerConfig, state: &Path) -> Result
             addr: listen,
             source,
         })?;
+    let listen = listener.local_addr().unwrap_or(listen);
     tracing::info!(%listen, %cluster, state = %state.display(), "podnet-control serving");
     server.run(listener, shutdown_signal()).await?;
     tracing::info!("podnet-control stopped");

@@ -1,0 +1,293 @@
+//! The `podnet-control` binary: `nodes` output, token handling, SIGTERM, and a state file that
+//! survives SIGKILL at any moment. Servers listen on 127.0.0.1 port 0 and are killed by PID.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use podnet_control::api::{Encap, RegisterRequest};
+use podnet_control::{Client, FileStore, Store};
+
+const BIN: &str = env!("CARGO_BIN_EXE_podnet-control");
+
+/// A running `podnet-control serve`, killed when dropped.
+struct Serve {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Serve {
+    fn start(state: &Path, extra: &[&str]) -> Serve {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--state"])
+            .arg(state)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("listen="))
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+                {
+                    let _ = tx.send(addr);
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("server did not start: {}", log.lock().unwrap());
+            }
+        };
+        Serve { child, addr, log }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn sigkill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn req(i: u32) -> RegisterRequest {
+    RegisterRequest {
+        underlay_ip: format!("198.18.{}.{}", i / 250, 1 + i % 250)
+            .parse()
+            .unwrap(),
+        encap: Encap::Vxlan,
+        vtep_mac: None,
+    }
+}
+
+fn nodes_cmd(url: &str, extra: &[&str]) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .args(["nodes", "--server", url])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`podnet-control nodes` hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_prints_a_table_and_sigterm_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let token_arg = token.to_str().unwrap().to_string();
+    let mut serve = Serve::start(
+        &dir.path().join("state.json"),
+        &["--token-file", &token_arg],
+    );
+    let client = Client::new(&serve.url(), Some("t0ken".into())).unwrap();
+    for (i, name) in ["h1", "h2", "h3"].into_iter().enumerate() {
+        client.register(name, &req(i as u32)).await.unwrap();
+    }
+    // An open watch must not hold up shutdown.
+    let mut watch = client.watch_stream(Some(0)).await.unwrap();
+    assert_eq!(watch.next_event().await.unwrap().unwrap().node.name, "h1");
+
+    let url = serve.url();
+    let out = tokio::task::spawn_blocking(move || nodes_cmd(&url, &["--token-file", &token_arg]))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].contains("LAST HEARTBEAT"),
+        "{text}"
+    );
+    for (line, (name, cidr, ip)) in lines[1..].iter().zip([
+        ("h1", "10.244.1.0/24", "198.18.0.1"),
+        ("h2", "10.244.2.0/24", "198.18.0.2"),
+        ("h3", "10.244.3.0/24", "198.18.0.3"),
+    ]) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(&cols[..5], [name, ip, cidr, "vxlan", "up"], "{text}");
+    }
+
+    // Without the token: a clear 401 and a failing exit status.
+    let url = serve.url();
+    let out = tokio::task::spawn_blocking(move || nodes_cmd(&url, &[]))
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401") && err.contains("token"), "{err}");
+
+    // SIGTERM: exits 0 promptly, ending the watch stream.
+    let pid = serve.child.id();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = serve.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exit after SIGTERM: {}",
+            serve.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{}", serve.log.lock().unwrap());
+    let rest = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = watch.next_event().await {}
+    })
+    .await;
+    assert!(rest.is_ok(), "watch stream ended with the server");
+}
+
+#[test]
+fn unusable_state_file_stops_startup_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    std::fs::write(&state, "garbage").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--state"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("corrupt") && err.contains("state.json"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "garbage");
+}
+
+/// SIGKILL the service at arbitrary moments while registrations stream in: the state file
+/// always parses and holds every acknowledged registration, and a restart hands each node the
+/// pod CIDR it was acknowledged with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_survives_sigkill_at_any_moment() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let args = [
+        "--cluster-cidr",
+        "10.244.0.0/16",
+        "--node-prefix",
+        "28",
+        "--lease-ttl",
+        "1h",
+    ];
+    let acked: Arc<Mutex<Vec<(String, u32, ipnet::Ipv4Net)>>> = Arc::default();
+    let mut next = 0u32;
+    for round in 0..5u64 {
+        let mut serve = Serve::start(&state, &args);
+        let client = Client::new(&serve.url(), None).unwrap();
+        let writer = tokio::spawn({
+            let acked = acked.clone();
+            let first = next;
+            async move {
+                for i in first.. {
+                    let name = format!("n{i}");
+                    match client.register(&name, &req(i)).await {
+                        Ok(resp) => acked.lock().unwrap().push((name, i, resp.pod_cidr)),
+                        Err(_) => return,
+                    }
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(40 + round * 70)).await;
+        serve.sigkill();
+        let _ = tokio::time::timeout(Duration::from_secs(10), writer)
+            .await
+            .expect("writer stops");
+        next = acked.lock().unwrap().last().map_or(next, |a| a.1 + 1) + 1;
+
+        let saved = FileStore::new(&state)
+            .load()
+            .expect("state file intact")
+            .expect("state saved");
+        let acked = acked.lock().unwrap();
+        for (name, _, cidr) in acked.iter() {
+            let node = saved.nodes.iter().find(|n| &n.name == name);
+            assert_eq!(
+                node.map(|n| n.pod_cidr),
+                Some(*cidr),
+                "acknowledged {name} lost in round {round}"
+            );
+        }
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 5,
+        "only {} registrations in five rounds",
+        acked.len()
+    );
+    eprintln!(
+        "{} registrations acknowledged across five SIGKILLs",
+        acked.len()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != "state.json")
+        .collect();
+    // A kill between write and rename may leave a temp file; it never replaces the state.
+    assert!(
+        leftovers.iter().all(|n| n.starts_with("state.json.tmp.")),
+        "{leftovers:?}"
+    );
+
+    let serve = Serve::start(&state, &args);
+    let client = Client::new(&serve.url(), None).unwrap();
+    for (name, i, cidr) in acked {
+        assert_eq!(
+            client.register(&name, &req(i)).await.unwrap().pod_cidr,
+            cidr,
+            "{name}"
+        );
+    }
+}
