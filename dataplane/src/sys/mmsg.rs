@@ -20,6 +20,12 @@ pub(crate) const UDP_SEGMENT: libc::c_int = 103;
 /// `SOL_UDP` option enabling GRO delivery, and the control message carrying its segment size.
 pub(crate) const UDP_GRO: libc::c_int = 104;
 
+/// Most segments in one UDP GSO send (`UDP_MAX_SEGMENTS`: 64 on older kernels, 128 since
+/// Linux 6.x; we stay at the lower bound). Longer trains are cut into several GSO messages.
+pub const MAX_GSO_SEGMENTS: usize = 64;
+/// Largest UDP payload in one IPv4 datagram, GSO or not (65535 - 20 - 8).
+pub const MAX_UDP_PAYLOAD: usize = 65507;
+
 /// Control buffer per message: room for one `int` cmsg (CMSG_SPACE(4) = 24 on 64-bit Linux),
 /// as u64 words so the buffer has cmsghdr alignment.
 type CmsgBuf = [u64; 4];
@@ -57,8 +63,9 @@ pub struct Transmit<'a> {
     pub dst: SocketAddrV4,
     /// Bytes to send: one datagram payload, or with `segment_size` several concatenated ones.
     pub data: &'a [u8],
-    /// `Some(n)`: `data` is a run of `n`-byte datagrams (the last may be shorter). Sent as one
-    /// UDP GSO (`UDP_SEGMENT`) message when GSO is on, else split into separate datagrams.
+    /// `Some(n)`: `data` is a run of `n`-byte datagrams (the last may be shorter), of any
+    /// length. Sent as UDP GSO (`UDP_SEGMENT`) messages of up to [`MAX_GSO_SEGMENTS`] segments
+    /// and [`MAX_UDP_PAYLOAD`] bytes when GSO is on, else split into separate datagrams.
     pub segment_size: Option<u16>,
 }
 
@@ -176,7 +183,8 @@ fn gro_segment_size(h: &libc::msghdr) -> Option<usize> {
 }
 
 /// Sends `items`, batching `MAX_BATCH` datagrams per `sendmmsg`. Blocks while the socket
-/// buffer is full. GSO trains are sent as one message while `gso` is true; if the kernel
+/// buffer is full. GSO trains are sent as few messages as the kernel limits allow
+/// ([`MAX_GSO_SEGMENTS`], [`MAX_UDP_PAYLOAD`]) while `gso` is true; if the kernel
 /// answers a GSO message with `EIO` (egress device cannot checksum it) `gso` is switched off
 /// and that train and all later ones are split into plain datagrams instead.
 pub(crate) fn send_batch(fd: RawFd, items: &[Transmit<'_>], gso: &AtomicBool) -> BatchSent {
@@ -203,11 +211,18 @@ pub(crate) fn send_batch(fd: RawFd, items: &[Transmit<'_>], gso: &AtomicBool) ->
                 .map(usize::from)
                 .filter(|&s| s > 0 && s < it.data.len());
             let (chunk, gso_size) = match train {
-                Some(s) if !gso_on => {
-                    let end = (boff + s).min(it.data.len());
-                    (&it.data[boff..end], None)
+                Some(s) => {
+                    // One message carries one datagram without GSO, else as many segments as
+                    // the kernel takes in one GSO send (count and 16-bit IPv4 length limits).
+                    let per_msg = if gso_on {
+                        s * MAX_GSO_SEGMENTS.min(MAX_UDP_PAYLOAD / s).max(1)
+                    } else {
+                        s
+                    };
+                    let end = (boff + per_msg).min(it.data.len());
+                    let chunk = &it.data[boff..end];
+                    (chunk, (gso_on && chunk.len() > s).then_some(s as u16))
                 }
-                Some(s) => (it.data, Some(s as u16)),
                 None => (it.data, None),
             };
             iovs[n] = libc::iovec {

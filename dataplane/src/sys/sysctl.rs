@@ -89,6 +89,23 @@ pub fn set_device(dev: &str, setting: &str, value: &str) -> Result<(), SysctlErr
     })
 }
 
+/// Turns IPv6 off on device `dev` (`net.ipv6.conf.<dev>.disable_ipv6 = 1`), so the kernel
+/// stops sending router solicitations and MLD reports into a TUN device that only carries IPv4.
+pub fn disable_ipv6(dev: &str) -> Result<(), SysctlError> {
+    if dev.is_empty() || dev.contains('/') || dev == "." || dev == ".." {
+        return Err(SysctlError::BadDevice(dev.to_string()));
+    }
+    let path = PathBuf::from("/proc/sys/net/ipv6/conf")
+        .join(dev)
+        .join("disable_ipv6");
+    std::fs::write(&path, "1").map_err(|source| SysctlError::Write {
+        key: format!("net.ipv6.conf.{dev}.disable_ipv6"),
+        value: "1".to_string(),
+        path,
+        source,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

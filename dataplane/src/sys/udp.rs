@@ -19,12 +19,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::mmsg::{self, UDP_GRO, UDP_SEGMENT};
 use super::{grow_buffers, setsockopt_int, BatchSent, RecvMeta, Stop, Transmit};
+pub use super::{MAX_GSO_SEGMENTS, MAX_UDP_PAYLOAD};
 
 /// Default socket buffer size asked for (receive and send each).
 pub const DEFAULT_BUFFER_BYTES: usize = 8 << 20;
-/// The kernel coalesces or segments at most this many datagrams per GSO/GRO message
-/// (`UDP_MAX_SEGMENTS`; 64 on older kernels, 128 since 6.x — we stay at the lower bound).
-pub const MAX_GSO_SEGMENTS: usize = 64;
 /// Receive buffers must be this large to take a whole GRO-coalesced message.
 pub const GRO_BUFFER_BYTES: usize = 65535;
 
@@ -159,10 +157,10 @@ impl VxlanSocket {
         mmsg::recv_batch(self.sock.as_raw_fd(), bufs, meta, stop)
     }
 
-    /// Sends every item (blocking while the socket buffer is full); see [`Transmit`]. A GSO
-    /// train must hold at most [`MAX_GSO_SEGMENTS`] segments and fit in one IPv4 datagram
-    /// (65507 bytes of payload), and `segment_size` plus 28 bytes of IPv4/UDP header must fit
-    /// the route MTU, or the kernel refuses that item (counted in [`BatchSent::failed`]).
+    /// Sends every item (blocking while the socket buffer is full); see [`Transmit`]. Long GSO
+    /// trains are cut into as many GSO messages as needed. `segment_size` plus 28 bytes of
+    /// IPv4/UDP header must fit the route MTU, or the kernel refuses that item (`EMSGSIZE`,
+    /// counted in [`BatchSent::failed`]).
     pub fn send_batch(&self, items: &[Transmit<'_>]) -> BatchSent {
         mmsg::send_batch(self.sock.as_raw_fd(), items, &self.gso)
     }
@@ -267,6 +265,20 @@ mod tests {
             assert_eq!(got[0].0.len, 10_000);
             assert_eq!(got[0].0.segment_size, 1000);
             assert_eq!(got[0].1, train);
+
+            // A train longer than one GSO send allows is cut into several GSO messages.
+            let long: Vec<u8> = (0..100u32).flat_map(|i| vec![i as u8; 1000]).collect();
+            let sent = a.send_batch(&[Transmit {
+                dst: b.local_addr(),
+                data: &long,
+                segment_size: Some(1000),
+            }]);
+            assert_eq!((sent.sent, sent.failed), (1, 0), "{:?}", sent.last_error);
+            let got = drain(&b, long.len(), &mut bufs);
+            let lens: Vec<usize> = got.iter().map(|g| g.0.len).collect();
+            assert_eq!(lens, [64_000, 36_000]);
+            assert!(got.iter().all(|g| g.0.segment_size == 1000));
+            assert_eq!(got.concat_data(), long);
 
             // A receiver without GRO sees the same train as 10 separate datagrams.
             let c = loopback(0, false, false);
