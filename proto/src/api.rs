@@ -189,21 +189,26 @@ impl NodeTable {
         }
     }
 
-    /// Folds one event in. Returns false (and changes nothing) for an event at or before the
-    /// table's revision, which a resumed watch may repeat.
+    /// Folds one event in and returns whether the set of live nodes changed. Events older
+    /// than the table are ignored; applying the same event twice is harmless (a resumed watch
+    /// may repeat one, and a watch without `since` starts with every live node as `added`, all
+    /// at the current revision).
     pub fn apply(&mut self, event: &WatchEvent) -> bool {
-        if event.revision <= self.revision {
+        if event.revision < self.revision {
             return false;
         }
         self.revision = event.revision;
         let live = event.kind != EventType::Deleted && event.node.state == NodeState::Up;
         if live {
+            if self.nodes.get(&event.node.name) == Some(&event.node) {
+                return false;
+            }
             self.nodes
                 .insert(event.node.name.clone(), event.node.clone());
+            true
         } else {
-            self.nodes.remove(&event.node.name);
+            self.nodes.remove(&event.node.name).is_some()
         }
-        true
     }
 
     /// Live nodes other than `own`, the peers an agent forwards to.
@@ -320,7 +325,7 @@ mod tests {
             node: node("h3", NodeState::Up, 6),
         };
         assert!(table.apply(&added));
-        assert!(!table.apply(&added), "a repeated event must be ignored");
+        assert!(!table.apply(&added), "a repeated event changes nothing");
         assert_eq!(table.revision, 6);
         assert_eq!(
             table
@@ -338,5 +343,22 @@ mod tests {
         assert!(table.apply(&deleted));
         assert_eq!(table.nodes.keys().collect::<Vec<_>>(), ["h3"]);
         assert_eq!(table.revision, 7);
+        assert!(
+            !table.apply(&added),
+            "an event older than the table is ignored"
+        );
+        assert_eq!(table.revision, 7);
+
+        // A watch without `since` opens with every live node as `added` at one revision.
+        let mut fresh = NodeTable::default();
+        for name in ["a", "b"] {
+            let ev = WatchEvent {
+                kind: EventType::Added,
+                revision: 9,
+                node: node(name, NodeState::Up, 3),
+            };
+            assert!(fresh.apply(&ev));
+        }
+        assert_eq!(fresh.nodes.len(), 2);
     }
 }
