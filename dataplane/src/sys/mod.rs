@@ -21,7 +21,7 @@ pub mod udp;
 mod testns;
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 pub use mmsg::{BatchSent, RecvMeta, Transmit, MAX_BATCH, MAX_GSO_SEGMENTS, MAX_UDP_PAYLOAD};
@@ -74,6 +74,14 @@ impl Stop {
         // SAFETY: one valid pollfd, zero timeout.
         let n = unsafe { libc::poll(&mut pfd, 1, 0) };
         n > 0 && pfd.revents & libc::POLLIN != 0
+    }
+}
+
+/// The eventfd becomes readable (and stays so) once stopped: async code can wait on it with
+/// `tokio::io::unix::AsyncFd` instead of polling [`Stop::is_stopped`].
+impl AsFd for Stop {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 

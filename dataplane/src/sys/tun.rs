@@ -652,4 +652,25 @@ mod tests {
             ));
         });
     }
+
+    #[test]
+    fn multi_queue_clones_keep_the_offloads() {
+        in_netns("tun-mq", || {
+            let cfg = TunConfig {
+                multi_queue: true,
+                ..TunConfig::new("pntun3")
+            };
+            let q0 = Tun::open(&cfg).unwrap();
+            let q1 = q0.clone_queue().unwrap();
+            assert_eq!(q1.offloads(), q0.offloads());
+            assert_eq!((q1.index(), q1.name()), (q0.index(), "pntun3"));
+            assert_ne!(q1.as_raw_fd(), q0.as_raw_fd());
+            // A single-queue device cannot grow queues.
+            let single = Tun::open(&TunConfig::new("pntun4")).unwrap();
+            assert!(matches!(
+                single.clone_queue(),
+                Err(TunError::Configure { .. })
+            ));
+        });
+    }
 }
