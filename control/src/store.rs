@@ -59,14 +59,33 @@ impl FileStore {
         }
     }
 
-    fn temp_path(&self) -> PathBuf {
-        let mut name = self
+    /// `<file name>.tmp.`, the prefix of temporary files.
+    fn temp_prefix(&self) -> String {
+        let name = self
             .path
             .file_name()
-            .map(|n| n.to_os_string())
+            .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        name.push(format!(".tmp.{}", std::process::id()));
-        self.dir().join(name)
+        format!("{name}.tmp.")
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        self.dir()
+            .join(format!("{}{}", self.temp_prefix(), std::process::id()))
+    }
+
+    /// Removes temporary files a crash left between write and rename; they never hold the
+    /// state of record.
+    fn remove_stale_temps(&self) {
+        let prefix = self.temp_prefix();
+        let Ok(entries) = fs::read_dir(self.dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
     }
 
     fn write_err(&self, source: io::Error) -> StoreError {
@@ -89,6 +108,7 @@ impl Store for FileStore {
                 })
             }
         };
+        self.remove_stale_temps();
         if bytes.is_empty() {
             return Err(StoreError::Corrupt {
                 path: self.path.clone(),
@@ -195,14 +215,19 @@ mod tests {
     }
 
     #[test]
-    fn a_leftover_temp_file_from_a_crash_is_ignored() {
+    fn a_leftover_temp_file_from_a_crash_is_ignored_and_removed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
         let store = FileStore::new(&path);
         store.save(&state(4, 2)).unwrap();
         // A crash between creating the temp file and the rename leaves a torn temp file.
-        fs::write(dir.path().join("state.json.tmp.1"), b"{\"format\":1,\"clus").unwrap();
+        let torn = dir.path().join("state.json.tmp.1");
+        fs::write(&torn, b"{\"format\":1,\"clus").unwrap();
+        let unrelated = dir.path().join("other.json.tmp.1");
+        fs::write(&unrelated, b"x").unwrap();
         assert_eq!(store.load().unwrap(), Some(state(4, 2)));
+        assert!(!torn.exists());
+        assert!(unrelated.exists(), "only our own temp files are removed");
         store.save(&state(5, 2)).unwrap();
         assert_eq!(store.load().unwrap(), Some(state(5, 2)));
     }
