@@ -368,7 +368,7 @@ async fn read_events(resp: &mut reqwest::Response, buf: &mut Vec<u8>, n: usize) 
 async fn watch_streams_added_modified_deleted_and_resumes() {
     with_timeout(async {
         let cfg = ServerConfig {
-            lease_ttl: Duration::from_millis(400),
+            lease_ttl: Duration::from_millis(1500),
             ..config()
         };
         let srv = start(cfg, Arc::new(MemoryStore::default()), any_port()).await;
@@ -589,7 +589,7 @@ async fn client_resumes_its_watch_across_a_server_restart() {
 async fn keep_registered_holds_the_lease_and_lapse_withdraws() {
     with_timeout(async {
         let cfg = ServerConfig {
-            lease_ttl: Duration::from_millis(300),
+            lease_ttl: Duration::from_millis(1000),
             ..config()
         };
         let srv = start(cfg, Arc::new(MemoryStore::default()), any_port()).await;
@@ -600,24 +600,24 @@ async fn keep_registered_holds_the_lease_and_lapse_withdraws() {
             vtep_mac: Some("02:00:00:00:00:aa".parse().unwrap()),
         };
         let lease = client.register_with_retry("h1", &req).await.unwrap();
-        assert_eq!(lease.lease_ttl_ms, 300);
+        assert_eq!(lease.lease_ttl_ms, 1000);
         let renewer = tokio::spawn({
             let client = client.clone();
             let req = req.clone();
             async move { client.keep_registered("h1", &req, &lease).await }
         });
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         let node = client.node("h1").await.unwrap();
         assert_eq!(
             node.state,
             NodeState::Up,
-            "four lease periods later, still up"
+            "two and a half lease periods later, still up"
         );
         assert_eq!(node.vtep_mac.to_string(), "02:00:00:00:00:aa");
-        assert!(client.stats().renewals >= 3, "{:?}", client.stats());
+        assert!(client.stats().renewals >= 4, "{:?}", client.stats());
 
         renewer.abort();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             if client.node("h1").await.unwrap().state == NodeState::Down {
                 break;
