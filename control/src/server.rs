@@ -22,7 +22,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use ipnet::Ipv4Net;
 use podnet_proto::api::{
-    validate_node_name, Encap, ErrorBody, RegisterRequest, RegisterResponse, WatchEvent,
+    validate_node_name, Encap, ErrorBody, EventType, RegisterRequest, RegisterResponse, WatchEvent,
 };
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -239,20 +239,53 @@ async fn sweep(shared: Arc<Shared>) {
         if !changed {
             continue;
         }
-        if let Err(e) = save(&shared.store, &next).await {
+        for ev in &events {
+            tracing::info!(node = %ev.node.name, underlay_ip = %ev.node.underlay_ip, revision = ev.revision,
+                "lease lapsed, node withdrawn");
+        }
+        let lapsed = events.len() as u64;
+        if let Err(e) = commit(&shared, &mut core, next, true, events).await {
             // Not committed: the next sweep tries again.
             shared.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!("{e}");
             continue;
         }
-        core.registry = next;
-        for ev in events {
-            tracing::info!(node = %ev.node.name, underlay_ip = %ev.node.underlay_ip, revision = ev.revision,
-                "lease lapsed, node withdrawn");
-            shared.metrics.lapsed.fetch_add(1, Ordering::Relaxed);
-            core.history.push(ev.clone());
-            let _ = shared.events.send(ev);
+        shared.metrics.lapsed.fetch_add(lapsed, Ordering::Relaxed);
+    }
+}
+
+/// Makes `next` the registry of record, then records and announces `events`. With `persist`
+/// `next` is saved first, so nothing is acknowledged or announced that a crash could lose;
+/// plain lease renewals skip the write (leases restart on load anyway).
+async fn commit(
+    shared: &Shared,
+    core: &mut Core,
+    next: Registry,
+    persist: bool,
+    events: impl IntoIterator<Item = WatchEvent>,
+) -> Result<(), StoreError> {
+    if persist {
+        save(&shared.store, &next).await?;
+    }
+    core.registry = next;
+    for ev in events {
+        core.history.push(ev.clone());
+        // No receivers is fine: nobody is watching.
+        let _ = shared.events.send(ev);
+    }
+    Ok(())
+}
+
+/// Status and short kind of a refused registration.
+fn refusal(e: &RegisterError) -> (StatusCode, &'static str) {
+    match e {
+        RegisterError::BadName { .. }
+        | RegisterError::BadVtepMac(_)
+        | RegisterError::BadUnderlay(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        RegisterError::NameTaken { .. } | RegisterError::UnderlayTaken { .. } => {
+            (StatusCode::CONFLICT, "conflict")
         }
+        RegisterError::Exhausted { .. } => (StatusCode::INSUFFICIENT_STORAGE, "exhausted"),
     }
 }
 
@@ -412,41 +445,22 @@ async fn put_node(
     let done = match next.register(&name, &req, now_ms()) {
         Ok(done) => done,
         Err(e) => {
-            let status = match e {
-                RegisterError::BadName { .. }
-                | RegisterError::BadVtepMac(_)
-                | RegisterError::BadUnderlay(_) => StatusCode::BAD_REQUEST,
-                RegisterError::NameTaken { .. } | RegisterError::UnderlayTaken { .. } => {
-                    StatusCode::CONFLICT
-                }
-                RegisterError::Exhausted { .. } => StatusCode::INSUFFICIENT_STORAGE,
-            };
-            let kind = match status {
-                StatusCode::BAD_REQUEST => "bad_request",
-                StatusCode::CONFLICT => "conflict",
-                _ => "exhausted",
-            };
+            let (status, kind) = refusal(&e);
             tracing::warn!(node = %name, "registration refused: {e}");
             return error(status, kind, e.to_string());
         }
     };
-    if done.changed() {
-        if let Err(e) = save(&shared.store, &next).await {
-            return store_failed(&shared, e);
-        }
+    if let Err(e) = commit(&shared, &mut core, next, done.changed(), done.event.clone()).await {
+        return store_failed(&shared, e);
     }
-    core.registry = next;
     let counter = match &done.event {
         None => &shared.metrics.renewed,
         Some(ev) => {
             tracing::info!(node = %name, underlay_ip = %ev.node.underlay_ip, pod_cidr = %ev.node.pod_cidr,
                 revision = ev.revision, "node {}", ev.kind);
-            core.history.push(ev.clone());
-            let _ = shared.events.send(ev.clone());
-            if ev.kind == podnet_proto::api::EventType::Added {
-                &shared.metrics.added
-            } else {
-                &shared.metrics.modified
+            match ev.kind {
+                EventType::Added => &shared.metrics.added,
+                _ => &shared.metrics.modified,
             }
         }
     };
@@ -499,15 +513,11 @@ async fn delete_node(
             format!("no node named {name:?}"),
         );
     };
-    if let Err(e) = save(&shared.store, &next).await {
+    // Saved even without an event: a purge of a down node changes the store.
+    if let Err(e) = commit(&shared, &mut core, next, true, event).await {
         return store_failed(&shared, e);
     }
-    core.registry = next;
     tracing::info!(node = %name, purge, "node left");
-    if let Some(ev) = event {
-        core.history.push(ev.clone());
-        let _ = shared.events.send(ev);
-    }
     StatusCode::NO_CONTENT.into_response()
 }
 
@@ -557,7 +567,7 @@ async fn list_or_watch(
                 .registry
                 .live()
                 .map(|node| WatchEvent {
-                    kind: podnet_proto::api::EventType::Added,
+                    kind: EventType::Added,
                     revision: core.registry.revision(),
                     node: node.clone(),
                 })

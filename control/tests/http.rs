@@ -693,3 +693,112 @@ async fn corrupt_state_file_refuses_to_start() {
         "{msg}"
     );
 }
+
+/// A store that counts writes and fails them on demand.
+#[derive(Default)]
+struct FlakyStore {
+    inner: MemoryStore,
+    fail: std::sync::atomic::AtomicBool,
+    saves: std::sync::atomic::AtomicU64,
+}
+
+impl Store for FlakyStore {
+    fn load(
+        &self,
+    ) -> Result<Option<podnet_control::state::StoredState>, podnet_control::StoreError> {
+        self.inner.load()
+    }
+
+    fn save(
+        &self,
+        state: &podnet_control::state::StoredState,
+    ) -> Result<(), podnet_control::StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.fail.load(SeqCst) {
+            return Err(podnet_control::StoreError::Other("disk on fire".into()));
+        }
+        self.saves.fetch_add(1, SeqCst);
+        self.inner.save(state)
+    }
+}
+
+#[tokio::test]
+async fn changes_are_saved_before_they_are_acknowledged() {
+    use std::sync::atomic::Ordering::SeqCst;
+    with_timeout(async {
+        let store = Arc::new(FlakyStore::default());
+        let srv = start(config(), store.clone(), any_port()).await;
+        let http = reqwest::Client::new();
+        assert_eq!(
+            store.saves.load(SeqCst),
+            1,
+            "a fresh state is saved at start"
+        );
+        assert_eq!(
+            put(&http, srv.url("/v1/nodes/h1"), &reg(1, "vxlan"))
+                .await
+                .0,
+            200
+        );
+        assert_eq!(store.saves.load(SeqCst), 2);
+        // A heartbeat changes nothing worth a write.
+        assert_eq!(
+            put(&http, srv.url("/v1/nodes/h1"), &reg(1, "vxlan"))
+                .await
+                .0,
+            200
+        );
+        assert_eq!(store.saves.load(SeqCst), 2);
+
+        store.fail.store(true, SeqCst);
+        let (status, body) = put(&http, srv.url("/v1/nodes/h2"), &reg(2, "vxlan")).await;
+        assert_eq!(status, 500, "{body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains("disk on fire"),
+            "{body}"
+        );
+        let list: NodeList = http
+            .get(srv.url("/v1/nodes"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            (list.revision, list.nodes.len()),
+            (1, 1),
+            "a change that was not saved is not applied"
+        );
+        assert_eq!(
+            http.delete(srv.url("/v1/nodes/h1"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            500
+        );
+
+        store.fail.store(false, SeqCst);
+        let (status, body) = put(&http, srv.url("/v1/nodes/h2"), &reg(2, "vxlan")).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            (body["pod_cidr"].as_str(), body["revision"].as_u64()),
+            (Some("10.244.2.0/24"), Some(2))
+        );
+        let metrics = http
+            .get(srv.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains("podnet_control_store_errors_total 2"),
+            "{metrics}"
+        );
+        srv.stop().await;
+    })
+    .await;
+}
