@@ -123,3 +123,37 @@ pub fn tcp_checksums(pcap: &Path) -> ChecksumTally {
     }
     t
 }
+
+/// The first TCP segments tshark finds a bad checksum in (frame, length, addresses, TCP
+/// payload length), for failure messages.
+pub fn bad_tcp_checksums(pcap: &Path) -> String {
+    let p = pcap.to_str().expect("utf-8 path");
+    let argv = [
+        "tshark",
+        "-n",
+        "-r",
+        p,
+        "-o",
+        "tcp.check_checksum:TRUE",
+        "-Y",
+        "tcp.checksum.status == 0",
+        "-T",
+        "fields",
+        "-e",
+        "frame.number",
+        "-e",
+        "frame.len",
+        "-e",
+        "ip.src",
+        "-e",
+        "ip.dst",
+        "-e",
+        "tcp.len",
+        "-c",
+        "10",
+    ];
+    match run(None, &argv, Duration::from_secs(60)) {
+        Ok(out) => out.stdout,
+        Err(e) => e,
+    }
+}

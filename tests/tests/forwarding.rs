@@ -82,14 +82,18 @@ fn iperf_and_checksums(encap: Encap) {
         r.received_bps / 1e9,
         r.retransmits
     );
-    let tally = capture::tcp_checksums(&cap.finish());
+    let pcap = cap.finish();
+    let tally = capture::tcp_checksums(&pcap);
     assert!(
         tally.good >= 100,
         "too few TCP segments decoded on the underlay: {tally:?}"
     );
     assert_eq!(
-        tally.bad, 0,
-        "invalid inner TCP checksums on the wire: {tally:?}"
+        tally.bad,
+        0,
+        "invalid inner TCP checksums on the wire: {tally:?}; first bad frames (kept in {}):\n{}",
+        pcap.display(),
+        capture::bad_tcp_checksums(&pcap)
     );
     // The other direction works too (server on host 1).
     let r = tb.iperf(&b, &a, 1).unwrap();
