@@ -3,9 +3,14 @@
 //! A sans-IO core (LPM table, peer table, outbound/inbound decisions, drop reasons and
 //! counters) and thin OS shells under `sys/` (TUN, underlay sockets, netlink host setup).
 //! Unsafe code is allowed only inside `sys/`.
+pub mod admin;
+pub mod agent;
+pub mod cli;
+pub mod datapath;
 pub mod drops;
+pub mod forward;
 pub mod lpm;
+pub mod membership;
 #[allow(unsafe_code)] // OS shells: the only unsafe in podnet; every block has a SAFETY comment.
 pub mod sys;
 pub mod table;
-pub mod forward;

@@ -1,0 +1,453 @@
+//! `podnet-agent run`: host setup, the data-path threads, the admin API and clean teardown.
+//!
+//! Order matters: everything that can fail for a user-fixable reason (capabilities, underlay
+//! address, a `tunl0` of the wrong kind, the control service refusing us) is checked before
+//! anything is changed on the host, and whatever was installed is removed again on every exit
+//! path after that (SIGINT/SIGTERM, or a setup step failing half way).
+
+use std::fmt::Write as _;
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use ipnet::Ipv4Net;
+use podnet_proto::ethernet::MacAddr;
+use podnet_proto::vxlan::{self, Vni};
+use serde::Serialize;
+
+use crate::cli::{EncapArg, Membership, MtuArg, RunConfig};
+use crate::datapath::{self, IoErrors, Shared, Underlay};
+use crate::drops::Counters;
+use crate::forward::{Encap, Forwarder, NodeConfig};
+use crate::membership;
+use crate::sys::caps::{self, Capability};
+use crate::sys::netlink::{Installed, Netlink, NetlinkError, TunnelSetup};
+use crate::sys::raw::{IpipSocket, RawError};
+use crate::sys::tun::{Offloads, Tun, TunConfig, TunError};
+use crate::sys::udp::{UdpConfig, UdpError, VxlanSocket, DEFAULT_BUFFER_BYTES};
+use crate::sys::{sysctl, Stop};
+use crate::table::{Peer, RouteTable, TableError};
+
+/// Why the agent could not start (or had to stop).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Caps(#[from] caps::CapsError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Tun(#[from] TunError),
+    #[error(transparent)]
+    Udp(#[from] UdpError),
+    #[error(transparent)]
+    Raw(#[from] RawError),
+    #[error(transparent)]
+    Sysctl(#[from] sysctl::SysctlError),
+    #[error("the static peers do not form a valid table: {0}")]
+    Table(#[from] TableError),
+    #[error("--underlay-dev {dev} does not hold --underlay-ip {ip} (it is on {actual}); fix one of the two flags")]
+    UnderlayDevMismatch {
+        dev: String,
+        ip: Ipv4Addr,
+        actual: String,
+    },
+    #[error("underlay device {dev} has MTU {mtu}, too small for {encap} (overhead {overhead} bytes); raise its MTU or pass --mtu")]
+    UnderlayMtuTooSmall {
+        dev: String,
+        mtu: u32,
+        encap: &'static str,
+        overhead: usize,
+    },
+    #[error("cannot write {path}: {source}; pass a writable --state-dir")]
+    StateDir { path: PathBuf, source: io::Error },
+    #[error("cannot serve the admin API on {addr}: {source}; pass another --api address")]
+    Api {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Membership(#[from] membership::MembershipError),
+    #[error("data path thread failed: {0}")]
+    DataPath(io::Error),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(io::Error),
+}
+
+/// What `/status` shows that does not change while the agent runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeInfo {
+    pub node: String,
+    pub underlay_ip: Ipv4Addr,
+    pub underlay_dev: String,
+    pub vtep_mac: MacAddr,
+    pub pod_cidr: Ipv4Net,
+    pub cluster_cidr: Ipv4Net,
+    pub encap: &'static str,
+    pub vni: Option<u32>,
+    pub mtu: u16,
+    pub tun: String,
+    pub offloads: OffloadInfo,
+    pub membership: &'static str,
+    pub control: Option<String>,
+}
+
+/// Which offloads are in use (what the kernel accepted at start).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct OffloadInfo {
+    pub tun_vnet_hdr: bool,
+    pub tun_tso: bool,
+    pub tun_csum: bool,
+    pub udp_gso: bool,
+    pub udp_gro: bool,
+}
+
+/// State the admin API and the membership task read while the agent runs.
+pub struct Agent {
+    pub info: NodeInfo,
+    pub shared: Arc<Shared>,
+    pub started: Instant,
+    pub membership: membership::Status,
+    pub state_dir: PathBuf,
+    /// The control service client in control mode (for the graceful leave at shutdown).
+    pub control: Option<podnet_control::client::Client>,
+}
+
+impl Agent {
+    /// Swaps in a new peer table built from `peers` at `revision`, keeping counters of peers
+    /// that stay. The data path never waits: it keeps the old table until its next batch.
+    pub fn apply_peers(&self, revision: u64, peers: Vec<Peer>) -> Result<(), TableError> {
+        let old = self.shared.table.load();
+        let new = old.rebuild(revision, peers)?;
+        self.shared.table.store(Arc::new(new));
+        Ok(())
+    }
+}
+
+fn encap_of(cfg: &RunConfig) -> Encap {
+    match cfg.encap {
+        EncapArg::Ipip => Encap::Ipip,
+        // The VNI range was checked by clap.
+        EncapArg::Vxlan => Encap::Vxlan {
+            vni: Vni::new(cfg.vni).unwrap_or_default(),
+        },
+    }
+}
+
+/// Runs the agent until SIGINT/SIGTERM. Host changes are undone before returning.
+pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
+    caps::require(&[Capability::NetAdmin, Capability::NetRaw])?;
+    let encap = encap_of(&cfg);
+    let netlink = Netlink::new()?;
+    let underlay = netlink.link_with_address(cfg.underlay_ip)?;
+    if let Some(dev) = &cfg.underlay_dev {
+        if dev != &underlay.name {
+            return Err(AgentError::UnderlayDevMismatch {
+                dev: dev.clone(),
+                ip: cfg.underlay_ip,
+                actual: underlay.name,
+            });
+        }
+    }
+    let mtu = match cfg.mtu {
+        MtuArg::Fixed(m) => m,
+        MtuArg::Auto => {
+            let m = (underlay.mtu as usize).saturating_sub(encap.overhead());
+            if m < 576 {
+                return Err(AgentError::UnderlayMtuTooSmall {
+                    dev: underlay.name,
+                    mtu: underlay.mtu,
+                    encap: encap.name(),
+                    overhead: encap.overhead(),
+                });
+            }
+            m.min(usize::from(u16::MAX)) as u16
+        }
+    };
+    let vtep_mac = MacAddr::vtep_for(cfg.underlay_ip);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("podnet-ctl")
+        .build()
+        .map_err(AgentError::Runtime)?;
+
+    // Membership first: in control mode the pod CIDR comes from the control service.
+    let joined = runtime.block_on(membership::join(&cfg, encap, vtep_mac))?;
+    let pod_cidr = joined.pod_cidr;
+    let table = RouteTable::build(joined.revision, joined.peers)?;
+
+    let tun = Tun::open(&TunConfig {
+        offload: cfg.offload,
+        ..TunConfig::new(&cfg.tun_name)
+    })?;
+    let offloads: Offloads = tun.offloads();
+    if let Some(e) = tun.offload_refusal() {
+        tracing::warn!(error = %e, "TUN offload refused by the kernel; using the per-packet path");
+    }
+    // The tunl0 address is the network address of our pod CIDR (DESIGN: 10.244.1.0/32); it is
+    // also the source of the ICMP errors we write into tunl0, which the kernel accepts only
+    // with accept_local on tunl0 (a packet from one of its own addresses is a martian otherwise).
+    let tun_addr = pod_cidr.network();
+    let setup = TunnelSetup {
+        index: tun.index(),
+        mtu: u32::from(mtu),
+        address: tun_addr,
+        cluster_cidr: cfg.cluster_cidr,
+    };
+    let installed = netlink.install(&setup)?;
+    let result = (|| {
+        sysctl::enable_ip_forward()?;
+        sysctl::set_device(&cfg.tun_name, "accept_local", "1")?;
+        sysctl::set_device(&cfg.tun_name, "rp_filter", "0")?;
+        // Only IPv4 is carried; without this the kernel sends router solicitations and MLD
+        // reports into tunl0, which would show up as not_ipv4 drops.
+        sysctl::disable_ipv6(&cfg.tun_name)?;
+        let sock = match encap {
+            Encap::Vxlan { .. } => Underlay::Vxlan(VxlanSocket::bind(&UdpConfig {
+                gro: cfg.offload,
+                gso: cfg.offload,
+                ..UdpConfig::new(cfg.underlay_ip, vxlan::PORT)
+            })?),
+            Encap::Ipip => Underlay::Ipip(IpipSocket::bind(cfg.underlay_ip, DEFAULT_BUFFER_BYTES)?),
+        };
+        let (udp_gso, udp_gro) = match &sock {
+            Underlay::Vxlan(s) => (s.gso(), s.gro()),
+            Underlay::Ipip(_) => (false, false),
+        };
+        write_subnet_env(&cfg.state_dir, cfg.cluster_cidr, pod_cidr, mtu)?;
+        let info = NodeInfo {
+            node: cfg.node_name.clone(),
+            underlay_ip: cfg.underlay_ip,
+            underlay_dev: underlay.name.clone(),
+            vtep_mac,
+            pod_cidr,
+            cluster_cidr: cfg.cluster_cidr,
+            encap: encap.name(),
+            vni: match encap {
+                Encap::Vxlan { vni } => Some(vni.get()),
+                Encap::Ipip => None,
+            },
+            mtu,
+            tun: cfg.tun_name.clone(),
+            offloads: OffloadInfo {
+                tun_vnet_hdr: offloads.vnet_hdr,
+                tun_tso: offloads.tso4,
+                tun_csum: offloads.csum,
+                udp_gso,
+                udp_gro,
+            },
+            membership: match cfg.membership {
+                Membership::Static { .. } => "static",
+                Membership::Control { .. } => "control",
+            },
+            control: match &cfg.membership {
+                Membership::Control { url, .. } => Some(url.clone()),
+                Membership::Static { .. } => None,
+            },
+        };
+        tracing::info!(
+            node = %info.node, pod_cidr = %pod_cidr, encap = info.encap, mtu,
+            tun = %info.tun, underlay = %info.underlay_dev,
+            tun_tso = offloads.tso4, tun_csum = offloads.csum, udp_gso, udp_gro,
+            peers = table.len(),
+            "podnet-agent up"
+        );
+        let forwarder = Forwarder::new(
+            NodeConfig {
+                node: cfg.node_name.clone(),
+                underlay_ip: cfg.underlay_ip,
+                vtep_mac,
+                pod_cidr,
+                cluster_cidr: cfg.cluster_cidr,
+                encap,
+                mtu,
+                icmp_source: tun_addr,
+            },
+            Arc::new(Counters::new()),
+        );
+        let shared = Arc::new(Shared {
+            forwarder,
+            table: ArcSwap::from_pointee(table),
+            tun,
+            underlay: sock,
+            stop: Stop::new().map_err(AgentError::DataPath)?,
+            io_errors: IoErrors::default(),
+        });
+        let agent = Arc::new(Agent {
+            info,
+            shared: Arc::clone(&shared),
+            started: Instant::now(),
+            membership: membership::Status::default(),
+            state_dir: cfg.state_dir.clone(),
+            control: joined.session.as_ref().map(|s| s.client.clone()),
+        });
+        let threads = spawn_data_path(&shared)?;
+        let served = runtime.block_on(serve(&cfg, Arc::clone(&agent), joined.session));
+        shared.stop.stop();
+        for t in threads {
+            match t.join() {
+                Ok(Err(e)) => tracing::error!(error = %e, "data path thread failed"),
+                Err(_) => tracing::error!("data path thread panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
+        served
+    })();
+    teardown(&netlink, &installed);
+    result
+}
+
+fn spawn_data_path(
+    shared: &Arc<Shared>,
+) -> Result<Vec<std::thread::JoinHandle<io::Result<()>>>, AgentError> {
+    let mut threads = Vec::new();
+    for (name, f) in [
+        (
+            "podnet-tx",
+            datapath::outbound as fn(&Shared) -> io::Result<()>,
+        ),
+        ("podnet-rx", datapath::inbound),
+    ] {
+        let s = Arc::clone(shared);
+        let t = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let r = f(&s);
+                if let Err(e) = &r {
+                    tracing::error!(thread = name, error = %e, "data path stopped");
+                    // One direction failing stops the agent rather than half-forwarding.
+                    s.stop.stop();
+                }
+                r
+            })
+            .map_err(AgentError::DataPath)?;
+        threads.push(t);
+    }
+    Ok(threads)
+}
+
+/// Runs the admin API and the membership task until a signal (or the data path) stops us.
+async fn serve(
+    cfg: &RunConfig,
+    agent: Arc<Agent>,
+    session: Option<membership::Session>,
+) -> Result<(), AgentError> {
+    let listener = tokio::net::TcpListener::bind(cfg.api)
+        .await
+        .map_err(|source| AgentError::Api {
+            addr: cfg.api,
+            source,
+        })?;
+    let app = crate::admin::router(Arc::clone(&agent));
+    let admin = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    });
+    let member = session.map(|s| tokio::spawn(membership::run(s, Arc::clone(&agent))));
+    let stopped = wait_for_stop(&agent.shared.stop).await;
+    admin.abort();
+    if let Some(m) = member {
+        m.abort();
+    }
+    membership::leave(&agent).await;
+    tracing::info!(reason = stopped, "podnet-agent stopping");
+    Ok(())
+}
+
+async fn wait_for_stop(stop: &Stop) -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return "no signal handlers";
+    };
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            _ = tick.tick() => if stop.is_stopped() { return "data path stopped" },
+        }
+    }
+}
+
+fn teardown(netlink: &Netlink, installed: &Installed) {
+    if let Err(e) = netlink.uninstall(installed) {
+        tracing::warn!(error = %e, "could not remove everything the agent installed");
+    }
+}
+
+/// Writes `<state-dir>/subnet.env` for pod setup (DESIGN: POD_NETWORK, POD_SUBNET, POD_MTU,
+/// POD_GATEWAY), atomically so a pod script never reads half a file.
+pub fn write_subnet_env(
+    dir: &Path,
+    cluster: Ipv4Net,
+    pod: Ipv4Net,
+    mtu: u16,
+) -> Result<(), AgentError> {
+    let gateway = Ipv4Addr::from(u32::from(pod.network()) + 1);
+    let mut body = String::new();
+    let _ = writeln!(body, "POD_NETWORK={cluster}");
+    let _ = writeln!(body, "POD_SUBNET={pod}");
+    let _ = writeln!(body, "POD_MTU={mtu}");
+    let _ = writeln!(body, "POD_GATEWAY={gateway}");
+    write_atomic(&dir.join("subnet.env"), body.as_bytes())
+}
+
+/// Write to a temp file, fsync, rename: readers see the old or the new file, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
+    use std::io::Write;
+    let err = |source| AgentError::StateDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    f.write_all(bytes).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_env_has_the_design_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        write_subnet_env(
+            dir.path(),
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.3.0/24".parse().unwrap(),
+            1450,
+        )
+        .unwrap();
+        let s = std::fs::read_to_string(dir.path().join("subnet.env")).unwrap();
+        assert_eq!(
+            s,
+            "POD_NETWORK=10.244.0.0/16\nPOD_SUBNET=10.244.3.0/24\nPOD_MTU=1450\nPOD_GATEWAY=10.244.3.1\n"
+        );
+    }
+
+    #[test]
+    fn state_dir_errors_name_the_flag() {
+        let e = write_subnet_env(
+            Path::new("/proc/podnet-nope"),
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.3.0/24".parse().unwrap(),
+            1450,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--state-dir"), "{e}");
+    }
+}

@@ -1,0 +1,507 @@
+//! The `podnet-agent` command line (DESIGN.md "CLI") and the validation of `run` flags.
+//!
+//! Parsing is clap's job; this module turns the parsed flags into a checked [`RunConfig`] and
+//! rejects combinations that would build a broken node (overlapping peers, a pod CIDR outside
+//! the cluster CIDR) with an error that names the flag to fix.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::Ipv4Net;
+use podnet_proto::ethernet::MacAddr;
+
+/// Default local admin API address (inside the agent's own network namespace).
+pub const DEFAULT_API: &str = "127.0.0.1:7801";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "podnet-agent",
+    version,
+    about = "podnet node agent: pod traffic over IP-in-IP or VXLAN"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: create tunl0, join the overlay and forward pod traffic.
+    Run(Box<RunArgs>),
+    /// Show node, pod CIDR, encapsulation, MTU, peers and counters of a running agent.
+    Status(ApiArgs),
+    /// Show the longest-prefix-match table of a running agent.
+    Routes(ApiArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// Address of the agent's admin API.
+    #[arg(long, default_value = DEFAULT_API)]
+    pub api: SocketAddr,
+    /// Print the raw JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EncapArg {
+    Ipip,
+    Vxlan,
+}
+
+/// `--mtu N|auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MtuArg {
+    Auto,
+    Fixed(u16),
+}
+
+impl FromStr for MtuArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(MtuArg::Auto);
+        }
+        match s.parse::<u16>() {
+            Ok(n) if (576..=65_000).contains(&n) => Ok(MtuArg::Fixed(n)),
+            _ => Err(format!(
+                "'{s}' is not an MTU: give a number from 576 to 65000, or 'auto'"
+            )),
+        }
+    }
+}
+
+/// `--static-peer CIDR=IP[@MAC]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaticPeer {
+    pub pod_cidr: Ipv4Net,
+    pub underlay_ip: Ipv4Addr,
+    pub vtep_mac: MacAddr,
+}
+
+impl FromStr for StaticPeer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = "expected CIDR=IP[@MAC], e.g. 10.244.2.0/24=198.18.0.2";
+        let (cidr, rest) = s.split_once('=').ok_or_else(|| format!("'{s}': {usage}"))?;
+        let (ip, mac) = match rest.split_once('@') {
+            Some((ip, mac)) => (ip, Some(mac)),
+            None => (rest, None),
+        };
+        let pod_cidr: Ipv4Net = cidr
+            .parse()
+            .map_err(|_| format!("'{cidr}' is not an IPv4 CIDR ({usage})"))?;
+        if pod_cidr.trunc() != pod_cidr {
+            return Err(format!(
+                "'{cidr}' has host bits set; did you mean {}?",
+                pod_cidr.trunc()
+            ));
+        }
+        let underlay_ip: Ipv4Addr = ip
+            .parse()
+            .map_err(|_| format!("'{ip}' is not an IPv4 address ({usage})"))?;
+        let vtep_mac = match mac {
+            Some(m) => m
+                .parse()
+                .map_err(|e| format!("'{m}' is not a MAC address: {e}"))?,
+            None => MacAddr::vtep_for(underlay_ip),
+        };
+        Ok(StaticPeer {
+            pod_cidr,
+            underlay_ip,
+            vtep_mac,
+        })
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration like 500ms, 20s, 24h: {e}"))
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// This node's name (a DNS label: a-z, 0-9 and '-').
+    #[arg(long)]
+    pub node_name: String,
+    /// This node's address on the underlay network.
+    #[arg(long)]
+    pub underlay_ip: Ipv4Addr,
+    /// Underlay device (default: the device that holds --underlay-ip).
+    #[arg(long)]
+    pub underlay_dev: Option<String>,
+    /// Encapsulation used towards peers.
+    #[arg(long, value_enum)]
+    pub encap: EncapArg,
+    /// VXLAN network identifier (24 bits).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..(1 << 24)))]
+    pub vni: u32,
+    /// Name of the TUN device to create.
+    #[arg(long, default_value = "tunl0")]
+    pub tun_name: String,
+    /// Overlay MTU, or 'auto' = underlay MTU minus the encapsulation overhead.
+    #[arg(long, default_value = "auto")]
+    pub mtu: MtuArg,
+    /// URL of podnet-control; the node's pod CIDR and peers come from it.
+    #[arg(long, conflicts_with_all = ["pod_cidr", "static_peer"], required_unless_present = "pod_cidr")]
+    pub control: Option<String>,
+    /// File holding the bearer token for podnet-control.
+    #[arg(long, requires = "control")]
+    pub token_file: Option<PathBuf>,
+    /// Static mode: this node's pod CIDR.
+    #[arg(long)]
+    pub pod_cidr: Option<Ipv4Net>,
+    /// The whole cluster's pod network; routed into the TUN device.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_cidr: Ipv4Net,
+    /// Static mode: a peer as CIDR=IP[@MAC]; repeat for each peer.
+    #[arg(long = "static-peer", requires = "pod_cidr")]
+    pub static_peer: Vec<StaticPeer>,
+    /// Where subnet.env and the last known node table are written.
+    #[arg(long, default_value = "/run/podnet")]
+    pub state_dir: PathBuf,
+    /// Local admin API address (/status, /routes, /metrics).
+    #[arg(long, default_value = DEFAULT_API)]
+    pub api: SocketAddr,
+    /// Disable TUN/UDP offloads (TSO, GSO, GRO) and use the plain per-packet path.
+    #[arg(long)]
+    pub no_offload: bool,
+    /// How often the agent renews its lease with podnet-control.
+    #[arg(long, value_parser = parse_duration)]
+    pub heartbeat: Option<Duration>,
+}
+
+/// Where the node's pod CIDR and peers come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Membership {
+    Static {
+        pod_cidr: Ipv4Net,
+        peers: Vec<StaticPeer>,
+    },
+    Control {
+        url: String,
+        token_file: Option<PathBuf>,
+    },
+}
+
+/// Why `run` flags cannot work together.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--node-name '{0}' is not a valid node name: use 1-63 characters a-z, 0-9 and '-', not starting or ending with '-'")]
+    NodeName(String),
+    #[error("--pod-cidr {pod} is outside --cluster-cidr {cluster}: pick a pod CIDR inside the cluster CIDR")]
+    PodCidrOutsideCluster { pod: Ipv4Net, cluster: Ipv4Net },
+    #[error("--static-peer {peer} is outside --cluster-cidr {cluster}")]
+    PeerOutsideCluster { peer: Ipv4Net, cluster: Ipv4Net },
+    #[error("--static-peer {a} overlaps {b}: every node needs its own pod CIDR")]
+    Overlap { a: Ipv4Net, b: Ipv4Net },
+    #[error("--static-peer {cidr}={ip} uses this node's own underlay IP")]
+    PeerIsSelf { cidr: Ipv4Net, ip: Ipv4Addr },
+    #[error("--static-peer {a} and {b} both use underlay IP {ip}")]
+    DuplicateUnderlay {
+        a: Ipv4Net,
+        b: Ipv4Net,
+        ip: Ipv4Addr,
+    },
+    #[error(
+        "--tun-name '{0}' is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
+    )]
+    TunName(String),
+    #[error("--pod-cidr {0} has host bits set; did you mean {1}?")]
+    PodCidrHostBits(Ipv4Net, Ipv4Net),
+    #[error("--pod-cidr {0} is too small: a node needs at least a /30")]
+    PodCidrTooSmall(Ipv4Net),
+}
+
+/// `run` flags after validation.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub node_name: String,
+    pub underlay_ip: Ipv4Addr,
+    pub underlay_dev: Option<String>,
+    pub encap: EncapArg,
+    pub vni: u32,
+    pub tun_name: String,
+    pub mtu: MtuArg,
+    pub cluster_cidr: Ipv4Net,
+    pub membership: Membership,
+    pub state_dir: PathBuf,
+    pub api: SocketAddr,
+    pub offload: bool,
+    pub heartbeat: Option<Duration>,
+}
+
+fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
+/// A DNS-1123 label, the same rule the control service applies.
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+impl RunArgs {
+    /// Checks the flags against each other.
+    pub fn validate(self) -> Result<RunConfig, ConfigError> {
+        if !valid_node_name(&self.node_name) {
+            return Err(ConfigError::NodeName(self.node_name));
+        }
+        if !valid_ifname(&self.tun_name) {
+            return Err(ConfigError::TunName(self.tun_name));
+        }
+        let membership = match (self.control, self.pod_cidr) {
+            (Some(url), _) => Membership::Control {
+                url,
+                token_file: self.token_file,
+            },
+            (None, Some(pod)) => {
+                validate_static(pod, &self.static_peer, self.cluster_cidr, self.underlay_ip)?;
+                Membership::Static {
+                    pod_cidr: pod,
+                    peers: self.static_peer,
+                }
+            }
+            // clap enforces one of the two; keep the type honest anyway.
+            (None, None) => unreachable!("clap requires --control or --pod-cidr"),
+        };
+        Ok(RunConfig {
+            node_name: self.node_name,
+            underlay_ip: self.underlay_ip,
+            underlay_dev: self.underlay_dev,
+            encap: self.encap,
+            vni: self.vni,
+            tun_name: self.tun_name,
+            mtu: self.mtu,
+            cluster_cidr: self.cluster_cidr,
+            membership,
+            state_dir: self.state_dir,
+            api: self.api,
+            offload: !self.no_offload,
+            heartbeat: self.heartbeat,
+        })
+    }
+}
+
+fn validate_static(
+    pod: Ipv4Net,
+    peers: &[StaticPeer],
+    cluster: Ipv4Net,
+    own_ip: Ipv4Addr,
+) -> Result<(), ConfigError> {
+    if pod.trunc() != pod {
+        return Err(ConfigError::PodCidrHostBits(pod, pod.trunc()));
+    }
+    if pod.prefix_len() > 30 {
+        return Err(ConfigError::PodCidrTooSmall(pod));
+    }
+    if !cluster.contains(&pod) {
+        return Err(ConfigError::PodCidrOutsideCluster { pod, cluster });
+    }
+    for (i, p) in peers.iter().enumerate() {
+        if !cluster.contains(&p.pod_cidr) {
+            return Err(ConfigError::PeerOutsideCluster {
+                peer: p.pod_cidr,
+                cluster,
+            });
+        }
+        if p.underlay_ip == own_ip {
+            return Err(ConfigError::PeerIsSelf {
+                cidr: p.pod_cidr,
+                ip: p.underlay_ip,
+            });
+        }
+        if overlaps(&p.pod_cidr, &pod) {
+            return Err(ConfigError::Overlap {
+                a: p.pod_cidr,
+                b: pod,
+            });
+        }
+        for q in &peers[..i] {
+            if overlaps(&p.pod_cidr, &q.pod_cidr) {
+                return Err(ConfigError::Overlap {
+                    a: q.pod_cidr,
+                    b: p.pod_cidr,
+                });
+            }
+            if p.underlay_ip == q.underlay_ip {
+                return Err(ConfigError::DuplicateUnderlay {
+                    a: q.pod_cidr,
+                    b: p.pod_cidr,
+                    ip: p.underlay_ip,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<RunConfig, String> {
+        let mut argv = vec!["podnet-agent", "run"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Run(a) => a.validate().map_err(|e| e.to_string()),
+            _ => unreachable!(),
+        }
+    }
+
+    const BASE: [&str; 6] = [
+        "--node-name",
+        "h1",
+        "--underlay-ip",
+        "198.18.0.1",
+        "--encap",
+        "vxlan",
+    ];
+
+    fn with(extra: &[&'static str]) -> Result<RunConfig, String> {
+        let mut v: Vec<&str> = BASE.to_vec();
+        v.extend_from_slice(extra);
+        run(&v)
+    }
+
+    #[test]
+    fn static_peer_parses_with_and_without_mac() {
+        let p: StaticPeer = "10.244.2.0/24=198.18.0.2".parse().unwrap();
+        assert_eq!(p.underlay_ip, Ipv4Addr::new(198, 18, 0, 2));
+        assert_eq!(p.vtep_mac.to_string(), "02:00:c6:12:00:02");
+        let p: StaticPeer = "10.244.3.0/24=198.18.0.3@02:aa:bb:cc:dd:ee"
+            .parse()
+            .unwrap();
+        assert_eq!(p.vtep_mac.to_string(), "02:aa:bb:cc:dd:ee");
+        assert!("10.244.2.0/24".parse::<StaticPeer>().is_err());
+        assert!("10.244.2.1/24=198.18.0.2"
+            .parse::<StaticPeer>()
+            .unwrap_err()
+            .contains("host bits"));
+        assert!("10.244.2.0/24=nope".parse::<StaticPeer>().is_err());
+        assert!("10.244.2.0/24=198.18.0.2@zz".parse::<StaticPeer>().is_err());
+    }
+
+    #[test]
+    fn static_mode_accepts_a_consistent_node() {
+        let c = with(&[
+            "--pod-cidr",
+            "10.244.1.0/24",
+            "--static-peer",
+            "10.244.2.0/24=198.18.0.2",
+            "--static-peer",
+            "10.244.3.0/24=198.18.0.3",
+        ])
+        .unwrap();
+        assert!(c.offload);
+        assert_eq!(c.tun_name, "tunl0");
+        assert_eq!(c.mtu, MtuArg::Auto);
+        match c.membership {
+            Membership::Static { peers, .. } => assert_eq!(peers.len(), 2),
+            m => panic!("{m:?}"),
+        }
+    }
+
+    #[test]
+    fn rejects_overlapping_and_out_of_cluster_peers() {
+        let e = with(&[
+            "--pod-cidr",
+            "10.244.1.0/24",
+            "--static-peer",
+            "10.244.2.0/24=198.18.0.2",
+            "--static-peer",
+            "10.244.2.128/25=198.18.0.3",
+        ])
+        .unwrap_err();
+        assert!(e.contains("overlaps"), "{e}");
+        let e = with(&[
+            "--pod-cidr",
+            "10.244.1.0/24",
+            "--static-peer",
+            "10.244.1.0/25=198.18.0.3",
+        ])
+        .unwrap_err();
+        assert!(e.contains("overlaps"), "{e}");
+        let e = with(&["--pod-cidr", "10.99.1.0/24"]).unwrap_err();
+        assert!(e.contains("outside --cluster-cidr"), "{e}");
+        let e = with(&[
+            "--pod-cidr",
+            "10.244.1.0/24",
+            "--static-peer",
+            "10.99.0.0/24=198.18.0.2",
+        ])
+        .unwrap_err();
+        assert!(e.contains("outside --cluster-cidr"), "{e}");
+        let e = with(&[
+            "--pod-cidr",
+            "10.244.1.0/24",
+            "--static-peer",
+            "10.244.2.0/24=198.18.0.1",
+        ])
+        .unwrap_err();
+        assert!(e.contains("own underlay IP"), "{e}");
+    }
+
+    #[test]
+    fn rejects_malformed_flags() {
+        assert!(with(&[]).unwrap_err().contains("--pod-cidr"));
+        assert!(with(&["--pod-cidr", "10.244.1.0/24", "--control", "http://x"]).is_err());
+        assert!(with(&["--pod-cidr", "10.244.1.0/24", "--vni", "16777216"]).is_err());
+        assert!(with(&["--pod-cidr", "10.244.1.0/24", "--mtu", "12"])
+            .unwrap_err()
+            .contains("MTU"));
+        assert!(with(&["--pod-cidr", "10.244.1.0/24", "--tun-name", "a/b"])
+            .unwrap_err()
+            .contains("--tun-name"));
+        let e = run(&[
+            "--node-name",
+            "H_1",
+            "--underlay-ip",
+            "198.18.0.1",
+            "--encap",
+            "ipip",
+            "--pod-cidr",
+            "10.244.1.0/24",
+        ])
+        .unwrap_err();
+        assert!(e.contains("node name"), "{e}");
+        assert!(run(&[
+            "--node-name",
+            "h1",
+            "--underlay-ip",
+            "198.18.0.1",
+            "--encap",
+            "gre",
+            "--pod-cidr",
+            "10.244.1.0/24"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn control_mode_needs_no_pod_cidr() {
+        let c = with(&["--control", "http://198.18.0.1:7800", "--no-offload"]).unwrap();
+        assert!(!c.offload);
+        assert!(matches!(c.membership, Membership::Control { .. }));
+    }
+}
