@@ -124,6 +124,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("membership").required(true).args(["control", "pod_cidr"])
+))]
 pub struct RunArgs {
     /// This node's name (a DNS label: a-z, 0-9 and '-').
     #[arg(long)]
@@ -147,7 +150,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "auto")]
     pub mtu: MtuArg,
     /// URL of podnet-control; the node's pod CIDR and peers come from it.
-    #[arg(long, conflicts_with_all = ["pod_cidr", "static_peer"], required_unless_present = "pod_cidr")]
+    #[arg(long, conflicts_with_all = ["pod_cidr", "static_peer"])]
     pub control: Option<String>,
     /// File holding the bearer token for podnet-control.
     #[arg(long, requires = "control")]
