@@ -127,6 +127,8 @@ pub struct ClientStats {
     pub renewals: u64,
     /// Failed renewal attempts (retried).
     pub renew_failures: u64,
+    /// A watch stream is open right now.
+    pub watching: bool,
 }
 
 #[derive(Default)]
@@ -136,6 +138,7 @@ struct Counters {
     events: AtomicU64,
     renewals: AtomicU64,
     renew_failures: AtomicU64,
+    watching: std::sync::atomic::AtomicBool,
 }
 
 struct Inner {
@@ -208,6 +211,7 @@ impl Client {
             events: load(&c.events),
             renewals: load(&c.renewals),
             renew_failures: load(&c.renew_failures),
+            watching: c.watching.load(Ordering::Relaxed),
         }
     }
 
@@ -450,6 +454,7 @@ impl Client {
             match self.watch_stream(Some(current.revision)).await {
                 Ok(mut stream) => {
                     counters.watch_connects.fetch_add(1, Ordering::Relaxed);
+                    counters.watching.store(true, Ordering::Relaxed);
                     backoff.reset();
                     tracing::debug!(since = current.revision, "watching nodes");
                     loop {
@@ -471,6 +476,7 @@ impl Client {
                             }
                         }
                     }
+                    counters.watching.store(false, Ordering::Relaxed);
                     table = Some(current);
                 }
                 Err(e) if e.status() == Some(StatusCode::GONE.as_u16()) => {

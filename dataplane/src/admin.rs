@@ -107,11 +107,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
         info: &agent.info,
         uptime_s: agent.started.elapsed().as_secs(),
         table_revision: agent.shared.table.load().revision(),
-        control_connected: agent
-            .info
-            .control
-            .as_ref()
-            .map(|_| agent.membership.connected.load(Relaxed)),
+        control_connected: agent.control.as_ref().map(|c| c.stats().watching),
         peers: peers(&agent),
         counters: agent.shared.forwarder.counters().snapshot(),
         io_errors: IoErrorsBody {
@@ -290,12 +286,28 @@ pub fn render_metrics(agent: &Agent) -> String {
         ]
         .map(|(name, on)| (format!("offload=\"{name}\""), u64::from(on))),
     );
-    if info.control.is_some() {
+    if let Some(client) = &agent.control {
+        let stats = client.stats();
         m.family(
             "podnet_agent_control_connected",
             "gauge",
             "Whether the watch on podnet-control is established.",
-            one(u64::from(agent.membership.connected.load(Relaxed))),
+            one(u64::from(stats.watching)),
+        );
+        m.family(
+            "podnet_agent_control_watch_connects_total",
+            "counter",
+            "Watch connections opened to podnet-control (reconnects included).",
+            one(stats.watch_connects),
+        );
+        m.family(
+            "podnet_agent_lease_renewals_total",
+            "counter",
+            "Lease renewals, by result.",
+            [
+                ("result=\"ok\"".to_string(), stats.renewals),
+                ("result=\"failed\"".to_string(), stats.renew_failures),
+            ],
         );
         m.family(
             "podnet_agent_table_updates_total",

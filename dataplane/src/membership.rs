@@ -8,7 +8,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,7 +45,6 @@ pub enum MembershipError {
 /// Live state of the membership task, for `/status` and `/metrics`.
 #[derive(Debug, Default)]
 pub struct Status {
-    pub connected: AtomicBool,
     /// Control-plane revision of the table in use.
     pub revision: AtomicU64,
     pub table_updates: AtomicU64,
@@ -218,7 +217,6 @@ pub async fn run(session: Session, agent: Arc<Agent>) {
     persist(&state_file, &name, pod_cidr, &table);
     let renew = {
         let (client, name, req) = (client.clone(), name.clone(), req.clone());
-        let agent = Arc::clone(&agent);
         tokio::spawn(async move {
             let mut lease = lease;
             loop {
@@ -228,7 +226,6 @@ pub async fn run(session: Session, agent: Arc<Agent>) {
                         Ok(l) => l,
                         Err(e) => {
                             tracing::error!(error = %e, "control service refused this node");
-                            agent.membership.connected.store(false, Relaxed);
                             return;
                         }
                     },
@@ -253,7 +250,6 @@ pub async fn run(session: Session, agent: Arc<Agent>) {
     };
     let mut applied = rx.borrow().revision;
     agent.membership.revision.store(applied, Relaxed);
-    agent.membership.connected.store(true, Relaxed);
     while rx.changed().await.is_ok() {
         let table = rx.borrow_and_update().clone();
         if table.revision == applied {
