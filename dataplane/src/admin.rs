@@ -1,5 +1,5 @@
-//! The agent's local admin API (`/status`, `/routes`, `/metrics`) and the `status` / `routes`
-//! commands that read it.
+//! The agent's local admin API (`/status`, `/routes`, `/metrics`, `/why`, `/drops`) and the
+//! `status` / `routes` / `why` / `drops` commands that read it.
 //!
 //! Handlers only read atomics and the current route table (`ArcSwap::load`), so scraping never
 //! slows the data path. Metric names follow the Prometheus conventions (`podnet_agent_` prefix,
@@ -7,10 +7,11 @@
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -20,7 +21,9 @@ use podnet_proto::ethernet::MacAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{Agent, NodeInfo};
-use crate::drops::{CountersSnapshot, PeerStats};
+use crate::drops::{CountersSnapshot, DropReason, PeerStats};
+use crate::dropwatch::DropSample;
+use crate::why::{self, Answer};
 
 /// One peer in `/status`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -33,6 +36,8 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     pub rx_packets: u64,
     pub rx_bytes: u64,
+    /// Packets from this peer dropped, by reason (every reason listed).
+    pub drops: std::collections::BTreeMap<String, u64>,
 }
 
 /// Body of `/status`.
@@ -73,12 +78,202 @@ pub struct RoutesBody {
     pub routes: Vec<RouteRow>,
 }
 
+/// The admin API. Also starts (on the current tokio runtime) the coarse clock that refills the
+/// drop sampler's buckets; it stops when the agent is dropped.
 pub fn router(agent: Arc<Agent>) -> Router {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(drop_clock(Arc::downgrade(&agent)));
+    }
     Router::new()
         .route("/status", get(status))
         .route("/routes", get(routes))
         .route("/metrics", get(metrics))
+        .route("/why", get(why_handler))
+        .route("/drops", get(drops_handler))
         .with_state(agent)
+}
+
+/// Wall-clock Unix time in milliseconds (0 if the clock is before 1970).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn drop_clock(agent: Weak<Agent>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let Some(agent) = agent.upgrade() else {
+            return;
+        };
+        agent.shared.forwarder.counters().watch.tick(unix_ms());
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct WhyQuery {
+    ip: Ipv4Addr,
+}
+
+async fn why_handler(State(agent): State<Arc<Agent>>, Query(q): Query<WhyQuery>) -> Json<Answer> {
+    let answer = {
+        let table = agent.shared.table.load();
+        why::explain(
+            agent.shared.forwarder.config(),
+            &table,
+            q.ip,
+            agent.control.is_some(),
+        )
+    };
+    let (Some(client), Some(peer)) = (&agent.control, &answer.peer) else {
+        return Json(answer);
+    };
+    // The lease as the control service sees it now; if it cannot say, the answer says so.
+    let answer = match tokio::time::timeout(Duration::from_secs(2), client.node(&peer.node)).await {
+        Ok(Ok(node)) => answer.with_control(Some(&node), unix_ms()),
+        Ok(Err(e)) if e.status() == Some(404) => answer.with_control(None, unix_ms()),
+        _ => answer,
+    };
+    Json(answer)
+}
+
+/// One sample in `/drops`, with the sending peer's name when the outer source is a peer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DropRow {
+    #[serde(flatten)]
+    pub sample: DropSampleBody,
+    pub peer: Option<String>,
+}
+
+/// [`DropSample`] as JSON (the CLI reads it back).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DropSampleBody {
+    pub seq: u64,
+    pub time_ms: u64,
+    pub reason: String,
+    pub direction: String,
+    pub outer_src: Option<Ipv4Addr>,
+    pub inner_src: Option<Ipv4Addr>,
+    pub inner_dst: Option<Ipv4Addr>,
+    pub protocol: Option<u8>,
+    pub len: u32,
+}
+
+impl From<DropSample> for DropSampleBody {
+    fn from(s: DropSample) -> Self {
+        Self {
+            seq: s.seq,
+            time_ms: s.time_ms,
+            reason: s.reason.name().into(),
+            direction: match s.direction {
+                crate::dropwatch::Direction::Tx => "tx".into(),
+                crate::dropwatch::Direction::Rx => "rx".into(),
+            },
+            outer_src: s.outer_src,
+            inner_src: s.inner_src,
+            inner_dst: s.inner_dst,
+            protocol: s.protocol,
+            len: s.len,
+        }
+    }
+}
+
+/// Body of `/drops?since=SEQ`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DropsBody {
+    /// Sequence number of the newest sample: pass it as `since` next time.
+    pub last_seq: u64,
+    /// Drops counted so far (all reasons); the difference to the samples is what the rate
+    /// limit left out.
+    pub drops_total: u64,
+    /// Samples recorded so far.
+    pub sampled_total: u64,
+    pub samples: Vec<DropRow>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DropsQuery {
+    #[serde(default)]
+    since: u64,
+}
+
+async fn drops_handler(
+    State(agent): State<Arc<Agent>>,
+    Query(q): Query<DropsQuery>,
+) -> Json<DropsBody> {
+    let counters = agent.shared.forwarder.counters();
+    let watch = &counters.watch;
+    let sampled_total = watch.sampled();
+    let table = agent.shared.table.load();
+    let samples = watch
+        .since(q.since)
+        .into_iter()
+        .map(|s| DropRow {
+            peer: s
+                .outer_src
+                .and_then(|ip| table.by_underlay(ip))
+                .map(|i| table.peer(i).node.clone()),
+            sample: s.into(),
+        })
+        .collect();
+    Json(DropsBody {
+        last_seq: sampled_total,
+        drops_total: counters.total_drops(),
+        sampled_total,
+        samples,
+    })
+}
+
+/// Buckets of [`Histogram`], in seconds (upper bounds; `+Inf` is implied).
+pub const CONVERGENCE_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A lock-free Prometheus histogram over [`CONVERGENCE_BUCKETS`] (durations in seconds).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Non-cumulative count per bucket; the last slot is `+Inf`.
+    buckets: [AtomicU64; CONVERGENCE_BUCKETS.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = CONVERGENCE_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(CONVERGENCE_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// Appends the `_bucket`, `_sum` and `_count` lines of family `name`.
+    fn render(&self, out: &mut Exposition, name: &str, help: &str) {
+        let _ = writeln!(out.0, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            cumulative += n.load(Relaxed);
+            let le = CONVERGENCE_BUCKETS
+                .get(i)
+                .map(|b| b.to_string())
+                .unwrap_or_else(|| "+Inf".into());
+            let _ = writeln!(out.0, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out.0, "{name}_sum {sum}");
+        let _ = writeln!(out.0, "{name}_count {}", self.count());
+    }
 }
 
 fn peers(agent: &Agent) -> Vec<PeerStatus> {
@@ -86,7 +281,8 @@ fn peers(agent: &Agent) -> Vec<PeerStatus> {
     table
         .iter()
         .map(|(p, c)| {
-            let PeerStats { tx, rx } = c.snapshot();
+            let stats = c.snapshot();
+            let PeerStats { tx, rx, .. } = stats;
             PeerStatus {
                 node: p.node.clone(),
                 underlay_ip: p.underlay_ip,
@@ -96,6 +292,10 @@ fn peers(agent: &Agent) -> Vec<PeerStatus> {
                 tx_bytes: tx.bytes,
                 rx_packets: rx.packets,
                 rx_bytes: rx.bytes,
+                drops: stats
+                    .drop_counts()
+                    .map(|(r, n)| (r.name().to_string(), n))
+                    .collect(),
             }
         })
         .collect()
@@ -171,6 +371,19 @@ impl Exposition {
     }
 }
 
+/// Drop reasons that can be charged to a known sending peer.
+const PEER_REASONS: [DropReason; 5] = [
+    DropReason::Malformed,
+    DropReason::NotIpv4,
+    DropReason::WrongVni,
+    DropReason::NotLocal,
+    DropReason::Spoofed,
+];
+
+fn c_watch_sampled(agent: &Agent) -> u64 {
+    agent.shared.forwarder.counters().watch.sampled()
+}
+
 fn one(value: u64) -> [(String, u64); 1] {
     [(String::new(), value)]
 }
@@ -244,6 +457,28 @@ pub fn render_metrics(agent: &Agent) -> String {
         per_peer(|p| (p.tx_bytes, p.rx_bytes)),
     );
     m.family(
+        "podnet_agent_peer_drops_total",
+        "counter",
+        "Packets from each peer dropped by the inbound checks, by reason.",
+        peers
+            .iter()
+            .flat_map(|p| {
+                PEER_REASONS.iter().map(move |r| {
+                    (
+                        format!("peer=\"{}\",reason=\"{}\"", p.node, r.name()),
+                        p.drops.get(r.name()).copied().unwrap_or(0),
+                    )
+                })
+            })
+            .collect::<Vec<_>>(),
+    );
+    m.family(
+        "podnet_agent_drop_samples_total",
+        "counter",
+        "Drops recorded for `podnet-agent drops --watch` (rate-limited per reason).",
+        one(c_watch_sampled(agent)),
+    );
+    m.family(
         "podnet_agent_icmp_sent_total",
         "counter",
         "ICMP errors written back into the TUN device.",
@@ -272,6 +507,18 @@ pub fn render_metrics(agent: &Agent) -> String {
         "gauge",
         "Control-plane revision of the forwarding table.",
         one(table.revision()),
+    );
+    m.family(
+        "podnet_agent_overlay_mtu_bytes",
+        "gauge",
+        "MTU of the TUN device: the largest pod packet carried without ICMP fragmentation-needed.",
+        one(u64::from(info.mtu)),
+    );
+    m.family(
+        "podnet_agent_uptime_seconds",
+        "gauge",
+        "Seconds since the agent started.",
+        one(agent.started.elapsed().as_secs()),
     );
     let o = info.offloads;
     m.family(
@@ -314,6 +561,11 @@ pub fn render_metrics(agent: &Agent) -> String {
             "counter",
             "Node-table changes applied from the control service.",
             one(agent.membership.table_updates.load(Relaxed)),
+        );
+        agent.membership.convergence.render(
+            &mut m,
+            "podnet_agent_route_convergence_seconds",
+            "Time from a node's registration with podnet-control to its route being installed here.",
         );
     }
     m.0
@@ -443,6 +695,27 @@ pub fn format_status(v: &serde_json::Value) -> String {
             p["rx_packets"]
         );
     }
+    let peer_drops: Vec<String> = v["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| {
+            let node = display(&p["node"]);
+            p["drops"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+                .map(move |(r, n)| format!("  {node:<20} {r:<18} {n}"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if !peer_drops.is_empty() {
+        let _ = writeln!(out, "\nDROPS BY PEER");
+        for line in peer_drops {
+            let _ = writeln!(out, "{line}");
+        }
+    }
     let _ = writeln!(out, "\nDROPS");
     if let Some(d) = c["drops"].as_object() {
         for (reason, n) in d {
@@ -472,6 +745,35 @@ pub fn format_routes(v: &serde_json::Value) -> String {
         );
     }
     out
+}
+
+/// One line of `podnet-agent drops`: UTC time, reason, direction, addresses, peer.
+pub fn format_drop(row: &DropRow) -> String {
+    let s = &row.sample;
+    let ms = s.time_ms % 86_400_000;
+    let time = format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    );
+    let inner = match (s.inner_src, s.inner_dst) {
+        (Some(src), Some(dst)) => format!(
+            "{src} -> {dst} proto {}",
+            s.protocol.map(|p| p.to_string()).unwrap_or_default()
+        ),
+        _ => "(no inner IPv4 header)".into(),
+    };
+    let from = match (s.outer_src, &row.peer) {
+        (Some(ip), Some(peer)) => format!(" from {peer} ({ip})"),
+        (Some(ip), None) => format!(" from {ip} (not a peer)"),
+        _ => String::new(),
+    };
+    format!(
+        "{time} #{:<5} {:<16} {}{from} {inner} len {}",
+        s.seq, s.reason, s.direction, s.len
+    )
 }
 
 fn display(v: &serde_json::Value) -> String {

@@ -35,6 +35,31 @@ pub enum Command {
     Status(ApiArgs),
     /// Show the longest-prefix-match table of a running agent.
     Routes(ApiArgs),
+    /// Explain where a packet to IP goes from this node: the matching prefix, peer, underlay
+    /// address, VTEP MAC, encapsulation, MTU and lease, or the reason it would be dropped.
+    Why(WhyArgs),
+    /// Show drops sampled by a running agent (reason, addresses, peer); rate-limited per reason.
+    Drops(DropsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WhyArgs {
+    /// Destination address to explain (e.g. a pod IP).
+    pub ip: Ipv4Addr,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DropsArgs {
+    /// Keep polling and print each new drop as it is sampled (Ctrl-C to stop).
+    #[arg(long)]
+    pub watch: bool,
+    /// With --watch: stop after this long (e.g. 10s); runs until interrupted when absent.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 #[derive(Debug, Args)]

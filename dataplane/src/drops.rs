@@ -5,11 +5,17 @@
 //! (one per peer, shared across route-table rebuilds) are plain `AtomicU64`s updated with
 //! relaxed ordering: the hot path never locks or allocates, and readers (`/status`,
 //! `/metrics`) take a snapshot that is consistent per counter, not across counters.
+//!
+//! [`Counters::record_drop`] is the one call the forwarder makes per dropped packet: it counts
+//! the drop node-wide and against the sending peer when there is one, and offers the packet to
+//! the rate-limited [`DropWatch`] behind `podnet-agent drops --watch`.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde::Serialize;
+
+use crate::dropwatch::{DropContext, DropWatch};
 
 /// Why the forwarder dropped a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -139,6 +145,8 @@ pub struct Counters {
     pub rx: Traffic,
     /// ICMP errors written back into `tunl0`.
     pub icmp_sent: AtomicU64,
+    /// Samples of recent drops.
+    pub watch: DropWatch,
 }
 
 impl Counters {
@@ -151,6 +159,22 @@ impl Counters {
     #[inline]
     pub fn count_drop(&self, reason: DropReason) {
         self.drops[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    /// Counts one dropped packet node-wide and against `peer` (the peer that sent it, when it
+    /// came from one), and offers it to the drop sampler.
+    #[inline]
+    pub fn record_drop(
+        &self,
+        reason: DropReason,
+        peer: Option<&PeerCounters>,
+        ctx: &DropContext<'_>,
+    ) {
+        self.count_drop(reason);
+        if let Some(p) = peer {
+            p.count_drop(reason);
+        }
+        self.watch.offer(reason, ctx);
     }
 
     /// Packets dropped for `reason` so far.
@@ -211,23 +235,49 @@ pub struct PeerCounters {
     pub tx: Traffic,
     /// Packets from this peer delivered to `tunl0`.
     pub rx: Traffic,
+    /// Packets from this peer dropped, by reason (inbound checks after the sender is known:
+    /// `malformed`, `not_ipv4`, `wrong_vni`, `not_local`, `spoofed`).
+    drops: [AtomicU64; DropReason::ALL.len()],
 }
 
 impl PeerCounters {
+    /// Counts one packet from this peer dropped for `reason`.
+    #[inline]
+    pub fn count_drop(&self, reason: DropReason) {
+        self.drops[reason.index()].fetch_add(1, Relaxed);
+    }
+
     /// A serialisable copy.
     pub fn snapshot(&self) -> PeerStats {
         PeerStats {
             tx: self.tx.snapshot(),
             rx: self.rx.snapshot(),
+            drops: std::array::from_fn(|i| self.drops[i].load(Relaxed)),
         }
     }
 }
 
-/// Values read from [`PeerCounters`].
+/// Values read from [`PeerCounters`]; `drops` is indexed like [`DropReason::ALL`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PeerStats {
     pub tx: TrafficSnapshot,
     pub rx: TrafficSnapshot,
+    #[serde(serialize_with = "peer_drops_as_map")]
+    pub drops: [u64; DropReason::ALL.len()],
+}
+
+impl PeerStats {
+    /// Every reason with its count for this peer, in [`DropReason::ALL`] order.
+    pub fn drop_counts(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL.iter().map(|&r| (r, self.drops[r.index()]))
+    }
+}
+
+fn peer_drops_as_map<S: serde::Serializer>(
+    drops: &[u64; DropReason::ALL.len()],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(DropReason::ALL.iter().map(|r| (r.name(), drops[r.index()])))
 }
 
 #[cfg(test)]
@@ -307,6 +357,27 @@ mod tests {
         );
         assert_eq!(json["icmp_sent"], 1);
         assert_eq!(json["tx"]["packets"], 0);
+    }
+
+    #[test]
+    fn record_drop_counts_node_peer_and_samples() {
+        let c = Counters::new();
+        let p = PeerCounters::default();
+        let from = std::net::Ipv4Addr::new(198, 18, 0, 2);
+        c.record_drop(DropReason::Spoofed, Some(&p), &DropContext::rx(from, &[]));
+        c.record_drop(DropReason::UnknownPeer, None, &DropContext::rx(from, &[]));
+        assert_eq!(c.drops(DropReason::Spoofed), 1);
+        assert_eq!(c.drops(DropReason::UnknownPeer), 1);
+        let stats = p.snapshot();
+        assert_eq!(stats.drops[DropReason::Spoofed.index()], 1);
+        assert_eq!(stats.drop_counts().map(|(_, n)| n).sum::<u64>(), 1);
+        let json = serde_json::to_value(stats).unwrap();
+        assert_eq!(json["drops"]["spoofed"], 1);
+        assert_eq!(json["drops"]["unknown_peer"], 0);
+        let samples = c.watch.since(0);
+        assert_eq!(samples.len(), 2);
+        assert_eq!(samples[1].reason, DropReason::UnknownPeer);
+        assert_eq!(samples[1].outer_src, Some(from));
     }
 
     #[test]

@@ -30,6 +30,7 @@ use podnet_proto::vxlan::{self, Vni};
 use podnet_proto::{ipip, WireError};
 
 use crate::drops::{Counters, DropReason};
+use crate::dropwatch::DropContext;
 use crate::table::{Peer, RouteTable};
 
 /// Bytes the caller must reserve in front of an outbound packet: room for the largest
@@ -171,26 +172,9 @@ impl Forwarder {
     }
 
     /// Routing for a valid packet to `dst`.
+    #[inline]
     fn route(&self, table: &RouteTable, dst: Ipv4Addr) -> Route {
-        if self.config.pod_cidr.contains(&dst) {
-            return Route::Drop(DropReason::OwnCidr);
-        }
-        if !self.config.cluster_cidr.contains(&dst) {
-            return Route::Unreachable {
-                reason: DropReason::OutsideCluster,
-                code: icmp::code::NET_UNREACHABLE,
-            };
-        }
-        match table.lookup(dst) {
-            None => Route::Unreachable {
-                reason: DropReason::NoRoute,
-                code: icmp::code::HOST_UNREACHABLE,
-            },
-            Some(i) if table.peer(i).underlay_ip == self.config.underlay_ip => {
-                Route::Drop(DropReason::OwnCidr)
-            }
-            Some(i) => Route::Peer(i),
-        }
+        route(&self.config, table, dst)
     }
 
     /// Handles one packet read from `tunl0`, sitting at `buf[start..start + len]` with at least
@@ -219,7 +203,7 @@ impl Forwarder {
         );
         let ip = match parse_ipv4(&buf[start..start + len]) {
             Ok(ip) => ip,
-            Err(reason) => return self.drop(reason),
+            Err(reason) => return self.drop(reason, &buf[start..start + len]),
         };
         let packet = ip.packet();
         let index = match self.route(table, ip.dst()) {
@@ -227,7 +211,7 @@ impl Forwarder {
             Route::Unreachable { reason, code } => {
                 return self.reject(packet, reason, code, 0, scratch);
             }
-            Route::Drop(reason) => return self.drop(reason),
+            Route::Drop(reason) => return self.drop(reason, packet),
         };
         let total_len = packet.len();
         if total_len > usize::from(self.config.mtu) {
@@ -244,13 +228,13 @@ impl Forwarder {
                     scratch,
                 );
             }
-            return self.drop(DropReason::TooBig);
+            return self.drop(DropReason::TooBig, packet);
         }
         let peer = table.peer(index);
         let end = start + total_len;
         let new_start = match self.encapsulate(peer, buf, start, total_len) {
             Ok(s) => s,
-            Err(_) => return self.drop(DropReason::Malformed),
+            Err(_) => return self.drop(DropReason::Malformed, &buf[start..end]),
         };
         self.counters.tx.add(total_len);
         table.counters(index).tx.add(total_len);
@@ -336,15 +320,21 @@ impl Forwarder {
         // The source is read before the outer header is validated so that packets from
         // strangers are counted as such, whatever their shape.
         let Some(src) = outer.get(12..16) else {
-            return self.deliver_drop(DropReason::Malformed);
+            let ctx = DropContext {
+                outer_src: None,
+                ..DropContext::rx(Ipv4Addr::UNSPECIFIED, outer)
+            };
+            return self.deliver_drop(DropReason::Malformed, table, None, ctx);
         };
         let src = Ipv4Addr::new(src[0], src[1], src[2], src[3]);
+        // For the drop sampler only: where the inner packet would start.
+        let ctx = DropContext::rx(src, outer.get(ipv4::HEADER_LEN..).unwrap_or_default());
         let Some(index) = table.by_underlay(src) else {
-            return self.deliver_drop(DropReason::UnknownPeer);
+            return self.deliver_drop(DropReason::UnknownPeer, table, None, ctx);
         };
         let inner = match ipip::decapsulate(outer) {
             Ok((_, inner)) => inner,
-            Err(_) => return self.deliver_drop(DropReason::Malformed),
+            Err(_) => return self.deliver_drop(DropReason::Malformed, table, Some(index), ctx),
         };
         self.inner(table, index, inner)
     }
@@ -362,35 +352,43 @@ impl Forwarder {
         outer_src: Ipv4Addr,
         udp_payload: &'a [u8],
     ) -> Inbound<'a> {
+        // For the drop sampler only: where the inner packet would start.
+        let ctx = DropContext::rx(
+            outer_src,
+            udp_payload.get(vxlan::ENCAP_LEN..).unwrap_or_default(),
+        );
         let Some(index) = table.by_underlay(outer_src) else {
-            return self.deliver_drop(DropReason::UnknownPeer);
+            return self.deliver_drop(DropReason::UnknownPeer, table, None, ctx);
         };
         let frame = match vxlan::decapsulate(udp_payload) {
             Ok(f) => f,
-            Err(WireError::BadEtherType(_)) => return self.deliver_drop(DropReason::NotIpv4),
-            Err(_) => return self.deliver_drop(DropReason::Malformed),
+            Err(WireError::BadEtherType(_)) => {
+                return self.deliver_drop(DropReason::NotIpv4, table, Some(index), ctx)
+            }
+            Err(_) => return self.deliver_drop(DropReason::Malformed, table, Some(index), ctx),
         };
         let expected = match self.config.encap {
             Encap::Vxlan { vni } => vni,
             Encap::Ipip => Vni::default(),
         };
         if frame.vni != expected {
-            return self.deliver_drop(DropReason::WrongVni);
+            return self.deliver_drop(DropReason::WrongVni, table, Some(index), ctx);
         }
         self.inner(table, index, frame.inner)
     }
 
     /// Inner-packet checks shared by both encapsulations; `index` is the sending peer.
     fn inner<'a>(&self, table: &RouteTable, index: usize, inner: &'a [u8]) -> Inbound<'a> {
+        let ctx = DropContext::rx(table.peer(index).underlay_ip, inner);
         let ip = match parse_ipv4(inner) {
             Ok(ip) => ip,
-            Err(reason) => return self.deliver_drop(reason),
+            Err(reason) => return self.deliver_drop(reason, table, Some(index), ctx),
         };
         if !self.config.pod_cidr.contains(&ip.dst()) {
-            return self.deliver_drop(DropReason::NotLocal);
+            return self.deliver_drop(DropReason::NotLocal, table, Some(index), ctx);
         }
         if !table.peer(index).pod_cidr.contains(&ip.src()) {
-            return self.deliver_drop(DropReason::Spoofed);
+            return self.deliver_drop(DropReason::Spoofed, table, Some(index), ctx);
         }
         // Trailing bytes after the IPv4 total length (link padding) are not delivered.
         let packet = &inner[..ip.total_len()];
@@ -407,21 +405,56 @@ impl Forwarder {
         mtu: u16,
         scratch: &'a mut [u8],
     ) -> Outbound<'a> {
-        self.counters.count_drop(reason);
+        self.counters
+            .record_drop(reason, None, &DropContext::tx(packet));
         match self.icmp_error(packet, code, mtu, scratch) {
             Some(reply) => Outbound::Reply(reply),
             None => Outbound::Drop(reason),
         }
     }
 
-    fn drop<'a>(&self, reason: DropReason) -> Outbound<'a> {
-        self.counters.count_drop(reason);
+    fn drop<'a>(&self, reason: DropReason, packet: &[u8]) -> Outbound<'a> {
+        self.counters
+            .record_drop(reason, None, &DropContext::tx(packet));
         Outbound::Drop(reason)
     }
 
-    fn deliver_drop<'a>(&self, reason: DropReason) -> Inbound<'a> {
-        self.counters.count_drop(reason);
+    /// Counts an inbound drop, against the sending peer at `peer` when it is known.
+    fn deliver_drop<'a>(
+        &self,
+        reason: DropReason,
+        table: &RouteTable,
+        peer: Option<usize>,
+        ctx: DropContext<'_>,
+    ) -> Inbound<'a> {
+        let peer = peer.map(|i| &**table.counters(i));
+        self.counters.record_drop(reason, peer, &ctx);
         Inbound::Drop(reason)
+    }
+}
+
+/// The routing rules for a valid packet to `dst` from `config`'s node, in the order
+/// [`Forwarder::classify`] documents; shared with `podnet-agent why`.
+#[inline]
+pub fn route(config: &NodeConfig, table: &RouteTable, dst: Ipv4Addr) -> Route {
+    if config.pod_cidr.contains(&dst) {
+        return Route::Drop(DropReason::OwnCidr);
+    }
+    if !config.cluster_cidr.contains(&dst) {
+        return Route::Unreachable {
+            reason: DropReason::OutsideCluster,
+            code: icmp::code::NET_UNREACHABLE,
+        };
+    }
+    match table.lookup(dst) {
+        None => Route::Unreachable {
+            reason: DropReason::NoRoute,
+            code: icmp::code::HOST_UNREACHABLE,
+        },
+        Some(i) if table.peer(i).underlay_ip == config.underlay_ip => {
+            Route::Drop(DropReason::OwnCidr)
+        }
+        Some(i) => Route::Peer(i),
     }
 }
 

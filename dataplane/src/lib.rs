@@ -8,9 +8,11 @@ pub mod agent;
 pub mod cli;
 pub mod datapath;
 pub mod drops;
+pub mod dropwatch;
 pub mod forward;
 pub mod lpm;
 pub mod membership;
 #[allow(unsafe_code)] // OS shells: the only unsafe in podnet; every block has a SAFETY comment.
 pub mod sys;
 pub mod table;
+pub mod why;

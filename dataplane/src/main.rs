@@ -3,8 +3,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use podnet_dataplane::admin;
-use podnet_dataplane::cli::{ApiArgs, Cli, Command};
+use podnet_dataplane::admin::{self, DropsBody};
+use podnet_dataplane::cli::{ApiArgs, Cli, Command, DropsArgs};
+use podnet_dataplane::why;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -23,6 +24,17 @@ fn main() -> ExitCode {
             .and_then(|cfg| podnet_dataplane::agent::run(cfg).map_err(|e| e.to_string())),
         Command::Status(a) => query(&a, "/status", admin::format_status),
         Command::Routes(a) => query(&a, "/routes", admin::format_routes),
+        Command::Why(w) => {
+            query(
+                &w.api,
+                &format!("/why?ip={}", w.ip),
+                |v| match serde_json::from_value::<why::Answer>(v.clone()) {
+                    Ok(a) => why::format(&a),
+                    Err(e) => format!("unexpected answer from the agent: {e}\n{v}\n"),
+                },
+            )
+        }
+        Command::Drops(d) => drops(&d),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -47,4 +59,86 @@ fn query(a: &ApiArgs, path: &str, format: fn(&serde_json::Value) -> String) -> R
         print!("{}", format(&v));
     }
     Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+async fn fetch_drops(a: &ApiArgs, since: u64) -> Result<DropsBody, String> {
+    let v = admin::fetch(a.api, &format!("/drops?since={since}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_value(v).map_err(|e| format!("unexpected answer from the agent: {e}"))
+}
+
+/// `podnet-agent drops [--watch]`: the samples still in the ring, or every new one as it comes.
+fn drops(d: &DropsArgs) -> Result<(), String> {
+    use std::io::Write as _;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let first = fetch_drops(&d.api, 0).await?;
+        if !d.watch {
+            if d.api.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&first).unwrap_or_default()
+                );
+            } else {
+                for row in &first.samples {
+                    println!("{}", admin::format_drop(row));
+                }
+                println!(
+                    "{} drops counted, {} sampled",
+                    first.drops_total, first.sampled_total
+                );
+            }
+            return Ok(());
+        }
+        let deadline = d.duration.map(|t| tokio::time::Instant::now() + t);
+        let (mut since, mut total, mut sampled) =
+            (first.last_seq, first.drops_total, first.sampled_total);
+        if !d.api.json {
+            println!(
+                "watching drops on {} (sampled, at most {} per reason per second)",
+                d.api.api,
+                podnet_dataplane::dropwatch::RATE_PER_S
+            );
+        }
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            if deadline.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                return Ok(());
+            }
+            let body = fetch_drops(&d.api, since).await?;
+            for row in &body.samples {
+                if d.api.json {
+                    println!("{}", serde_json::to_string(row).unwrap_or_default());
+                } else {
+                    println!("{}", admin::format_drop(row));
+                }
+            }
+            // Drops that the rate limit (or a full ring) kept out of the samples.
+            let shown = body.samples.len() as u64;
+            let skipped = body
+                .drops_total
+                .saturating_sub(total)
+                .saturating_sub(body.sampled_total.saturating_sub(sampled))
+                + body
+                    .sampled_total
+                    .saturating_sub(sampled)
+                    .saturating_sub(shown);
+            if skipped > 0 && !d.api.json {
+                println!("... {skipped} more drops not sampled");
+            }
+            since = body.last_seq;
+            total = body.drops_total;
+            sampled = body.sampled_total;
+            let _ = std::io::stdout().flush();
+        }
+    })
 }

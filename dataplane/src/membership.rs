@@ -48,6 +48,8 @@ pub struct Status {
     /// Control-plane revision of the table in use.
     pub revision: AtomicU64,
     pub table_updates: AtomicU64,
+    /// Registration (the `added` event's `last_heartbeat`) to route installed here.
+    pub convergence: crate::admin::Histogram,
 }
 
 /// The result of joining: enough to build the first route table.
@@ -266,9 +268,14 @@ pub async fn run(session: Session, agent: Arc<Agent>) {
                 applied = table.revision;
                 agent.membership.revision.store(applied, Relaxed);
                 agent.membership.table_updates.fetch_add(1, Relaxed);
+                let now_ms = crate::admin::unix_ms();
                 for n in new_names.iter().filter(|n| !old_names.contains(n)) {
                     if let Some(node) = table.nodes.get(n) {
-                        tracing::info!(node = %n, pod_cidr = %node.pod_cidr, underlay_ip = %node.underlay_ip, revision = applied, "route added");
+                        // An `added` node carries its registration time as last_heartbeat.
+                        let took =
+                            Duration::from_millis(now_ms.saturating_sub(node.last_heartbeat));
+                        agent.membership.convergence.observe(took);
+                        tracing::info!(node = %n, pod_cidr = %node.pod_cidr, underlay_ip = %node.underlay_ip, revision = applied, convergence_ms = took.as_millis() as u64, "route added");
                     }
                 }
                 for n in old_names.iter().filter(|n| !new_names.contains(n)) {
