@@ -89,10 +89,14 @@ pub struct ChecksumTally {
     pub good: u32,
     pub bad: u32,
     pub unverified: u32,
+    /// Innermost IPv4 header checksums of the same frames (1 good, 0 bad).
+    pub ip_good: u32,
+    pub ip_bad: u32,
 }
 
 /// Decodes `pcap` with tshark (VXLAN on 4789 and IP-in-IP are decoded by default) and tallies
-/// `tcp.checksum.status` (1 good, 0 bad, 2 unverified) with checksum validation enabled.
+/// `tcp.checksum.status` (1 good, 0 bad, 2 unverified) and the innermost `ip.checksum.status`,
+/// with checksum validation enabled.
 pub fn tcp_checksums(pcap: &Path) -> ChecksumTally {
     let p = pcap.to_str().expect("utf-8 path");
     let argv = [
@@ -102,26 +106,41 @@ pub fn tcp_checksums(pcap: &Path) -> ChecksumTally {
         p,
         "-o",
         "tcp.check_checksum:TRUE",
+        "-o",
+        "ip.check_checksum:TRUE",
         "-Y",
         "tcp",
         "-T",
         "fields",
         "-e",
         "tcp.checksum.status",
+        "-e",
+        "ip.checksum.status",
     ];
     let out = run(None, &argv, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.success(), "tshark -r {p}: {}", out.stderr);
     let mut t = ChecksumTally::default();
     for line in out.stdout.lines() {
-        // Several TCP layers in one frame are comma separated; the last is the innermost.
-        match line.rsplit(',').next().map(str::trim) {
+        let mut cols = line.split('\t');
+        // Several layers in one frame are comma separated; the last is the innermost.
+        match cols.next().and_then(innermost) {
             Some("1") => t.good += 1,
             Some("0") => t.bad += 1,
             Some(_) => t.unverified += 1,
             None => {}
         }
+        match cols.next().and_then(innermost) {
+            Some("1") => t.ip_good += 1,
+            Some("0") => t.ip_bad += 1,
+            _ => {}
+        }
     }
     t
+}
+
+/// The last of a comma-separated list of per-layer values: the innermost layer's.
+fn innermost(column: &str) -> Option<&str> {
+    column.rsplit(',').next().map(str::trim)
 }
 
 /// The first TCP segments tshark finds a bad checksum in (frame, length, addresses, TCP

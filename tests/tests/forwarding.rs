@@ -95,6 +95,11 @@ fn iperf_and_checksums(encap: Encap) {
         pcap.display(),
         capture::bad_tcp_checksums(&pcap)
     );
+    assert_eq!(
+        tally.ip_bad, 0,
+        "invalid inner IPv4 header checksums: {tally:?}"
+    );
+    assert!(tally.ip_good >= 100, "{tally:?}");
     // The other direction works too (server on host 1).
     let r = tb.iperf(&b, &a, 1).unwrap();
     assert!(r.received_bps > 0.0, "{r:?}");

@@ -94,6 +94,11 @@ fn kernel_vxlan_testbed_pings_captures_and_checks_checksums() {
     let tally = capture::tcp_checksums(&cap.finish());
     assert!(tally.good >= 100, "{tally:?}");
     assert_eq!(tally.bad, 0, "{tally:?}");
+    assert_eq!(
+        tally.ip_bad, 0,
+        "invalid inner IPv4 header checksums: {tally:?}"
+    );
+    assert!(tally.ip_good >= 100, "{tally:?}");
 }
 
 #[test]
