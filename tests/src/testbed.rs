@@ -163,6 +163,8 @@ impl TestbedBuilder {
 
     pub fn build(self) -> Testbed {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
+        static REAP: std::sync::Once = std::sync::Once::new();
+        REAP.call_once(reap_stale_namespaces);
         let tag: String = self
             .name
             .chars()
@@ -223,6 +225,31 @@ impl TestbedBuilder {
             }
         }
         tb
+    }
+}
+
+/// Deletes namespaces left by an earlier test run that was killed before its `Drop` ran:
+/// names of the form `pn-e2e-<tag>-<pid>-...` whose PID is no longer alive.
+fn reap_stale_namespaces() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let parts: Vec<&str> = name.split('-').collect();
+        if parts.len() < 5 || parts[0] != "pn" || parts[1] != "e2e" {
+            continue;
+        }
+        let Ok(pid) = parts[3].parse::<u32>() else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run(
+                None,
+                &["ip", "netns", "del", &name],
+                Duration::from_secs(10),
+            );
+        }
     }
 }
 

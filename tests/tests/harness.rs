@@ -3,7 +3,6 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use podnet_tests::capture::{self, Capture};
@@ -162,90 +161,4 @@ fn commands_are_bounded_by_their_timeout() {
     let r = run(None, &["sleep", "5"], Duration::from_millis(200));
     assert!(r.unwrap_err().contains("still running"));
     assert!(start.elapsed() < Duration::from_secs(2));
-}
-
-/// Tears a `scripts/testbed` prefix down even if the test fails half-way.
-struct ScriptGuard<'a> {
-    script: &'a Path,
-    prefix: String,
-    run_dir: String,
-}
-
-impl Drop for ScriptGuard<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new(self.script)
-            .args(["down", "--prefix", &self.prefix])
-            .env("PODNET_RUN_DIR", &self.run_dir)
-            .output();
-    }
-}
-
-#[test]
-fn testbed_script_brings_kernel_vxlan_up_and_down() {
-    if !e2e_ready() {
-        return;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/testbed");
-    let prefix = format!("pn-e2e-script-{}", std::process::id());
-    let run_dir = std::env::temp_dir()
-        .join(format!("podnet-e2e-script-{}", std::process::id()))
-        .to_string_lossy()
-        .into_owned();
-    let guard = ScriptGuard {
-        script: &script,
-        prefix: prefix.clone(),
-        run_dir: run_dir.clone(),
-    };
-    let up = Command::new(&script)
-        .args([
-            "up",
-            "--hosts",
-            "2",
-            "--pods-per-host",
-            "2",
-            "--encap",
-            "kernel-vxlan",
-        ])
-        .args(["--prefix", &prefix])
-        .env("PODNET_RUN_DIR", &run_dir)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&up.stdout),
-        String::from_utf8_lossy(&up.stderr)
-    );
-    assert!(up.status.success(), "{text}");
-    assert!(text.contains("is up: 2 hosts x 2 pods"), "{text}");
-    for ns in ["ul", "h1", "h2", "h1-p1", "h1-p2", "h2-p1", "h2-p2"] {
-        assert!(
-            netns_exists(&format!("{prefix}-{ns}")),
-            "{ns} missing: {text}"
-        );
-    }
-    let ping = Command::new(&script)
-        .args([
-            "exec",
-            "--prefix",
-            &prefix,
-            "h2-p2",
-            "ping",
-            "-c1",
-            "-W2",
-            "10.244.1.2",
-        ])
-        .env("PODNET_RUN_DIR", &run_dir)
-        .output()
-        .unwrap();
-    assert!(ping.status.success(), "{ping:?}");
-    let down = Command::new(&script)
-        .args(["down", "--prefix", &prefix])
-        .env("PODNET_RUN_DIR", &run_dir)
-        .output()
-        .unwrap();
-    assert!(down.status.success(), "{down:?}");
-    for ns in ["ul", "h1", "h2", "h1-p1", "h2-p2"] {
-        assert!(!netns_exists(&format!("{prefix}-{ns}")), "{ns} left behind");
-    }
-    drop(guard);
 }

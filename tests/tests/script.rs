@@ -1,0 +1,148 @@
+//! `scripts/testbed`, the README's main command: up, exec, status and down, on the kernel VXLAN
+//! baseline and on podnet (control service and static peers).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use podnet_tests::{e2e_ready, podnet_bin};
+
+fn netns_exists(name: &str) -> bool {
+    Path::new("/run/netns").join(name).exists()
+}
+
+/// One `scripts/testbed` prefix with its own run dir; `down` on drop, also after a failure.
+struct Script {
+    path: PathBuf,
+    prefix: String,
+    run_dir: PathBuf,
+}
+
+impl Script {
+    fn new(tag: &str) -> Script {
+        let prefix = format!("pn-e2e-{tag}-{}", std::process::id());
+        Script {
+            path: Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/testbed"),
+            run_dir: std::env::temp_dir().join(format!("podnet-e2e-{prefix}")),
+            prefix,
+        }
+    }
+
+    fn call(&self, args: &[&str]) -> (Output, String) {
+        let bin_dir = podnet_bin("podnet-agent").parent().unwrap().to_owned();
+        let out = Command::new(&self.path)
+            .args(args)
+            .env("PODNET_RUN_DIR", &self.run_dir)
+            .env("PODNET_BIN_DIR", bin_dir)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out, text)
+    }
+
+    fn up(&self, args: &[&str]) -> String {
+        let mut all = vec!["up", "--prefix", &self.prefix];
+        all.extend_from_slice(args);
+        let (out, text) = self.call(&all);
+        assert!(out.status.success(), "{text}");
+        text
+    }
+
+    fn exec(&self, ns: &str, cmd: &[&str]) -> (Output, String) {
+        let mut all = vec!["exec", "--prefix", &self.prefix, ns];
+        all.extend_from_slice(cmd);
+        self.call(&all)
+    }
+
+    fn down(&self) {
+        let (out, text) = self.call(&["down", "--prefix", &self.prefix]);
+        assert!(out.status.success(), "{text}");
+    }
+
+    fn ns(&self, suffix: &str) -> String {
+        format!("{}-{suffix}", self.prefix)
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.path)
+            .args(["down", "--prefix", &self.prefix])
+            .env("PODNET_RUN_DIR", &self.run_dir)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+#[test]
+fn testbed_script_brings_kernel_vxlan_up_and_down() {
+    if !e2e_ready() {
+        return;
+    }
+    let s = Script::new("sckvx");
+    let text = s.up(&[
+        "--hosts",
+        "2",
+        "--pods-per-host",
+        "2",
+        "--encap",
+        "kernel-vxlan",
+    ]);
+    assert!(text.contains("is up: 2 hosts x 2 pods"), "{text}");
+    for ns in ["ul", "h1", "h2", "h1-p1", "h1-p2", "h2-p1", "h2-p2"] {
+        assert!(netns_exists(&s.ns(ns)), "{ns} missing: {text}");
+    }
+    let (ping, text) = s.exec("h2-p2", &["ping", "-c1", "-W2", "10.244.1.2"]);
+    assert!(ping.status.success(), "{text}");
+    s.down();
+    for ns in ["ul", "h1", "h2", "h1-p1", "h2-p2"] {
+        assert!(!netns_exists(&s.ns(ns)), "{ns} left behind");
+    }
+}
+
+#[test]
+fn testbed_script_runs_podnet_with_the_control_service() {
+    if !e2e_ready() {
+        return;
+    }
+    let s = Script::new("scctl");
+    let text = s.up(&["--hosts", "3", "--pods-per-host", "1"]);
+    assert!(text.contains("encapsulation vxlan"), "{text}");
+    let (status, text) = s.call(&["status", "--prefix", &s.prefix]);
+    assert!(status.status.success(), "{text}");
+    for name in ["control", "agent-h1", "agent-h2", "agent-h3"] {
+        assert!(text.contains(&format!("{name}: running")), "{text}");
+    }
+    // status shows each agent's own report, with its peers.
+    assert!(text.contains("198.18.0.3"), "{text}");
+    let (ping, text) = s.exec("h3-p1", &["ping", "-c2", "-W2", "10.244.1.2"]);
+    assert!(ping.status.success(), "{text}");
+    s.down();
+    assert!(!netns_exists(&s.ns("h1")));
+    assert!(!s.run_dir.join(&s.prefix).exists(), "run dir left behind");
+}
+
+#[test]
+fn testbed_script_runs_podnet_ipip_with_static_peers() {
+    if !e2e_ready() {
+        return;
+    }
+    let s = Script::new("scipip");
+    let text = s.up(&[
+        "--hosts",
+        "2",
+        "--pods-per-host",
+        "1",
+        "--encap",
+        "ipip",
+        "--static",
+    ]);
+    assert!(text.contains("encapsulation ipip (static peers)"), "{text}");
+    let (ping, text) = s.exec("h1-p1", &["ping", "-c2", "-W2", "10.244.2.2"]);
+    assert!(ping.status.success(), "{text}");
+    let (link, text) = s.exec("h1", &["ip", "link", "show", "tunl0"]);
+    assert!(link.status.success() && text.contains("mtu 1480"), "{text}");
+}
