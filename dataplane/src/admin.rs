@@ -82,7 +82,7 @@ pub struct RoutesBody {
 /// drop sampler's buckets; it stops when the agent is dropped.
 pub fn router(agent: Arc<Agent>) -> Router {
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(drop_clock(Arc::downgrade(&agent)));
+        rt.spawn(housekeeping(Arc::downgrade(&agent)));
     }
     Router::new()
         .route("/status", get(status))
@@ -101,14 +101,42 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-async fn drop_clock(agent: Weak<Agent>) {
+/// Every 100 ms: advances the drop sampler's clock (refilling its buckets), and logs each
+/// change of the control connection once (the client retries quietly in between).
+async fn housekeeping(agent: Weak<Agent>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut connected: Option<bool> = None;
     loop {
         tick.tick().await;
         let Some(agent) = agent.upgrade() else {
             return;
         };
         agent.shared.forwarder.counters().watch.tick(unix_ms());
+        if let Some(client) = &agent.control {
+            let stats = client.stats();
+            let now = stats.watching;
+            match connected {
+                Some(before) if before == now => {}
+                None if !now => {} // still connecting at start: not a change
+                _ => {
+                    if now {
+                        tracing::info!(
+                            server = client.server(),
+                            revision = agent.shared.table.load().revision(),
+                            watch_connects = stats.watch_connects,
+                            "control connection up"
+                        );
+                    } else {
+                        tracing::warn!(
+                            server = client.server(),
+                            revision = agent.shared.table.load().revision(),
+                            "control connection lost; forwarding with the last table"
+                        );
+                    }
+                    connected = Some(now);
+                }
+            }
+        }
     }
 }
 
@@ -691,8 +719,8 @@ pub fn format_status(v: &serde_json::Value) -> String {
             display(&p["node"]),
             display(&p["underlay_ip"]),
             display(&p["pod_cidr"]),
-            p["tx_packets"],
-            p["rx_packets"]
+            display(&p["tx_packets"]),
+            display(&p["rx_packets"])
         );
     }
     let peer_drops: Vec<String> = v["peers"]
