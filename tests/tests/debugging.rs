@@ -562,7 +562,7 @@ fn troubleshooting_guide_commands_print_what_the_guide_shows() {
     if !e2e_ready() {
         return;
     }
-    require_tools(&["tcpdump", "tc", "curl"]);
+    require_tools(&["tcpdump", "curl"]);
     let mut tb = testbed("guide");
     let _extra = ExtraNetns(vec![format!("{}-demo", tb.prefix)]);
     // PID files where the guide's commands look for them (scripts/testbed's run dir layout).
