@@ -471,7 +471,7 @@ impl Client {
                                 break;
                             }
                             Err(e) => {
-                                tracing::warn!("watch interrupted: {e}");
+                                tracing::debug!("watch interrupted: {e}");
                                 break;
                             }
                         }
@@ -489,7 +489,7 @@ impl Client {
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!("cannot watch nodes: {e}");
+                    tracing::debug!("cannot watch nodes: {e}");
                     table = Some(current);
                 }
             }

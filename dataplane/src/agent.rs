@@ -198,14 +198,14 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
         address: tun_addr,
         cluster_cidr: cfg.cluster_cidr,
     };
+    // Only IPv4 is carried; IPv6 goes off before the link comes up, or the kernel sends
+    // router solicitations and MLD reports into tunl0 (not_ipv4 drops).
+    sysctl::disable_ipv6(&cfg.tun_name)?;
     let installed = netlink.install(&setup)?;
     let result = (|| {
         sysctl::enable_ip_forward()?;
         sysctl::set_device(&cfg.tun_name, "accept_local", "1")?;
         sysctl::set_device(&cfg.tun_name, "rp_filter", "0")?;
-        // Only IPv4 is carried; without this the kernel sends router solicitations and MLD
-        // reports into tunl0, which would show up as not_ipv4 drops.
-        sysctl::disable_ipv6(&cfg.tun_name)?;
         let sock = match encap {
             Encap::Vxlan { .. } => Underlay::Vxlan(VxlanSocket::bind(&UdpConfig {
                 gro: cfg.offload,
