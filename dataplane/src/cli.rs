@@ -198,9 +198,6 @@ pub struct RunArgs {
     /// Disable TUN/UDP offloads (TSO, GSO, GRO) and use the plain per-packet path.
     #[arg(long)]
     pub no_offload: bool,
-    /// How often the agent renews its lease with podnet-control.
-    #[arg(long, value_parser = parse_duration)]
-    pub heartbeat: Option<Duration>,
 }
 
 /// Where the node's pod CIDR and peers come from.
@@ -260,7 +257,6 @@ pub struct RunConfig {
     pub state_dir: PathBuf,
     pub api: SocketAddr,
     pub offload: bool,
-    pub heartbeat: Option<Duration>,
 }
 
 fn valid_ifname(name: &str) -> bool {
@@ -325,7 +321,6 @@ impl RunArgs {
             state_dir: self.state_dir,
             api: self.api,
             offload: !self.no_offload,
-            heartbeat: self.heartbeat,
         })
     }
 }
