@@ -381,6 +381,7 @@ pub fn complete_checksum(hdr: &VirtioNetHdr, packet: &mut [u8]) -> Result<(), Of
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::ipv4::Ipv4Repr;
     use crate::virtio::{F_NEEDS_CSUM, GSO_ECN, GSO_TCPV6, GSO_UDP, GSO_UDP_L4};
     use etherparse::{IpDscp, IpEcn, IpNumber, Ipv4Header, Ipv4Slice, TcpHeader, TcpSlice};
     use proptest::prelude::*;
@@ -574,6 +575,73 @@ pub(crate) mod tests {
         );
         assert_eq!(segs.range(3), None);
         assert_eq!(segs.iter().count(), 3);
+    }
+
+    #[test]
+    fn vxlan_prefix_from_a_template() {
+        use crate::ethernet::MacAddr;
+        use crate::vxlan::{self, Vni, ENCAP_LEN};
+        let s = Spec {
+            payload: vec![3; 5000],
+            ..Spec::default()
+        };
+        let (hdr, p) = build_super(&s, 1398);
+        let mut template = [0u8; ENCAP_LEN];
+        let (a, b) = (
+            MacAddr([2, 0, 198, 18, 0, 1]),
+            MacAddr([2, 0, 198, 18, 0, 2]),
+        );
+        vxlan::write_header(&mut template, Vni::new(42).unwrap(), a, b);
+        let mut out = vec![0u8; 6000];
+        let segs = segment(&hdr, &p, ENCAP_LEN, &mut out, |prefix, _| {
+            prefix.copy_from_slice(&template)
+        })
+        .unwrap();
+        assert_eq!((segs.count, segs.stride), (4, ENCAP_LEN + 52 + 1398));
+        for (i, r) in segs.iter().enumerate() {
+            let d = vxlan::decapsulate(&out[r]).unwrap();
+            assert_eq!((d.vni.get(), d.src_mac, d.dst_mac), (42, a, b));
+            assert_eq!(d.inner, &expected_segment(&s, 1398, i, 4)[..]);
+        }
+    }
+
+    #[test]
+    fn ipip_prefix_per_segment() {
+        use crate::ipip;
+        let s = Spec {
+            payload: vec![4; 3000],
+            tos: 0x02, // ECT(0), copied to the outer header
+            ..Spec::default()
+        };
+        let (hdr, p) = build_super(&s, 1000);
+        let (outer_src, outer_dst) = ([198, 18, 0, 1].into(), [198, 18, 0, 2].into());
+        let mut next_id = 500u16;
+        let mut out = vec![0u8; 4000];
+        let segs = segment(&hdr, &p, ipip::OVERHEAD, &mut out, |prefix, inner| {
+            let ip = Ipv4Packet::new_checked(inner).unwrap();
+            Ipv4Repr {
+                src: outer_src,
+                dst: outer_dst,
+                protocol: ipv4::protocol::IPIP,
+                ttl: 64,
+                tos: ip.tos(),
+                ident: next_id,
+                dont_frag: ip.dont_frag(),
+                payload_len: inner.len(),
+            }
+            .emit(prefix);
+            next_id += 1;
+        })
+        .unwrap();
+        assert_eq!(segs.count, 3);
+        for (i, r) in segs.iter().enumerate() {
+            let outer = &out[r];
+            let (src, inner) = ipip::decapsulate(outer).unwrap();
+            assert_eq!(src, outer_src);
+            assert_eq!(inner, &expected_segment(&s, 1000, i, 3)[..]);
+            assert_eq!(outer[1], 0x02);
+            assert_eq!(outer[4..6], (500 + i as u16).to_be_bytes());
+        }
     }
 
     #[test]
@@ -801,7 +869,7 @@ pub(crate) mod tests {
     proptest! {
         #[test]
         fn segments_are_correct_packets(
-            s in arb_spec(65_535 - 60),
+            s in arb_spec(65_535 - 80),
             mss in 1..=9000u16,
             prefix_len in 0..=40usize,
         ) {
