@@ -197,6 +197,10 @@ impl Segments {
     /// and at most `max_segments` segments, for one `UDP_SEGMENT` send each (the kernel caps a
     /// GSO datagram at 64 KiB of UDP payload and `UDP_MAX_SEGMENTS` segments). Every range
     /// holds at least one segment even if a single segment exceeds `max_bytes`.
+    ///
+    /// For a VXLAN socket: `chunks(`[`UDP_GSO_MAX_PAYLOAD`]`, 64)`. A full 64 KiB super-packet
+    /// cut for VXLAN needs about 69 KB (every segment repeats 74 bytes of headers), so it
+    /// takes two sends.
     pub fn chunks(
         &self,
         max_bytes: usize,
@@ -210,6 +214,10 @@ impl Segments {
         })
     }
 }
+
+/// Largest UDP payload one `UDP_SEGMENT` send may carry over IPv4: 65535 - 20 - 8
+/// (`__ip_append_data` refuses more with `EMSGSIZE`).
+pub const UDP_GSO_MAX_PAYLOAD: usize = 65_507;
 
 /// A super-packet checked for segmentation.
 struct Plan<'a> {
