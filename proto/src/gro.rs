@@ -140,7 +140,8 @@ impl Coalescer {
     }
 
     /// Takes one received inner IPv4 packet (bytes after the trailing link padding are
-    /// dropped). Calls `emit` for every output that became ready, possibly none.
+    /// dropped). Calls `emit` for every output that became ready: none (the segment is held),
+    /// one, or two (a held flow finished first, then this packet passed through).
     pub fn push(&mut self, packet: &[u8], mut emit: impl FnMut(&[u8])) {
         let Ok(pkt) = TcpIpv4::parse(packet) else {
             // Non-TCP or malformed: the kernel gets it as it is and decides.
