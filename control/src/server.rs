@@ -26,7 +26,7 @@ use podnet_proto::api::{
 };
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::ipam::{Ipam, IpamError};
 use crate::state::{Gone, History, RegisterError, Registry, RestoreError, Timing};
@@ -47,6 +47,19 @@ pub struct ServerConfig {
     /// An empty line is sent on idle watch streams this often, so clients can tell a silent
     /// stream from a dead one.
     pub watch_keepalive: Duration,
+    /// Open watch streams at most; more get 503 (each costs a task and a queue of 64 lines).
+    pub max_watchers: usize,
+    /// Open connections at most; more are answered 503 and closed at once.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this from its first byte (or the connection's
+    /// start), so clients sending headers byte by byte cannot hold connections (slowloris).
+    pub header_timeout: Duration,
+    /// A connection on which the server has written nothing for this long, and which has no
+    /// request in progress, is closed. Longer than `watch_keepalive`, so live watches stay.
+    pub idle_timeout: Duration,
+    /// A write that makes no progress for this long (a client that stopped reading) closes
+    /// the connection.
+    pub write_stall_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +73,11 @@ impl Default for ServerConfig {
             history_len: 1024,
             max_body_bytes: 16 * 1024,
             watch_keepalive: Duration::from_secs(10),
+            max_watchers: 4096,
+            max_connections: 8192,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            write_stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -74,6 +92,11 @@ pub enum ServerError {
     Restore(#[from] RestoreError),
     #[error("--lease-ttl must be at least 10ms")]
     LeaseTtl,
+    #[error(
+        "the idle timeout ({idle:?}) must be longer than the watch keepalive ({keepalive:?}), \
+         or live watch streams are cut"
+    )]
+    IdleTimeout { idle: Duration, keepalive: Duration },
     #[error("server I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -99,6 +122,10 @@ struct Metrics {
     lapsed: AtomicU64,
     store_errors: AtomicU64,
     watchers: AtomicU64,
+    watchers_refused: AtomicU64,
+    connections: AtomicU64,
+    connections_refused: AtomicU64,
+    connections_timed_out: AtomicU64,
     requests: Mutex<BTreeMap<u16, u64>>,
 }
 
@@ -110,6 +137,8 @@ struct Shared {
     metrics: Metrics,
     /// Flips to true on shutdown so watch streams end and the server can drain.
     stopping: watch::Sender<bool>,
+    /// One permit per open watch stream.
+    watch_slots: Arc<Semaphore>,
 }
 
 /// A loaded control service, ready to serve.
@@ -124,6 +153,12 @@ impl Server {
     pub async fn open(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server, ServerError> {
         if config.lease_ttl < Duration::from_millis(10) {
             return Err(ServerError::LeaseTtl);
+        }
+        if config.idle_timeout <= config.watch_keepalive {
+            return Err(ServerError::IdleTimeout {
+                idle: config.idle_timeout,
+                keepalive: config.watch_keepalive,
+            });
         }
         let ipam = Ipam::new(config.cluster_cidr, config.node_prefix)?;
         let timing = Timing {
@@ -151,8 +186,10 @@ impl Server {
         let history = History::new(registry.revision(), config.history_len);
         let (events, _) = broadcast::channel(config.history_len.max(16));
         let (stopping, _) = watch::channel(false);
+        let watch_slots = Arc::new(Semaphore::new(config.max_watchers));
         Ok(Server {
             shared: Arc::new(Shared {
+                watch_slots,
                 config,
                 core: tokio::sync::Mutex::new(Core { registry, history }),
                 events,
@@ -189,6 +226,11 @@ impl Server {
                 count_requests,
             ))
             .layer(DefaultBodyLimit::max(shared.config.max_body_bytes))
+            .layer(middleware::from_fn_with_state(
+                shared.clone(),
+                refuse_declared_oversize,
+            ))
+            .layer(middleware::from_fn_with_state(shared.clone(), json_errors))
             .with_state(shared)
     }
 
@@ -202,6 +244,7 @@ impl Server {
         let sweeper = tokio::spawn(sweep(self.shared.clone()));
         let stopping = self.shared.stopping.clone();
         let router = self.router();
+        let listener = guard::Guarded::new(listener, self.shared.clone());
         let result = axum::serve(listener, router)
             .with_graceful_shutdown(async move {
                 shutdown.await;
@@ -342,7 +385,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     for i in 0..a.len().max(b.len()) {
         let x = a.get(i).copied().unwrap_or(0);
         let y = b.get(i).copied().unwrap_or(0);
-        diff |= u64::from(x ^ y);
+        // black_box keeps the optimizer from turning the loop into an early-exit compare.
+        diff = std::hint::black_box(diff | u64::from(x ^ y));
     }
     diff == 0
 }
@@ -360,8 +404,71 @@ async fn count_requests(State(shared): State<Arc<Shared>>, req: Request, next: N
     resp
 }
 
+/// Refuses a body whose declared length is over the limit before reading any of it (the body
+/// limit alone would wait for the client to send `max_body_bytes` first).
+async fn refuse_declared_oversize(
+    State(shared): State<Arc<Shared>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > shared.config.max_body_bytes as u64) {
+        let mut resp = StatusCode::PAYLOAD_TOO_LARGE.into_response();
+        // The unread body makes the connection unusable for another request.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
+    next.run(req).await
+}
+
+/// Turns every error answer that is not JSON yet (axum's own rejections: body too large, bad
+/// path encoding, wrong method) into the `{error, detail}` body all other errors use.
+async fn json_errors(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // Rejection texts are short; a longer body is cut rather than buffered.
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let (kind, detail) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "payload_too_large",
+            format!(
+                "request body is larger than the {} byte limit",
+                shared.config.max_body_bytes
+            ),
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "this route does not take that method; see the Allow header".to_string(),
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", text),
+        s if s.is_server_error() => ("internal", text),
+        _ => ("bad_request", text),
+    };
+    let mut fixed = error(status, kind, detail);
+    parts.headers.remove(header::CONTENT_TYPE);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    for (name, value) in parts.headers.drain().filter_map(|(n, v)| Some((n?, v))) {
+        fixed.headers_mut().insert(name, value);
+    }
+    fixed
+}
+
 /// Reads a registration body field by field so a 400 names the field and the reason.
-fn parse_register(body: &[u8]) -> Result<RegisterRequest, String> {
+pub fn parse_register(body: &[u8]) -> Result<RegisterRequest, String> {
     const EXAMPLE: &str = r#"{"underlay_ip": "198.18.0.1", "encap": "vxlan"}"#;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(format!(
@@ -554,6 +661,24 @@ async fn list_or_watch(
         return Json(core.registry.list()).into_response();
     }
 
+    let Ok(slot) = shared.watch_slots.clone().try_acquire_owned() else {
+        shared
+            .metrics
+            .watchers_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let mut resp = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_watchers",
+            format!(
+                "{} watch streams are open, the most this server keeps; retry later \
+                 (plain lists without watch=true still work)",
+                shared.config.max_watchers
+            ),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return resp;
+    };
     // Subscribe while holding the lock, so no event falls between the backlog and the feed.
     let (backlog, feed) = {
         let core = shared.core.lock().await;
@@ -577,7 +702,7 @@ async fn list_or_watch(
     };
     let start = since.unwrap_or(0);
     let (tx, rx) = mpsc::channel::<Bytes>(64);
-    tokio::spawn(feed_watch(shared.clone(), backlog, feed, start, tx));
+    tokio::spawn(feed_watch(shared.clone(), backlog, feed, start, tx, slot));
     let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|line| (Ok::<_, Infallible>(line), rx))
     }));
@@ -606,6 +731,7 @@ async fn feed_watch(
     mut feed: broadcast::Receiver<WatchEvent>,
     mut last: u64,
     tx: mpsc::Sender<Bytes>,
+    _slot: OwnedSemaphorePermit,
 ) {
     shared.metrics.watchers.fetch_add(1, Ordering::Relaxed);
     let _gauge = Decrement(&shared.metrics.watchers);
@@ -718,6 +844,37 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let _ = writeln!(out, "podnet_control_watchers {}", load(&m.watchers));
     let _ = writeln!(
         out,
+        "# HELP podnet_control_watchers_refused_total Watch requests refused at the limit."
+    );
+    let _ = writeln!(out, "# TYPE podnet_control_watchers_refused_total counter");
+    let _ = writeln!(
+        out,
+        "podnet_control_watchers_refused_total {}",
+        load(&m.watchers_refused)
+    );
+    let _ = writeln!(out, "# HELP podnet_control_connections Open connections.");
+    let _ = writeln!(out, "# TYPE podnet_control_connections gauge");
+    let _ = writeln!(out, "podnet_control_connections {}", load(&m.connections));
+    let _ = writeln!(
+        out,
+        "# HELP podnet_control_connections_closed_total Connections closed by a limit."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE podnet_control_connections_closed_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "podnet_control_connections_closed_total{{reason=\"limit\"}} {}",
+        load(&m.connections_refused)
+    );
+    let _ = writeln!(
+        out,
+        "podnet_control_connections_closed_total{{reason=\"timeout\"}} {}",
+        load(&m.connections_timed_out)
+    );
+    let _ = writeln!(
+        out,
         "# HELP podnet_control_http_requests_total HTTP requests by status code."
     );
     let _ = writeln!(out, "# TYPE podnet_control_http_requests_total counter");
@@ -730,9 +887,282 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
+/// Connection limits below HTTP, which `axum::serve` has no settings for: a cap on open
+/// connections, a deadline for each request's headers, an idle timeout, and a write-stall
+/// timeout. Slow or silent clients lose their connection; everyone else keeps being served.
+mod guard {
+    use std::future::Future;
+    use std::io;
+    use std::net::SocketAddr;
+    use std::pin::Pin;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+    use tokio::time::{sleep, Instant, Sleep};
+
+    use super::Shared;
+
+    /// End of an HTTP/1 header block.
+    const HEADERS_END: &[u8; 4] = b"\r\n\r\n";
+
+    /// What is sent to a connection over the limit before closing it.
+    pub(super) const FULL: &[u8] =
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+connection: close\r\nretry-after: 5\r\ncontent-length: 88\r\n\r\n\
+{\"error\":\"too_many_connections\",\"detail\":\"the server has reached its connection limit\"}\n";
+
+    pub(super) struct Guarded {
+        inner: TcpListener,
+        slots: Arc<Semaphore>,
+        shared: Arc<Shared>,
+    }
+
+    impl Guarded {
+        pub(super) fn new(inner: TcpListener, shared: Arc<Shared>) -> Guarded {
+            Guarded {
+                inner,
+                slots: Arc::new(Semaphore::new(shared.config.max_connections)),
+                shared,
+            }
+        }
+    }
+
+    impl axum::serve::Listener for Guarded {
+        type Io = GuardedStream;
+        type Addr = SocketAddr;
+
+        async fn accept(&mut self) -> (GuardedStream, SocketAddr) {
+            loop {
+                let (stream, addr) = match self.inner.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning; the kernel keeps
+                        // the backlog meanwhile.
+                        tracing::warn!("accept failed: {e}");
+                        sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let metrics = &self.shared.metrics;
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        metrics.connections.fetch_add(1, Ordering::Relaxed);
+                        return (
+                            GuardedStream::new(stream, permit, self.shared.clone()),
+                            addr,
+                        );
+                    }
+                    Err(_) => {
+                        metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                        tokio::spawn(async move {
+                            let mut stream = stream;
+                            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                                let _ = stream.write_all(FULL).await;
+                                let _ = stream.shutdown().await;
+                            })
+                            .await;
+                        });
+                    }
+                }
+            }
+        }
+
+        fn local_addr(&self) -> io::Result<SocketAddr> {
+            self.inner.local_addr()
+        }
+    }
+
+    /// Where a connection is in its request/response cycle, as far as the bytes tell.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Phase {
+        /// Waiting for the end of a header block; `matched` bytes of `\r\n\r\n` seen.
+        Headers { matched: usize },
+        /// Headers done: reading a body or answering. `responded` once the server wrote,
+        /// so the next bytes from the client start a new request.
+        Request { responded: bool },
+    }
+
+    pub(super) struct GuardedStream {
+        io: TcpStream,
+        _permit: OwnedSemaphorePermit,
+        shared: Arc<Shared>,
+        phase: Phase,
+        /// Header deadline in `Headers`, idle deadline in `Request`.
+        deadline: Pin<Box<Sleep>>,
+        /// Running while a write is pending.
+        stall: Option<Pin<Box<Sleep>>>,
+    }
+
+    impl GuardedStream {
+        fn new(io: TcpStream, permit: OwnedSemaphorePermit, shared: Arc<Shared>) -> Self {
+            let deadline = Box::pin(sleep(shared.config.header_timeout));
+            GuardedStream {
+                io,
+                _permit: permit,
+                shared,
+                phase: Phase::Headers { matched: 0 },
+                deadline,
+                stall: None,
+            }
+        }
+
+        fn rearm(&mut self, after: Duration) {
+            self.deadline.as_mut().reset(Instant::now() + after);
+        }
+
+        fn timed_out(&self, what: &str) -> io::Error {
+            self.shared
+                .metrics
+                .connections_timed_out
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("closing connection: {what}");
+            io::Error::new(io::ErrorKind::TimedOut, what.to_string())
+        }
+
+        /// Follows the request cycle through bytes the client sent.
+        fn saw(&mut self, bytes: &[u8]) {
+            let shared = self.shared.clone();
+            let config = &shared.config;
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                match self.phase {
+                    Phase::Request { responded: false } => return,
+                    Phase::Request { responded: true } => {
+                        self.phase = Phase::Headers { matched: 0 };
+                        let timeout = config.header_timeout;
+                        self.rearm(timeout);
+                    }
+                    Phase::Headers { matched } => {
+                        let mut m = matched;
+                        let mut done = None;
+                        for (i, &b) in rest.iter().enumerate() {
+                            m = if b == HEADERS_END[m] {
+                                m + 1
+                            } else if b == HEADERS_END[0] {
+                                1
+                            } else {
+                                0
+                            };
+                            if m == HEADERS_END.len() {
+                                done = Some(i + 1);
+                                break;
+                            }
+                        }
+                        match done {
+                            Some(n) => {
+                                self.phase = Phase::Request { responded: false };
+                                let timeout = config.idle_timeout;
+                                self.rearm(timeout);
+                                rest = &rest[n..];
+                            }
+                            None => {
+                                self.phase = Phase::Headers { matched: m };
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    impl AsyncRead for GuardedStream {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = &mut *self;
+            if this.deadline.as_mut().poll(cx).is_ready() {
+                let what = match this.phase {
+                    Phase::Headers { .. } => "request headers not received in time",
+                    Phase::Request { .. } => "connection idle",
+                };
+                return Poll::Ready(Err(this.timed_out(what)));
+            }
+            let before = buf.filled().len();
+            let result = Pin::new(&mut this.io).poll_read(cx, buf);
+            if let Poll::Ready(Ok(())) = result {
+                let new = buf.filled()[before..].to_vec();
+                this.saw(&new);
+            }
+            result
+        }
+    }
+
+    impl AsyncWrite for GuardedStream {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = &mut *self;
+            match Pin::new(&mut this.io).poll_write(cx, data) {
+                Poll::Pending => {
+                    let timeout = this.shared.config.write_stall_timeout;
+                    let stall = this.stall.get_or_insert_with(|| Box::pin(sleep(timeout)));
+                    if stall.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(this.timed_out("client stopped reading")));
+                    }
+                    Poll::Pending
+                }
+                Poll::Ready(Ok(n)) => {
+                    this.stall = None;
+                    if n > 0 {
+                        if let Phase::Request { .. } = this.phase {
+                            this.phase = Phase::Request { responded: true };
+                            let timeout = this.shared.config.idle_timeout;
+                            this.rearm(timeout);
+                        }
+                    }
+                    Poll::Ready(Ok(n))
+                }
+                other => other,
+            }
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    impl Drop for GuardedStream {
+        fn drop(&mut self) {
+            self.shared
+                .metrics
+                .connections
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_limit_answer_is_well_formed_json() {
+        let text = std::str::from_utf8(guard::FULL).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(body.len(), len);
+        let v: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"], "too_many_connections");
+    }
 
     #[test]
     fn token_comparison() {
