@@ -1,5 +1,6 @@
 //! Issue 2, "What it must show" 1-4 and 6: podnet agents with static peers, 3 hosts x 2 pods,
-//! for each of IP-in-IP and VXLAN.
+//! for each of IP-in-IP and VXLAN, with the offload fast path (TUN TSO, UDP GSO/GRO, coalesced
+//! TUN writes) and with `--no-offload` (issue 4: both paths must carry the same traffic).
 
 use std::time::Duration;
 
@@ -9,14 +10,46 @@ use podnet_tests::{
     e2e_ready, must, require_tools, run, Encap, HostMode, Peers, Testbed, TestbedBuilder,
 };
 
+/// Which data path the agents use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Offload,
+    NoOffload,
+}
+
+impl Path {
+    fn tag(self) -> &'static str {
+        match self {
+            Path::Offload => "",
+            Path::NoOffload => "nooff",
+        }
+    }
+}
+
 /// 3 hosts x 2 pods running podnet with static peers; `build` waits for the full ping mesh.
-fn podnet(name: &str, encap: Encap) -> Testbed {
-    TestbedBuilder::new(name)
+/// Checks that every agent runs the data path asked for.
+fn podnet(name: &str, encap: Encap, path: Path) -> Testbed {
+    let mut b = TestbedBuilder::new(&format!("{name}{}", path.tag()))
         .hosts(3)
         .pods_per_host(2)
         .mode(HostMode::Podnet(encap))
-        .peers(Peers::Static)
-        .build()
+        .peers(Peers::Static);
+    if path == Path::NoOffload {
+        b = b.agent_args(&["--no-offload"]);
+    }
+    let tb = b.build();
+    for n in 1..=3 {
+        let status = tb.admin_get(n, "/status").expect("agent /status");
+        let v: serde_json::Value = serde_json::from_str(&status.body).expect("/status is JSON");
+        let tso = v["offloads"]["tun_tso"].as_bool();
+        assert_eq!(
+            tso,
+            Some(path == Path::Offload),
+            "h{n} offloads: {}",
+            v["offloads"]
+        );
+    }
+    tb
 }
 
 /// pcap filter for the encapsulated traffic on the underlay.
@@ -28,11 +61,11 @@ fn underlay_filter(encap: Encap) -> &'static str {
 }
 
 // 1. Every pod pings every pod on the other hosts.
-fn full_mesh(encap: Encap) {
+fn full_mesh(encap: Encap, path: Path) {
     if !e2e_ready() {
         return;
     }
-    let tb = podnet(&format!("mesh{}", encap.as_str()), encap);
+    let tb = podnet(&format!("mesh{}", encap.as_str()), encap, path);
     let failed = tb.mesh_failures();
     assert!(failed.is_empty(), "no ping: {failed:?}");
     // Three pings per cross-host pair, none lost.
@@ -54,22 +87,32 @@ fn full_mesh(encap: Encap) {
 
 #[test]
 fn ipip_every_pod_pings_every_remote_pod() {
-    full_mesh(Encap::Ipip);
+    full_mesh(Encap::Ipip, Path::Offload);
+}
+
+#[test]
+fn ipip_every_pod_pings_every_remote_pod_no_offload() {
+    full_mesh(Encap::Ipip, Path::NoOffload);
 }
 
 #[test]
 fn vxlan_every_pod_pings_every_remote_pod() {
-    full_mesh(Encap::Vxlan);
+    full_mesh(Encap::Vxlan, Path::Offload);
+}
+
+#[test]
+fn vxlan_every_pod_pings_every_remote_pod_no_offload() {
+    full_mesh(Encap::Vxlan, Path::NoOffload);
 }
 
 // 2. iperf3 TCP completes with non-zero throughput, and every inner TCP checksum on the
 // underlay is valid (podnet fills them: with offload it segments super-packets itself).
-fn iperf_and_checksums(encap: Encap) {
+fn iperf_and_checksums(encap: Encap, path: Path) {
     if !e2e_ready() {
         return;
     }
     require_tools(&["iperf3", "tcpdump", "tshark"]);
-    let mut tb = podnet(&format!("iperf{}", encap.as_str()), encap);
+    let mut tb = podnet(&format!("iperf{}", encap.as_str()), encap, path);
     let (a, b) = (tb.pod(1, 1).clone(), tb.pod(2, 2).clone());
     let pcap = tb.path("underlay-tcp.pcap");
     let cap = Capture::start(&tb.ul(), "br0", underlay_filter(encap), 3000, &pcap);
@@ -107,22 +150,32 @@ fn iperf_and_checksums(encap: Encap) {
 
 #[test]
 fn ipip_iperf3_runs_with_valid_inner_checksums() {
-    iperf_and_checksums(Encap::Ipip);
+    iperf_and_checksums(Encap::Ipip, Path::Offload);
+}
+
+#[test]
+fn ipip_iperf3_runs_with_valid_inner_checksums_no_offload() {
+    iperf_and_checksums(Encap::Ipip, Path::NoOffload);
 }
 
 #[test]
 fn vxlan_iperf3_runs_with_valid_inner_checksums() {
-    iperf_and_checksums(Encap::Vxlan);
+    iperf_and_checksums(Encap::Vxlan, Path::Offload);
+}
+
+#[test]
+fn vxlan_iperf3_runs_with_valid_inner_checksums_no_offload() {
+    iperf_and_checksums(Encap::Vxlan, Path::NoOffload);
 }
 
 // 3. tcpdump on tunl0 shows the inner ICMP; on the underlay the same packets decoded as
 // IPIP / VXLAN (port 4789, VNI 1) around it.
-fn tcpdump_views(encap: Encap) {
+fn tcpdump_views(encap: Encap, path: Path) {
     if !e2e_ready() {
         return;
     }
     require_tools(&["tcpdump"]);
-    let tb = podnet(&format!("dump{}", encap.as_str()), encap);
+    let tb = podnet(&format!("dump{}", encap.as_str()), encap, path);
     let (a, b) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
     let inner = tb.path("tunl0.pcap");
     let outer = tb.path("underlay.pcap");
@@ -164,21 +217,31 @@ fn tcpdump_views(encap: Encap) {
 
 #[test]
 fn ipip_tcpdump_shows_inner_on_tunl0_and_ipip_on_underlay() {
-    tcpdump_views(Encap::Ipip);
+    tcpdump_views(Encap::Ipip, Path::Offload);
+}
+
+#[test]
+fn ipip_tcpdump_shows_inner_on_tunl0_and_ipip_on_underlay_no_offload() {
+    tcpdump_views(Encap::Ipip, Path::NoOffload);
 }
 
 #[test]
 fn vxlan_tcpdump_shows_inner_on_tunl0_and_vxlan_on_underlay() {
-    tcpdump_views(Encap::Vxlan);
+    tcpdump_views(Encap::Vxlan, Path::Offload);
+}
+
+#[test]
+fn vxlan_tcpdump_shows_inner_on_tunl0_and_vxlan_on_underlay_no_offload() {
+    tcpdump_views(Encap::Vxlan, Path::NoOffload);
 }
 
 // 4. Unowned cluster address: quick destination-unreachable. DF ping one byte over the overlay
 // MTU: frag-needed carrying that MTU; exactly at the MTU: passes. Pods keep MTU 1500.
-fn unreachable_and_mtu(encap: Encap) {
+fn unreachable_and_mtu(encap: Encap, path: Path) {
     if !e2e_ready() {
         return;
     }
-    let tb = podnet(&format!("icmp{}", encap.as_str()), encap);
+    let tb = podnet(&format!("icmp{}", encap.as_str()), encap, path);
     let mtu = 1500 - encap.overhead();
     let link = must(Some(&tb.host(1).ns), &["ip", "link", "show", "tunl0"]).stdout;
     assert!(
@@ -234,21 +297,31 @@ fn unreachable_and_mtu(encap: Encap) {
 
 #[test]
 fn ipip_unreachable_and_frag_needed() {
-    unreachable_and_mtu(Encap::Ipip);
+    unreachable_and_mtu(Encap::Ipip, Path::Offload);
+}
+
+#[test]
+fn ipip_unreachable_and_frag_needed_no_offload() {
+    unreachable_and_mtu(Encap::Ipip, Path::NoOffload);
 }
 
 #[test]
 fn vxlan_unreachable_and_frag_needed() {
-    unreachable_and_mtu(Encap::Vxlan);
+    unreachable_and_mtu(Encap::Vxlan, Path::Offload);
+}
+
+#[test]
+fn vxlan_unreachable_and_frag_needed_no_offload() {
+    unreachable_and_mtu(Encap::Vxlan, Path::NoOffload);
 }
 
 // 6. Malformed or foreign packets are dropped and counted by reason (admin API /metrics, drop
 // counters labelled reason="..."), and forwarding goes on.
-fn foreign_packets(encap: Encap) {
+fn foreign_packets(encap: Encap, path: Path) {
     if !e2e_ready() {
         return;
     }
-    let mut tb = podnet(&format!("junk{}", encap.as_str()), encap);
+    let mut tb = podnet(&format!("junk{}", encap.as_str()), encap, path);
     let rogue = tb.add_underlay_node("x", "198.18.0.99".parse().unwrap());
     let h2 = tb.host(2).ns.clone();
     let inject = env!("CARGO_BIN_EXE_pn-inject");
@@ -329,10 +402,20 @@ fn foreign_packets(encap: Encap) {
 
 #[test]
 fn ipip_foreign_packets_are_dropped_and_counted() {
-    foreign_packets(Encap::Ipip);
+    foreign_packets(Encap::Ipip, Path::Offload);
+}
+
+#[test]
+fn ipip_foreign_packets_are_dropped_and_counted_no_offload() {
+    foreign_packets(Encap::Ipip, Path::NoOffload);
 }
 
 #[test]
 fn vxlan_foreign_packets_are_dropped_and_counted() {
-    foreign_packets(Encap::Vxlan);
+    foreign_packets(Encap::Vxlan, Path::Offload);
+}
+
+#[test]
+fn vxlan_foreign_packets_are_dropped_and_counted_no_offload() {
+    foreign_packets(Encap::Vxlan, Path::NoOffload);
 }
