@@ -1,0 +1,72 @@
+//! Invariants the fuzz targets check, and the seed inputs they start from.
+//!
+//! Every parser of untrusted bytes has a `check::*` function: it feeds the fuzzer's input to
+//! the parser and panics (a finding) when the result breaks a property that must hold for
+//! every input, not just for well-formed ones. The functions are plain Rust, so the unit tests
+//! below run them over the seed corpus with `cargo test` and no fuzzer; the binaries in
+//! `fuzz_targets/` hand them to libFuzzer.
+
+pub mod check;
+pub mod seeds;
+
+/// True if `inner` lies inside `outer` (same memory, within bounds): decapsulation must hand
+/// out a view of the received buffer, never bytes from anywhere else.
+pub fn is_subslice(outer: &[u8], inner: &[u8]) -> bool {
+    let o = outer.as_ptr_range();
+    let i = inner.as_ptr_range();
+    o.start <= i.start && i.end <= o.end
+}
+
+/// Byte offset of the subslice `inner` within `outer`.
+pub fn offset_in(outer: &[u8], inner: &[u8]) -> usize {
+    assert!(is_subslice(outer, inner), "not a subslice");
+    inner.as_ptr() as usize - outer.as_ptr() as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_seed_keeps_its_invariant() {
+        for (target, check) in check::TARGETS {
+            let seeds = seeds::for_target(target);
+            assert!(seeds.len() >= 4, "{target}: too few seeds");
+            for (name, bytes) in &seeds {
+                let outcome = std::panic::catch_unwind(|| check(bytes));
+                assert!(outcome.is_ok(), "{target}/{name} broke its invariant");
+            }
+        }
+    }
+
+    /// The corpus in `fuzz/corpus/` is what `seeds` generates: regenerate with
+    /// `PODNET_WRITE_SEEDS=1 cargo test --manifest-path fuzz/Cargo.toml`.
+    #[test]
+    fn committed_corpus_matches_the_generator() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+        let write = std::env::var_os("PODNET_WRITE_SEEDS").is_some();
+        for (target, _) in check::TARGETS {
+            let dir = root.join(target);
+            for (name, bytes) in seeds::for_target(target) {
+                let path = dir.join(name);
+                if write {
+                    std::fs::create_dir_all(&dir).unwrap();
+                    std::fs::write(&path, &bytes).unwrap();
+                }
+                let stored = std::fs::read(&path)
+                    .unwrap_or_else(|e| panic!("{}: {e} (regenerate the corpus)", path.display()));
+                assert_eq!(stored, bytes, "{} is stale", path.display());
+            }
+        }
+    }
+
+    /// The checks are not vacuous: a broken "parser" result trips them.
+    #[test]
+    fn subslice_check_catches_foreign_bytes() {
+        let buf = [1u8, 2, 3, 4];
+        assert!(is_subslice(&buf, &buf[1..3]));
+        let other = [2u8, 3];
+        assert!(!is_subslice(&buf, &other));
+        assert_eq!(offset_in(&buf, &buf[2..]), 2);
+    }
+}
