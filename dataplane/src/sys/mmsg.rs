@@ -89,6 +89,25 @@ pub(crate) fn recv_batch<B: AsMut<[u8]>>(
     meta: &mut [RecvMeta],
     stop: &Stop,
 ) -> io::Result<usize> {
+    recv(fd, bufs, meta, Some(stop))
+}
+
+/// Like [`recv_batch`] but never blocks: `Ok(0)` when nothing is queued.
+pub(crate) fn try_recv_batch<B: AsMut<[u8]>>(
+    fd: RawFd,
+    bufs: &mut [B],
+    meta: &mut [RecvMeta],
+) -> io::Result<usize> {
+    recv(fd, bufs, meta, None)
+}
+
+/// Receives a batch; with `wait`, blocks until data or stop, else returns `Ok(0)` at once.
+fn recv<B: AsMut<[u8]>>(
+    fd: RawFd,
+    bufs: &mut [B],
+    meta: &mut [RecvMeta],
+    wait: Option<&Stop>,
+) -> io::Result<usize> {
     let n = bufs.len().min(meta.len()).min(MAX_BATCH);
     if n == 0 {
         return Ok(0);
@@ -132,6 +151,9 @@ pub(crate) fn recv_batch<B: AsMut<[u8]>>(
             let err = io::Error::last_os_error();
             match err.kind() {
                 io::ErrorKind::WouldBlock => {
+                    let Some(stop) = wait else {
+                        return Ok(0);
+                    };
                     if !wait_readable(fd, stop)? {
                         return Ok(0);
                     }

@@ -118,6 +118,45 @@ pub(crate) fn wait_readable(fd: RawFd, stop: &Stop) -> io::Result<bool> {
     }
 }
 
+/// Blocks until one of `fds` is readable or `stop` is raised; returns which of `fds` are
+/// readable (bit `i` for `fds[i]`), or 0 once stopped. At most 4 descriptors.
+pub fn wait_any(fds: &[RawFd], stop: &Stop) -> io::Result<u32> {
+    const MAX: usize = 4;
+    assert!(fds.len() <= MAX, "wait_any takes at most {MAX} descriptors");
+    let mut pfds = [libc::pollfd {
+        fd: -1,
+        events: libc::POLLIN,
+        revents: 0,
+    }; MAX + 1];
+    for (p, &fd) in pfds.iter_mut().zip(fds) {
+        p.fd = fd;
+    }
+    let n = fds.len();
+    pfds[n].fd = stop.fd.as_raw_fd();
+    loop {
+        // SAFETY: pfds[..=n] is a live array of initialised pollfd; the length passed matches.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), (n + 1) as libc::nfds_t, -1) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if pfds[n].revents != 0 {
+            return Ok(0);
+        }
+        let ready = pfds[..n]
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.revents != 0)
+            .fold(0u32, |acc, (i, _)| acc | 1 << i);
+        if ready != 0 {
+            return Ok(ready);
+        }
+    }
+}
+
 /// Sets an integer socket option.
 pub(crate) fn setsockopt_int(
     fd: RawFd,
@@ -217,6 +256,31 @@ mod tests {
         stop.stop();
         assert!(stop.is_stopped(), "stop is sticky and idempotent");
         drop((r, w));
+    }
+
+    #[test]
+    fn wait_any_reports_which_and_stop() {
+        let stop = Stop::new().unwrap();
+        let mut fds = [0; 4];
+        // SAFETY: fds[..2] and fds[2..] are live arrays of two c_int each.
+        unsafe {
+            assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+            assert_eq!(libc::pipe(fds.as_mut_ptr().add(2)), 0);
+        }
+        // SAFETY: pipe returned four fresh descriptors we now own.
+        let owned: Vec<OwnedFd> = fds
+            .iter()
+            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        // SAFETY: writes one byte from a live array to our second pipe.
+        assert_eq!(
+            unsafe { libc::write(owned[3].as_raw_fd(), [7u8].as_ptr().cast(), 1) },
+            1
+        );
+        let readers = [owned[0].as_raw_fd(), owned[2].as_raw_fd()];
+        assert_eq!(wait_any(&readers, &stop).unwrap(), 0b10);
+        stop.stop();
+        assert_eq!(wait_any(&readers, &stop).unwrap(), 0, "stop wins");
     }
 
     #[test]

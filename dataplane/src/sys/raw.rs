@@ -104,6 +104,16 @@ impl IpipSocket {
         mmsg::recv_batch(self.sock.as_raw_fd(), bufs, meta, stop)
     }
 
+    /// Like `recv_batch`, but returns `Ok(0)` at once when nothing is queued (for a loop that
+    /// serves several descriptors and waits on all of them with [`super::wait_any`]).
+    pub fn try_recv_batch<B: AsMut<[u8]>>(
+        &self,
+        bufs: &mut [B],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
+        mmsg::try_recv_batch(self.sock.as_raw_fd(), bufs, meta)
+    }
+
     /// Sends whole outer packets; `Transmit::dst` names the peer (port ignored) and
     /// `segment_size` must be `None`. Packets larger than the route MTU fail with `EMSGSIZE`.
     pub fn send_batch(&self, items: &[Transmit<'_>]) -> BatchSent {

@@ -292,6 +292,18 @@ impl Tun {
         }
     }
 
+    /// Reads one packet if one is queued, without blocking: `Ok(None)` when there is none.
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        loop {
+            match self.dev.recv(buf) {
+                Ok(n) => return Ok(Some(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Writes one packet (starting with a `virtio_net_hdr` in offload mode). The kernel
     /// rejects malformed headers with `EINVAL`; that affects only this packet.
     pub fn write(&self, buf: &[u8]) -> io::Result<usize> {

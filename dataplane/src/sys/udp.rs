@@ -157,6 +157,16 @@ impl VxlanSocket {
         mmsg::recv_batch(self.sock.as_raw_fd(), bufs, meta, stop)
     }
 
+    /// Like `recv_batch`, but returns `Ok(0)` at once when nothing is queued (for a loop that
+    /// serves several descriptors and waits on all of them with [`super::wait_any`]).
+    pub fn try_recv_batch<B: AsMut<[u8]>>(
+        &self,
+        bufs: &mut [B],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
+        mmsg::try_recv_batch(self.sock.as_raw_fd(), bufs, meta)
+    }
+
     /// Sends every item (blocking while the socket buffer is full); see [`Transmit`]. Long GSO
     /// trains are cut into as many GSO messages as needed. `segment_size` plus 28 bytes of
     /// IPv4/UDP header must fit the route MTU, or the kernel refuses that item (`EMSGSIZE`,
