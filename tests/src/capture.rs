@@ -116,26 +116,39 @@ pub fn tcp_checksums(pcap: &Path) -> ChecksumTally {
         "tcp.checksum.status",
         "-e",
         "ip.checksum.status",
+        "-e",
+        "tcp.checksum",
+        "-e",
+        "tcp.checksum_calculated",
     ];
     let out = run(None, &argv, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.success(), "tshark -r {p}: {}", out.stderr);
     let mut t = ChecksumTally::default();
     for line in out.stdout.lines() {
-        let mut cols = line.split('\t');
+        let cols: Vec<&str> = line.split('\t').collect();
+        let col = |i: usize| cols.get(i).copied().and_then(innermost);
         // Several layers in one frame are comma separated; the last is the innermost.
-        match cols.next().and_then(innermost) {
+        match col(0) {
             Some("1") => t.good += 1,
+            // 0xffff and 0x0000 are the two ones'-complement zeros (RFC 1624): the kernel's
+            // skb_checksum_help writes 0xffff where the sum is zero; tshark calls it bad.
+            Some("0") if is_negative_zero(col(2), col(3)) => t.good += 1,
             Some("0") => t.bad += 1,
             Some(_) => t.unverified += 1,
             None => {}
         }
-        match cols.next().and_then(innermost) {
+        match col(1) {
             Some("1") => t.ip_good += 1,
             Some("0") => t.ip_bad += 1,
             _ => {}
         }
     }
     t
+}
+
+/// A TCP checksum of 0xffff where the computed one is 0x0000: the same value in ones' complement.
+fn is_negative_zero(stored: Option<&str>, calculated: Option<&str>) -> bool {
+    stored == Some("0xffff") && calculated == Some("0x0000")
 }
 
 /// The last of a comma-separated list of per-layer values: the innermost layer's.
@@ -174,5 +187,20 @@ pub fn bad_tcp_checksums(pcap: &Path) -> String {
     match run(None, &argv, Duration::from_secs(60)) {
         Ok(out) => out.stdout,
         Err(e) => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_rfc1624_zero_pair_is_forgiven() {
+        assert!(is_negative_zero(Some("0xffff"), Some("0x0000")));
+        assert!(!is_negative_zero(Some("0xffff"), Some("0x1234")));
+        assert!(!is_negative_zero(Some("0x0000"), Some("0xffff")));
+        assert!(!is_negative_zero(None, Some("0x0000")));
+        assert_eq!(innermost("1,0"), Some("0"));
+        assert_eq!(innermost("1"), Some("1"));
     }
 }
