@@ -314,6 +314,111 @@ pub(crate) fn send_batch(fd: RawFd, items: &[Transmit<'_>], gso: &AtomicBool) ->
     out
 }
 
+/// Most segments one [`send_segments`] call takes (its iovec array lives on the stack).
+pub const MAX_SEGMENTS: usize = 256;
+
+/// Sends a train of datagrams to `dst`, datagram `i` being `segments[i][0]` followed by
+/// `segments[i][1]` (a header built apart and a payload left where it was read, so the payload
+/// is never copied in userspace). Every datagram but the last is `segment_size` bytes long.
+///
+/// With `gso` on, consecutive datagrams go out as UDP GSO messages of up to
+/// [`MAX_GSO_SEGMENTS`] segments and [`MAX_UDP_PAYLOAD`] bytes; without it, or after the
+/// kernel answered a GSO message with `EIO` (which turns `gso` off), one datagram per message.
+/// At most [`MAX_SEGMENTS`] datagrams; more are refused as one failed item. `sent`/`failed`
+/// count messages.
+pub(crate) fn send_segments(
+    fd: RawFd,
+    dst: SocketAddrV4,
+    segments: &[[&[u8]; 2]],
+    segment_size: u16,
+    gso: &AtomicBool,
+) -> BatchSent {
+    let mut out = BatchSent::default();
+    if segments.len() > MAX_SEGMENTS || segment_size == 0 {
+        out.failed = 1;
+        out.last_error = Some(io::Error::from(io::ErrorKind::InvalidInput));
+        return out;
+    }
+    let size = usize::from(segment_size);
+    // SAFETY: all-zero is a valid value for these plain C structs.
+    let mut iovs: [libc::iovec; 2 * MAX_SEGMENTS] = unsafe { mem::zeroed() };
+    for (pair, seg) in iovs.chunks_exact_mut(2).zip(segments) {
+        for (iov, part) in pair.iter_mut().zip(seg) {
+            *iov = libc::iovec {
+                iov_base: part.as_ptr() as *mut libc::c_void,
+                iov_len: part.len(),
+            };
+        }
+    }
+    let mut addr = sockaddr(dst);
+    let mut cmsg: CmsgBuf = [0; 4];
+    let mut next = 0;
+    while next < segments.len() {
+        let gso_on = gso.load(Ordering::Relaxed);
+        let per_msg = if gso_on {
+            MAX_GSO_SEGMENTS.min(MAX_UDP_PAYLOAD / size).max(1)
+        } else {
+            1
+        };
+        // SAFETY: all-zero is a valid value for these plain C structs.
+        let mut hdrs: [libc::mmsghdr; MAX_BATCH] = unsafe { mem::zeroed() };
+        let mut n = 0;
+        let mut first = next;
+        while n < MAX_BATCH && first < segments.len() {
+            let count = per_msg.min(segments.len() - first);
+            let h = &mut hdrs[n].msg_hdr;
+            h.msg_name = (&mut addr as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut iovs[2 * first];
+            h.msg_iovlen = 2 * count;
+            if count > 1 {
+                // Every message uses the same segment size, so all share one control buffer.
+                h.msg_control = cmsg.as_mut_ptr().cast();
+                // SAFETY: CMSG_SPACE is a pure size computation.
+                h.msg_controllen = unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as u32) } as _;
+                // SAFETY: the control buffer (32 bytes, 8-aligned) holds CMSG_SPACE(2) = 24
+                // bytes; FIRSTHDR therefore returns a valid header pointer into it.
+                unsafe {
+                    let c = libc::CMSG_FIRSTHDR(h);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment_size);
+                }
+            }
+            first += count;
+            n += 1;
+        }
+        // SAFETY: hdrs[..n] point at iovecs over the caller's slices (borrowed for this call),
+        // at `addr` and at `cmsg`, all alive until sendmmsg returns; each msg_iov range lies
+        // inside `iovs`.
+        let rc = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as libc::c_uint, 0) };
+        if rc > 0 {
+            let k = rc as usize;
+            out.sent += k;
+            next += hdrs[..k]
+                .iter()
+                .map(|h| h.msg_hdr.msg_iovlen / 2)
+                .sum::<usize>();
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        if !hdrs[0].msg_hdr.msg_control.is_null() && err.raw_os_error() == Some(libc::EIO) {
+            // The route's device cannot take UDP GSO: fall back to one datagram per message.
+            gso.store(false, Ordering::Relaxed);
+            continue;
+        }
+        // Skip the message the kernel refused.
+        out.failed += 1;
+        out.last_error = Some(err);
+        next += hdrs[0].msg_hdr.msg_iovlen / 2;
+    }
+    out
+}
+
 fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,

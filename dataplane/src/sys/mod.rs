@@ -24,7 +24,9 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
-pub use mmsg::{BatchSent, RecvMeta, Transmit, MAX_BATCH, MAX_GSO_SEGMENTS, MAX_UDP_PAYLOAD};
+pub use mmsg::{
+    BatchSent, RecvMeta, Transmit, MAX_BATCH, MAX_GSO_SEGMENTS, MAX_SEGMENTS, MAX_UDP_PAYLOAD,
+};
 
 /// A sticky shutdown signal that releases every reader blocked in this module.
 ///

@@ -174,6 +174,25 @@ impl VxlanSocket {
     pub fn send_batch(&self, items: &[Transmit<'_>]) -> BatchSent {
         mmsg::send_batch(self.sock.as_raw_fd(), items, &self.gso)
     }
+
+    /// Sends a train of `segment_size`-byte datagrams (the last may be shorter) to `dst`,
+    /// each given as a header and a payload slice, without copying them into one buffer:
+    /// UDP GSO messages within kernel limits while [`VxlanSocket::gso`] holds, else one
+    /// datagram per message. At most [`mmsg::MAX_SEGMENTS`] datagrams.
+    pub fn send_segments(
+        &self,
+        dst: SocketAddrV4,
+        segments: &[[&[u8]; 2]],
+        segment_size: u16,
+    ) -> BatchSent {
+        mmsg::send_segments(
+            self.sock.as_raw_fd(),
+            dst,
+            segments,
+            segment_size,
+            &self.gso,
+        )
+    }
 }
 
 impl AsRawFd for VxlanSocket {
@@ -304,6 +323,41 @@ mod tests {
                 assert_eq!((meta.len, meta.segment_size), (1000, 1000));
                 assert!(data.iter().all(|&b| b == i as u8));
             }
+        });
+    }
+
+    #[test]
+    fn segments_from_header_and_payload_slices_arrive_whole() {
+        in_netns("udp-iov", || {
+            run("ip link set lo up");
+            let b = loopback(0, false, false);
+            // 69 datagrams of 1000 bytes (a 10-byte header + 990 payload bytes each) and a
+            // 510-byte tail: two GSO messages (64 segments at most in one).
+            let headers: Vec<[u8; 10]> = (0..70u8).map(|i| [i; 10]).collect();
+            let payload: Vec<u8> = (0..69 * 990 + 500).map(|i| (i % 251) as u8).collect();
+            let segs: Vec<[&[u8]; 2]> = headers
+                .iter()
+                .zip(payload.chunks(990))
+                .map(|(h, p)| [&h[..], p])
+                .collect();
+            for gso in [true, false] {
+                let a = loopback(0, false, gso);
+                assert_eq!(a.gso(), gso);
+                let sent = a.send_segments(b.local_addr(), &segs, 1000);
+                assert_eq!(sent.failed, 0, "{:?}", sent.last_error);
+                assert_eq!(sent.sent, if gso { 2 } else { 70 });
+                let mut bufs = vec![vec![0u8; 2048]; 64];
+                let got = drain(&b, 69 * 1000 + 510, &mut bufs);
+                assert_eq!(got.len(), 70, "gso={gso}");
+                for (i, (meta, data)) in got.iter().enumerate() {
+                    assert_eq!(meta.len, if i < 69 { 1000 } else { 510 });
+                    assert_eq!(&data[..10], &headers[i]);
+                    assert_eq!(&data[10..], segs[i][1]);
+                }
+            }
+            let a = loopback(0, false, true);
+            let too_many = vec![segs[0]; mmsg::MAX_SEGMENTS + 1];
+            assert_eq!(a.send_segments(b.local_addr(), &too_many, 1000).failed, 1);
         });
     }
 
