@@ -144,8 +144,10 @@ pub fn inbound(shared: &Shared) -> io::Result<()> {
     }
 }
 
-/// TUN reads handled before the loop of [`run`] looks at the underlay again.
-const TX_BUDGET: usize = 8;
+/// Bytes of TUN reads handled before the loop of [`run`] looks at the underlay again: about
+/// as many wire packets (a TSO super-packet counts as the segments it becomes) as one receive
+/// batch of [`MAX_BATCH`] messages, so a flood on one side cannot starve the other.
+const TX_BUDGET_BYTES: usize = MAX_BATCH * 1500;
 
 /// Both directions on one thread, until `shared.stop` is raised.
 ///
@@ -153,20 +155,25 @@ const TX_BUDGET: usize = 8;
 /// [`outbound`] and [`inbound`] on two threads: the TCP ACKs and ping replies that a TUN write
 /// produces (the kernel runs the receiving socket inline in that write) are read back from the
 /// TUN by the same thread at once instead of waking another one, and ACKs arriving from the
-/// peer are picked up between data reads. Work per turn is bounded ([`TX_BUDGET`] TUN reads,
-/// one receive batch) so neither direction starves the other.
+/// peer are picked up between data reads. Work per turn is bounded ([`TX_BUDGET_BYTES`] of
+/// TUN reads, one receive batch) so neither direction starves the other.
 pub fn run(shared: &Shared) -> io::Result<()> {
     let mut tx = TxPath::new(shared);
     let mut rx = RxPath::new();
     let fds = [shared.tun.as_raw_fd(), shared.underlay.as_raw_fd()];
     loop {
         let mut busy = false;
-        for _ in 0..TX_BUDGET {
+        let mut budget = TX_BUDGET_BYTES;
+        for _ in 0..MAX_BATCH {
             match shared.tun.try_read(tx.read_buf())? {
                 Some(0) | None => break,
                 Some(n) => {
                     busy = true;
                     tx.handle(shared, n);
+                    budget = budget.saturating_sub(n.max(1500));
+                    if budget == 0 {
+                        break;
+                    }
                 }
             }
         }
