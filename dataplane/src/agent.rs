@@ -305,13 +305,9 @@ fn spawn_data_path(
     shared: &Arc<Shared>,
 ) -> Result<Vec<std::thread::JoinHandle<io::Result<()>>>, AgentError> {
     let mut threads = Vec::new();
-    for (name, f) in [
-        (
-            "podnet-tx",
-            datapath::outbound as fn(&Shared) -> io::Result<()>,
-        ),
-        ("podnet-rx", datapath::inbound),
-    ] {
+    // One thread serves both directions (datapath::run): on a 2-core host it carries the same
+    // bytes with fewer context switches than a tx and an rx thread (bench/RESULTS.md).
+    for (name, f) in [("podnet-dp", datapath::run as fn(&Shared) -> io::Result<()>)] {
         let s = Arc::clone(shared);
         let t = std::thread::Builder::new()
             .name(name.into())
