@@ -285,15 +285,13 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             state_dir: cfg.state_dir.clone(),
             control: joined.session.as_ref().map(|s| s.client.clone()),
         });
-        let threads = spawn_data_path(&shared)?;
+        let thread = spawn_data_path(&shared)?;
         let served = runtime.block_on(serve(&cfg, Arc::clone(&agent), joined.session));
         shared.stop.stop();
-        for t in threads {
-            match t.join() {
-                Ok(Err(e)) => tracing::error!(error = %e, "data path thread failed"),
-                Err(_) => tracing::error!("data path thread panicked"),
-                Ok(Ok(())) => {}
-            }
+        match thread.join() {
+            Ok(Err(e)) => tracing::error!(error = %e, "data path thread failed"),
+            Err(_) => tracing::error!("data path thread panicked"),
+            Ok(Ok(())) => {}
         }
         served
     })();
@@ -303,27 +301,22 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
 
 fn spawn_data_path(
     shared: &Arc<Shared>,
-) -> Result<Vec<std::thread::JoinHandle<io::Result<()>>>, AgentError> {
-    let mut threads = Vec::new();
+) -> Result<std::thread::JoinHandle<io::Result<()>>, AgentError> {
     // One thread serves both directions (datapath::run): on a 2-core host it carries the same
     // bytes with fewer context switches than a tx and an rx thread (bench/RESULTS.md).
-    for (name, f) in [("podnet-dp", datapath::run as fn(&Shared) -> io::Result<()>)] {
-        let s = Arc::clone(shared);
-        let t = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                let r = f(&s);
-                if let Err(e) = &r {
-                    tracing::error!(thread = name, error = %e, "data path stopped");
-                    // One direction failing stops the agent rather than half-forwarding.
-                    s.stop.stop();
-                }
-                r
-            })
-            .map_err(AgentError::DataPath)?;
-        threads.push(t);
-    }
-    Ok(threads)
+    let s = Arc::clone(shared);
+    std::thread::Builder::new()
+        .name("podnet-dp".into())
+        .spawn(move || {
+            let r = datapath::run(&s);
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "data path stopped");
+                // Stop the agent rather than keep a node up that no longer forwards.
+                s.stop.stop();
+            }
+            r
+        })
+        .map_err(AgentError::DataPath)
 }
 
 /// Runs the admin API and the membership task until a signal (or the data path) stops us.
