@@ -7,54 +7,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use podnet_control::{FileStore, MemoryStore, Server, ServerConfig, Store};
+use podnet_control::{FileStore, MemoryStore, ServerConfig, Store};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-struct Running {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-}
-
-impl Running {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(15), &mut self.task)
-            .await
-            .expect("server stops within 15 s")
-            .unwrap();
-    }
-}
-
-async fn start(config: ServerConfig, store: Arc<dyn Store>) -> Running {
-    let server = Server::open(config, store).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        server
-            .run(listener, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    });
-    Running {
-        addr,
-        stop: Some(stop),
-        task,
-    }
-}
+mod common;
+use common::{any_port, start, Running};
 
 fn memory() -> Arc<dyn Store> {
     Arc::new(MemoryStore::default())
@@ -158,7 +117,7 @@ fn rss_kib() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_malformed_requests_get_json_errors() {
-    let run = start(ServerConfig::default(), memory()).await;
+    let run = start(ServerConfig::default(), memory(), any_port()).await;
     let http = reqwest::Client::new();
 
     // A body over the 16 KiB limit: 413 with a JSON error naming the limit.
@@ -218,7 +177,7 @@ async fn slow_and_silent_clients_lose_their_connection() {
         watch_keepalive: Duration::from_millis(400),
         ..ServerConfig::default()
     };
-    let run = start(config, memory()).await;
+    let run = start(config, memory(), any_port()).await;
 
     // 50 slowloris clients: a request line, then one header byte every 100 ms.
     let mut slow = Vec::new();
@@ -333,7 +292,7 @@ async fn thousands_of_watchers_are_capped_and_the_service_keeps_serving() {
         max_watchers: LIMIT,
         ..ServerConfig::default()
     };
-    let run = start(config, memory()).await;
+    let run = start(config, memory(), any_port()).await;
     let rss_before = rss_kib();
 
     let mut accepted = Vec::new();
@@ -398,7 +357,7 @@ async fn connections_over_the_limit_get_503_and_close() {
         max_connections: 100,
         ..ServerConfig::default()
     };
-    let run = start(config, memory()).await;
+    let run = start(config, memory(), any_port()).await;
     // 100 idle connections take every slot (each has sent nothing yet).
     let mut held = Vec::new();
     for _ in 0..100 {
@@ -427,7 +386,7 @@ async fn only_the_exact_token_gets_in() {
         token: Some(token.to_string()),
         ..ServerConfig::default()
     };
-    let run = start(config, memory()).await;
+    let run = start(config, memory(), any_port()).await;
     let http = reqwest::Client::new();
     let wrong = [
         "".to_string(),
@@ -481,7 +440,12 @@ async fn only_the_exact_token_gets_in() {
 async fn hostile_node_names_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.json");
-    let run = start(ServerConfig::default(), Arc::new(FileStore::new(&state))).await;
+    let run = start(
+        ServerConfig::default(),
+        Arc::new(FileStore::new(&state)),
+        any_port(),
+    )
+    .await;
     let http = reqwest::Client::new();
     let long = "a".repeat(64);
     let cases: &[(&str, &str)] = &[

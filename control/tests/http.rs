@@ -1,6 +1,5 @@
 //! The control API over real TCP on 127.0.0.1 (port 0), server and client in this process.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,57 +8,12 @@ use podnet_control::api::{
 };
 use podnet_control::{Client, FileStore, MemoryStore, Server, ServerConfig, Store};
 use serde_json::{json, Value};
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
+
+mod common;
+use common::{any_port, start};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-struct Running {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-}
-
-impl Running {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    /// Stops the server and waits until it no longer serves.
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
-            .await
-            .expect("server stops within 10 s")
-            .unwrap();
-    }
-}
-
-async fn start(config: ServerConfig, store: Arc<dyn Store>, addr: SocketAddr) -> Running {
-    let server = Server::open(config, store).await.unwrap();
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        server
-            .run(listener, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    });
-    Running {
-        addr,
-        stop: Some(stop),
-        task,
-    }
-}
-
-fn any_port() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
 
 fn config() -> ServerConfig {
     ServerConfig::default()
