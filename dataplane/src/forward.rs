@@ -475,7 +475,6 @@ fn parse_ipv4(bytes: &[u8]) -> Result<Ipv4Packet<&[u8]>, DropReason> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::Peer;
 
     /// UDP 10.244.1.2:12345 -> 10.244.2.3:53, DF, TTL 64, payload "hi" (30 bytes).
     const INNER: [u8; 30] = [
@@ -502,15 +501,7 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn peer(node: &str, n: u8) -> Peer {
-        let underlay_ip = Ipv4Addr::new(198, 18, 0, n);
-        Peer {
-            node: node.into(),
-            underlay_ip,
-            vtep_mac: MacAddr::vtep_for(underlay_ip),
-            pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).unwrap(),
-        }
-    }
+    use crate::table::test_peer as peer;
 
     fn table() -> RouteTable {
         RouteTable::build(1, vec![peer("a", 1), peer("b", 2), peer("c", 3)]).unwrap()

@@ -213,6 +213,18 @@ fn check_overlaps(peers: &[Peer]) -> Result<(), TableError> {
     Ok(())
 }
 
+/// Node `n` of the test fixtures: underlay 198.18.0.n, pod CIDR 10.244.n.0/24, the DESIGN VTEP MAC.
+#[cfg(test)]
+pub(crate) fn test_peer(node: &str, n: u8) -> Peer {
+    let underlay_ip = Ipv4Addr::new(198, 18, 0, n);
+    Peer {
+        node: node.into(),
+        underlay_ip,
+        vtep_mac: MacAddr::vtep_for(underlay_ip),
+        pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).unwrap(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

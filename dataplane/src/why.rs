@@ -250,17 +250,8 @@ mod tests {
     use super::*;
     use crate::drops::Counters;
     use crate::forward::Forwarder;
-    use crate::table::Peer;
 
-    fn peer(node: &str, n: u8) -> Peer {
-        let underlay_ip = Ipv4Addr::new(198, 18, 0, n);
-        Peer {
-            node: node.into(),
-            underlay_ip,
-            vtep_mac: MacAddr::vtep_for(underlay_ip),
-            pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).unwrap(),
-        }
-    }
+    use crate::table::test_peer as peer;
 
     fn config() -> NodeConfig {
         let underlay_ip = Ipv4Addr::new(198, 18, 0, 1);
