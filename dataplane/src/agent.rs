@@ -276,6 +276,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             underlay: sock,
             stop: Stop::new().map_err(AgentError::DataPath)?,
             io_errors: IoErrors::default(),
+            busy_poll: cfg.busy_poll,
         });
         let agent = Arc::new(Agent {
             info,

@@ -67,18 +67,6 @@ impl Underlay {
             Underlay::Ipip(s) => s.as_raw_fd(),
         }
     }
-
-    fn recv_batch<B: AsMut<[u8]>>(
-        &self,
-        bufs: &mut [B],
-        meta: &mut [RecvMeta],
-        stop: &Stop,
-    ) -> io::Result<usize> {
-        match self {
-            Underlay::Vxlan(s) => s.recv_batch(bufs, meta, stop),
-            Underlay::Ipip(s) => s.recv_batch(bufs, meta, stop),
-        }
-    }
 }
 
 /// Failures of the OS around the data path (not drops of bad packets, which the forwarder
@@ -98,6 +86,8 @@ pub struct Shared {
     pub underlay: Underlay,
     pub stop: Stop,
     pub io_errors: IoErrors,
+    /// How long [`run`] keeps polling after its last packet before it sleeps (`--busy-poll`).
+    pub busy_poll: Duration,
 }
 
 /// Output room for one segmented super-packet: the payload plus, per segment, a prefix and
@@ -119,32 +109,6 @@ fn dst_of(encap: Encap, peer: Ipv4Addr) -> SocketAddrV4 {
     }
 }
 
-/// tunl0 -> underlay, until `shared.stop` is raised.
-pub fn outbound(shared: &Shared) -> io::Result<()> {
-    let mut tx = TxPath::new(shared);
-    loop {
-        let n = shared.tun.read(tx.read_buf(), &shared.stop)?;
-        if n == 0 {
-            return Ok(());
-        }
-        tx.handle(shared, n);
-    }
-}
-
-/// underlay -> tunl0, until `shared.stop` is raised.
-pub fn inbound(shared: &Shared) -> io::Result<()> {
-    let mut rx = RxPath::new();
-    loop {
-        let n = shared
-            .underlay
-            .recv_batch(&mut rx.bufs, &mut rx.meta, &shared.stop)?;
-        if n == 0 {
-            return Ok(());
-        }
-        rx.handle(shared, n);
-    }
-}
-
 /// Bytes of TUN reads handled before the loop of [`run`] looks at the underlay again: about
 /// as many wire packets (a TSO super-packet counts as the segments it becomes) as one receive
 /// batch of [`MAX_BATCH`] messages, so a flood on one side cannot starve the other.
@@ -152,8 +116,8 @@ const TX_BUDGET_BYTES: usize = MAX_BATCH * 1500;
 
 /// Both directions on one thread, until `shared.stop` is raised.
 ///
-/// On a machine with few cores this moves the same bytes with fewer context switches than
-/// [`outbound`] and [`inbound`] on two threads: the TCP ACKs and ping replies that a TUN write
+/// On a machine with few cores this moves the same bytes with fewer context switches than a
+/// reader thread per direction (bench/RESULTS.md): the TCP ACKs and ping replies that a TUN write
 /// produces (the kernel runs the receiving socket inline in that write) are read back from the
 /// TUN by the same thread at once instead of waking another one, and ACKs arriving from the
 /// peer are picked up between data reads. Work per turn is bounded ([`TX_BUDGET_BYTES`] of
@@ -162,7 +126,7 @@ pub fn run(shared: &Shared) -> io::Result<()> {
     let mut tx = TxPath::new(shared);
     let mut rx = RxPath::new();
     let fds = [shared.tun.as_raw_fd(), shared.underlay.as_raw_fd()];
-    let spin = spin_window();
+    let spin = shared.busy_poll;
     let mut last_busy: Option<Instant> = None;
     loop {
         let mut busy = false;
@@ -219,16 +183,8 @@ pub fn run(shared: &Shared) -> io::Result<()> {
 /// polls yield. The price is CPU while traffic trickles: an agent that forwards at least one
 /// packet every 20 ms polls continuously (its CPU time grows to what the scheduler leaves it
 /// between yields); an idle one polls for 20 ms after its last packet and then sleeps.
-/// `PODNET_SPIN_US` in the agent's environment overrides it (0 turns polling off).
-const SPIN_WINDOW: Duration = Duration::from_millis(20);
-
-fn spin_window() -> Duration {
-    std::env::var("PODNET_SPIN_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_micros)
-        .unwrap_or(SPIN_WINDOW)
-}
+/// `--busy-poll` sets it (0 turns polling off).
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_millis(20);
 
 /// The outbound direction's buffers (allocated once).
 struct TxPath {
@@ -547,7 +503,12 @@ impl RxPath {
             } else {
                 m.segment_size
             };
-            for datagram in buf[..m.len].chunks(step.max(1)) {
+            // An empty datagram still goes to the forwarder, which counts it as malformed;
+            // `chunks` of an empty slice would yield nothing and the drop would go uncounted.
+            let datagrams = buf[..m.len].chunks(step.max(1));
+            let empty: &[u8] = &[];
+            let datagrams = datagrams.chain((m.len == 0).then_some(empty));
+            for datagram in datagrams {
                 let verdict = match &shared.underlay {
                     Underlay::Vxlan(_) => fwd.inbound_vxlan(&table, *m.src.ip(), datagram),
                     Underlay::Ipip(_) => fwd.inbound_ipip(&table, datagram),
