@@ -15,16 +15,14 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use podnet_proto::gro::Coalescer;
-use podnet_proto::gso::{tcp, Segments};
-use podnet_proto::virtio::{self, OffloadError, VirtioNetHdr, GSO_NONE};
-use podnet_proto::{checksum, gso, ipv4, vxlan};
+use podnet_proto::virtio::{self, VirtioNetHdr, GSO_NONE};
+use podnet_proto::{gso, vxlan};
 
 use crate::drops::DropReason;
 use crate::forward::{Encap, Forwarder, Inbound, Outbound, Route, HEADROOM, SCRATCH_LEN};
@@ -288,7 +286,7 @@ impl TxPath {
         if let (Some(prefix), Underlay::Vxlan(sock)) = (&prefix, &shared.underlay) {
             // Zero-copy: build each segment's headers apart and send the payload from where
             // the TUN read put it.
-            match segment_headers(&hdr, packet, prefix, segbuf) {
+            match gso::segment_headers(&hdr, packet, prefix, segbuf) {
                 Ok(plan) if plan.segs.count <= sys::MAX_SEGMENTS => {
                     let mut parts: [[&[u8]; 2]; sys::MAX_SEGMENTS] = [[&[]; 2]; sys::MAX_SEGMENTS];
                     let payload = &packet[plan.payload.clone()];
@@ -373,96 +371,6 @@ impl TxPath {
     }
 }
 
-/// Where [`segment_headers`] put what.
-#[derive(Debug)]
-struct HeaderPlan {
-    /// The segments as [`gso::segment`] would lay them out.
-    segs: Segments,
-    /// Bytes of headers per segment in the output: prefix + IPv4 + TCP.
-    header_len: usize,
-    /// Payload bytes per segment (the last may carry fewer).
-    mss: usize,
-    /// The TCP payload inside the super-packet.
-    payload: Range<usize>,
-}
-
-/// Writes, for each segment of the TSO super-packet `packet`, `prefix` followed by that
-/// segment's IPv4 and TCP headers into `out` (segment `i` at `i * header_len`), exactly as
-/// [`gso::segment`] would write them in front of the segment's payload: total length,
-/// IP ID + i, header checksum, sequence number, flags (CWR on the first segment only, FIN
-/// and PSH on the last only) and the TCP checksum over header and payload. The payload is
-/// only read (for the checksum), never copied: the segments go out as header and payload
-/// slices.
-fn segment_headers(
-    hdr: &VirtioNetHdr,
-    packet: &[u8],
-    prefix: &[u8],
-    out: &mut [u8],
-) -> Result<HeaderPlan, OffloadError> {
-    // plan validates IPv4 and TCP lengths, the GSO type and size.
-    let segs = gso::plan(hdr, packet, prefix.len())?;
-    let ip_len = usize::from(packet[0] & 0x0f) * 4;
-    let tcp_len = usize::from(packet[ip_len + tcp::DATA_OFFSET] >> 4) * 4;
-    let headers = ip_len + tcp_len;
-    let header_len = prefix.len() + headers;
-    let mss = segs.stride - header_len;
-    let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
-    let payload = headers..total;
-    let required = segs.count * header_len;
-    if out.len() < required {
-        return Err(OffloadError::OutputTooSmall {
-            required,
-            len: out.len(),
-        });
-    }
-    let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
-    let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
-    let ident = u16::from_be_bytes([packet[4], packet[5]]);
-    let th = ip_len;
-    let seq = u32::from_be_bytes([
-        packet[th + tcp::SEQ],
-        packet[th + tcp::SEQ + 1],
-        packet[th + tcp::SEQ + 2],
-        packet[th + tcp::SEQ + 3],
-    ]);
-    let flags = packet[th + tcp::FLAGS];
-    let data = &packet[payload.clone()];
-    for (i, o) in out[..required].chunks_exact_mut(header_len).enumerate() {
-        let piece = &data[i * mss..((i + 1) * mss).min(data.len())];
-        let (p, inner) = o.split_at_mut(prefix.len());
-        p.copy_from_slice(prefix);
-        inner.copy_from_slice(&packet[..headers]);
-        let len = (headers + piece.len()) as u16;
-        inner[2..4].copy_from_slice(&len.to_be_bytes());
-        inner[4..6].copy_from_slice(&ident.wrapping_add(i as u16).to_be_bytes());
-        inner[10..12].fill(0);
-        let ip_sum = checksum::checksum(&inner[..ip_len]);
-        inner[10..12].copy_from_slice(&ip_sum.to_be_bytes());
-        let seg_seq = seq.wrapping_add((i * mss) as u32);
-        inner[th + tcp::SEQ..th + tcp::SEQ + 4].copy_from_slice(&seg_seq.to_be_bytes());
-        let mut f = flags;
-        if i > 0 {
-            f &= !tcp::CWR;
-        }
-        if i + 1 < segs.count {
-            f &= !(tcp::FIN | tcp::PSH);
-        }
-        inner[th + tcp::FLAGS] = f;
-        inner[th + tcp::CHECKSUM..th + tcp::CHECKSUM + 2].fill(0);
-        let l4_len = (tcp_len + piece.len()) as u16;
-        let acc = checksum::pseudo_header(src, dst, ipv4::protocol::TCP, l4_len);
-        let acc = checksum::partial(piece, checksum::partial(&inner[th..], acc));
-        let sum = checksum::finish(acc);
-        inner[th + tcp::CHECKSUM..th + tcp::CHECKSUM + 2].copy_from_slice(&sum.to_be_bytes());
-    }
-    Ok(HeaderPlan {
-        segs,
-        header_len,
-        mss,
-        payload,
-    })
-}
-
 fn write_tun(shared: &Shared, bytes: &[u8]) {
     if shared.tun.write(bytes).is_err() {
         shared.io_errors.tun_write.fetch_add(1, Relaxed);
@@ -527,108 +435,5 @@ impl RxPath {
         if vnet > 0 {
             coalescer.flush(|out| write_tun(shared, out));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use podnet_proto::virtio::{F_NEEDS_CSUM, GSO_TCPV4};
-
-    /// An IPv4 + TCP super-packet with `ip_opts` bytes of IP options, a 32-byte TCP header
-    /// and `payload` bytes of patterned data.
-    fn super_packet(ip_opts: usize, payload: usize, flags: u8) -> Vec<u8> {
-        let ip_len = 20 + ip_opts;
-        let total = ip_len + 32 + payload;
-        let mut p = vec![0u8; total];
-        p[0] = 0x40 | (ip_len / 4) as u8;
-        p[1] = 0x02; // ECT(0)
-        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        p[4..6].copy_from_slice(&0xfff0u16.to_be_bytes()); // wraps during the train
-        p[6] = 0x40; // DF
-        p[8] = 64;
-        p[9] = ipv4::protocol::TCP;
-        p[12..16].copy_from_slice(&[10, 244, 1, 2]);
-        p[16..20].copy_from_slice(&[10, 244, 2, 2]);
-        for b in &mut p[20..ip_len] {
-            *b = 1; // NOP options
-        }
-        let t = ip_len;
-        p[t..t + 2].copy_from_slice(&40000u16.to_be_bytes());
-        p[t + 2..t + 4].copy_from_slice(&5201u16.to_be_bytes());
-        p[t + 4..t + 8].copy_from_slice(&0xffff_f000u32.to_be_bytes()); // wraps too
-        p[t + 8..t + 12].copy_from_slice(&77u32.to_be_bytes());
-        p[t + 12] = 8 << 4;
-        p[t + 13] = flags;
-        p[t + 14..t + 16].copy_from_slice(&502u16.to_be_bytes());
-        p[t + 20..t + 32].copy_from_slice(&[1, 1, 8, 10, 1, 2, 3, 4, 5, 6, 7, 8]);
-        for (i, b) in p[t + 32..].iter_mut().enumerate() {
-            *b = (i * 7 + i / 251) as u8;
-        }
-        p
-    }
-
-    fn tso(mss: u16, ip_len: usize) -> VirtioNetHdr {
-        VirtioNetHdr {
-            flags: F_NEEDS_CSUM,
-            gso_type: GSO_TCPV4,
-            hdr_len: (ip_len + 32) as u16,
-            gso_size: mss,
-            csum_start: ip_len as u16,
-            csum_offset: 16,
-        }
-    }
-
-    #[test]
-    fn header_and_payload_slices_equal_gso_segment() {
-        let prefix: [u8; vxlan::ENCAP_LEN] = std::array::from_fn(|i| 0xa0 + i as u8);
-        let cases = [
-            (0, 65_483, 1398, tcp::ACK_FLAG | tcp::PSH),
-            (0, 1398 * 10, 1398, tcp::ACK_FLAG | tcp::FIN | tcp::CWR),
-            (8, 5000, 1000, tcp::ACK_FLAG | tcp::PSH | tcp::CWR),
-            (0, 1, 1398, tcp::ACK_FLAG),
-            (4, 3001, 3, tcp::ACK_FLAG),
-        ];
-        for (ip_opts, payload, mss, flags) in cases {
-            let packet = super_packet(ip_opts, payload, flags);
-            let hdr = tso(mss, 20 + ip_opts);
-            let mut want = vec![0u8; 4 * MAX_READ];
-            let segs = gso::segment(&hdr, &packet, prefix.len(), &mut want, |p, _| {
-                p.copy_from_slice(&prefix)
-            })
-            .unwrap();
-            let mut headers = vec![0u8; SEGMENT_BUF];
-            let plan = segment_headers(&hdr, &packet, &prefix, &mut headers).unwrap();
-            assert_eq!(plan.segs, segs);
-            let data = &packet[plan.payload.clone()];
-            let mut got = Vec::new();
-            for i in 0..plan.segs.count {
-                got.extend_from_slice(&headers[i * plan.header_len..(i + 1) * plan.header_len]);
-                let from = i * plan.mss;
-                got.extend_from_slice(&data[from..(from + plan.mss).min(data.len())]);
-            }
-            assert_eq!(
-                got,
-                &want[..segs.total_len()],
-                "ip_opts={ip_opts} payload={payload} mss={mss}"
-            );
-        }
-    }
-
-    #[test]
-    fn segment_headers_refuses_what_gso_segment_refuses() {
-        let packet = super_packet(0, 3000, tcp::ACK_FLAG);
-        let mut out = vec![0u8; SEGMENT_BUF];
-        let zero = tso(0, 20);
-        assert!(matches!(
-            segment_headers(&zero, &packet, &[0; 22], &mut out),
-            Err(OffloadError::ZeroGsoSize)
-        ));
-        assert!(segment_headers(&tso(1000, 20), &packet[..30], &[0; 22], &mut out).is_err());
-        let mut small = [0u8; 100];
-        assert!(matches!(
-            segment_headers(&tso(1000, 20), &packet, &[0; 22], &mut small),
-            Err(OffloadError::OutputTooSmall { .. })
-        ));
     }
 }

@@ -309,51 +309,138 @@ where
         });
     }
 
-    let (ip_len, tcp_len) = (pkt.ip_len, pkt.tcp_len);
-    let headers = &pkt.packet[..ip_len + tcp_len];
-    let ident = u16::from_be_bytes([headers[IP_ID], headers[IP_ID + 1]]);
-    let seq = u32::from_be_bytes(read4(headers, ip_len + tcp::SEQ));
-    let flags = headers[ip_len + tcp::FLAGS];
-    let (src, dst) = (pkt.src(), pkt.dst());
-
+    let cut = Cut::new(&pkt, mss, segs.count);
     let payload = pkt.payload();
     for (i, range) in segs.iter().enumerate() {
-        let start = i * mss;
-        let piece = &payload[start..(start + mss).min(payload.len())];
+        let piece = cut.piece(payload, i);
         let (prefix, inner) = out[range].split_at_mut(prefix_len);
-        inner[..ip_len + tcp_len].copy_from_slice(headers);
-        inner[ip_len + tcp_len..].copy_from_slice(piece);
-        let inner_len = inner.len();
-
-        // IPv4: inner_len fits u16 because it is no longer than the super-packet.
-        inner[IP_TOTAL_LEN..IP_TOTAL_LEN + 2].copy_from_slice(&(inner_len as u16).to_be_bytes());
-        // `i` < 65536 segments: at least one payload byte each in a < 64 KiB packet.
-        let id = ident.wrapping_add(i as u16);
-        inner[IP_ID..IP_ID + 2].copy_from_slice(&id.to_be_bytes());
-        inner[IP_CHECKSUM..IP_CHECKSUM + 2].fill(0);
-        let ip_sum = checksum::checksum(&inner[..ip_len]);
-        inner[IP_CHECKSUM..IP_CHECKSUM + 2].copy_from_slice(&ip_sum.to_be_bytes());
-
-        // TCP: the kernel clears CWR after the first segment and keeps FIN/PSH for the last.
-        let th = ip_len;
-        let offset = (i * mss) as u32;
-        inner[th + tcp::SEQ..th + tcp::SEQ + 4]
-            .copy_from_slice(&seq.wrapping_add(offset).to_be_bytes());
-        let mut f = flags;
-        if i > 0 {
-            f &= !tcp::CWR;
-        }
-        if i + 1 < segs.count {
-            f &= !(tcp::FIN | tcp::PSH);
-        }
-        inner[th + tcp::FLAGS] = f;
-        inner[th + tcp::CHECKSUM..th + tcp::CHECKSUM + 2].fill(0);
-        let tcp_csum = tcp_sum(src, dst, &inner[th..], 0);
-        inner[th + tcp::CHECKSUM..th + tcp::CHECKSUM + 2].copy_from_slice(&tcp_csum.to_be_bytes());
-
+        let (headers, body) = inner.split_at_mut(pkt.headers_len());
+        body.copy_from_slice(piece);
+        cut.write_headers(i, piece, headers);
         fill_prefix(prefix, inner);
     }
     Ok(segs)
+}
+
+/// The per-segment header rewrite shared by [`segment`] and [`segment_headers`]: what the
+/// kernel's software GSO changes from one segment to the next.
+struct Cut<'a> {
+    /// The super-packet's IPv4 and TCP headers, the template of every segment's headers.
+    headers: &'a [u8],
+    ip_len: usize,
+    mss: usize,
+    count: usize,
+    ident: u16,
+    seq: u32,
+    flags: u8,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+}
+
+impl<'a> Cut<'a> {
+    fn new(pkt: &TcpIpv4<'a>, mss: usize, count: usize) -> Cut<'a> {
+        let headers = &pkt.packet[..pkt.headers_len()];
+        Cut {
+            headers,
+            ip_len: pkt.ip_len,
+            mss,
+            count,
+            ident: u16::from_be_bytes([headers[IP_ID], headers[IP_ID + 1]]),
+            seq: u32::from_be_bytes(read4(headers, pkt.ip_len + tcp::SEQ)),
+            flags: headers[pkt.ip_len + tcp::FLAGS],
+            src: pkt.src(),
+            dst: pkt.dst(),
+        }
+    }
+
+    /// Segment `i`'s payload within the super-packet's payload.
+    fn piece<'p>(&self, payload: &'p [u8], i: usize) -> &'p [u8] {
+        let start = i * self.mss;
+        &payload[start..(start + self.mss).min(payload.len())]
+    }
+
+    /// Writes segment `i`'s IPv4 and TCP headers into `out` (exactly the headers' length):
+    /// total length, IP ID + i, header checksum, sequence number advanced by the payload
+    /// before it, CWR on the first segment only, FIN/PSH on the last only, and the full TCP
+    /// checksum over these headers and `piece`.
+    fn write_headers(&self, i: usize, piece: &[u8], out: &mut [u8]) {
+        let (ip_len, th) = (self.ip_len, self.ip_len);
+        out.copy_from_slice(self.headers);
+        // Shorter than the super-packet, so it fits u16.
+        let total = (out.len() + piece.len()) as u16;
+        out[IP_TOTAL_LEN..IP_TOTAL_LEN + 2].copy_from_slice(&total.to_be_bytes());
+        // `i` < 65536 segments: at least one payload byte each in a < 64 KiB packet.
+        let id = self.ident.wrapping_add(i as u16);
+        out[IP_ID..IP_ID + 2].copy_from_slice(&id.to_be_bytes());
+        out[IP_CHECKSUM..IP_CHECKSUM + 2].fill(0);
+        let ip_sum = checksum::checksum(&out[..ip_len]);
+        out[IP_CHECKSUM..IP_CHECKSUM + 2].copy_from_slice(&ip_sum.to_be_bytes());
+        let seq = self.seq.wrapping_add((i * self.mss) as u32);
+        out[th + tcp::SEQ..th + tcp::SEQ + 4].copy_from_slice(&seq.to_be_bytes());
+        let mut f = self.flags;
+        if i > 0 {
+            f &= !tcp::CWR;
+        }
+        if i + 1 < self.count {
+            f &= !(tcp::FIN | tcp::PSH);
+        }
+        out[th + tcp::FLAGS] = f;
+        out[th + tcp::CHECKSUM..th + tcp::CHECKSUM + 2].fill(0);
+        // The TCP header is a multiple of 4 bytes, so its partial sum composes with the
+        // payload's.
+        let l4_len = (out.len() - th + piece.len()) as u16;
+        let acc = checksum::pseudo_header(self.src, self.dst, ipv4::protocol::TCP, l4_len);
+        let sum = checksum::finish(checksum::partial(piece, checksum::partial(&out[th..], acc)));
+        out[th + tcp::CHECKSUM..th + tcp::CHECKSUM + 2].copy_from_slice(&sum.to_be_bytes());
+    }
+}
+
+/// Where [`segment_headers`] put what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderPlan {
+    /// The segments as [`segment`] would lay them out.
+    pub segs: Segments,
+    /// Bytes of headers per segment in the output: prefix + IPv4 + TCP.
+    pub header_len: usize,
+    /// Payload bytes per segment (the last may carry fewer).
+    pub mss: usize,
+    /// The TCP payload inside the super-packet.
+    pub payload: Range<usize>,
+}
+
+/// The zero-copy form of [`segment`]: writes, for each segment, `prefix` followed by that
+/// segment's IPv4 and TCP headers into `out` (segment `i` at `i * header_len`), exactly as
+/// [`segment`] writes them in front of the segment's payload. The payload is only read (for
+/// the checksum), never copied, so a sender can hand the kernel header and payload slices
+/// (`sendmsg` with an iovec per segment) instead of a copied train.
+pub fn segment_headers(
+    hdr: &VirtioNetHdr,
+    packet: &[u8],
+    prefix: &[u8],
+    out: &mut [u8],
+) -> Result<HeaderPlan, OffloadError> {
+    let Plan { pkt, mss, segs } = plan_inner(hdr, packet, prefix.len())?;
+    let header_len = prefix.len() + pkt.headers_len();
+    let required = segs.count * header_len;
+    if out.len() < required {
+        return Err(OffloadError::OutputTooSmall {
+            required,
+            len: out.len(),
+        });
+    }
+    let cut = Cut::new(&pkt, mss, segs.count);
+    let payload = pkt.payload();
+    for (i, o) in out[..required].chunks_exact_mut(header_len).enumerate() {
+        let (p, headers) = o.split_at_mut(prefix.len());
+        p.copy_from_slice(prefix);
+        cut.write_headers(i, cut.piece(payload, i), headers);
+    }
+    Ok(HeaderPlan {
+        segs,
+        header_len,
+        mss,
+        payload: pkt.headers_len()..pkt.packet.len(),
+    })
 }
 
 fn read4(b: &[u8], at: usize) -> [u8; 4] {
@@ -922,5 +1009,112 @@ pub(crate) mod tests {
             let mut b = bytes.clone();
             let _ = complete_checksum(&hdr, &mut b);
         }
+    }
+}
+
+/// `segment_headers` against `segment`: the same bytes, once as header + payload slices.
+#[cfg(test)]
+mod header_tests {
+    use super::*;
+    use crate::virtio::F_NEEDS_CSUM;
+
+    /// Room for any train of one 64 KiB super-packet.
+    const OUT: usize = 4 * 65_545;
+
+    /// An IPv4 + TCP super-packet with `ip_opts` bytes of IP options, a 32-byte TCP header
+    /// and `payload` bytes of patterned data.
+    fn super_packet(ip_opts: usize, payload: usize, flags: u8) -> Vec<u8> {
+        let ip_len = 20 + ip_opts;
+        let total = ip_len + 32 + payload;
+        let mut p = vec![0u8; total];
+        p[0] = 0x40 | (ip_len / 4) as u8;
+        p[1] = 0x02; // ECT(0)
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&0xfff0u16.to_be_bytes()); // wraps during the train
+        p[6] = 0x40; // DF
+        p[8] = 64;
+        p[9] = ipv4::protocol::TCP;
+        p[12..16].copy_from_slice(&[10, 244, 1, 2]);
+        p[16..20].copy_from_slice(&[10, 244, 2, 2]);
+        for b in &mut p[20..ip_len] {
+            *b = 1; // NOP options
+        }
+        let t = ip_len;
+        p[t..t + 2].copy_from_slice(&40000u16.to_be_bytes());
+        p[t + 2..t + 4].copy_from_slice(&5201u16.to_be_bytes());
+        p[t + 4..t + 8].copy_from_slice(&0xffff_f000u32.to_be_bytes()); // wraps too
+        p[t + 8..t + 12].copy_from_slice(&77u32.to_be_bytes());
+        p[t + 12] = 8 << 4;
+        p[t + 13] = flags;
+        p[t + 14..t + 16].copy_from_slice(&502u16.to_be_bytes());
+        p[t + 20..t + 32].copy_from_slice(&[1, 1, 8, 10, 1, 2, 3, 4, 5, 6, 7, 8]);
+        for (i, b) in p[t + 32..].iter_mut().enumerate() {
+            *b = (i * 7 + i / 251) as u8;
+        }
+        p
+    }
+
+    fn tso(mss: u16, ip_len: usize) -> VirtioNetHdr {
+        VirtioNetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: (ip_len + 32) as u16,
+            gso_size: mss,
+            csum_start: ip_len as u16,
+            csum_offset: 16,
+        }
+    }
+
+    #[test]
+    fn header_and_payload_slices_equal_gso_segment() {
+        let prefix: [u8; 22] = std::array::from_fn(|i| 0xa0 + i as u8);
+        let cases = [
+            (0, 65_483, 1398, tcp::ACK_FLAG | tcp::PSH),
+            (0, 1398 * 10, 1398, tcp::ACK_FLAG | tcp::FIN | tcp::CWR),
+            (8, 5000, 1000, tcp::ACK_FLAG | tcp::PSH | tcp::CWR),
+            (0, 1, 1398, tcp::ACK_FLAG),
+            (4, 3001, 3, tcp::ACK_FLAG),
+        ];
+        for (ip_opts, payload, mss, flags) in cases {
+            let packet = super_packet(ip_opts, payload, flags);
+            let hdr = tso(mss, 20 + ip_opts);
+            let mut want = vec![0u8; OUT];
+            let segs = segment(&hdr, &packet, prefix.len(), &mut want, |p, _| {
+                p.copy_from_slice(&prefix)
+            })
+            .unwrap();
+            let mut headers = vec![0u8; OUT];
+            let plan = segment_headers(&hdr, &packet, &prefix, &mut headers).unwrap();
+            assert_eq!(plan.segs, segs);
+            let data = &packet[plan.payload.clone()];
+            let mut got = Vec::new();
+            for i in 0..plan.segs.count {
+                got.extend_from_slice(&headers[i * plan.header_len..(i + 1) * plan.header_len]);
+                let from = i * plan.mss;
+                got.extend_from_slice(&data[from..(from + plan.mss).min(data.len())]);
+            }
+            assert_eq!(
+                got,
+                &want[..segs.total_len()],
+                "ip_opts={ip_opts} payload={payload} mss={mss}"
+            );
+        }
+    }
+
+    #[test]
+    fn segment_headers_refuses_what_gso_segment_refuses() {
+        let packet = super_packet(0, 3000, tcp::ACK_FLAG);
+        let mut out = vec![0u8; OUT];
+        let zero = tso(0, 20);
+        assert!(matches!(
+            segment_headers(&zero, &packet, &[0; 22], &mut out),
+            Err(OffloadError::ZeroGsoSize)
+        ));
+        assert!(segment_headers(&tso(1000, 20), &packet[..30], &[0; 22], &mut out).is_err());
+        let mut small = [0u8; 100];
+        assert!(matches!(
+            segment_headers(&tso(1000, 20), &packet, &[0; 22], &mut small),
+            Err(OffloadError::OutputTooSmall { .. })
+        ));
     }
 }
