@@ -21,10 +21,12 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use podnet_proto::gro::Coalescer;
+use podnet_proto::gso::Segments;
 use podnet_proto::virtio::{self, VirtioNetHdr, GSO_NONE};
 use podnet_proto::{gso, vxlan};
 
 use crate::drops::DropReason;
+use crate::dropwatch::DropContext;
 use crate::forward::{Encap, Forwarder, Inbound, Outbound, Route, HEADROOM, SCRATCH_LEN};
 use crate::sys::raw::IpipSocket;
 use crate::sys::tun::{Tun, MAX_READ};
@@ -216,7 +218,7 @@ impl TxPath {
         let (encap, vnet) = (self.encap, self.vnet);
         let rx = &mut self.rx;
         if n <= vnet {
-            fwd.counters().count_drop(DropReason::Malformed);
+            fwd.drop_outbound(DropReason::Malformed, &[]);
             return;
         }
         let start = HEADROOM + vnet;
@@ -232,7 +234,7 @@ impl TxPath {
         let reply_hdr_len = reply_hdr[..vnet].len();
         if hdr.gso_kind() == GSO_NONE {
             if gso::complete_checksum(&hdr, &mut rx[start..end]).is_err() {
-                fwd.counters().count_drop(DropReason::Malformed);
+                fwd.drop_outbound(DropReason::Malformed, &rx[start..end]);
                 return;
             }
             match fwd.outbound(&table, rx, start, end - start, scratch) {
@@ -261,8 +263,7 @@ impl TxPath {
         let index = match fwd.classify(&table, packet) {
             Route::Peer(i) => i,
             Route::Unreachable { reason, code } => {
-                fwd.counters().count_drop(reason);
-                if let Some(b) = fwd.icmp_error(packet, code, 0, scratch) {
+                if let Outbound::Reply(b) = fwd.reject_outbound(packet, reason, code, 0, scratch) {
                     let len = b.len();
                     write_tun(
                         shared,
@@ -272,7 +273,7 @@ impl TxPath {
                 return;
             }
             Route::Drop(reason) => {
-                fwd.counters().count_drop(reason);
+                fwd.drop_outbound(reason, packet);
                 return;
             }
         };
@@ -295,14 +296,7 @@ impl TxPath {
                         let from = i * plan.mss;
                         *part = [h, &payload[from..(from + plan.mss).min(payload.len())]];
                     }
-                    let inner_bytes = (plan.segs.total_len() - plan.segs.count * prefix_len) as u64;
-                    fwd.counters()
-                        .tx
-                        .add_many(plan.segs.count as u64, inner_bytes);
-                    table
-                        .counters(index)
-                        .tx
-                        .add_many(plan.segs.count as u64, inner_bytes);
+                    count_tx(fwd, &table, index, &plan.segs);
                     let sent =
                         sock.send_segments(dst, &parts[..plan.segs.count], plan.segs.stride as u16);
                     shared.io_errors.send.fetch_add(sent.failed as u64, Relaxed);
@@ -312,7 +306,7 @@ impl TxPath {
                 Ok(_) => {}
                 Err(_) => {
                     shared.io_errors.offload.fetch_add(1, Relaxed);
-                    fwd.counters().count_drop(DropReason::Malformed);
+                    fwd.drop_outbound(DropReason::Malformed, packet);
                     return;
                 }
             }
@@ -325,16 +319,11 @@ impl TxPath {
             Ok(s) => s,
             Err(_) => {
                 shared.io_errors.offload.fetch_add(1, Relaxed);
-                fwd.counters().count_drop(DropReason::Malformed);
+                fwd.drop_outbound(DropReason::Malformed, packet);
                 return;
             }
         };
-        let inner_bytes = (segs.total_len() - segs.count * prefix_len) as u64;
-        fwd.counters().tx.add_many(segs.count as u64, inner_bytes);
-        table
-            .counters(index)
-            .tx
-            .add_many(segs.count as u64, inner_bytes);
+        count_tx(fwd, &table, index, &segs);
         match encap {
             Encap::Vxlan { .. } => {
                 // One train: the shell cuts it into UDP_SEGMENT messages within kernel limits.
@@ -371,6 +360,15 @@ impl TxPath {
     }
 }
 
+/// Counts the segments of one super-packet as sent to peer `index` (inner bytes, prefixes
+/// excluded), once per super-packet rather than per segment.
+fn count_tx(fwd: &Forwarder, table: &RouteTable, index: usize, segs: &Segments) {
+    let packets = segs.count as u64;
+    let inner_bytes = (segs.total_len() - segs.count * segs.prefix_len) as u64;
+    fwd.counters().tx.add_many(packets, inner_bytes);
+    table.counters(index).tx.add_many(packets, inner_bytes);
+}
+
 fn write_tun(shared: &Shared, bytes: &[u8]) {
     if shared.tun.write(bytes).is_err() {
         shared.io_errors.tun_write.fetch_add(1, Relaxed);
@@ -403,7 +401,9 @@ impl RxPath {
         let table = shared.table.load();
         for (buf, m) in self.bufs.iter().zip(&self.meta).take(n) {
             if m.truncated {
-                fwd.counters().count_drop(DropReason::Malformed);
+                let ctx = DropContext::rx(*m.src.ip(), &[]);
+                fwd.counters()
+                    .record_drop(DropReason::Malformed, None, &ctx);
                 continue;
             }
             let step = if m.segment_size == 0 {

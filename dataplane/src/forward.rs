@@ -203,15 +203,15 @@ impl Forwarder {
         );
         let ip = match parse_ipv4(&buf[start..start + len]) {
             Ok(ip) => ip,
-            Err(reason) => return self.drop(reason, &buf[start..start + len]),
+            Err(reason) => return self.drop_outbound(reason, &buf[start..start + len]),
         };
         let packet = ip.packet();
         let index = match self.route(table, ip.dst()) {
             Route::Peer(i) => i,
             Route::Unreachable { reason, code } => {
-                return self.reject(packet, reason, code, 0, scratch);
+                return self.reject_outbound(packet, reason, code, 0, scratch);
             }
-            Route::Drop(reason) => return self.drop(reason, packet),
+            Route::Drop(reason) => return self.drop_outbound(reason, packet),
         };
         let total_len = packet.len();
         if total_len > usize::from(self.config.mtu) {
@@ -220,7 +220,7 @@ impl Forwarder {
             // while the MTU changes; userspace does not fragment.
             if ip.dont_frag() {
                 let mtu = self.config.mtu;
-                return self.reject(
+                return self.reject_outbound(
                     packet,
                     DropReason::TooBig,
                     icmp::code::FRAG_NEEDED,
@@ -228,13 +228,13 @@ impl Forwarder {
                     scratch,
                 );
             }
-            return self.drop(DropReason::TooBig, packet);
+            return self.drop_outbound(DropReason::TooBig, packet);
         }
         let peer = table.peer(index);
         let end = start + total_len;
         let new_start = match self.encapsulate(peer, buf, start, total_len) {
             Ok(s) => s,
-            Err(_) => return self.drop(DropReason::Malformed, &buf[start..end]),
+            Err(_) => return self.drop_outbound(DropReason::Malformed, &buf[start..end]),
         };
         self.counters.tx.add(total_len);
         table.counters(index).tx.add(total_len);
@@ -397,7 +397,10 @@ impl Forwarder {
         Inbound::Deliver(packet)
     }
 
-    fn reject<'a>(
+    /// Drops an outbound `packet` for `reason` (counted and sampled for `drops --watch`) and
+    /// builds the ICMP destination-unreachable `code` for it into `scratch`: what the offload
+    /// path does for a super-packet that [`classify`](Self::classify) rejected.
+    pub fn reject_outbound<'a>(
         &self,
         packet: &[u8],
         reason: DropReason,
@@ -413,7 +416,8 @@ impl Forwarder {
         }
     }
 
-    fn drop<'a>(&self, reason: DropReason, packet: &[u8]) -> Outbound<'a> {
+    /// Drops an outbound `packet` for `reason`, counted and sampled like every other drop.
+    pub fn drop_outbound<'a>(&self, reason: DropReason, packet: &[u8]) -> Outbound<'a> {
         self.counters
             .record_drop(reason, None, &DropContext::tx(packet));
         Outbound::Drop(reason)
