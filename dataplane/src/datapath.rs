@@ -31,7 +31,7 @@ use crate::forward::{Encap, Forwarder, Inbound, Outbound, Route, HEADROOM, SCRAT
 use crate::sys::raw::IpipSocket;
 use crate::sys::tun::{Tun, MAX_READ};
 use crate::sys::udp::{VxlanSocket, GRO_BUFFER_BYTES};
-use crate::sys::{self, RecvMeta, Stop, Transmit, MAX_BATCH};
+use crate::sys::{self, Readiness, RecvMeta, Stop, Transmit, MAX_BATCH};
 use crate::table::RouteTable;
 
 /// The underlay socket of one encapsulation.
@@ -123,15 +123,22 @@ const TX_BUDGET_BYTES: usize = MAX_BATCH * 1500;
 /// peer are picked up between data reads. Work per turn is bounded ([`TX_BUDGET_BYTES`] of
 /// TUN reads, one receive batch) so neither direction starves the other.
 pub fn run(shared: &Shared) -> io::Result<()> {
+    const TUN: u32 = 1;
+    const UNDERLAY: u32 = 2;
     let mut tx = TxPath::new(shared);
     let mut rx = RxPath::new();
     let fds = [shared.tun.as_raw_fd(), shared.underlay.as_raw_fd()];
     let spin = shared.busy_poll;
-    let mut last_busy: Option<Instant> = None;
+    let mut idle_since: Option<Instant> = None;
+    // Which descriptors to read on this turn: both after traffic, else what `poll` reported.
+    let mut ready = TUN | UNDERLAY;
     loop {
         let mut busy = false;
         let mut budget = TX_BUDGET_BYTES;
         for _ in 0..MAX_BATCH {
+            if ready & TUN == 0 {
+                break;
+            }
             match shared.tun.try_read(tx.read_buf())? {
                 Some(0) | None => break,
                 Some(n) => {
@@ -144,34 +151,42 @@ pub fn run(shared: &Shared) -> io::Result<()> {
                 }
             }
         }
-        let n = shared.underlay.try_recv_batch(&mut rx.bufs, &mut rx.meta)?;
-        if n > 0 {
-            busy = true;
-            rx.handle(shared, n);
+        if ready & UNDERLAY != 0 {
+            let n = shared.underlay.try_recv_batch(&mut rx.bufs, &mut rx.meta)?;
+            if n > 0 {
+                busy = true;
+                rx.handle(shared, n);
+            }
         }
         if busy {
-            last_busy = None;
+            idle_since = None;
+            ready = TUN | UNDERLAY;
             continue;
         }
-        // Idle for now: keep polling for a while after traffic instead of sleeping, yielding
-        // the CPU between polls to whatever else is runnable (iperf3, the pods' stacks).
-        let now = Instant::now();
-        let since = *last_busy.get_or_insert(now);
-        if now.duration_since(since) < spin {
-            if shared.stop.is_stopped() {
-                return Ok(());
+        // Idle for now: keep polling for a while after traffic instead of sleeping. One
+        // zero-timeout `poll` per turn asks both descriptors (and the stop signal) at once;
+        // between polls the CPU goes to whatever else is runnable (iperf3, the pods' stacks).
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < spin {
+            match sys::ready_any(&fds, &shared.stop)? {
+                Readiness::Stopped => return Ok(()),
+                Readiness::Ready(0) => {
+                    std::thread::yield_now();
+                    ready = 0;
+                }
+                Readiness::Ready(bits) => ready = bits,
             }
-            std::thread::yield_now();
             continue;
         }
-        last_busy = None;
-        if sys::wait_any(&fds, &shared.stop)? == 0 {
+        idle_since = None;
+        ready = sys::wait_any(&fds, &shared.stop)?;
+        if ready == 0 {
             return Ok(());
         }
     }
 }
 
-/// How long [`run`] keeps polling (non-blocking reads with `sched_yield` between them) after
+/// How long [`run`] keeps polling (a zero-timeout `poll` of both descriptors with `sched_yield` between polls) after
 /// its last packet before it sleeps in `poll`.
 ///
 /// A sleeping data-path thread costs a wake-up per packet that finds it asleep, and on a VM

@@ -123,6 +123,33 @@ pub(crate) fn wait_readable(fd: RawFd, stop: &Stop) -> io::Result<bool> {
 /// Blocks until one of `fds` is readable or `stop` is raised; returns which of `fds` are
 /// readable (bit `i` for `fds[i]`), or 0 once stopped. At most 4 descriptors.
 pub fn wait_any(fds: &[RawFd], stop: &Stop) -> io::Result<u32> {
+    loop {
+        match poll_any(fds, stop, -1)? {
+            Readiness::Stopped => return Ok(0),
+            Readiness::Ready(bits) if bits != 0 => return Ok(bits),
+            Readiness::Ready(_) => {}
+        }
+    }
+}
+
+/// Which of `fds` are readable right now (bit `i` for `fds[i]`, possibly none), or
+/// [`Readiness::Stopped`]: one `poll` with a zero timeout. A busy-polling loop calls this
+/// between bursts instead of trying a read on every descriptor (one system call instead of
+/// one per descriptor plus one for the stop check).
+pub fn ready_any(fds: &[RawFd], stop: &Stop) -> io::Result<Readiness> {
+    poll_any(fds, stop, 0)
+}
+
+/// What [`ready_any`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Bit `i` set when `fds[i]` is readable (0: none is).
+    Ready(u32),
+    /// The [`Stop`] signal is raised.
+    Stopped,
+}
+
+fn poll_any(fds: &[RawFd], stop: &Stop, timeout_ms: libc::c_int) -> io::Result<Readiness> {
     const MAX: usize = 4;
     assert!(fds.len() <= MAX, "wait_any takes at most {MAX} descriptors");
     let mut pfds = [libc::pollfd {
@@ -137,7 +164,7 @@ pub fn wait_any(fds: &[RawFd], stop: &Stop) -> io::Result<u32> {
     pfds[n].fd = stop.fd.as_raw_fd();
     loop {
         // SAFETY: pfds[..=n] is a live array of initialised pollfd; the length passed matches.
-        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), (n + 1) as libc::nfds_t, -1) };
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), (n + 1) as libc::nfds_t, timeout_ms) };
         if rc < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
@@ -146,16 +173,14 @@ pub fn wait_any(fds: &[RawFd], stop: &Stop) -> io::Result<u32> {
             return Err(err);
         }
         if pfds[n].revents != 0 {
-            return Ok(0);
+            return Ok(Readiness::Stopped);
         }
         let ready = pfds[..n]
             .iter()
             .enumerate()
             .filter(|(_, p)| p.revents != 0)
             .fold(0u32, |acc, (i, _)| acc | 1 << i);
-        if ready != 0 {
-            return Ok(ready);
-        }
+        return Ok(Readiness::Ready(ready));
     }
 }
 
@@ -281,8 +306,14 @@ mod tests {
         );
         let readers = [owned[0].as_raw_fd(), owned[2].as_raw_fd()];
         assert_eq!(wait_any(&readers, &stop).unwrap(), 0b10);
+        assert_eq!(ready_any(&readers, &stop).unwrap(), Readiness::Ready(0b10));
+        assert_eq!(
+            ready_any(&readers[..1], &stop).unwrap(),
+            Readiness::Ready(0)
+        );
         stop.stop();
         assert_eq!(wait_any(&readers, &stop).unwrap(), 0, "stop wins");
+        assert_eq!(ready_any(&readers, &stop).unwrap(), Readiness::Stopped);
     }
 
     #[test]
