@@ -186,8 +186,8 @@ pub fn run(shared: &Shared) -> io::Result<()> {
     }
 }
 
-/// How long [`run`] keeps polling (a zero-timeout `poll` of both descriptors with `sched_yield` between polls) after
-/// its last packet before it sleeps in `poll`.
+/// How long [`run`] keeps polling (a zero-timeout `poll` of both descriptors, `sched_yield`
+/// between polls) after its last packet before it sleeps in `poll`.
 ///
 /// A sleeping data-path thread costs a wake-up per packet that finds it asleep, and on a VM
 /// waking a halted vCPU is most of a round trip: with four wake-ups per ping (two agents,
