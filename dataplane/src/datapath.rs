@@ -23,7 +23,7 @@ use arc_swap::ArcSwap;
 use podnet_proto::gro::Coalescer;
 use podnet_proto::gso::Segments;
 use podnet_proto::virtio::{self, VirtioNetHdr, GSO_NONE};
-use podnet_proto::{gso, vxlan};
+use podnet_proto::{gro, gso, vxlan};
 
 use crate::drops::DropReason;
 use crate::dropwatch::DropContext;
@@ -395,6 +395,15 @@ struct RxPath {
     bufs: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
     coalescer: Coalescer,
+    merged: MergedPath,
+}
+
+/// Buffers for inner packets that arrive longer than the tunl0 MTU (see [`MergedPath::deliver`]).
+struct MergedPath {
+    /// `[virtio header][packet]`.
+    out: Vec<u8>,
+    /// Wire-sized segments when the TUN has no offload.
+    segbuf: Vec<u8>,
 }
 
 impl RxPath {
@@ -405,6 +414,10 @@ impl RxPath {
                 .collect(),
             meta: vec![RecvMeta::default(); MAX_BATCH],
             coalescer: Coalescer::new(),
+            merged: MergedPath {
+                out: vec![0u8; virtio::HEADER_LEN + MAX_READ],
+                segbuf: vec![0u8; SEGMENT_BUF],
+            },
         }
     }
 
@@ -413,6 +426,8 @@ impl RxPath {
         let fwd = &shared.forwarder;
         let vnet = shared.tun.vnet_hdr_len();
         let coalescer = &mut self.coalescer;
+        let merged = &mut self.merged;
+        let mtu = usize::from(fwd.config().mtu);
         let table = shared.table.load();
         for (buf, m) in self.bufs.iter().zip(&self.meta).take(n) {
             if m.truncated {
@@ -439,7 +454,11 @@ impl RxPath {
                 if let Inbound::Deliver(inner) = verdict {
                     // Without offload each packet is written as is; with it, behind a virtio
                     // header, which the coalescer adds itself.
-                    if vnet > 0 {
+                    if inner.len() > mtu {
+                        // Whatever the coalescer holds arrived first.
+                        coalescer.flush(|out| write_tun(shared, out));
+                        merged.deliver(shared, *m.src.ip(), inner);
+                    } else if vnet > 0 {
                         coalescer.push(inner, |out| write_tun(shared, out));
                     } else {
                         write_tun(shared, inner);
@@ -449,6 +468,47 @@ impl RxPath {
         }
         if vnet > 0 {
             coalescer.flush(|out| write_tun(shared, out));
+        }
+    }
+}
+
+impl MergedPath {
+    /// Delivers an inner packet longer than the tunl0 MTU: IP-in-IP TCP segments the host's
+    /// GRO merged before our raw socket saw them ([`gro::offload_merged`]). With TUN offload
+    /// it is one GSO write; without, it is cut back into MTU-sized segments here. A packet
+    /// that does not verify is dropped as `malformed`.
+    fn deliver(&mut self, shared: &Shared, src: Ipv4Addr, inner: &[u8]) {
+        let fwd = &shared.forwarder;
+        let h = virtio::HEADER_LEN;
+        let packet = &mut self.out[h..h + inner.len()];
+        packet.copy_from_slice(inner);
+        let Ok(hdr) = gro::offload_merged(packet, fwd.config().mtu) else {
+            let ctx = DropContext::rx(src, inner);
+            fwd.counters()
+                .record_drop(DropReason::Malformed, None, &ctx);
+            return;
+        };
+        let vnet = shared.tun.vnet_hdr_len();
+        if vnet > 0 {
+            self.out[..h].copy_from_slice(&hdr.to_bytes());
+            write_tun(shared, &self.out[h - vnet..h + inner.len()]);
+            return;
+        }
+        match gso::segment(&hdr, packet, 0, &mut self.segbuf, |_, _| {}) {
+            Ok(segs) => {
+                for range in segs.iter() {
+                    write_tun(shared, &self.segbuf[range]);
+                }
+            }
+            // Only an MTU so small that the segments outgrow the buffer gets here.
+            Err(_) => {
+                shared.io_errors.offload.fetch_add(1, Relaxed);
+                fwd.counters().record_drop(
+                    DropReason::Malformed,
+                    None,
+                    &DropContext::rx(src, inner),
+                );
+            }
         }
     }
 }

@@ -25,9 +25,12 @@
 //! [`flush`]: Coalescer::flush
 
 use crate::checksum;
+use crate::error::{Layer, WireError};
 use crate::gso::{tcp, TcpIpv4};
 use crate::ipv4::{self, Ipv4Packet};
-use crate::virtio::{self, VirtioNetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, TCP_CSUM_OFFSET};
+use crate::virtio::{
+    self, OffloadError, VirtioNetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, TCP_CSUM_OFFSET,
+};
 
 /// Largest packet the coalescer builds (the IPv4 total length limit).
 pub const MAX_PACKET: usize = u16::MAX as usize;
@@ -230,6 +233,57 @@ impl Coalescer {
     }
 }
 
+/// Prepares a TCP/IPv4 packet that arrived already merged for one GSO write to the TUN.
+///
+/// A host's own GRO (a NIC, or a veth with GRO on) merges consecutive IP-in-IP TCP segments
+/// before the raw socket sees them, so the receive path can get an inner packet of up to
+/// 64 KiB, longer than `mtu` allows on any wire. The kernel leaves its TCP checksum field
+/// seeded with the pseudo-header sum (`tcp4_gro_complete`) after verifying every merged
+/// segment. Written as it is the packet would be dropped (too big to forward), so it goes out
+/// as a TSO super-packet instead: `gso_size` is the largest payload a `mtu`-sized packet with
+/// these headers carries, and the kernel recomputes each segment's checksum from the seed.
+///
+/// Accepts the packet if its TCP checksum field holds exactly that seed (the kernel merged
+/// it) or if the whole checksum verifies (a jumbo packet from a peer); anything else is a
+/// corrupted packet and is refused. On success the checksum field holds the seed.
+pub fn offload_merged(packet: &mut [u8], mtu: u16) -> Result<VirtioNetHdr, OffloadError> {
+    let pkt = TcpIpv4::parse(packet)?;
+    let (ip_len, tcp_len, total) = (pkt.ip_len, pkt.tcp_len, pkt.packet.len());
+    if checksum::checksum(&pkt.packet[..ip_len]) != 0 {
+        return Err(WireError::BadChecksum(Layer::Ipv4).into());
+    }
+    let seed = checksum::fold(checksum::pseudo_header(
+        pkt.src(),
+        pkt.dst(),
+        ipv4::protocol::TCP,
+        (total - ip_len) as u16, // total <= u16::MAX: it is the IPv4 total length
+    ));
+    let c = ip_len + tcp::CHECKSUM;
+    let stored = u16::from_be_bytes([pkt.packet[c], pkt.packet[c + 1]]);
+    if stored != seed && !pkt.tcp_checksum_ok() {
+        return Err(WireError::BadChecksum(Layer::Tcp).into());
+    }
+    let mss = usize::from(mtu)
+        .checked_sub(ip_len + tcp_len)
+        .filter(|&m| m > 0)
+        .ok_or(OffloadError::ZeroGsoSize)?;
+    let segments = pkt.payload().len() > mss;
+    let cwr = pkt.tcp()[tcp::FLAGS] & tcp::CWR != 0;
+    packet[c..c + 2].copy_from_slice(&seed.to_be_bytes());
+    Ok(VirtioNetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: match (segments, cwr) {
+            (false, _) => GSO_NONE,
+            (true, false) => GSO_TCPV4,
+            (true, true) => GSO_TCPV4 | GSO_ECN,
+        },
+        hdr_len: (ip_len + tcp_len) as u16,
+        gso_size: if segments { mss as u16 } else { 0 },
+        csum_start: ip_len as u16,
+        csum_offset: TCP_CSUM_OFFSET,
+    })
+}
+
 /// The IPv4 flags + fragment offset field.
 fn frag_field(packet: &[u8]) -> u16 {
     u16::from_be_bytes([packet[6], packet[7]])
@@ -404,6 +458,73 @@ mod tests {
 
     fn unchanged(p: &[u8]) -> (VirtioNetHdr, Vec<u8>) {
         (VirtioNetHdr::NONE, p.to_vec())
+    }
+
+    #[test]
+    fn a_kernel_merged_packet_becomes_one_gso_write() {
+        let specs = segs(&Spec::default(), 1000, 5);
+        let (want, mut packet) = merged(&specs);
+        let original = packet.clone();
+        let hdr = offload_merged(&mut packet, 1052).unwrap();
+        assert_eq!(hdr, want, "gso_size from the MTU: 1052 - 20 - 32");
+        assert_eq!(packet, original, "the kernel's seed is kept");
+        // Cut back into wire segments, every one carries a valid checksum.
+        let mut out = vec![0u8; 4 * packet.len()];
+        let s = segment(&hdr, &packet, 0, &mut out, |_, _| {}).unwrap();
+        assert_eq!(s.count, 5);
+        for r in s.iter() {
+            assert_checksums_ok(&out[r]);
+        }
+        // A smaller MTU only means smaller segments.
+        let hdr = offload_merged(&mut packet.clone(), 552).unwrap();
+        assert_eq!(hdr.gso_size, 500);
+    }
+
+    #[test]
+    fn a_jumbo_packet_with_a_full_checksum_is_accepted_and_reseeded() {
+        let spec = Spec {
+            payload: (0..3000).map(|b| b as u8).collect(),
+            ..Spec::default()
+        };
+        let mut packet = build(&spec);
+        assert_checksums_ok(&packet);
+        let hdr = offload_merged(&mut packet, 1500).unwrap();
+        assert_eq!((hdr.gso_type, hdr.gso_size), (GSO_TCPV4, 1448));
+        crate::gso::complete_checksum(&hdr, &mut packet).unwrap();
+        assert_checksums_ok(&packet);
+    }
+
+    #[test]
+    fn merged_packets_that_do_not_verify_are_refused() {
+        let specs = segs(&Spec::default(), 1000, 3);
+        let (_, good) = merged(&specs);
+        // Neither the seed nor a valid checksum in the TCP checksum field.
+        let mut p = good.clone();
+        p[20 + tcp::CHECKSUM] ^= 0x5a;
+        assert_eq!(
+            offload_merged(&mut p, 1052),
+            Err(WireError::BadChecksum(Layer::Tcp).into())
+        );
+        // A broken IPv4 header checksum.
+        let mut p = good.clone();
+        p[8] ^= 1;
+        assert_eq!(
+            offload_merged(&mut p, 1052),
+            Err(WireError::BadChecksum(Layer::Ipv4).into())
+        );
+        // Not TCP, and an MTU that leaves no room for payload.
+        let mut p = good.clone();
+        p[9] = 17;
+        assert!(offload_merged(&mut p, 1052).is_err());
+        let mut p = good.clone();
+        assert_eq!(offload_merged(&mut p, 52), Err(OffloadError::ZeroGsoSize));
+        // One that fits the MTU needs no segmentation, only the checksum completed.
+        let mut p = good;
+        let hdr = offload_merged(&mut p, 9000).unwrap();
+        assert_eq!(
+            (hdr.gso_type, hdr.gso_size, hdr.flags),
+            (GSO_NONE, 0, F_NEEDS_CSUM)
+        );
     }
 
     #[test]

@@ -168,6 +168,80 @@ fn vxlan_iperf3_runs_with_valid_inner_checksums_no_offload() {
     iperf_and_checksums(Encap::Vxlan, Path::NoOffload);
 }
 
+// 2b. An underlay NIC that does GRO (a real one; here a veth with GRO on, and a GRO flush
+// timeout standing in for interrupt coalescing) hands the raw socket IP-in-IP TCP already
+// merged into packets of up to 64 KiB. The agent must deliver those as one GSO write (or cut
+// them back into MTU-sized packets without offload), not as a packet too big to forward,
+// which the kernel would drop with "fragmentation needed" and stall the connection.
+fn ipip_over_a_gro_underlay(path: Path) {
+    if !e2e_ready() {
+        return;
+    }
+    require_tools(&["iperf3", "tcpdump", "ethtool"]);
+    let mut b = TestbedBuilder::new(&format!("ipgro{}", path.tag()))
+        .hosts(2)
+        .pods_per_host(1)
+        .mode(HostMode::Podnet(Encap::Ipip))
+        .peers(Peers::Static);
+    if path == Path::NoOffload {
+        b = b.agent_args(&["--no-offload"]);
+    }
+    let mut tb = b.build();
+    let ul = tb.ul();
+    for n in 1..=2 {
+        // A veth passes packets to GRO only when its sending end does not do TSO.
+        must(
+            Some(&ul),
+            &["ethtool", "-K", &format!("uh{n}"), "tso", "off"],
+        );
+        let ns = tb.host(n).ns.clone();
+        must(Some(&ns), &["ethtool", "-K", "eth0", "gro", "on"]);
+        must(
+            Some(&ns),
+            &[
+                "sh",
+                "-c",
+                "echo 200000 > /sys/class/net/eth0/gro_flush_timeout",
+            ],
+        );
+    }
+    let (a, c) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
+    // Outer packets longer than the 1500-byte underlay MTU: only GRO makes those.
+    let pcap = tb.path("merged.pcap");
+    let cap = Capture::start(
+        &tb.host(2).ns,
+        "eth0",
+        "ip proto 4 and greater 3000",
+        5,
+        &pcap,
+    );
+    let r = tb
+        .iperf(&a, &c, 2)
+        .unwrap_or_else(|e| panic!("iperf3 {} -> {}: {e}", a.ns, c.ip));
+    let merged = capture::tcpdump_text(&cap.finish(), false);
+    assert!(
+        merged.lines().count() > 0,
+        "the underlay GRO merged nothing, so this run did not test merged packets"
+    );
+    eprintln!(
+        "{path:?}: {:.2} Gbit/s over a GRO underlay",
+        r.received_bps / 1e9
+    );
+    // Undelivered merged packets leave a few kilobytes of retransmissions at best.
+    assert!(r.received_bps > 50e6, "{r:?}");
+    assert_eq!(tb.drops(2, "malformed"), 0.0);
+}
+
+#[test]
+fn ipip_delivers_packets_merged_by_underlay_gro() {
+    ipip_over_a_gro_underlay(Path::Offload);
+}
+
+#[test]
+fn ipip_delivers_packets_merged_by_underlay_gro_no_offload() {
+    ipip_over_a_gro_underlay(Path::NoOffload);
+}
+
 // 3. tcpdump on tunl0 shows the inner ICMP; on the underlay the same packets decoded as
 // IPIP / VXLAN (port 4789, VNI 1) around it.
 fn tcpdump_views(encap: Encap, path: Path) {
