@@ -1,16 +1,16 @@
-//! The packet-moving loops of the agent, on dedicated threads.
+//! The packet-moving loop of the agent, on its dedicated data-path thread.
 //!
-//! `outbound`: tunl0 -> [`Forwarder`] -> underlay socket. With TUN offload a read may be a
+//! Outbound: tunl0 -> [`Forwarder`] -> underlay socket. With TUN offload a read may be a
 //! 64 KiB TCP super-packet; it is routed once, cut into wire-sized segments behind their
-//! encapsulation by [`gso::segment`] and sent as UDP GSO trains (VXLAN) or one `sendmmsg`
-//! batch (IP-in-IP).
-//! `inbound`: underlay socket (`recvmmsg`, UDP GRO) -> [`Forwarder`] -> [`Coalescer`] -> tunl0,
-//! so a receive batch of one flow becomes one GSO write.
+//! encapsulation by [`gso::segment_headers`] (VXLAN, sent zero-copy as UDP GSO trains) or
+//! [`gso::segment`] (IP-in-IP, one `sendmmsg` batch).
+//! Inbound: underlay socket (`recvmmsg`, UDP GRO) -> [`Forwarder`] -> [`Coalescer`] -> tunl0,
+//! so the segments of one flow become one GSO write.
 //!
 //! [`run`] serves both directions on one thread, which on a small machine moves the same
-//! bytes with fewer context switches (see its doc); `outbound` and `inbound` run them on two.
+//! bytes with fewer context switches (see its doc).
 //!
-//! Each loop owns its buffers (allocated once at start), reads the current route table
+//! The loop owns its buffers (allocated once at start), reads the current route table
 //! through `ArcSwap` without locking, and stops when the shared [`Stop`] is raised.
 
 use std::io;
