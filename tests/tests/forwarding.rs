@@ -178,15 +178,7 @@ fn ipip_over_a_gro_underlay(path: Path) {
         return;
     }
     require_tools(&["iperf3", "tcpdump", "ethtool"]);
-    let mut b = TestbedBuilder::new(&format!("ipgro{}", path.tag()))
-        .hosts(2)
-        .pods_per_host(1)
-        .mode(HostMode::Podnet(Encap::Ipip))
-        .peers(Peers::Static);
-    if path == Path::NoOffload {
-        b = b.agent_args(&["--no-offload"]);
-    }
-    let mut tb = b.build();
+    let mut tb = podnet("ipgro", Encap::Ipip, path);
     let ul = tb.ul();
     for n in 1..=2 {
         // A veth passes packets to GRO only when its sending end does not do TSO.
