@@ -71,6 +71,8 @@ enum CliError {
     Server(#[from] podnet_control::ServerError),
     #[error(transparent)]
     Client(#[from] podnet_control::ClientError),
+    #[error(transparent)]
+    Store(#[from] podnet_control::StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -152,7 +154,8 @@ async fn serve(listen: SocketAddr, config: ServerConfig, state: &Path) -> Result
         })?;
     }
     let cluster = config.cluster_cidr;
-    let server = Server::open(config, Arc::new(FileStore::new(state))).await?;
+    let store = FileStore::new(state).lock()?;
+    let server = Server::open(config, Arc::new(store)).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| CliError::Listen {

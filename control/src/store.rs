@@ -5,11 +5,17 @@
 //! temporary file in the same directory, fsync it, rename it over the old one, fsync the
 //! directory. A crash at any moment leaves either the old or the new file, never a torn one.
 //! An unreadable or corrupt file is an error: starting empty over it would hand out pod CIDRs
-//! that running nodes already use.
+//! that running nodes already use. [`FileStore::lock`] makes one process the file's only
+//! writer: a second service started on the same file stops at once with an error instead of
+//! both handing out CIDRs from their own copy.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 use crate::state::StoredState;
 
@@ -25,6 +31,18 @@ pub enum StoreError {
     Corrupt { path: PathBuf, reason: String },
     #[error("cannot write state file {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
+    #[error(
+        "state file {path} is in use by another podnet-control{} (it holds the lock on {lock}); \
+         stop that one, or give this one another --state",
+        holder.as_ref().map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    InUse {
+        path: PathBuf,
+        lock: PathBuf,
+        holder: Option<String>,
+    },
+    #[error("cannot lock {path}: {source}")]
+    Lock { path: PathBuf, source: io::Error },
     #[error("state store: {0}")]
     Other(String),
 }
@@ -41,11 +59,58 @@ pub trait Store: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct FileStore {
     path: PathBuf,
+    /// The exclusive lock taken by [`FileStore::lock`], released when the last clone drops
+    /// (and by the kernel when the process dies, so a crash leaves no stale lock).
+    lock: Option<Arc<Flock<File>>>,
 }
 
 impl FileStore {
+    /// A store on `path`, not yet locked (see [`FileStore::lock`]).
     pub fn new(path: impl Into<PathBuf>) -> FileStore {
-        FileStore { path: path.into() }
+        FileStore {
+            path: path.into(),
+            lock: None,
+        }
+    }
+
+    /// Takes the state file for this process alone: an exclusive `flock` on `<path>.lock`
+    /// (which also records our PID for the error a second process gets), held for the life of
+    /// the store. Fails with [`StoreError::InUse`] when another process holds it.
+    pub fn lock(mut self) -> Result<FileStore, StoreError> {
+        let mut name = self.path.clone().into_os_string();
+        name.push(".lock");
+        let lock = PathBuf::from(name);
+        let lock_err = |source: io::Error| StoreError::Lock {
+            path: lock.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock)
+            .map_err(lock_err)?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(held) => {
+                held.set_len(0).map_err(lock_err)?;
+                writeln!(&*held, "{}", std::process::id()).map_err(lock_err)?;
+                self.lock = Some(Arc::new(held));
+                Ok(self)
+            }
+            Err((_, Errno::EWOULDBLOCK)) => {
+                let holder = fs::read_to_string(&lock)
+                    .ok()
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty());
+                Err(StoreError::InUse {
+                    path: self.path.clone(),
+                    lock,
+                    holder,
+                })
+            }
+            Err((_, errno)) => Err(lock_err(errno.into())),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -190,6 +255,39 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_locked_state_file_refuses_a_second_owner_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let first = FileStore::new(&path).lock().unwrap();
+        let pid = std::process::id().to_string();
+        match FileStore::new(&path).lock() {
+            Err(StoreError::InUse {
+                path: p, holder, ..
+            }) => {
+                assert_eq!(p, path);
+                assert_eq!(holder.as_deref(), Some(pid.as_str()));
+            }
+            other => panic!("second lock: {other:?}"),
+        }
+        let err = FileStore::new(&path).lock().unwrap_err().to_string();
+        assert!(
+            err.contains("in use") && err.contains(&pid) && err.contains("--state"),
+            "{err}"
+        );
+        // Clones share the lock; it goes with the last of them.
+        let clone = first.clone();
+        drop(first);
+        assert!(
+            FileStore::new(&path).lock().is_err(),
+            "still held by the clone"
+        );
+        drop(clone);
+        let again = FileStore::new(&path).lock().unwrap();
+        again.save(&state(1, 1)).unwrap();
+        assert_eq!(again.load().unwrap(), Some(state(1, 1)));
     }
 
     #[test]

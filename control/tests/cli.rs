@@ -206,6 +206,39 @@ fn unusable_state_file_stops_startup_with_a_clear_message() {
     assert_eq!(std::fs::read_to_string(&state).unwrap(), "garbage");
 }
 
+/// Two services on one state file would each hand out pod CIDRs from their own copy: the
+/// second stops at start with a message naming the first, which keeps serving; a holder killed
+/// with SIGKILL leaves no stale lock behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_service_on_the_same_state_file_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let mut first = Serve::start(&state, &[]);
+    let client = Client::new(&first.url(), None).unwrap();
+    client.register("n1", &req(1)).await.unwrap();
+
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--state"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let pid = first.child.id().to_string();
+    assert!(
+        err.contains("in use by another podnet-control") && err.contains(&pid),
+        "{err}"
+    );
+    // The first one never noticed.
+    assert_eq!(client.register("n2", &req(2)).await.unwrap().node, "n2");
+    assert_eq!(client.list().await.unwrap().nodes.len(), 2);
+
+    first.sigkill();
+    let second = Serve::start(&state, &[]);
+    let client = Client::new(&second.url(), None).unwrap();
+    assert_eq!(client.list().await.unwrap().nodes.len(), 2, "state kept");
+}
+
 /// SIGKILL the service at arbitrary moments while registrations stream in: the state file
 /// always parses and holds every acknowledged registration, and a restart hands each node the
 /// pod CIDR it was acknowledged with.
@@ -271,12 +304,14 @@ async fn state_survives_sigkill_at_any_moment() {
         acked.len()
     );
     let serve = Serve::start(&state, &args);
-    // A kill between write and rename may leave a temp file; loading removes it.
-    let files: Vec<_> = std::fs::read_dir(dir.path())
+    // A kill between write and rename may leave a temp file; loading removes it. The lock
+    // file stays (it is only ever locked by a live process).
+    let mut files: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(files, ["state.json"]);
+    files.sort();
+    assert_eq!(files, ["state.json", "state.json.lock"]);
     let client = Client::new(&serve.url(), None).unwrap();
     for (name, i, cidr) in acked {
         assert_eq!(
