@@ -512,6 +512,12 @@ pub fn render_metrics(agent: &Agent) -> String {
         "ICMP errors written back into the TUN device.",
         one(c.icmp_sent),
     );
+    m.family(
+        "podnet_agent_icmp_ratelimited_total",
+        "counter",
+        "ICMP errors not sent because of the rate limit (1000/s, bursts of 50).",
+        one(c.icmp_ratelimited),
+    );
     let io = &agent.shared.io_errors;
     m.family(
         "podnet_agent_io_errors_total",

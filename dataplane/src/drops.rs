@@ -145,6 +145,9 @@ pub struct Counters {
     pub rx: Traffic,
     /// ICMP errors written back into `tunl0`.
     pub icmp_sent: AtomicU64,
+    /// ICMP errors not sent because of the rate limit (the packet is still dropped and counted
+    /// under its reason).
+    pub icmp_ratelimited: AtomicU64,
     /// Samples of recent drops.
     pub watch: DropWatch,
 }
@@ -197,12 +200,18 @@ impl Counters {
         self.icmp_sent.load(Relaxed)
     }
 
+    /// ICMP errors the rate limit held back so far.
+    pub fn icmp_ratelimited(&self) -> u64 {
+        self.icmp_ratelimited.load(Relaxed)
+    }
+
     /// A serialisable copy for `/status`.
     pub fn snapshot(&self) -> CountersSnapshot {
         CountersSnapshot {
             tx: self.tx.snapshot(),
             rx: self.rx.snapshot(),
             icmp_sent: self.icmp_sent(),
+            icmp_ratelimited: self.icmp_ratelimited(),
             drops: self.drop_counts().collect(),
         }
     }
@@ -214,6 +223,7 @@ pub struct CountersSnapshot {
     pub tx: TrafficSnapshot,
     pub rx: TrafficSnapshot,
     pub icmp_sent: u64,
+    pub icmp_ratelimited: u64,
     #[serde(serialize_with = "drops_as_map")]
     pub drops: Vec<(DropReason, u64)>,
 }

@@ -20,7 +20,8 @@
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU16, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use ipnet::Ipv4Net;
 use podnet_proto::ethernet::MacAddr;
@@ -134,6 +135,51 @@ pub struct Forwarder {
     /// IPv4 identification for outer IP-in-IP headers (RFC 6864: unique per source,
     /// destination and protocol while a datagram may be fragmented; a wrapping counter is enough).
     ident: AtomicU16,
+    icmp_limit: IcmpLimit,
+}
+
+/// ICMP errors per second the agent writes back at most, and the burst it allows: the
+/// kernel's defaults for its own ICMP errors (`net.ipv4.icmp_msgs_per_sec`, `icmp_msgs_burst`),
+/// so a pod that floods an unowned address gets a few errors, not one per packet.
+pub const ICMP_RATE: u32 = 1000;
+/// See [`ICMP_RATE`].
+pub const ICMP_BURST: u32 = 50;
+
+/// A token bucket: `burst` tokens at most, refilled at `rate` per second.
+#[derive(Debug)]
+struct IcmpLimit {
+    rate: f64,
+    burst: f64,
+    /// Tokens left and when they were counted (`None` before the first use: full bucket).
+    state: Mutex<(f64, Option<Instant>)>,
+}
+
+impl IcmpLimit {
+    fn new(rate: u32, burst: u32) -> IcmpLimit {
+        IcmpLimit {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            state: Mutex::new((f64::from(burst), None)),
+        }
+    }
+
+    /// Takes a token if there is one at `now`.
+    fn allow(&self, now: Instant) -> bool {
+        // A poisoned lock only means a panic elsewhere mid-update; the numbers stay usable.
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, last) = &mut *state;
+        if let Some(last) = *last {
+            let elapsed = now.saturating_duration_since(last).as_secs_f64();
+            *tokens = (*tokens + elapsed * self.rate).min(self.burst);
+        }
+        *last = Some(now);
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Forwarder {
@@ -143,6 +189,7 @@ impl Forwarder {
             config,
             counters,
             ident: AtomicU16::new(0),
+            icmp_limit: IcmpLimit::new(ICMP_RATE, ICMP_BURST),
         }
     }
 
@@ -292,7 +339,9 @@ impl Forwarder {
 
     /// Builds the ICMP destination-unreachable `code` for `original` into `scratch`, from
     /// `icmp_source`; `None` when ICMP forbids answering (an ICMP error, a non-first fragment,
-    /// a broadcast source) or `original` is not a valid packet. Counts `icmp_sent` on success.
+    /// a broadcast source), `original` is not a valid packet, or the rate limit
+    /// ([`ICMP_RATE`], [`ICMP_BURST`]) holds it back (counted as `icmp_ratelimited`). Counts
+    /// `icmp_sent` on success.
     pub fn icmp_error<'a>(
         &self,
         original: &[u8],
@@ -300,6 +349,10 @@ impl Forwarder {
         next_hop_mtu: u16,
         scratch: &'a mut [u8],
     ) -> Option<&'a [u8]> {
+        if !self.icmp_limit.allow(Instant::now()) {
+            self.counters.icmp_ratelimited.fetch_add(1, Relaxed);
+            return None;
+        }
         let n = icmp::dest_unreachable(
             original,
             code,
@@ -712,6 +765,44 @@ mod tests {
         let (reply, _) = out(&fwd, &t, &p);
         assert_eq!(reply[20..22], [3, icmp::code::NET_UNREACHABLE]);
         assert_eq!(fwd.counters().drops(DropReason::OutsideCluster), 1);
+    }
+
+    #[test]
+    fn icmp_errors_are_rate_limited_like_the_kernels() {
+        let limit = IcmpLimit::new(1000, 50);
+        let t0 = Instant::now();
+        assert_eq!((0..80).filter(|_| limit.allow(t0)).count(), 50, "one burst");
+        assert!(!limit.allow(t0));
+        // 10 ms later: 10 more tokens, never more than the burst.
+        let t1 = t0 + std::time::Duration::from_millis(10);
+        assert_eq!((0..80).filter(|_| limit.allow(t1)).count(), 10);
+        let t2 = t1 + std::time::Duration::from_secs(5);
+        assert_eq!((0..80).filter(|_| limit.allow(t2)).count(), 50);
+        // A clock reading from before the last one refills nothing.
+        assert!(!limit.allow(t0));
+
+        // Through the forwarder: a flood to an unowned address gets one burst of errors; every
+        // packet is still dropped and counted under its reason.
+        let (fwd, t) = (node(1, Encap::Ipip), table());
+        let mut p = INNER;
+        p[16..20].copy_from_slice(&[10, 244, 77, 1]);
+        fix_checksum(&mut p);
+        let mut buf = [0u8; 2048];
+        let mut scratch = [0u8; SCRATCH_LEN];
+        let replies = (0..200)
+            .filter(|_| {
+                buf[HEADROOM..HEADROOM + p.len()].copy_from_slice(&p);
+                matches!(
+                    fwd.outbound(&t, &mut buf, HEADROOM, p.len(), &mut scratch),
+                    Outbound::Reply(_)
+                )
+            })
+            .count();
+        assert!((50..60).contains(&replies), "{replies} replies");
+        let c = fwd.counters();
+        assert_eq!(c.drops(DropReason::NoRoute), 200);
+        assert_eq!(c.icmp_sent() as usize, replies);
+        assert_eq!(c.icmp_ratelimited() as usize, 200 - replies);
     }
 
     #[test]
