@@ -168,11 +168,12 @@ impl IcmpLimit {
         // A poisoned lock only means a panic elsewhere mid-update; the numbers stay usable.
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (tokens, last) = &mut *state;
-        if let Some(last) = *last {
-            let elapsed = now.saturating_duration_since(last).as_secs_f64();
+        if let Some(prev) = *last {
+            let elapsed = now.saturating_duration_since(prev).as_secs_f64();
             *tokens = (*tokens + elapsed * self.rate).min(self.burst);
         }
-        *last = Some(now);
+        // Never back in time, so an earlier reading cannot earn a second refill.
+        *last = Some(last.map_or(now, |prev| prev.max(now)));
         if *tokens >= 1.0 {
             *tokens -= 1.0;
             true
@@ -349,10 +350,6 @@ impl Forwarder {
         next_hop_mtu: u16,
         scratch: &'a mut [u8],
     ) -> Option<&'a [u8]> {
-        if !self.icmp_limit.allow(Instant::now()) {
-            self.counters.icmp_ratelimited.fetch_add(1, Relaxed);
-            return None;
-        }
         let n = icmp::dest_unreachable(
             original,
             code,
@@ -361,6 +358,10 @@ impl Forwarder {
             scratch,
         )
         .ok()??;
+        if !self.icmp_limit.allow(Instant::now()) {
+            self.counters.icmp_ratelimited.fetch_add(1, Relaxed);
+            return None;
+        }
         self.counters.icmp_sent.fetch_add(1, Relaxed);
         Some(&scratch[..n])
     }
@@ -816,6 +817,11 @@ mod tests {
         fix_checksum(&mut p);
         assert_eq!(out_drop(&fwd, &t, &p), DropReason::NoRoute);
         assert_eq!(fwd.counters().icmp_sent(), 0);
+        assert_eq!(
+            fwd.counters().icmp_ratelimited(),
+            0,
+            "not an error held back"
+        );
     }
 
     /// [`INNER`] grown to `len` bytes with the DF flag as given.
