@@ -787,9 +787,14 @@ impl Testbed {
 impl Drop for Testbed {
     fn drop(&mut self) {
         let panicking = std::thread::panicking();
-        // Agents last: the control service and tools go first.
+        // Tools first, then the agents (which leave podnet-control gracefully on SIGTERM, so it
+        // must still be up), the control service last.
         let mut names: Vec<String> = self.procs.keys().cloned().collect();
-        names.sort_by_key(|n| n.starts_with("agent-"));
+        names.sort_by_key(|n| match n.as_str() {
+            "control" => 2,
+            n if n.starts_with("agent-") => 1,
+            _ => 0,
+        });
         for name in names {
             if let Some(mut p) = self.procs.remove(&name) {
                 p.stop();
