@@ -187,18 +187,27 @@ async fn nodes_prints_a_table_and_sigterm_stops_cleanly() {
     assert!(rest.is_ok(), "watch stream ended with the server");
 }
 
+/// Runs `serve` on `state`, expecting it to refuse to start; returns its stderr.
+fn serve_refused(state: &Path) -> String {
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--state"])
+        .arg(state)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "serve started on {}",
+        state.display()
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn unusable_state_file_stops_startup_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.json");
     std::fs::write(&state, "garbage").unwrap();
-    let out = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--state"])
-        .arg(&state)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_refused(&state);
     assert!(
         err.contains("corrupt") && err.contains("state.json"),
         "{err}"
@@ -217,13 +226,7 @@ async fn a_second_service_on_the_same_state_file_refuses_to_start() {
     let client = Client::new(&first.url(), None).unwrap();
     client.register("n1", &req(1)).await.unwrap();
 
-    let out = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--state"])
-        .arg(&state)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_refused(&state);
     let pid = first.child.id().to_string();
     assert!(
         err.contains("in use by another podnet-control") && err.contains(&pid),
