@@ -252,25 +252,39 @@ pub fn offload_merged(packet: &mut [u8], mtu: u16) -> Result<VirtioNetHdr, Offlo
     if checksum::checksum(&pkt.packet[..ip_len]) != 0 {
         return Err(WireError::BadChecksum(Layer::Ipv4).into());
     }
-    let seed = checksum::fold(checksum::pseudo_header(
-        pkt.src(),
-        pkt.dst(),
-        ipv4::protocol::TCP,
-        (total - ip_len) as u16, // total <= u16::MAX: it is the IPv4 total length
-    ));
     let c = ip_len + tcp::CHECKSUM;
     let stored = u16::from_be_bytes([pkt.packet[c], pkt.packet[c + 1]]);
-    if stored != seed && !pkt.tcp_checksum_ok() {
+    if stored != tcp_seed(pkt.packet, ip_len) && !pkt.tcp_checksum_ok() {
         return Err(WireError::BadChecksum(Layer::Tcp).into());
     }
     let mss = usize::from(mtu)
         .checked_sub(ip_len + tcp_len)
         .filter(|&m| m > 0)
         .ok_or(OffloadError::ZeroGsoSize)?;
-    let segments = pkt.payload().len() > mss;
-    let cwr = pkt.tcp()[tcp::FLAGS] & tcp::CWR != 0;
-    packet[c..c + 2].copy_from_slice(&seed.to_be_bytes());
-    Ok(VirtioNetHdr {
+    Ok(gso_write(&mut packet[..total], ip_len, tcp_len, mss))
+}
+
+/// The pseudo-header sum (folded, not complemented) that the checksum field of a TCP/IPv4
+/// packet `b` (`ip_len`-byte IPv4 header, `b` exactly its total length) holds when the kernel
+/// is to complete the checksum (`VIRTIO_NET_HDR_F_NEEDS_CSUM`, TSO).
+fn tcp_seed(b: &[u8], ip_len: usize) -> u16 {
+    let src = std::net::Ipv4Addr::new(b[12], b[13], b[14], b[15]);
+    let dst = std::net::Ipv4Addr::new(b[16], b[17], b[18], b[19]);
+    // b.len() <= u16::MAX: it is the IPv4 total length.
+    let len = (b.len() - ip_len) as u16;
+    checksum::fold(checksum::pseudo_header(src, dst, ipv4::protocol::TCP, len))
+}
+
+/// Seeds the TCP checksum field of the TCP/IPv4 packet `b` (exactly its total length) with
+/// [`tcp_seed`] and returns the virtio header for writing it to the TUN as one packet that the
+/// kernel cuts into `mss`-byte segments (no GSO when it is not longer than one).
+fn gso_write(b: &mut [u8], ip_len: usize, tcp_len: usize, mss: usize) -> VirtioNetHdr {
+    let seed = tcp_seed(b, ip_len);
+    let c = ip_len + tcp::CHECKSUM;
+    b[c..c + 2].copy_from_slice(&seed.to_be_bytes());
+    let segments = b.len() - ip_len - tcp_len > mss;
+    let cwr = b[ip_len + tcp::FLAGS] & tcp::CWR != 0;
+    VirtioNetHdr {
         flags: F_NEEDS_CSUM,
         gso_type: match (segments, cwr) {
             (false, _) => GSO_NONE,
@@ -281,7 +295,7 @@ pub fn offload_merged(packet: &mut [u8], mtu: u16) -> Result<VirtioNetHdr, Offlo
         gso_size: if segments { mss as u16 } else { 0 },
         csum_start: ip_len as u16,
         csum_offset: TCP_CSUM_OFFSET,
-    })
+    }
 }
 
 /// The IPv4 flags + fragment offset field.
@@ -368,27 +382,8 @@ impl Flow {
         let ip_sum = checksum::checksum(&b[..ip_len]);
         b[10..12].copy_from_slice(&ip_sum.to_be_bytes());
 
-        let src = std::net::Ipv4Addr::new(b[12], b[13], b[14], b[15]);
-        let dst = std::net::Ipv4Addr::new(b[16], b[17], b[18], b[19]);
         b[ip_len + tcp::FLAGS] |= self.extra_flags;
-        let cwr = b[ip_len + tcp::FLAGS] & tcp::CWR != 0;
-        let seed = checksum::fold(checksum::pseudo_header(
-            src,
-            dst,
-            ipv4::protocol::TCP,
-            total - ip_len as u16,
-        ));
-        let c = ip_len + tcp::CHECKSUM;
-        b[c..c + 2].copy_from_slice(&seed.to_be_bytes());
-
-        VirtioNetHdr {
-            flags: F_NEEDS_CSUM,
-            gso_type: if cwr { GSO_TCPV4 | GSO_ECN } else { GSO_TCPV4 },
-            hdr_len: (ip_len + self.tcp_len) as u16,
-            gso_size: self.mss as u16,
-            csum_start: ip_len as u16,
-            csum_offset: TCP_CSUM_OFFSET,
-        }
+        gso_write(b, ip_len, self.tcp_len, self.mss)
     }
 }
 
