@@ -384,6 +384,13 @@ fn count_tx(fwd: &Forwarder, table: &RouteTable, index: usize, segs: &Segments) 
     table.counters(index).tx.add_many(packets, inner_bytes);
 }
 
+/// Counts a received datagram (or the inner packet in it) from `src` as `malformed`, without a
+/// peer to charge: the forwarder's checks had not placed it yet, or it failed a later one.
+fn drop_malformed(fwd: &Forwarder, src: Ipv4Addr, bytes: &[u8]) {
+    fwd.counters()
+        .record_drop(DropReason::Malformed, None, &DropContext::rx(src, bytes));
+}
+
 fn write_tun(shared: &Shared, bytes: &[u8]) {
     if shared.tun.write(bytes).is_err() {
         shared.io_errors.tun_write.fetch_add(1, Relaxed);
@@ -431,9 +438,7 @@ impl RxPath {
         let table = shared.table.load();
         for (buf, m) in self.bufs.iter().zip(&self.meta).take(n) {
             if m.truncated {
-                let ctx = DropContext::rx(*m.src.ip(), &[]);
-                fwd.counters()
-                    .record_drop(DropReason::Malformed, None, &ctx);
+                drop_malformed(fwd, *m.src.ip(), &[]);
                 continue;
             }
             let step = if m.segment_size == 0 {
@@ -483,10 +488,7 @@ impl MergedPath {
         let packet = &mut self.out[h..h + inner.len()];
         packet.copy_from_slice(inner);
         let Ok(hdr) = gro::offload_merged(packet, fwd.config().mtu) else {
-            let ctx = DropContext::rx(src, inner);
-            fwd.counters()
-                .record_drop(DropReason::Malformed, None, &ctx);
-            return;
+            return drop_malformed(fwd, src, inner);
         };
         let vnet = shared.tun.vnet_hdr_len();
         if vnet > 0 {
@@ -503,11 +505,7 @@ impl MergedPath {
             // Only an MTU so small that the segments outgrow the buffer gets here.
             Err(_) => {
                 shared.io_errors.offload.fetch_add(1, Relaxed);
-                fwd.counters().record_drop(
-                    DropReason::Malformed,
-                    None,
-                    &DropContext::rx(src, inner),
-                );
+                drop_malformed(fwd, src, inner);
             }
         }
     }
