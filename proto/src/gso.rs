@@ -324,6 +324,10 @@ where
 
 /// The per-segment header rewrite shared by [`segment`] and [`segment_headers`]: what the
 /// kernel's software GSO changes from one segment to the next.
+///
+/// The headers' checksums are kept incrementally: the template's words that never change are
+/// summed once per super-packet (`ip_base`, `tcp_base`), so a segment adds only the words it
+/// changes (length, ID, sequence number, flags) and its payload.
 struct Cut<'a> {
     /// The super-packet's IPv4 and TCP headers, the template of every segment's headers.
     headers: &'a [u8],
@@ -333,23 +337,48 @@ struct Cut<'a> {
     ident: u16,
     seq: u32,
     flags: u8,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    /// Sum of the IPv4 header without total length, ID and checksum.
+    ip_base: u64,
+    /// Sum of the TCP header without sequence number, the data offset + flags word and
+    /// checksum, plus the pseudo header without its length.
+    tcp_base: u64,
 }
 
 impl<'a> Cut<'a> {
     fn new(pkt: &TcpIpv4<'a>, mss: usize, count: usize) -> Cut<'a> {
         let headers = &pkt.packet[..pkt.headers_len()];
+        let (ip_len, th) = (pkt.ip_len, pkt.ip_len);
+        // The template with every per-segment field zeroed (IPv4 and TCP headers are at most
+        // 60 bytes each).
+        let mut fixed = [0u8; 120];
+        let fixed = &mut fixed[..headers.len()];
+        fixed.copy_from_slice(headers);
+        let per_segment = [
+            IP_TOTAL_LEN,
+            IP_ID,
+            IP_CHECKSUM,
+            th + tcp::SEQ,
+            th + tcp::SEQ + 2,
+            th + tcp::FLAGS - 1,
+            th + tcp::CHECKSUM,
+        ];
+        for at in per_segment {
+            fixed[at..at + 2].fill(0);
+        }
+        // The pseudo header's length is per segment; 0 here adds nothing.
+        let pseudo = checksum::pseudo_header(pkt.src(), pkt.dst(), ipv4::protocol::TCP, 0);
+        let ip_base = checksum::partial(&fixed[..ip_len], 0);
+        let tcp_base = checksum::partial(&fixed[ip_len..], pseudo);
         Cut {
             headers,
-            ip_len: pkt.ip_len,
+            ip_len,
             mss,
             count,
             ident: u16::from_be_bytes([headers[IP_ID], headers[IP_ID + 1]]),
-            seq: u32::from_be_bytes(read4(headers, pkt.ip_len + tcp::SEQ)),
-            flags: headers[pkt.ip_len + tcp::FLAGS],
-            src: pkt.src(),
-            dst: pkt.dst(),
+            seq: u32::from_be_bytes(read4(headers, th + tcp::SEQ)),
+            flags: headers[th + tcp::FLAGS],
+            ip_base,
+            tcp_base,
         }
     }
 
@@ -364,19 +393,18 @@ impl<'a> Cut<'a> {
     /// before it, CWR on the first segment only, FIN/PSH on the last only, and the full TCP
     /// checksum over these headers and `piece`.
     fn write_headers(&self, i: usize, piece: &[u8], out: &mut [u8]) {
-        let (ip_len, th) = (self.ip_len, self.ip_len);
+        let th = self.ip_len;
         out.copy_from_slice(self.headers);
         // Shorter than the super-packet, so it fits u16.
         let total = (out.len() + piece.len()) as u16;
-        out[IP_TOTAL_LEN..IP_TOTAL_LEN + 2].copy_from_slice(&total.to_be_bytes());
         // `i` < 65536 segments: at least one payload byte each in a < 64 KiB packet.
         let id = self.ident.wrapping_add(i as u16);
+        let ip_sum = checksum::finish(self.ip_base + u64::from(total) + u64::from(id));
+        out[IP_TOTAL_LEN..IP_TOTAL_LEN + 2].copy_from_slice(&total.to_be_bytes());
         out[IP_ID..IP_ID + 2].copy_from_slice(&id.to_be_bytes());
-        out[IP_CHECKSUM..IP_CHECKSUM + 2].fill(0);
-        let ip_sum = checksum::checksum(&out[..ip_len]);
         out[IP_CHECKSUM..IP_CHECKSUM + 2].copy_from_slice(&ip_sum.to_be_bytes());
+
         let seq = self.seq.wrapping_add((i * self.mss) as u32);
-        out[th + tcp::SEQ..th + tcp::SEQ + 4].copy_from_slice(&seq.to_be_bytes());
         let mut f = self.flags;
         if i > 0 {
             f &= !tcp::CWR;
@@ -384,13 +412,17 @@ impl<'a> Cut<'a> {
         if i + 1 < self.count {
             f &= !(tcp::FIN | tcp::PSH);
         }
+        out[th + tcp::SEQ..th + tcp::SEQ + 4].copy_from_slice(&seq.to_be_bytes());
         out[th + tcp::FLAGS] = f;
-        out[th + tcp::CHECKSUM..th + tcp::CHECKSUM + 2].fill(0);
-        // The TCP header is a multiple of 4 bytes, so its partial sum composes with the
-        // payload's.
-        let l4_len = (out.len() - th + piece.len()) as u16;
-        let acc = checksum::pseudo_header(self.src, self.dst, ipv4::protocol::TCP, l4_len);
-        let sum = checksum::finish(checksum::partial(piece, checksum::partial(&out[th..], acc)));
+        let l4_len = out.len() - th + piece.len();
+        // The words this segment changes: length (pseudo header), sequence number and the
+        // data offset + flags word. The TCP header is a multiple of 4 bytes, so the
+        // payload's sum composes with the header's.
+        let changed = l4_len as u64
+            + u64::from(seq >> 16)
+            + u64::from(seq & 0xffff)
+            + u64::from(u16::from_be_bytes([out[th + tcp::FLAGS - 1], f]));
+        let sum = checksum::finish(checksum::partial(piece, self.tcp_base + changed));
         out[th + tcp::CHECKSUM..th + tcp::CHECKSUM + 2].copy_from_slice(&sum.to_be_bytes());
     }
 }
