@@ -6,7 +6,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use podnet_bench::{flow_segments, super_packet, MAX_TSO_PAYLOAD, NODE_A, NODE_B, VXLAN_MSS};
 use podnet_proto::ethernet::MacAddr;
-use podnet_proto::gro::Coalescer;
+use podnet_proto::gro::{Coalescer, Span};
 use podnet_proto::gso;
 use podnet_proto::vxlan::{self, Vni, ENCAP_LEN};
 
@@ -61,10 +61,12 @@ fn coalescing(c: &mut Criterion) {
     g.bench_function(format!("{SEGMENTS}_segments_to_one_write"), |b| {
         b.iter(|| {
             let mut writes = 0usize;
-            for s in &segs {
-                co.push(black_box(s), |w| writes += black_box(w).len());
+            for (i, s) in segs.iter().enumerate() {
+                co.push(black_box(&segs), Span::whole(i, s.len()), |w| {
+                    writes += black_box(w).len()
+                });
             }
-            co.flush(|w| writes += black_box(w).len());
+            co.flush(&segs, |w| writes += black_box(w).len());
             writes
         })
     });

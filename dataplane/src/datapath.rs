@@ -13,14 +13,14 @@
 //! The loop owns its buffers (allocated once at start), reads the current route table
 //! through `ArcSwap` without locking, and stops when the shared [`Stop`] is raised.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use podnet_proto::gro::Coalescer;
+use podnet_proto::gro::{Coalescer, Span};
 use podnet_proto::gso::Segments;
 use podnet_proto::virtio::{self, VirtioNetHdr, GSO_NONE};
 use podnet_proto::{gro, gso, vxlan};
@@ -397,6 +397,24 @@ fn write_tun(shared: &Shared, bytes: &[u8]) {
     }
 }
 
+/// Writes one coalescer output: its header and the payloads, in place in the receive buffers.
+fn write_tun_vectored(shared: &Shared, parts: &[IoSlice<'_>]) {
+    if shared.tun.write_vectored(parts).is_err() {
+        shared.io_errors.tun_write.fetch_add(1, Relaxed);
+    }
+}
+
+/// Where `part`, a piece of receive buffer `index` (`buf`), lies in it.
+fn span_in(index: usize, buf: &[u8], part: &[u8]) -> Span {
+    let start = (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+    debug_assert!(start + part.len() <= buf.len(), "not a piece of the buffer");
+    Span {
+        buf: index,
+        start,
+        end: start + part.len(),
+    }
+}
+
 /// The inbound direction's buffers and coalescer (allocated once).
 struct RxPath {
     bufs: Vec<Vec<u8>>,
@@ -434,9 +452,10 @@ impl RxPath {
         let vnet = shared.tun.vnet_hdr_len();
         let coalescer = &mut self.coalescer;
         let merged = &mut self.merged;
+        let bufs = &self.bufs;
         let mtu = usize::from(fwd.config().mtu);
         let table = shared.table.load();
-        for (buf, m) in self.bufs.iter().zip(&self.meta).take(n) {
+        for (k, (buf, m)) in bufs.iter().zip(&self.meta).take(n).enumerate() {
             if m.truncated {
                 drop_malformed(fwd, *m.src.ip(), &[]);
                 continue;
@@ -461,10 +480,11 @@ impl RxPath {
                     // header, which the coalescer adds itself.
                     if inner.len() > mtu {
                         // Whatever the coalescer holds arrived first.
-                        coalescer.flush(|out| write_tun(shared, out));
+                        coalescer.flush(bufs, |out| write_tun_vectored(shared, out));
                         merged.deliver(shared, *m.src.ip(), inner);
                     } else if vnet > 0 {
-                        coalescer.push(inner, |out| write_tun(shared, out));
+                        let at = span_in(k, buf, inner);
+                        coalescer.push(bufs, at, |out| write_tun_vectored(shared, out));
                     } else {
                         write_tun(shared, inner);
                     }
@@ -472,7 +492,7 @@ impl RxPath {
             }
         }
         if vnet > 0 {
-            coalescer.flush(|out| write_tun(shared, out));
+            coalescer.flush(bufs, |out| write_tun_vectored(shared, out));
         }
     }
 }

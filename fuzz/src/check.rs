@@ -15,7 +15,7 @@ use podnet_dataplane::forward::{
 use podnet_dataplane::table::{Peer, RouteTable};
 use podnet_proto::api::{validate_node_name, RegisterRequest, WatchEvent, MAX_NODE_NAME_LEN};
 use podnet_proto::ethernet::MacAddr;
-use podnet_proto::gro::Coalescer;
+use podnet_proto::gro::{Coalescer, Span};
 use podnet_proto::ipv4::{self, Ipv4Packet, Ipv4Repr};
 use podnet_proto::virtio::{VirtioNetHdr, GSO_NONE, GSO_TCPV4};
 use podnet_proto::vxlan::{self, Vni};
@@ -379,14 +379,20 @@ pub fn gso(data: &[u8]) {
     let mut joined = Vec::with_capacity(original_payload.len());
     let mut gro = Coalescer::new();
     let mut regrouped = Vec::new();
+    let bufs = [&out[..]];
     for range in segs.iter() {
         let segment = &out[range.start + prefix_len..range.end];
         let payload = tcp_payload(segment);
         assert!(payload.len() <= mss, "segment over gso_size");
         joined.extend_from_slice(payload);
-        gro.push(segment, |b| regrouped.push(b.to_vec()));
+        let at = Span {
+            buf: 0,
+            start: range.start + prefix_len,
+            end: range.end,
+        };
+        gro.push(&bufs, at, |b| regrouped.push(gather(b)));
     }
-    gro.flush(|b| regrouped.push(b.to_vec()));
+    gro.flush(&bufs, |b| regrouped.push(gather(b)));
     assert_eq!(joined, original_payload, "segments lost or reordered bytes");
 
     let mut rejoined = Vec::with_capacity(joined.len());
@@ -394,6 +400,11 @@ pub fn gso(data: &[u8]) {
         rejoined.extend_from_slice(tcp_payload_of_output(output));
     }
     assert_eq!(rejoined, joined, "coalescing lost or reordered bytes");
+}
+
+/// One coalescer output as contiguous bytes.
+fn gather(parts: &[std::io::IoSlice<'_>]) -> Vec<u8> {
+    parts.iter().flat_map(|p| p.iter().copied()).collect()
 }
 
 /// TCP payload of one coalescer output (`[virtio header][IPv4 packet]`).
@@ -430,10 +441,12 @@ pub fn gro(data: &[u8]) {
     }
     let mut coalescer = Coalescer::with_flows(2);
     let mut outputs: Vec<Vec<u8>> = Vec::new();
-    for p in &packets {
-        coalescer.push(p, |b| outputs.push(b.to_vec()));
+    for (i, p) in packets.iter().enumerate() {
+        coalescer.push(&packets, Span::whole(i, p.len()), |b| {
+            outputs.push(gather(b))
+        });
     }
-    coalescer.flush(|b| outputs.push(b.to_vec()));
+    coalescer.flush(&packets, |b| outputs.push(gather(b)));
     assert_eq!(coalescer.held(), 0, "flush left flows held");
 
     let mut represented = 0usize;

@@ -22,7 +22,14 @@
 //! Everything else (non-TCP, pure ACKs, SYNs, malformed packets) is passed through unchanged
 //! behind an all-zero virtio header. Packets of one flow keep their order.
 //!
+//! Payloads are not copied: the coalescer keeps the first segment's headers and, for every
+//! segment, where its payload lies in the caller's receive buffers ([`Span`]). An output is a
+//! list of slices (header, then payloads) for one vectored write (`writev`) to the TUN. The
+//! caller passes the same, unchanged buffers to every call until [`flush`].
+//!
 //! [`flush`]: Coalescer::flush
+
+use std::io::IoSlice;
 
 use crate::checksum;
 use crate::error::{Layer, WireError};
@@ -36,8 +43,52 @@ use crate::virtio::{
 pub const MAX_PACKET: usize = u16::MAX as usize;
 /// Flows held at once by [`Coalescer::new`].
 pub const DEFAULT_FLOWS: usize = 8;
-/// Size of one output: virtio header plus the largest packet.
-pub const MAX_OUTPUT: usize = virtio::HEADER_LEN + MAX_PACKET;
+/// Segments merged into one super-packet at most, so an output is at most this many payload
+/// slices behind its header. 64 KiB of segments of the smallest IPv4 MSS (536) fit.
+pub const MAX_SEGMENTS: usize = 128;
+/// Slices in one output at most: the header and [`MAX_SEGMENTS`] payloads.
+pub const MAX_SLICES: usize = 1 + MAX_SEGMENTS;
+/// IPv4 (no options, which coalescing rules out) and the longest TCP header.
+const MAX_HEADERS: usize = ipv4::HEADER_LEN + 60;
+
+/// Bytes `start..end` of the caller's buffer number `buf`: where a pushed packet lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Span {
+    pub buf: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Span {
+    /// All of buffer `buf`, `len` bytes long.
+    pub fn whole(buf: usize, len: usize) -> Span {
+        Span {
+            buf,
+            start: 0,
+            end: len,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// The first `len` bytes from `skip` on.
+    fn sub(&self, skip: usize, len: usize) -> Span {
+        Span {
+            buf: self.buf,
+            start: self.start + skip,
+            end: self.start + skip + len,
+        }
+    }
+
+    /// The bytes in `bufs`; empty if the caller changed its buffers in between.
+    fn resolve<'b, B: AsRef<[u8]>>(&self, bufs: &'b [B]) -> &'b [u8] {
+        bufs.get(self.buf)
+            .and_then(|b| b.as_ref().get(self.start..self.end))
+            .unwrap_or_default()
+    }
+}
 
 /// TCP flags that end a super-packet (after the segment carrying them).
 const FLUSH_FLAGS: u8 = tcp::URG | tcp::PSH | tcp::RST | tcp::SYN | tcp::FIN;
@@ -59,13 +110,15 @@ impl FlowKey {
     }
 }
 
-/// One flow being coalesced: the first segment's headers and all payloads so far, in place
-/// behind room for the virtio header.
+/// One flow being coalesced: the first segment's headers (behind room for the virtio header)
+/// and where every payload so far lies.
 struct Flow {
     key: FlowKey,
-    /// `[virtio header][IPv4 header][TCP header][payload ...]`, `MAX_OUTPUT` bytes.
-    buf: Box<[u8]>,
-    /// Bytes of IPv4 packet held (from `buf[virtio::HEADER_LEN]`); 0 when the slot is free.
+    /// `[virtio header][IPv4 header][TCP header]` of the first segment.
+    head: [u8; virtio::HEADER_LEN + MAX_HEADERS],
+    /// The payloads, in order; `count` of them are used.
+    payloads: [Span; MAX_SEGMENTS],
+    /// Bytes of IPv4 packet held (headers and payloads); 0 when the slot is free.
     len: usize,
     /// TCP header length of the first segment.
     tcp_len: usize,
@@ -84,20 +137,19 @@ struct Flow {
 }
 
 impl Flow {
-    fn held(&self) -> &[u8] {
-        &self.buf[virtio::HEADER_LEN..virtio::HEADER_LEN + self.len]
+    /// The first segment's IPv4 and TCP headers.
+    fn headers(&self) -> &[u8] {
+        &self.head[virtio::HEADER_LEN..virtio::HEADER_LEN + ipv4::HEADER_LEN + self.tcp_len]
     }
 }
 
 /// Merges TCP segments of a receive batch into super-packets; see the module docs.
 ///
-/// Holds a fixed table of flows with one 64 KiB buffer each (allocated once in the
-/// constructor) and a scratch buffer for pass-through packets; no allocation per packet.
-/// Every output goes to the `emit` callback as one contiguous `[virtio header][IPv4 packet]`,
-/// ready for a single `write` to a TUN opened with `IFF_VNET_HDR`.
+/// Holds a fixed table of flows (allocated once in the constructor); no allocation per packet.
+/// Every output goes to the `emit` callback as the slices of `[virtio header][IPv4 packet]`,
+/// ready for a single `writev` to a TUN opened with `IFF_VNET_HDR`.
 pub struct Coalescer {
     flows: Box<[Flow]>,
-    scratch: Box<[u8]>,
     clock: u64,
 }
 
@@ -119,7 +171,8 @@ impl Coalescer {
         let flows = (0..flows.max(1))
             .map(|_| Flow {
                 key: FlowKey::default(),
-                buf: vec![0u8; MAX_OUTPUT].into_boxed_slice(),
+                head: [0; virtio::HEADER_LEN + MAX_HEADERS],
+                payloads: [Span::default(); MAX_SEGMENTS],
                 len: 0,
                 tcp_len: 0,
                 mss: 0,
@@ -130,11 +183,7 @@ impl Coalescer {
                 started: 0,
             })
             .collect();
-        Coalescer {
-            flows,
-            scratch: vec![0u8; MAX_OUTPUT].into_boxed_slice(),
-            clock: 0,
-        }
+        Coalescer { flows, clock: 0 }
     }
 
     /// Flows currently held (emitted at the latest by [`flush`](Self::flush)).
@@ -142,17 +191,26 @@ impl Coalescer {
         self.flows.iter().filter(|f| f.len != 0).count()
     }
 
-    /// Takes one received inner IPv4 packet (bytes after the trailing link padding are
-    /// dropped). Calls `emit` for every output that became ready: none (the segment is held),
-    /// one, or two (a held flow finished first, then this packet passed through).
-    pub fn push(&mut self, packet: &[u8], mut emit: impl FnMut(&[u8])) {
+    /// Takes one received inner IPv4 packet, `at` in `bufs` (bytes after the trailing link
+    /// padding are dropped). Calls `emit` for every output that became ready: none (the
+    /// segment is held), one, or two (a held flow finished first, then this packet passed
+    /// through). Held segments stay in `bufs`: pass the same buffers until [`flush`].
+    ///
+    /// [`flush`]: Self::flush
+    pub fn push<B: AsRef<[u8]>>(
+        &mut self,
+        bufs: &[B],
+        at: Span,
+        mut emit: impl FnMut(&[IoSlice<'_>]),
+    ) {
+        let packet = at.resolve(bufs);
         let Ok(pkt) = TcpIpv4::parse(packet) else {
             // Non-TCP or malformed: the kernel gets it as it is and decides.
-            let bytes =
-                Ipv4Packet::new_checked(packet).map_or(packet, |ip| &packet[..ip.total_len()]);
-            self.pass_through(bytes, &mut emit);
+            let len = Ipv4Packet::new_checked(packet).map_or(packet.len(), |ip| ip.total_len());
+            self.pass_through(bufs, at.sub(0, len), &mut emit);
             return;
         };
+        let at = at.sub(0, pkt.packet.len());
         let key = FlowKey::of(&pkt);
         let slot = self.flows.iter().position(|f| f.len != 0 && f.key == key);
         let eligible = pkt.ip_len == ipv4::HEADER_LEN
@@ -161,25 +219,26 @@ impl Coalescer {
             && pkt.tcp_checksum_ok();
         if !eligible {
             if let Some(i) = slot {
-                self.finish(i, &mut emit);
+                self.finish(i, bufs, &mut emit);
             }
-            self.pass_through(pkt.packet, &mut emit);
+            self.pass_through(bufs, at, &mut emit);
             return;
         }
         let flags = pkt.tcp()[tcp::FLAGS];
+        let payload = at.sub(pkt.headers_len(), pkt.payload().len());
         if let Some(i) = slot {
-            if self.flows[i].try_append(&pkt) {
+            if self.flows[i].try_append(&pkt, payload) {
                 let f = &self.flows[i];
-                if pkt.payload().len() < f.mss || flags & FLUSH_FLAGS != 0 {
-                    self.finish(i, &mut emit);
+                if payload.len() < f.mss || flags & FLUSH_FLAGS != 0 || f.count_full() {
+                    self.finish(i, bufs, &mut emit);
                 }
                 return;
             }
-            self.finish(i, &mut emit);
+            self.finish(i, bufs, &mut emit);
         }
         // A new flow starts only with a segment that could be followed by more.
-        if pkt.payload().is_empty() || flags & FLUSH_FLAGS != 0 {
-            self.pass_through(pkt.packet, &mut emit);
+        if payload.len() == 0 || flags & FLUSH_FLAGS != 0 {
+            self.pass_through(bufs, at, &mut emit);
             return;
         }
         let i = match self.flows.iter().position(|f| f.len == 0) {
@@ -188,48 +247,60 @@ impl Coalescer {
                 let oldest = (0..self.flows.len())
                     .min_by_key(|&i| self.flows[i].started)
                     .unwrap_or(0);
-                self.finish(oldest, &mut emit);
+                self.finish(oldest, bufs, &mut emit);
                 oldest
             }
         };
         self.clock += 1;
-        self.flows[i].start(key, &pkt, self.clock);
+        self.flows[i].start(key, &pkt, payload, self.clock);
     }
 
-    /// Emits every held flow. Call at the end of each receive batch.
-    pub fn flush(&mut self, mut emit: impl FnMut(&[u8])) {
+    /// Emits every held flow. Call at the end of each receive batch, with the buffers the
+    /// held segments were pushed from.
+    pub fn flush<B: AsRef<[u8]>>(&mut self, bufs: &[B], mut emit: impl FnMut(&[IoSlice<'_>])) {
         // Oldest first, so flows come out in the order they started.
         while let Some(i) = (0..self.flows.len())
             .filter(|&i| self.flows[i].len != 0)
             .min_by_key(|&i| self.flows[i].started)
         {
-            self.finish(i, &mut emit);
+            self.finish(i, bufs, &mut emit);
         }
     }
 
-    fn pass_through(&mut self, packet: &[u8], emit: &mut impl FnMut(&[u8])) {
-        let len = virtio::HEADER_LEN + packet.len();
-        // Callers hand in packets of at most 64 KiB; anything longer cannot be an IPv4
-        // packet and is cut to what the kernel would accept anyway.
-        let len = len.min(self.scratch.len());
-        self.scratch[..virtio::HEADER_LEN].copy_from_slice(&VirtioNetHdr::NONE.to_bytes());
-        self.scratch[virtio::HEADER_LEN..len].copy_from_slice(&packet[..len - virtio::HEADER_LEN]);
-        emit(&self.scratch[..len]);
+    fn pass_through<B: AsRef<[u8]>>(
+        &mut self,
+        bufs: &[B],
+        packet: Span,
+        emit: &mut impl FnMut(&[IoSlice<'_>]),
+    ) {
+        let none = VirtioNetHdr::NONE.to_bytes();
+        emit(&[IoSlice::new(&none), IoSlice::new(packet.resolve(bufs))]);
     }
 
     /// Emits flow `i` and frees its slot.
-    fn finish(&mut self, i: usize, emit: &mut impl FnMut(&[u8])) {
+    fn finish<B: AsRef<[u8]>>(
+        &mut self,
+        i: usize,
+        bufs: &[B],
+        emit: &mut impl FnMut(&[IoSlice<'_>]),
+    ) {
         let f = &mut self.flows[i];
-        let out_len = virtio::HEADER_LEN + f.len;
         let hdr = if f.count <= 1 {
             // A lone segment goes out exactly as it came.
             VirtioNetHdr::NONE
         } else {
             f.seal()
         };
-        f.buf[..virtio::HEADER_LEN].copy_from_slice(&hdr.to_bytes());
+        f.head[..virtio::HEADER_LEN].copy_from_slice(&hdr.to_bytes());
         f.len = 0;
-        emit(&f.buf[..out_len]);
+        let f = &self.flows[i];
+        let mut out = [IoSlice::new(&[]); MAX_SLICES];
+        let n = 1 + usize::from(f.count);
+        out[0] = IoSlice::new(&f.head[..virtio::HEADER_LEN + ipv4::HEADER_LEN + f.tcp_len]);
+        for (slot, payload) in out[1..n].iter_mut().zip(&f.payloads) {
+            *slot = IoSlice::new(payload.resolve(bufs));
+        }
+        emit(&out[..n]);
     }
 }
 
@@ -254,35 +325,41 @@ pub fn offload_merged(packet: &mut [u8], mtu: u16) -> Result<VirtioNetHdr, Offlo
     }
     let c = ip_len + tcp::CHECKSUM;
     let stored = u16::from_be_bytes([pkt.packet[c], pkt.packet[c + 1]]);
-    if stored != tcp_seed(pkt.packet, ip_len) && !pkt.tcp_checksum_ok() {
+    if stored != tcp_seed(pkt.packet, ip_len, total) && !pkt.tcp_checksum_ok() {
         return Err(WireError::BadChecksum(Layer::Tcp).into());
     }
     let mss = usize::from(mtu)
         .checked_sub(ip_len + tcp_len)
         .filter(|&m| m > 0)
         .ok_or(OffloadError::ZeroGsoSize)?;
-    Ok(gso_write(&mut packet[..total], ip_len, tcp_len, mss))
+    Ok(gso_write(packet, ip_len, tcp_len, total, mss))
 }
 
 /// The pseudo-header sum (folded, not complemented) that the checksum field of a TCP/IPv4
-/// packet `b` (`ip_len`-byte IPv4 header, `b` exactly its total length) holds when the kernel
-/// is to complete the checksum (`VIRTIO_NET_HDR_F_NEEDS_CSUM`, TSO).
-fn tcp_seed(b: &[u8], ip_len: usize) -> u16 {
+/// packet of `total` bytes starting with the headers `b` (`ip_len`-byte IPv4 header) holds
+/// when the kernel is to complete the checksum (`VIRTIO_NET_HDR_F_NEEDS_CSUM`, TSO).
+fn tcp_seed(b: &[u8], ip_len: usize, total: usize) -> u16 {
     let src = std::net::Ipv4Addr::new(b[12], b[13], b[14], b[15]);
     let dst = std::net::Ipv4Addr::new(b[16], b[17], b[18], b[19]);
-    // b.len() <= u16::MAX: it is the IPv4 total length.
-    let len = (b.len() - ip_len) as u16;
+    // total <= u16::MAX: it is the IPv4 total length.
+    let len = (total - ip_len) as u16;
     checksum::fold(checksum::pseudo_header(src, dst, ipv4::protocol::TCP, len))
 }
 
-/// Seeds the TCP checksum field of the TCP/IPv4 packet `b` (exactly its total length) with
+/// Seeds the TCP checksum field in the headers `b` of a TCP/IPv4 packet of `total` bytes with
 /// [`tcp_seed`] and returns the virtio header for writing it to the TUN as one packet that the
 /// kernel cuts into `mss`-byte segments (no GSO when it is not longer than one).
-fn gso_write(b: &mut [u8], ip_len: usize, tcp_len: usize, mss: usize) -> VirtioNetHdr {
-    let seed = tcp_seed(b, ip_len);
+fn gso_write(
+    b: &mut [u8],
+    ip_len: usize,
+    tcp_len: usize,
+    total: usize,
+    mss: usize,
+) -> VirtioNetHdr {
+    let seed = tcp_seed(b, ip_len, total);
     let c = ip_len + tcp::CHECKSUM;
     b[c..c + 2].copy_from_slice(&seed.to_be_bytes());
-    let segments = b.len() - ip_len - tcp_len > mss;
+    let segments = total - ip_len - tcp_len > mss;
     let cwr = b[ip_len + tcp::FLAGS] & tcp::CWR != 0;
     VirtioNetHdr {
         flags: F_NEEDS_CSUM,
@@ -304,13 +381,15 @@ fn frag_field(packet: &[u8]) -> u16 {
 }
 
 impl Flow {
-    fn start(&mut self, key: FlowKey, pkt: &TcpIpv4<'_>, now: u64) {
-        let n = pkt.packet.len();
-        self.buf[virtio::HEADER_LEN..virtio::HEADER_LEN + n].copy_from_slice(pkt.packet);
+    /// Starts the flow with `pkt`, whose payload lies at `payload` (never empty).
+    fn start(&mut self, key: FlowKey, pkt: &TcpIpv4<'_>, payload: Span, now: u64) {
+        let n = pkt.headers_len();
+        self.head[virtio::HEADER_LEN..virtio::HEADER_LEN + n].copy_from_slice(&pkt.packet[..n]);
+        self.payloads[0] = payload;
         self.key = key;
-        self.len = n;
+        self.len = pkt.packet.len();
         self.tcp_len = pkt.tcp_len;
-        self.mss = pkt.payload().len();
+        self.mss = payload.len();
         self.count = 1;
         self.next_seq = seq_of(pkt.tcp()).wrapping_add(self.mss as u32);
         self.fixed_id = false;
@@ -318,9 +397,15 @@ impl Flow {
         self.started = now;
     }
 
-    /// Appends `pkt`'s payload if the kernel's GRO rules allow it; returns whether it did.
-    fn try_append(&mut self, pkt: &TcpIpv4<'_>) -> bool {
-        let head = self.held();
+    /// True when no further segment fits the flow's list of payloads.
+    fn count_full(&self) -> bool {
+        usize::from(self.count) == MAX_SEGMENTS
+    }
+
+    /// Appends `pkt`'s payload (lying at `payload`) if the kernel's GRO rules allow it;
+    /// returns whether it did.
+    fn try_append(&mut self, pkt: &TcpIpv4<'_>, payload: Span) -> bool {
+        let head = self.headers();
         let (ip, ip2) = (pkt.packet, head);
         // IPv4: TOS, TTL and DF equal (inet_gro_flush); options were ruled out by the caller.
         if ip[1] != ip2[1] || ip[8] != ip2[8] || frag_field(ip) != frag_field(ip2) {
@@ -350,16 +435,15 @@ impl Flow {
         {
             return false;
         }
-        let len = pkt.payload().len();
+        let len = payload.len();
         if len == 0 || len > self.mss || seq_of(th) != self.next_seq {
             return false;
         }
-        if self.len + len > MAX_PACKET {
+        if self.len + len > MAX_PACKET || self.count_full() {
             return false;
         }
 
-        let at = virtio::HEADER_LEN + self.len;
-        self.buf[at..at + len].copy_from_slice(pkt.payload());
+        self.payloads[usize::from(self.count)] = payload;
         self.len += len;
         self.count += 1;
         self.next_seq = self.next_seq.wrapping_add(len as u32);
@@ -376,14 +460,14 @@ impl Flow {
         let h = virtio::HEADER_LEN;
         let ip_len = ipv4::HEADER_LEN;
         let total = self.len as u16; // at most MAX_PACKET by construction
-        let b = &mut self.buf[h..h + self.len];
+        let b = &mut self.head[h..h + ip_len + self.tcp_len];
         b[2..4].copy_from_slice(&total.to_be_bytes());
         b[10..12].fill(0);
         let ip_sum = checksum::checksum(&b[..ip_len]);
         b[10..12].copy_from_slice(&ip_sum.to_be_bytes());
 
         b[ip_len + tcp::FLAGS] |= self.extra_flags;
-        gso_write(b, ip_len, self.tcp_len, self.mss)
+        gso_write(b, ip_len, self.tcp_len, self.len, self.mss)
     }
 }
 
@@ -410,16 +494,23 @@ mod tests {
     /// Everything the coalescer emitted: (virtio header, packet).
     fn run(c: &mut Coalescer, packets: &[Vec<u8>]) -> Vec<(VirtioNetHdr, Vec<u8>)> {
         let mut out = Vec::new();
-        for p in packets {
-            c.push(p, |b| out.push(split(b)));
-        }
-        c.flush(|b| out.push(split(b)));
+        push_all(c, packets, &mut out);
+        c.flush(packets, |b| out.push(split(b)));
         assert_eq!(c.held(), 0);
         out
     }
 
-    fn split(b: &[u8]) -> (VirtioNetHdr, Vec<u8>) {
-        (VirtioNetHdr::parse(b).unwrap(), b[HEADER_LEN..].to_vec())
+    /// Pushes every packet (each its own buffer), collecting what comes out before a flush.
+    fn push_all(c: &mut Coalescer, packets: &[Vec<u8>], out: &mut Vec<(VirtioNetHdr, Vec<u8>)>) {
+        for (i, p) in packets.iter().enumerate() {
+            c.push(packets, Span::whole(i, p.len()), |b| out.push(split(b)));
+        }
+    }
+
+    /// One output, gathered: (virtio header, packet).
+    fn split(slices: &[IoSlice<'_>]) -> (VirtioNetHdr, Vec<u8>) {
+        let b: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+        (VirtioNetHdr::parse(&b).unwrap(), b[HEADER_LEN..].to_vec())
     }
 
     /// Segment `i` of a flow of `mss`-byte segments described by `base` (seq, ID advanced).
@@ -554,9 +645,7 @@ mod tests {
         specs[2].flags |= tcp::PSH;
         let mut c = Coalescer::new();
         let mut out = Vec::new();
-        for p in built(&specs) {
-            c.push(&p, |b| out.push(split(b)));
-        }
+        push_all(&mut c, &built(&specs), &mut out);
         assert_eq!(out, vec![merged(&specs)], "emitted before flush");
         assert_eq!(merged(&specs).1[20 + tcp::FLAGS], tcp::ACK_FLAG | tcp::PSH);
 
@@ -565,9 +654,7 @@ mod tests {
         specs[3].seq = specs[2].seq.wrapping_add(10);
         let p = built(&specs);
         let mut out = Vec::new();
-        for q in &p[..3] {
-            c.push(q, |b| out.push(split(b)));
-        }
+        push_all(&mut c, &p[..3], &mut out);
         assert_eq!(out, vec![merged(&specs[..3])], "a short segment ends it");
         let out = run(&mut c, &p[3..]);
         assert_eq!(out, vec![unchanged(&p[3])]);
@@ -717,18 +804,39 @@ mod tests {
         };
         let (a, b, c) = (flow(1), flow(2), flow(3));
         let mut co = Coalescer::with_flows(2);
+        let p = built(&[
+            a[0].clone(),
+            b[0].clone(),
+            c[0].clone(),
+            b[1].clone(),
+            c[1].clone(),
+        ]);
         let mut out = Vec::new();
-        for s in [&a[0], &b[0], &c[0]] {
-            co.push(&build(s), |x| out.push(split(x)));
+        push_all(&mut co, &p[..3], &mut out);
+        assert_eq!(out, vec![unchanged(&p[0])], "a evicted when c arrives");
+        assert_eq!(co.held(), 2);
+        // One batch, one set of buffers: b[1] and c[1] join the held b[0] and c[0].
+        let mut out = Vec::new();
+        for i in 3..5 {
+            co.push(&p, Span::whole(i, p[i].len()), |o| out.push(split(o)));
         }
+        co.flush(&p, |o| out.push(split(o)));
+        assert_eq!(out, vec![merged(&b), merged(&c)]);
+    }
+
+    #[test]
+    fn a_super_packet_holds_at_most_max_segments() {
+        // 200 segments of 100 bytes: 20 KiB, well below 64 KiB, but more slices than one
+        // output carries.
+        let specs = segs(&Spec::default(), 100, 200);
+        let out = run(&mut Coalescer::new(), &built(&specs));
         assert_eq!(
             out,
-            vec![unchanged(&build(&a[0]))],
-            "a evicted when c arrives"
+            vec![
+                merged(&specs[..MAX_SEGMENTS]),
+                merged(&specs[MAX_SEGMENTS..])
+            ]
         );
-        assert_eq!(co.held(), 2);
-        let out = run(&mut co, &built(&[b[1].clone(), c[1].clone()]));
-        assert_eq!(out, vec![merged(&b), merged(&c)]);
     }
 
     #[test]
@@ -792,10 +900,16 @@ mod tests {
             segment(&hdr, &original, prefix_len, &mut wire, |_, _| {}).unwrap();
         let mut c = Coalescer::new();
         let mut out = Vec::new();
+        let bufs = [&wire[..]];
         for r in segments.iter() {
-            c.push(&wire[r.start + prefix_len..r.end], |b| out.push(split(b)));
+            let at = Span {
+                buf: 0,
+                start: r.start + prefix_len,
+                end: r.end,
+            };
+            c.push(&bufs, at, |b| out.push(split(b)));
         }
-        c.flush(|b| out.push(split(b)));
+        c.flush(&bufs, |b| out.push(split(b)));
         if segments.count == 1 {
             // One segment goes out as it is: the full checksum instead of the seed.
             prop_assert_eq!(out.len(), 1);

@@ -18,7 +18,7 @@
 //! reader thread can be released for shutdown.
 
 use std::ffi::CString;
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
 
 use tun_rs::{DeviceBuilder, SyncDevice};
@@ -307,12 +307,22 @@ impl Tun {
     /// Writes one packet (starting with a `virtio_net_hdr` in offload mode). The kernel
     /// rejects malformed headers with `EINVAL`; that affects only this packet.
     pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        self.write_retrying(|| self.dev.send(buf))
+    }
+
+    /// Writes one packet gathered from `parts` (`writev`), like [`write`](Self::write).
+    pub fn write_vectored(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.write_retrying(|| self.dev.send_vectored(parts))
+    }
+
+    /// Runs `send` until it is not interrupted, waiting for room while the device's socket
+    /// buffer is exhausted.
+    fn write_retrying(&self, send: impl Fn() -> io::Result<usize>) -> io::Result<usize> {
         loop {
-            match self.dev.send(buf) {
+            match send() {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Only when the device's socket buffer is exhausted; wait for room.
                     let mut pfd = libc::pollfd {
                         fd: self.dev.as_raw_fd(),
                         events: libc::POLLOUT,
