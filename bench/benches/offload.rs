@@ -9,7 +9,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use podnet_bench::{flow_segments, super_packet, MAX_TSO_PAYLOAD, NODE_A, NODE_B, VXLAN_MSS};
 use podnet_dataplane::drops::Counters;
-use podnet_dataplane::forward::{Encap, Forwarder, Inbound, NodeConfig};
+use podnet_dataplane::forward::{Encap, Forwarder, Inbound, NodeConfig, RxTally};
 use podnet_dataplane::table::{Peer, RouteTable};
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::gro::{Coalescer, Span};
@@ -132,9 +132,11 @@ fn receive_path(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 let mut writes = 0usize;
+                let mut tally = RxTally::default();
                 for (i, d) in bufs[0].chunks(step).enumerate() {
-                    if let Inbound::Deliver(inner) = fwd.inbound_vxlan(&table, NODE_A, black_box(d))
-                    {
+                    let verdict =
+                        fwd.inbound_vxlan_tallied(&table, NODE_A, black_box(d), &mut tally);
+                    if let Inbound::Deliver(inner) = verdict {
                         let start = i * step + (d.len() - inner.len());
                         let at = Span {
                             buf: 0,
@@ -144,6 +146,7 @@ fn receive_path(c: &mut Criterion) {
                         co.push(&bufs, at, |_| writes += 1);
                     }
                 }
+                tally.commit(&fwd, &table);
                 co.flush(&bufs, |_| writes += 1);
                 assert_eq!(writes, 1, "one write per train");
                 writes

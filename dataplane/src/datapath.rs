@@ -27,7 +27,7 @@ use podnet_proto::{gro, gso, vxlan};
 
 use crate::drops::DropReason;
 use crate::dropwatch::DropContext;
-use crate::forward::{Encap, Forwarder, Inbound, Outbound, Route, HEADROOM, SCRATCH_LEN};
+use crate::forward::{Encap, Forwarder, Inbound, Outbound, Route, RxTally, HEADROOM, SCRATCH_LEN};
 use crate::sys::raw::IpipSocket;
 use crate::sys::tun::{Tun, MAX_READ};
 use crate::sys::udp::{VxlanSocket, GRO_BUFFER_BYTES};
@@ -455,6 +455,7 @@ impl RxPath {
         let bufs = &self.bufs;
         let mtu = usize::from(fwd.config().mtu);
         let table = shared.table.load();
+        let mut tally = RxTally::default();
         for (k, (buf, m)) in bufs.iter().zip(&self.meta).take(n).enumerate() {
             if m.truncated {
                 drop_malformed(fwd, *m.src.ip(), &[]);
@@ -472,8 +473,10 @@ impl RxPath {
             let datagrams = datagrams.chain((m.len == 0).then_some(empty));
             for datagram in datagrams {
                 let verdict = match &shared.underlay {
-                    Underlay::Vxlan(_) => fwd.inbound_vxlan(&table, *m.src.ip(), datagram),
-                    Underlay::Ipip(_) => fwd.inbound_ipip(&table, datagram),
+                    Underlay::Vxlan(_) => {
+                        fwd.inbound_vxlan_tallied(&table, *m.src.ip(), datagram, &mut tally)
+                    }
+                    Underlay::Ipip(_) => fwd.inbound_ipip_tallied(&table, datagram, &mut tally),
                 };
                 if let Inbound::Deliver(inner) = verdict {
                     // Without offload each packet is written as is; with it, behind a virtio
@@ -491,6 +494,7 @@ impl RxPath {
                 }
             }
         }
+        tally.commit(fwd, &table);
         if vnet > 0 {
             coalescer.flush(bufs, |out| write_tun_vectored(shared, out));
         }

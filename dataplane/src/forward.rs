@@ -127,6 +127,39 @@ pub enum Inbound<'a> {
     Drop(DropReason),
 }
 
+/// Delivered traffic not yet added to the shared counters. The receive path tallies a whole
+/// batch here ([`Forwarder::inbound_vxlan_tallied`]) and adds it with one update per counter
+/// ([`commit`](Self::commit)) instead of four atomic additions per packet.
+#[derive(Debug, Default)]
+pub struct RxTally {
+    /// The sending peer of what is tallied (its index in the table of this batch).
+    peer: Option<usize>,
+    packets: u64,
+    bytes: u64,
+}
+
+impl RxTally {
+    fn add(&mut self, fwd: &Forwarder, table: &RouteTable, peer: usize, bytes: usize) {
+        if self.peer != Some(peer) {
+            self.commit(fwd, table);
+            self.peer = Some(peer);
+        }
+        self.packets += 1;
+        self.bytes += bytes as u64;
+    }
+
+    /// Adds what is tallied to the node's and the peer's counters and starts over. `table`
+    /// must be the one the packets were tallied with.
+    pub fn commit(&mut self, fwd: &Forwarder, table: &RouteTable) {
+        if let Some(peer) = self.peer.take() {
+            fwd.counters.rx.add_many(self.packets, self.bytes);
+            table.counters(peer).rx.add_many(self.packets, self.bytes);
+        }
+        self.packets = 0;
+        self.bytes = 0;
+    }
+}
+
 /// The forwarding core of one node. Shared by the data-path threads (`&self` everywhere).
 #[derive(Debug)]
 pub struct Forwarder {
@@ -371,6 +404,20 @@ impl Forwarder {
     /// Checks, in order: outer source is a current peer (`unknown_peer`), outer header and
     /// decapsulation (`malformed`), then the inner checks of [`inbound_vxlan`](Self::inbound_vxlan).
     pub fn inbound_ipip<'a>(&self, table: &RouteTable, outer: &'a [u8]) -> Inbound<'a> {
+        let mut tally = RxTally::default();
+        let verdict = self.inbound_ipip_tallied(table, outer, &mut tally);
+        tally.commit(self, table);
+        verdict
+    }
+
+    /// [`inbound_ipip`](Self::inbound_ipip) for a receive batch: a delivered packet is counted
+    /// in `tally`, which the caller commits once per batch. Drops are counted at once.
+    pub fn inbound_ipip_tallied<'a>(
+        &self,
+        table: &RouteTable,
+        outer: &'a [u8],
+        tally: &mut RxTally,
+    ) -> Inbound<'a> {
         // The source is read before the outer header is validated so that packets from
         // strangers are counted as such, whatever their shape.
         let Some(src) = outer.get(12..16) else {
@@ -390,7 +437,7 @@ impl Forwarder {
             Ok((_, inner)) => inner,
             Err(_) => return self.deliver_drop(DropReason::Malformed, table, Some(index), ctx),
         };
-        self.inner(table, index, inner)
+        self.inner(table, index, inner, tally)
     }
 
     /// Handles one VXLAN UDP payload received from `outer_src`.
@@ -405,6 +452,21 @@ impl Forwarder {
         table: &RouteTable,
         outer_src: Ipv4Addr,
         udp_payload: &'a [u8],
+    ) -> Inbound<'a> {
+        let mut tally = RxTally::default();
+        let verdict = self.inbound_vxlan_tallied(table, outer_src, udp_payload, &mut tally);
+        tally.commit(self, table);
+        verdict
+    }
+
+    /// [`inbound_vxlan`](Self::inbound_vxlan) for a receive batch: a delivered packet is
+    /// counted in `tally`, which the caller commits once per batch. Drops are counted at once.
+    pub fn inbound_vxlan_tallied<'a>(
+        &self,
+        table: &RouteTable,
+        outer_src: Ipv4Addr,
+        udp_payload: &'a [u8],
+        tally: &mut RxTally,
     ) -> Inbound<'a> {
         // For the drop sampler only: where the inner packet would start.
         let ctx = DropContext::rx(
@@ -428,11 +490,17 @@ impl Forwarder {
         if frame.vni != expected {
             return self.deliver_drop(DropReason::WrongVni, table, Some(index), ctx);
         }
-        self.inner(table, index, frame.inner)
+        self.inner(table, index, frame.inner, tally)
     }
 
     /// Inner-packet checks shared by both encapsulations; `index` is the sending peer.
-    fn inner<'a>(&self, table: &RouteTable, index: usize, inner: &'a [u8]) -> Inbound<'a> {
+    fn inner<'a>(
+        &self,
+        table: &RouteTable,
+        index: usize,
+        inner: &'a [u8],
+        tally: &mut RxTally,
+    ) -> Inbound<'a> {
         let ctx = DropContext::rx(table.peer(index).underlay_ip, inner);
         let ip = match parse_ipv4(inner) {
             Ok(ip) => ip,
@@ -446,8 +514,7 @@ impl Forwarder {
         }
         // Trailing bytes after the IPv4 total length (link padding) are not delivered.
         let packet = &inner[..ip.total_len()];
-        self.counters.rx.add(packet.len());
-        table.counters(index).rx.add(packet.len());
+        tally.add(self, table, index, packet.len());
         Inbound::Deliver(packet)
     }
 
@@ -890,6 +957,38 @@ mod tests {
         let a = t.by_underlay(ip("198.18.0.1")).unwrap();
         assert_eq!(t.counters(a).snapshot().rx.bytes, 30);
         assert_eq!(fwd.counters().rx.snapshot().packets, 1);
+    }
+
+    #[test]
+    fn a_batch_is_counted_once_at_commit_and_drops_at_once() {
+        let (fwd, t) = (node(2, vxlan1()), table());
+        let mut payload = VXLAN_PREFIX.to_vec();
+        payload.extend_from_slice(&INNER);
+        let (from_a, stranger) = (ip("198.18.0.1"), ip("198.18.0.99"));
+        let a = t.by_underlay(from_a).unwrap();
+        let mut tally = RxTally::default();
+        for _ in 0..3 {
+            let verdict = fwd.inbound_vxlan_tallied(&t, from_a, &payload, &mut tally);
+            assert_eq!(verdict, Inbound::Deliver(&INNER[..]));
+        }
+        let verdict = fwd.inbound_vxlan_tallied(&t, stranger, &payload, &mut tally);
+        assert_eq!(verdict, Inbound::Drop(DropReason::UnknownPeer));
+        assert_eq!(
+            fwd.counters().rx.snapshot().packets,
+            0,
+            "tallied, not yet counted"
+        );
+        assert_eq!(fwd.counters().drops(DropReason::UnknownPeer), 1);
+        tally.commit(&fwd, &t);
+        let (node_rx, peer_rx) = (fwd.counters().rx.snapshot(), t.counters(a).snapshot().rx);
+        assert_eq!((node_rx.packets, node_rx.bytes), (3, 90));
+        assert_eq!((peer_rx.packets, peer_rx.bytes), (3, 90));
+        tally.commit(&fwd, &t);
+        assert_eq!(
+            fwd.counters().rx.snapshot().packets,
+            3,
+            "a commit empties the tally"
+        );
     }
 
     #[test]
