@@ -404,10 +404,9 @@ impl Forwarder {
     /// Checks, in order: outer source is a current peer (`unknown_peer`), outer header and
     /// decapsulation (`malformed`), then the inner checks of [`inbound_vxlan`](Self::inbound_vxlan).
     pub fn inbound_ipip<'a>(&self, table: &RouteTable, outer: &'a [u8]) -> Inbound<'a> {
-        let mut tally = RxTally::default();
-        let verdict = self.inbound_ipip_tallied(table, outer, &mut tally);
-        tally.commit(self, table);
-        verdict
+        self.counted_at_once(table, |tally| {
+            self.inbound_ipip_tallied(table, outer, tally)
+        })
     }
 
     /// [`inbound_ipip`](Self::inbound_ipip) for a receive batch: a delivered packet is counted
@@ -453,8 +452,20 @@ impl Forwarder {
         outer_src: Ipv4Addr,
         udp_payload: &'a [u8],
     ) -> Inbound<'a> {
+        self.counted_at_once(table, |tally| {
+            self.inbound_vxlan_tallied(table, outer_src, udp_payload, tally)
+        })
+    }
+
+    /// Runs one tallied receive decision and commits its tally right away: the per-packet
+    /// entry points.
+    fn counted_at_once<'a>(
+        &self,
+        table: &RouteTable,
+        decide: impl FnOnce(&mut RxTally) -> Inbound<'a>,
+    ) -> Inbound<'a> {
         let mut tally = RxTally::default();
-        let verdict = self.inbound_vxlan_tallied(table, outer_src, udp_payload, &mut tally);
+        let verdict = decide(&mut tally);
         tally.commit(self, table);
         verdict
     }
