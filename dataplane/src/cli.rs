@@ -186,8 +186,12 @@ pub struct RunArgs {
     /// The whole cluster's pod network; routed into the TUN device.
     #[arg(long, default_value = "10.244.0.0/16")]
     pub cluster_cidr: Ipv4Net,
-    /// Static mode: a peer as CIDR=IP[@MAC]; repeat for each peer.
-    #[arg(long = "static-peer", requires = "pod_cidr")]
+    /// Static mode: a peer as `CIDR=IP[@MAC]`; repeat for each peer.
+    #[arg(
+        long = "static-peer",
+        requires = "pod_cidr",
+        help = "Static mode: a peer as CIDR=IP[@MAC]; repeat for each peer"
+    )]
     pub static_peer: Vec<StaticPeer>,
     /// Where subnet.env and the last known node table are written.
     #[arg(long, default_value = "/run/podnet")]

@@ -120,7 +120,7 @@ const TX_BUDGET_BYTES: usize = MAX_BATCH * 1500;
 /// reader thread per direction (bench/RESULTS.md): the TCP ACKs and ping replies that a TUN write
 /// produces (the kernel runs the receiving socket inline in that write) are read back from the
 /// TUN by the same thread at once instead of waking another one, and ACKs arriving from the
-/// peer are picked up between data reads. Work per turn is bounded ([`TX_BUDGET_BYTES`] of
+/// peer are picked up between data reads. Work per turn is bounded (`TX_BUDGET_BYTES` of
 /// TUN reads, one receive batch) so neither direction starves the other.
 pub fn run(shared: &Shared) -> io::Result<()> {
     const TUN: u32 = 1;

@@ -314,7 +314,7 @@ pub(crate) fn send_batch(fd: RawFd, items: &[Transmit<'_>], gso: &AtomicBool) ->
     out
 }
 
-/// Most segments one [`send_segments`] call takes (its iovec array lives on the stack).
+/// Most segments one `send_segments` call takes (its iovec array lives on the stack).
 pub const MAX_SEGMENTS: usize = 256;
 
 /// Sends a train of datagrams to `dst`, datagram `i` being `segments[i][0]` followed by
