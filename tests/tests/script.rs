@@ -1,5 +1,6 @@
 //! `scripts/testbed`, the README's main command: up, exec, status and down, on the kernel VXLAN
-//! baseline and on podnet (control service and static peers).
+//! baseline and on podnet (control service and static peers); and how `scripts/bench-iperf`
+//! handles its flags.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -145,4 +146,33 @@ fn testbed_script_runs_podnet_ipip_with_static_peers() {
     assert!(ping.status.success(), "{text}");
     let (link, text) = s.exec("h1", &["ip", "link", "show", "tunl0"]);
     assert!(link.status.success() && text.contains("mtu 1480"), "{text}");
+}
+
+/// `scripts/bench-iperf` explains itself in full and refuses bad flags before touching
+/// anything (the benchmark itself is run by hand; see bench/RESULTS.md).
+#[test]
+fn bench_iperf_explains_itself_and_refuses_bad_flags() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench-iperf");
+    let run = |args: &[&str]| {
+        let out = Command::new(&script).args(args).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, help) = run(&["--help"]);
+    assert!(ok, "{help}");
+    // The whole header: from the first line to the last, and no code after it.
+    assert!(help.starts_with("Side-by-side iperf3 benchmark"), "{help}");
+    assert!(help.contains("the repetitions are interleaved"), "{help}");
+    assert!(
+        help.trim_end().ends_with("`cargo build --release`."),
+        "{help}"
+    );
+    let (ok, text) = run(&["--reps", "0"]);
+    assert!(!ok && text.contains("--reps must be 1..20"), "{text}");
+    let (ok, text) = run(&["--fast"]);
+    assert!(!ok && text.contains("unknown option '--fast'"), "{text}");
 }
