@@ -137,9 +137,14 @@ struct Flow {
 }
 
 impl Flow {
+    /// Bytes of `head` in use: the virtio header and the first segment's IPv4 and TCP headers.
+    fn head_len(&self) -> usize {
+        virtio::HEADER_LEN + ipv4::HEADER_LEN + self.tcp_len
+    }
+
     /// The first segment's IPv4 and TCP headers.
     fn headers(&self) -> &[u8] {
-        &self.head[virtio::HEADER_LEN..virtio::HEADER_LEN + ipv4::HEADER_LEN + self.tcp_len]
+        &self.head[virtio::HEADER_LEN..self.head_len()]
     }
 }
 
@@ -296,7 +301,7 @@ impl Coalescer {
         let f = &self.flows[i];
         let mut out = [IoSlice::new(&[]); MAX_SLICES];
         let n = 1 + usize::from(f.count);
-        out[0] = IoSlice::new(&f.head[..virtio::HEADER_LEN + ipv4::HEADER_LEN + f.tcp_len]);
+        out[0] = IoSlice::new(&f.head[..f.head_len()]);
         for (slot, payload) in out[1..n].iter_mut().zip(&f.payloads) {
             *slot = IoSlice::new(payload.resolve(bufs));
         }
@@ -460,7 +465,8 @@ impl Flow {
         let h = virtio::HEADER_LEN;
         let ip_len = ipv4::HEADER_LEN;
         let total = self.len as u16; // at most MAX_PACKET by construction
-        let b = &mut self.head[h..h + ip_len + self.tcp_len];
+        let end = self.head_len();
+        let b = &mut self.head[h..end];
         b[2..4].copy_from_slice(&total.to_be_bytes());
         b[10..12].fill(0);
         let ip_sum = checksum::checksum(&b[..ip_len]);
