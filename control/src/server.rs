@@ -101,12 +101,44 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-/// Unix time in milliseconds: leases and heartbeats are wall-clock so they survive restarts.
+/// Unix time in milliseconds from the wall clock (0 if it is set before 1970).
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The service's clock for leases and heartbeats: the wall clock read once at start, then
+/// advanced by the monotonic clock.
+///
+/// Heartbeat times are stored, so they must be Unix times that mean something after a
+/// restart; but lease expiry must not follow the wall clock while the service runs. A VM
+/// whose clock is stepped forward by NTP after boot would otherwise see every lease lapse at
+/// the next sweep and withdraw every node from every agent; a clock stepped back would keep
+/// dead nodes in the tables for as long as the step. Between restarts this clock differs from
+/// the wall clock by the steps taken since start (slewing moves both alike); a restart
+/// re-reads the wall clock and gives every live node a fresh lease anyway.
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseClock {
+    start_ms: u64,
+    start: tokio::time::Instant,
+}
+
+impl LeaseClock {
+    /// A clock that reads `unix_ms` now.
+    pub fn starting_at(unix_ms: u64) -> LeaseClock {
+        LeaseClock {
+            start_ms: unix_ms,
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Unix milliseconds on this clock.
+    pub fn now_ms(&self) -> u64 {
+        self.start_ms
+            .saturating_add(self.start.elapsed().as_millis() as u64)
+    }
 }
 
 struct Core {
@@ -139,6 +171,7 @@ struct Shared {
     stopping: watch::Sender<bool>,
     /// One permit per open watch stream.
     watch_slots: Arc<Semaphore>,
+    clock: LeaseClock,
 }
 
 /// A loaded control service, ready to serve.
@@ -165,13 +198,14 @@ impl Server {
             lease_ttl_ms: config.lease_ttl.as_millis() as u64,
             reclaim_after_ms: config.reclaim_after.as_millis() as u64,
         };
+        let clock = LeaseClock::starting_at(now_ms());
         let loader = store.clone();
         let stored = tokio::task::spawn_blocking(move || loader.load())
             .await
             .map_err(|e| StoreError::Other(e.to_string()))??;
         let registry = match stored {
             Some(stored) => {
-                let registry = Registry::restore(ipam, timing, stored, now_ms())?;
+                let registry = Registry::restore(ipam, timing, stored, clock.now_ms())?;
                 let (up, down) = registry.counts();
                 tracing::info!(revision = registry.revision(), up, down, "state loaded");
                 registry
@@ -190,6 +224,7 @@ impl Server {
         Ok(Server {
             shared: Arc::new(Shared {
                 watch_slots,
+                clock,
                 config,
                 core: tokio::sync::Mutex::new(Core { registry, history }),
                 events,
@@ -278,7 +313,7 @@ async fn sweep(shared: Arc<Shared>) {
         }
         let mut core = shared.core.lock().await;
         let mut next = core.registry.clone();
-        let (events, changed) = next.expire(now_ms());
+        let (events, changed) = next.expire(shared.clock.now_ms());
         if !changed {
             continue;
         }
@@ -549,7 +584,7 @@ async fn put_node(
     };
     let mut core = shared.core.lock().await;
     let mut next = core.registry.clone();
-    let done = match next.register(&name, &req, now_ms()) {
+    let done = match next.register(&name, &req, shared.clock.now_ms()) {
         Ok(done) => done,
         Err(e) => {
             let (status, kind) = refusal(&e);
@@ -1148,6 +1183,51 @@ connection: close\r\nretry-after: 5\r\ncontent-length: 88\r\n\r\n\
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::MemoryStore;
+    use podnet_proto::api::NodeState;
+
+    /// Leases lapse on the service's monotonic lease clock. Tokio's paused clock stands in for
+    /// the monotonic one here: it moves only when the test advances it, while the wall clock
+    /// runs on regardless (a service reading the wall clock would see the 21 s never pass).
+    #[tokio::test(start_paused = true)]
+    async fn leases_lapse_on_the_monotonic_clock_not_the_wall_clock() {
+        let config = ServerConfig {
+            lease_ttl: Duration::from_secs(20),
+            ..ServerConfig::default()
+        };
+        let server = Server::open(config, Arc::new(MemoryStore::default()))
+            .await
+            .unwrap();
+        let shared = server.shared.clone();
+        let state = |shared: &Arc<Shared>| {
+            let core = shared.core.try_lock().expect("no request in flight");
+            core.registry
+                .node("n1")
+                .map(|n| (n.state, n.last_heartbeat))
+        };
+        let body = Bytes::from_static(br#"{"underlay_ip":"198.18.0.1","encap":"vxlan"}"#);
+        let answer = put_node(State(shared.clone()), Path("n1".into()), body).await;
+        assert_eq!(answer.status(), StatusCode::OK);
+        let (_, registered) = state(&shared).unwrap();
+        assert!(
+            registered.abs_diff(now_ms()) < 5_000,
+            "anchored on the wall clock"
+        );
+        let sweeper = tokio::spawn(sweep(shared.clone()));
+        tokio::time::sleep(Duration::from_secs(19)).await;
+        assert_eq!(
+            state(&shared).unwrap().0,
+            NodeState::Up,
+            "lease still running"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            state(&shared).unwrap(),
+            (NodeState::Down, registered),
+            "lapsed 20 s after the heartbeat, on the lease clock"
+        );
+        sweeper.abort();
+    }
 
     #[test]
     fn connection_limit_answer_is_well_formed_json() {
