@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
 use podnet_control::api::{Node, NodeList};
 use podnet_control::client::read_token_file;
-use podnet_control::server::now_ms;
+use podnet_control::server::{now_ms, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_WATCHERS};
 use podnet_control::{Client, FileStore, Server, ServerConfig};
 
 #[derive(Parser)]
@@ -49,6 +49,14 @@ enum Command {
         /// Require `Authorization: Bearer <token>` with the token in this file (except /healthz).
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Open watch streams at most; every agent keeps one, so this bounds the cluster size.
+        /// More are refused with 503 until one closes.
+        #[arg(long, default_value_t = DEFAULT_MAX_WATCHERS, value_parser = limit_parser())]
+        max_watchers: usize,
+        /// Open connections at most (every agent keeps one or two); more are answered 503 and
+        /// closed. The open-file limit is raised to fit at start.
+        #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = limit_parser())]
+        max_connections: usize,
     },
     /// Print the node table.
     Nodes {
@@ -115,6 +123,8 @@ fn main() -> ExitCode {
                 lease_ttl,
                 reclaim_after,
                 token_file,
+                max_watchers,
+                max_connections,
             } => {
                 let token = token_file.as_deref().map(read_token_file).transpose()?;
                 let config = ServerConfig {
@@ -123,6 +133,8 @@ fn main() -> ExitCode {
                     lease_ttl,
                     reclaim_after,
                     token,
+                    max_watchers,
+                    max_connections,
                     ..ServerConfig::default()
                 };
                 serve(listen, config, &state).await
@@ -154,6 +166,7 @@ async fn serve(listen: SocketAddr, config: ServerConfig, state: &Path) -> Result
         })?;
     }
     let cluster = config.cluster_cidr;
+    fit_open_file_limit(config.max_connections);
     let store = FileStore::new(state).lock()?;
     let server = Server::open(config, Arc::new(store)).await?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -167,6 +180,52 @@ async fn serve(listen: SocketAddr, config: ServerConfig, state: &Path) -> Result
     server.run(listener, shutdown_signal()).await?;
     tracing::info!("podnet-control stopped");
     Ok(())
+}
+
+/// `--max-watchers` and `--max-connections`: 1 to a million.
+fn limit_parser() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..=1_000_000)
+}
+
+/// Descriptors the service holds besides its connections: the listener, the state file and
+/// its lock, the runtime's own, standard streams.
+const SPARE_FDS: u64 = 64;
+
+/// Raises the open-file limit so `max_connections` connections fit (a common default soft
+/// limit is 1024, which would make `accept` fail long before the connection limit answers);
+/// warns when that is not allowed.
+fn fit_open_file_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let want = max_connections as u64 + SPARE_FDS;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= want {
+        return;
+    }
+    // Root may raise the hard limit too; anyone may raise the soft one up to the hard one.
+    let now = if setrlimit(Resource::RLIMIT_NOFILE, want, hard.max(want)).is_ok() {
+        want
+    } else if setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard).is_ok() {
+        want.min(hard)
+    } else {
+        soft
+    };
+    if now >= want {
+        tracing::info!(
+            from = soft,
+            to = now,
+            "raised the open-file limit for --max-connections"
+        );
+    } else {
+        tracing::warn!(
+            open_file_limit = now,
+            max_connections,
+            "the open-file limit is below --max-connections + {SPARE_FDS}: connections past it \
+             fail at accept; raise the hard limit (`ulimit -Hn`, LimitNOFILE=) or lower \
+             --max-connections"
+        );
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -48,8 +48,10 @@ pub struct ServerConfig {
     /// stream from a dead one.
     pub watch_keepalive: Duration,
     /// Open watch streams at most; more get 503 (each costs a task and a queue of 64 lines).
+    /// Every agent keeps one open, so this bounds the cluster size.
     pub max_watchers: usize,
-    /// Open connections at most; more are answered 503 and closed at once.
+    /// Open connections at most; more are answered 503 and closed at once. Every agent keeps
+    /// one or two (its watch, and its renewals between them).
     pub max_connections: usize,
     /// A request's headers must arrive within this from its first byte (or the connection's
     /// start), so clients sending headers byte by byte cannot hold connections (slowloris).
@@ -62,6 +64,11 @@ pub struct ServerConfig {
     pub write_stall_timeout: Duration,
 }
 
+/// Default of [`ServerConfig::max_watchers`] (`--max-watchers`).
+pub const DEFAULT_MAX_WATCHERS: usize = 4096;
+/// Default of [`ServerConfig::max_connections`] (`--max-connections`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -73,8 +80,8 @@ impl Default for ServerConfig {
             history_len: 1024,
             max_body_bytes: 16 * 1024,
             watch_keepalive: Duration::from_secs(10),
-            max_watchers: 4096,
-            max_connections: 8192,
+            max_watchers: DEFAULT_MAX_WATCHERS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             write_stall_timeout: Duration::from_secs(30),
@@ -697,10 +704,19 @@ async fn list_or_watch(
     }
 
     let Ok(slot) = shared.watch_slots.clone().try_acquire_owned() else {
-        shared
+        let refused = shared
             .metrics
             .watchers_refused
-            .fetch_add(1, Ordering::Relaxed);
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if refused.is_power_of_two() {
+            tracing::warn!(
+                refused,
+                limit = shared.config.max_watchers,
+                "watch refused: the watcher limit is reached; every agent needs one watch, \
+                 so a bigger cluster needs a higher --max-watchers"
+            );
+        }
         let mut resp = error(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_watchers",
@@ -993,7 +1009,16 @@ connection: close\r\nretry-after: 5\r\ncontent-length: 88\r\n\r\n\
                         );
                     }
                     Err(_) => {
-                        metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                        let refused =
+                            metrics.connections_refused.fetch_add(1, Ordering::Relaxed) + 1;
+                        if refused.is_power_of_two() {
+                            tracing::warn!(
+                                refused,
+                                limit = self.shared.config.max_connections,
+                                "connection refused: the connection limit is reached; raise \
+                                 --max-connections if these are agents"
+                            );
+                        }
                         tokio::spawn(async move {
                             let mut stream = stream;
                             let _ = tokio::time::timeout(Duration::from_secs(1), async {

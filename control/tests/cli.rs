@@ -22,7 +22,13 @@ struct Serve {
 
 impl Serve {
     fn start(state: &Path, extra: &[&str]) -> Serve {
-        let mut child = Command::new(BIN)
+        Serve::spawn(Command::new(BIN), state, extra)
+    }
+
+    /// Starts `serve` through `launcher`, a command that runs the binary with the arguments
+    /// appended to it (e.g. a shell that first lowers a limit, then `exec`s).
+    fn spawn(mut launcher: Command, state: &Path, extra: &[&str]) -> Serve {
+        let mut child = launcher
             .args(["serve", "--listen", "127.0.0.1:0", "--state"])
             .arg(state)
             .args(extra)
@@ -323,4 +329,93 @@ async fn state_survives_sigkill_at_any_moment() {
             "{name}"
         );
     }
+}
+
+/// `--max-watchers` caps open watch streams (every agent keeps one): the next is refused with
+/// 503 and the operator's log names the flag; bad values are refused before anything starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_watchers_caps_watch_streams_and_says_which_flag_to_raise() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&dir.path().join("state.json"), &["--max-watchers", "2"]);
+    let client = Client::new(&serve.url(), None).unwrap();
+    client.register("h1", &req(1)).await.unwrap();
+    let first = client.watch_stream(None).await.unwrap();
+    let second = client.watch_stream(None).await.unwrap();
+    let err = client
+        .watch_stream(None)
+        .await
+        .err()
+        .expect("third watch refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("503") && text.contains("watch streams are open"),
+        "{text}"
+    );
+    // Plain lists still work at the limit, and a closed watch frees its slot.
+    assert_eq!(client.list().await.unwrap().nodes.len(), 1);
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let third = loop {
+        match client.watch_stream(None).await {
+            Ok(w) => break w,
+            Err(e) => assert!(Instant::now() < deadline, "slot never freed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    drop((second, third));
+    let log = serve.log.lock().unwrap().clone();
+    assert!(
+        log.contains("--max-watchers") && log.contains("limit=2"),
+        "{log}"
+    );
+
+    for bad in [
+        &["--max-watchers", "0"][..],
+        &["--max-connections", "many"],
+        &["--max-connections", "1000001"],
+    ] {
+        let out = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--state"])
+            .arg(dir.path().join("never.json"))
+            .args(bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?} accepted");
+        assert!(
+            err.contains(bad[0]) && err.contains(bad[1]),
+            "{bad:?}: {err}"
+        );
+    }
+    assert!(
+        !dir.path().join("never.json").exists(),
+        "refused before touching the state"
+    );
+}
+
+/// A soft open-file limit below `--max-connections` (1024 is a common default) would make
+/// `accept` fail long before the connection limit answers: `serve` raises it at start.
+#[test]
+fn serve_raises_the_open_file_limit_to_fit_max_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shell = Command::new("sh");
+    shell.args(["-c", "ulimit -Sn 256 && exec \"$0\" \"$@\"", BIN]);
+    let serve = Serve::spawn(
+        shell,
+        &dir.path().join("state.json"),
+        &["--max-connections", "1000"],
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", serve.child.id())).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no open-file limit in {limits}"));
+    assert_eq!(soft, 1000 + 64, "{limits}");
+    let log = serve.log.lock().unwrap().clone();
+    assert!(
+        log.contains("raised the open-file limit") && log.contains("from=256"),
+        "{log}"
+    );
 }
