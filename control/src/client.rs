@@ -10,7 +10,7 @@
 
 use std::convert::Infallible;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +21,8 @@ use podnet_proto::api::{
 };
 use reqwest::StatusCode;
 use tokio::sync::watch;
+
+use crate::server::now_ms;
 
 /// How long a single call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -146,7 +148,12 @@ struct Inner {
     token: Option<String>,
     http: reqwest::Client,
     counters: Counters,
+    /// How far the service's clock is ahead of ours in milliseconds, measured at the last
+    /// registration or renewal; `UNKNOWN_OFFSET` until one has answered with its time.
+    server_offset_ms: AtomicI64,
 }
+
+const UNKNOWN_OFFSET: i64 = i64::MIN;
 
 /// A handle on one control service; cheap to clone.
 #[derive(Clone)]
@@ -194,6 +201,7 @@ impl Client {
                 token,
                 http,
                 counters: Counters::default(),
+                server_offset_ms: AtomicI64::new(UNKNOWN_OFFSET),
             }),
         })
     }
@@ -290,8 +298,28 @@ impl Client {
             .request(reqwest::Method::PUT, &url)
             .json(req)
             .timeout(CALL_TIMEOUT);
+        let sent = now_ms();
         let resp = self.send(&url, builder).await?;
-        self.json(&url, resp).await
+        let answer: RegisterResponse = self.json(&url, resp).await?;
+        if let Some(server) = answer.server_time_ms {
+            // The service read its clock somewhere within the call: take the middle.
+            let back = now_ms();
+            let middle = sent + back.saturating_sub(sent) / 2;
+            let offset = server as i64 - middle as i64;
+            self.inner.server_offset_ms.store(offset, Ordering::Relaxed);
+        }
+        Ok(answer)
+    }
+
+    /// The control service's clock now (Unix milliseconds, the clock node heartbeat times are
+    /// on): ours plus the offset measured at the last registration or renewal, to within half
+    /// that call's round trip, whatever the two hosts' clocks say. `None` until a registration
+    /// has answered, or with a service too old to send its time.
+    pub fn server_time_ms(&self) -> Option<u64> {
+        match self.inner.server_offset_ms.load(Ordering::Relaxed) {
+            UNKNOWN_OFFSET => None,
+            offset => Some((now_ms() as i64).saturating_add(offset).max(0) as u64),
+        }
     }
 
     /// [`Client::register`], retried with backoff while the service is unreachable or
@@ -570,6 +598,94 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use podnet_proto::api::Encap;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-shot stand-in for the service on a loopback port: answers one registration,
+    /// with its clock (ours moved by `skew_ms`) if `sends_clock`.
+    async fn fake_service(skew_ms: i64, sends_clock: bool) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut req = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Headers, then as much body as they declare.
+            let body_len = loop {
+                let n = conn.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "client hung up mid-request");
+                req.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&req).to_lowercase();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let declared = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                    if req.len() >= end + 4 + declared {
+                        break declared;
+                    }
+                }
+            };
+            assert!(body_len > 0, "a registration has a body");
+            let clock = (now_ms() as i64 + skew_ms) as u64;
+            let json = answer(sends_clock.then_some(clock));
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{json}",
+                json.len()
+            );
+            conn.write_all(answer.as_bytes()).await.unwrap();
+            let _ = conn.shutdown().await;
+        });
+        url
+    }
+
+    fn answer(clock: Option<u64>) -> String {
+        let mut v = serde_json::json!({
+            "node": "n1", "pod_cidr": "10.244.1.0/24", "cluster_cidr": "10.244.0.0/16",
+            "lease_ttl_s": 20, "lease_ttl_ms": 20000, "revision": 1,
+        });
+        if let Some(ms) = clock {
+            v["server_time_ms"] = ms.into();
+        }
+        v.to_string()
+    }
+
+    fn request() -> RegisterRequest {
+        RegisterRequest {
+            underlay_ip: "198.18.0.1".parse().unwrap(),
+            encap: Encap::Vxlan,
+            vtep_mac: None,
+        }
+    }
+
+    /// Heartbeat times are on the service's clock; a client on a host whose clock is an hour
+    /// off still reads that clock right, from the time the service sends with each answer.
+    #[tokio::test]
+    async fn the_service_clock_is_learnt_from_registrations_not_assumed() {
+        const HOUR_BEHIND: i64 = -3_600_000;
+        let url = fake_service(HOUR_BEHIND, true).await;
+        let client = Client::new(&url, None).unwrap();
+        assert_eq!(
+            client.server_time_ms(),
+            None,
+            "nothing learnt before a registration"
+        );
+        let lease = client.register("n1", &request()).await.unwrap();
+        assert!(lease.server_time_ms.is_some());
+        let theirs = client.server_time_ms().unwrap() as i64;
+        let want = now_ms() as i64 + HOUR_BEHIND;
+        assert!((theirs - want).abs() < 1_000, "off by {} ms", theirs - want);
+
+        // A service too old to send its time leaves the clock unknown, and callers fall back.
+        let url = fake_service(0, false).await;
+        let client = Client::new(&url, None).unwrap();
+        let lease = client.register("n1", &request()).await.unwrap();
+        assert_eq!(
+            (lease.server_time_ms, client.server_time_ms()),
+            (None, None)
+        );
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_resets() {

@@ -622,6 +622,7 @@ async fn put_node(
         lease_ttl_s: ttl.div_ceil(1000),
         lease_ttl_ms: ttl,
         revision: done.node.revision,
+        server_time_ms: Some(shared.clock.now_ms()),
     })
     .into_response()
 }

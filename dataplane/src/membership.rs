@@ -268,7 +268,10 @@ pub async fn run(session: Session, agent: Arc<Agent>) {
                 applied = table.revision;
                 agent.membership.revision.store(applied, Relaxed);
                 agent.membership.table_updates.fetch_add(1, Relaxed);
-                let now_ms = crate::admin::unix_ms();
+                // On the service's clock, like the heartbeat times (ours if it cannot say).
+                let now_ms = client
+                    .server_time_ms()
+                    .unwrap_or_else(crate::admin::unix_ms);
                 for n in new_names.iter().filter(|n| !old_names.contains(n)) {
                     if let Some(node) = table.nodes.get(n) {
                         // An `added` node carries its registration time as last_heartbeat.

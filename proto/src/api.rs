@@ -72,6 +72,11 @@ pub struct RegisterResponse {
     pub lease_ttl_ms: u64,
     /// Revision of the node record after this registration.
     pub revision: u64,
+    /// The service's clock (Unix milliseconds, the clock heartbeat times are on) when it
+    /// answered, so a client can relate those times to its own clock without the hosts'
+    /// clocks agreeing. Absent from older services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_time_ms: Option<u64>,
 }
 
 /// Whether a node holds a live lease.
