@@ -245,8 +245,10 @@ async fn shutdown_signal() {
     }
 }
 
-/// The `nodes` table: one row per node, columns padded to the widest cell.
-fn render_table(list: &NodeList, now: u64) -> String {
+/// The `nodes` table: one row per node, columns padded to the widest cell. Heartbeat ages are
+/// told on the service's clock when it sent it, else on ours (`local_now`).
+fn render_table(list: &NodeList, local_now: u64) -> String {
+    let now = list.server_time_ms.unwrap_or(local_now);
     let header = [
         "NAME",
         "UNDERLAY IP",
@@ -324,7 +326,8 @@ mod tests {
             last_heartbeat: hb,
             revision: 1,
         };
-        let list = NodeList {
+        let mut list = NodeList {
+            server_time_ms: None,
             revision: 3,
             nodes: vec![
                 node("h1", "198.18.0.1", "10.244.1.0/24", NodeState::Up, 97_000),
@@ -347,6 +350,10 @@ mod tests {
                 "worker-long  198.18.0.12  10.244.2.0/24  vxlan  down   100s ago",
             ]
         );
+        // The service's clock wins over a local one that is an hour off.
+        list.server_time_ms = Some(99_000);
+        let text = render_table(&list, 100_000 + 3_600_000);
+        assert!(text.lines().nth(1).unwrap().ends_with(" 2s ago"), "{text}");
     }
 
     #[test]

@@ -22,7 +22,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use ipnet::Ipv4Net;
 use podnet_proto::api::{
-    validate_node_name, Encap, ErrorBody, EventType, RegisterRequest, RegisterResponse, WatchEvent,
+    validate_node_name, Encap, ErrorBody, EventType, NodeList, RegisterRequest, RegisterResponse,
+    WatchEvent,
 };
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -701,7 +702,11 @@ async fn list_or_watch(
     };
     if !watch {
         let core = shared.core.lock().await;
-        return Json(core.registry.list()).into_response();
+        let list = NodeList {
+            server_time_ms: Some(shared.clock.now_ms()),
+            ..core.registry.list()
+        };
+        return Json(list).into_response();
     }
 
     let Ok(slot) = shared.watch_slots.clone().try_acquire_owned() else {

@@ -225,6 +225,7 @@ impl Registry {
         NodeList {
             revision: self.revision,
             nodes: self.nodes.values().map(|e| e.node.clone()).collect(),
+            server_time_ms: None,
         }
     }
 

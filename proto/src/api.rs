@@ -116,6 +116,10 @@ pub struct Node {
 pub struct NodeList {
     pub revision: u64,
     pub nodes: Vec<Node>,
+    /// The service's clock when it answered (see [`RegisterResponse::server_time_ms`]), so
+    /// heartbeat ages can be told on it. Absent from older services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_time_ms: Option<u64>,
 }
 
 /// Kind of change in a watch stream (Kubernetes watch style).
@@ -316,11 +320,34 @@ mod tests {
         .is_err());
     }
 
+    /// `server_time_ms` is optional both ways: answers of older services (without it) parse,
+    /// and it is sent only when known.
+    #[test]
+    fn service_time_is_optional_on_the_wire() {
+        let old: NodeList = serde_json::from_str(r#"{"revision":1,"nodes":[]}"#).unwrap();
+        assert_eq!(old.server_time_ms, None);
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"revision":1,"nodes":[]}"#
+        );
+        let new = NodeList {
+            server_time_ms: Some(1_700_000_000_123),
+            ..old
+        };
+        let text = serde_json::to_string(&new).unwrap();
+        assert!(text.contains(r#""server_time_ms":1700000000123"#), "{text}");
+        let lease = r#"{"node":"h1","pod_cidr":"10.244.1.0/24","cluster_cidr":"10.244.0.0/16",
+            "lease_ttl_s":20,"lease_ttl_ms":20000,"revision":3}"#;
+        let lease: RegisterResponse = serde_json::from_str(lease).unwrap();
+        assert_eq!(lease.server_time_ms, None);
+    }
+
     #[test]
     fn table_folds_events_and_skips_repeats() {
         let mut table = NodeTable::from_list(NodeList {
             revision: 5,
             nodes: vec![node("h1", NodeState::Up, 2), node("h2", NodeState::Down, 5)],
+            server_time_ms: None,
         });
         assert_eq!(table.nodes.keys().collect::<Vec<_>>(), ["h1"]);
 
