@@ -3,7 +3,8 @@
 //! Outbound: tunl0 -> [`Forwarder`] -> underlay socket. With TUN offload a read may be a
 //! 64 KiB TCP super-packet; it is routed once, cut into wire-sized segments behind their
 //! encapsulation by [`gso::segment_headers`] (VXLAN, sent zero-copy as UDP GSO trains) or
-//! [`gso::segment`] (IP-in-IP, one `sendmmsg` batch).
+//! [`gso::segment`] (IP-in-IP, one `sendmmsg` batch). Small packets (ACKs, pings, DNS) are
+//! gathered over a turn in a [`TxBatch`] and sent with one `sendmmsg`.
 //! Inbound: underlay socket (`recvmmsg`, UDP GRO) -> [`Forwarder`] -> [`Coalescer`] -> tunl0,
 //! so the segments of one flow become one GSO write.
 //!
@@ -25,6 +26,7 @@ use podnet_proto::gso::Segments;
 use podnet_proto::virtio::{self, VirtioNetHdr, GSO_NONE};
 use podnet_proto::{gro, gso, vxlan};
 
+use crate::batch::TxBatch;
 use crate::drops::DropReason;
 use crate::dropwatch::DropContext;
 use crate::forward::{Encap, Forwarder, Inbound, Outbound, Route, RxTally, HEADROOM, SCRATCH_LEN};
@@ -151,6 +153,7 @@ pub fn run(shared: &Shared) -> io::Result<()> {
                 }
             }
         }
+        tx.flush(shared);
         if ready & UNDERLAY != 0 {
             let n = shared.underlay.try_recv_batch(&mut rx.bufs, &mut rx.meta)?;
             if n > 0 {
@@ -209,6 +212,8 @@ struct TxPath {
     segbuf: Vec<u8>,
     /// ICMP replies go back into the TUN behind an all-zero virtio header in offload mode.
     reply: Vec<u8>,
+    /// Small packets of this turn, sent together by [`TxPath::flush`].
+    batch: TxBatch,
 }
 
 impl TxPath {
@@ -219,7 +224,13 @@ impl TxPath {
             rx: vec![0u8; HEADROOM + MAX_READ],
             segbuf: vec![0u8; SEGMENT_BUF],
             reply: vec![0u8; virtio::HEADER_LEN + SCRATCH_LEN],
+            batch: TxBatch::new(TX_BATCH_BYTES),
         }
+    }
+
+    /// Sends the small packets gathered so far (one `sendmmsg`).
+    fn flush(&mut self, shared: &Shared) {
+        send_batched(shared, &mut self.batch);
     }
 
     /// Where the next TUN read goes (after the encapsulation headroom).
@@ -254,13 +265,21 @@ impl TxPath {
             }
             match fwd.outbound(&table, rx, start, end - start, scratch) {
                 Outbound::Send { peer, bytes } => {
-                    let item = Transmit {
-                        dst: dst_of(encap, peer),
-                        data: bytes,
-                        segment_size: None,
-                    };
-                    let failed = shared.underlay.send_batch(&[item]);
-                    shared.io_errors.send.fetch_add(failed as u64, Relaxed);
+                    let dst = dst_of(encap, peer);
+                    let batch = &mut self.batch;
+                    if !batch.push(dst, bytes) {
+                        send_batched(shared, batch);
+                        if !batch.push(dst, bytes) {
+                            // Larger than the whole batch (a jumbo MTU): on its own.
+                            let item = Transmit {
+                                dst,
+                                data: bytes,
+                                segment_size: None,
+                            };
+                            let failed = shared.underlay.send_batch(&[item]);
+                            shared.io_errors.send.fetch_add(failed as u64, Relaxed);
+                        }
+                    }
                 }
                 Outbound::Reply(bytes) => {
                     let len = bytes.len();
@@ -273,7 +292,9 @@ impl TxPath {
             }
             return;
         }
-        // A TSO super-packet: route once, then segment behind the encapsulation.
+        // A TSO super-packet: route once, then segment behind the encapsulation. The small
+        // packets read before it go first, so a flow's packets stay in order.
+        send_batched(shared, &mut self.batch);
         let packet = &rx[start..end];
         let index = match fwd.classify(&table, packet) {
             Route::Peer(i) => i,
@@ -373,6 +394,23 @@ impl TxPath {
             }
         }
     }
+}
+
+/// Room for the small packets of one turn: [`MAX_BATCH`] packets of a 1500-byte MTU with
+/// their encapsulation. Larger packets (jumbo MTUs) make the batch go out sooner.
+const TX_BATCH_BYTES: usize = MAX_BATCH * 1600;
+
+/// Sends what `batch` holds with one `sendmmsg` (UDP GSO trains where the datagrams allow,
+/// see [`TxBatch::trains`]) and empties it.
+fn send_batched(shared: &Shared, batch: &mut TxBatch) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut items = [EMPTY; MAX_BATCH];
+    let n = batch.trains(&mut items);
+    let failed = shared.underlay.send_batch(&items[..n]);
+    shared.io_errors.send.fetch_add(failed as u64, Relaxed);
+    batch.clear();
 }
 
 /// Counts the segments of one super-packet as sent to peer `index` (inner bytes, prefixes

@@ -5,6 +5,7 @@
 //! Unsafe code is allowed only inside `sys/`.
 pub mod admin;
 pub mod agent;
+pub mod batch;
 pub mod cli;
 pub mod datapath;
 pub mod drops;
