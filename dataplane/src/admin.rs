@@ -675,6 +675,16 @@ pub fn format_status(v: &serde_json::Value) -> String {
         s("mtu"),
         s("tun")
     );
+    if let Some(ports) = v.get("source_ports").and_then(|p| p.as_array()) {
+        let ports: Vec<u64> = ports.iter().filter_map(|p| p.as_u64()).collect();
+        if let (Some(lo), Some(hi)) = (ports.iter().min(), ports.iter().max()) {
+            let _ = writeln!(
+                out,
+                "src ports:   {} outer UDP source ports ({lo}-{hi}), one per flow by inner hash",
+                ports.len()
+            );
+        }
+    }
     if let Some(o) = v.get("offloads").and_then(|o| o.as_object()) {
         let on: Vec<&str> = o
             .iter()

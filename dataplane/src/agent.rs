@@ -27,7 +27,9 @@ use crate::sys::caps::{self, Capability};
 use crate::sys::netlink::{Installed, Netlink, NetlinkError, TunnelSetup};
 use crate::sys::raw::{IpipSocket, RawError};
 use crate::sys::tun::{Offloads, Tun, TunConfig, TunError};
-use crate::sys::udp::{UdpConfig, UdpError, VxlanSocket, DEFAULT_BUFFER_BYTES};
+use crate::sys::udp::{
+    UdpConfig, UdpError, VxlanSocket, DEFAULT_BUFFER_BYTES, DEFAULT_SOURCE_PORTS,
+};
 use crate::sys::{sysctl, Stop};
 use crate::table::{Peer, RouteTable, TableError};
 
@@ -87,6 +89,9 @@ pub struct NodeInfo {
     pub cluster_cidr: Ipv4Net,
     pub encap: &'static str,
     pub vni: Option<u32>,
+    /// VXLAN: the outer UDP source ports sent from, one per lane, chosen by inner flow hash
+    /// (empty for IP-in-IP).
+    pub source_ports: Vec<u16>,
     pub mtu: u16,
     pub tun: String,
     pub offloads: OffloadInfo,
@@ -210,13 +215,14 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             Encap::Vxlan { .. } => Underlay::Vxlan(VxlanSocket::bind(&UdpConfig {
                 gro: cfg.offload,
                 gso: cfg.offload,
+                source_ports: DEFAULT_SOURCE_PORTS,
                 ..UdpConfig::new(cfg.underlay_ip, vxlan::PORT)
             })?),
             Encap::Ipip => Underlay::Ipip(IpipSocket::bind(cfg.underlay_ip, DEFAULT_BUFFER_BYTES)?),
         };
-        let (udp_gso, udp_gro) = match &sock {
-            Underlay::Vxlan(s) => (s.gso(), s.gro()),
-            Underlay::Ipip(_) => (false, false),
+        let (udp_gso, udp_gro, source_ports) = match &sock {
+            Underlay::Vxlan(s) => (s.gso(), s.gro(), s.source_ports().to_vec()),
+            Underlay::Ipip(_) => (false, false, Vec::new()),
         };
         write_subnet_env(&cfg.state_dir, cfg.cluster_cidr, pod_cidr, mtu)?;
         let info = NodeInfo {
@@ -231,6 +237,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
                 Encap::Vxlan { vni } => Some(vni.get()),
                 Encap::Ipip => None,
             },
+            source_ports,
             mtu,
             tun: cfg.tun_name.clone(),
             offloads: OffloadInfo {
@@ -253,7 +260,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             node = %info.node, pod_cidr = %pod_cidr, encap = info.encap, mtu,
             tun = %info.tun, underlay = %info.underlay_dev,
             tun_tso = offloads.tso4, tun_csum = offloads.csum, udp_gso, udp_gro,
-            peers = table.len(),
+            peers = table.len(), source_ports = info.source_ports.len(),
             "podnet-agent up"
         );
         let forwarder = Forwarder::new(

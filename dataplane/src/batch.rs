@@ -6,16 +6,22 @@
 //! [`TxBatch::trains`] hands them out as one batch in which consecutive datagrams of the same
 //! size to the same peer form one UDP GSO train (`UDP_SEGMENT`): a run of ACKs of one flow
 //! becomes one message and one skb through the underlay, which the peer's UDP GRO hands over
-//! as one read. Order is kept: trains follow the order of the reads.
+//! as one read. Each datagram carries the lane (outer source port, see
+//! [`crate::sys::udp::VxlanSocket::lanes`]) its flow sends from; a train never spans lanes.
+//! Order is kept within every lane, so within every flow.
 
 use std::net::SocketAddrV4;
 
 use crate::sys::{Transmit, MAX_BATCH};
 
-/// One queued datagram: where it goes and where its bytes lie in the buffer.
+/// Most lanes a batch tells apart (see [`TxBatch::lanes`]).
+pub const MAX_LANES: usize = 64;
+
+/// One queued datagram: where it goes, from which lane, and where its bytes lie in the buffer.
 #[derive(Clone, Copy, Debug)]
 struct Pending {
     dst: SocketAddrV4,
+    lane: usize,
     start: usize,
     end: usize,
 }
@@ -38,10 +44,11 @@ impl TxBatch {
         }
     }
 
-    /// Queues a copy of `datagram` for `dst`. Returns false, queueing nothing, when the
-    /// batch has no room left for it: send the batch ([`TxBatch::trains`], then
-    /// [`TxBatch::clear`]) and push again.
-    pub fn push(&mut self, dst: SocketAddrV4, datagram: &[u8]) -> bool {
+    /// Queues a copy of `datagram` for `dst`, to go from `lane` (below [`MAX_LANES`]).
+    /// Returns false, queueing nothing, when the batch has no room left for it: send the batch
+    /// ([`TxBatch::trains`] of every lane, then [`TxBatch::clear`]) and push again.
+    pub fn push(&mut self, dst: SocketAddrV4, lane: usize, datagram: &[u8]) -> bool {
+        debug_assert!(lane < MAX_LANES, "lane {lane}");
         let end = self.used + datagram.len();
         if self.items.len() == MAX_BATCH || end > self.buf.len() {
             return false;
@@ -49,6 +56,7 @@ impl TxBatch {
         self.buf[self.used..end].copy_from_slice(datagram);
         self.items.push(Pending {
             dst,
+            lane,
             start: self.used,
             end,
         });
@@ -65,21 +73,33 @@ impl TxBatch {
         self.items.len()
     }
 
-    /// Fills `out` with the queued datagrams in order and returns how many entries it used.
-    /// Consecutive datagrams to the same peer become one entry with `segment_size` when all
-    /// but the last have the same size and the last is no longer (the shape UDP GSO sends);
-    /// everything else is an entry of its own.
-    pub fn trains<'a>(&'a self, out: &mut [Transmit<'a>; MAX_BATCH]) -> usize {
+    /// The lanes that have datagrams queued, as a bit set (bit `i` for lane `i`).
+    pub fn lanes(&self) -> u64 {
+        self.items
+            .iter()
+            .fold(0, |set, p| set | 1 << (p.lane % MAX_LANES))
+    }
+
+    /// Fills `out` with the datagrams queued for `lane`, in order, and returns how many entries
+    /// it used. Consecutive datagrams to the same peer become one entry with `segment_size`
+    /// when all but the last have the same size and the last is no longer (the shape UDP GSO
+    /// sends); everything else is an entry of its own.
+    pub fn trains<'a>(&'a self, lane: usize, out: &mut [Transmit<'a>; MAX_BATCH]) -> usize {
         let mut n = 0;
         let mut i = 0;
         while i < self.items.len() {
             let first = self.items[i];
+            if first.lane != lane {
+                i += 1;
+                continue;
+            }
             let size = first.end - first.start;
             let mut last = i;
             while last + 1 < self.items.len() {
                 let prev = self.items[last];
                 let next = self.items[last + 1];
                 let fits = next.dst == first.dst
+                    && next.lane == lane
                     && prev.end - prev.start == size
                     && next.end - next.start <= size
                     && next.end > next.start;
@@ -139,16 +159,17 @@ mod tests {
     /// (last octet of the peer, datagram), as queued or as carried.
     type Datagrams = Vec<(u8, Vec<u8>)>;
 
+    /// Queues every packet on lane 0.
     fn queue(batch: &mut TxBatch, packets: &[(u8, Vec<u8>)]) {
         for (p, d) in packets {
-            assert!(batch.push(peer(*p), d));
+            assert!(batch.push(peer(*p), 0, d));
         }
     }
 
-    /// What the trains of `batch` carry, and the segment size of each train.
-    fn sent(batch: &TxBatch) -> (Datagrams, Vec<Option<u16>>) {
+    /// What the trains of `lane` carry, and the segment size of each train.
+    fn sent_on(batch: &TxBatch, lane: usize) -> (Datagrams, Vec<Option<u16>>) {
         let mut out = [EMPTY; MAX_BATCH];
-        let n = batch.trains(&mut out);
+        let n = batch.trains(lane, &mut out);
         let mut carried = Vec::new();
         for t in &out[..n] {
             for d in datagrams(t) {
@@ -156,6 +177,10 @@ mod tests {
             }
         }
         (carried, out[..n].iter().map(|t| t.segment_size).collect())
+    }
+
+    fn sent(batch: &TxBatch) -> (Datagrams, Vec<Option<u16>>) {
+        sent_on(batch, 0)
     }
 
     fn packet(tag: u8, len: usize) -> Vec<u8> {
@@ -208,18 +233,44 @@ mod tests {
     #[test]
     fn full_batch_refuses_until_cleared() {
         let mut b = TxBatch::new(1000);
-        assert!(b.push(peer(1), &packet(1, 600)));
-        assert!(!b.push(peer(1), &packet(2, 600)), "no room for the bytes");
+        assert!(b.push(peer(1), 0, &packet(1, 600)));
+        assert!(
+            !b.push(peer(1), 0, &packet(2, 600)),
+            "no room for the bytes"
+        );
         assert_eq!(b.len(), 1);
         b.clear();
         assert!(b.is_empty());
         for i in 0..MAX_BATCH {
-            assert!(b.push(peer(1), &packet(i as u8, 10)));
+            assert!(b.push(peer(1), 0, &packet(i as u8, 10)));
         }
-        assert!(!b.push(peer(1), &packet(0, 10)), "no room for another item");
+        assert!(
+            !b.push(peer(1), 0, &packet(0, 10)),
+            "no room for another item"
+        );
         let (carried, sizes) = sent(&b);
         assert_eq!(carried.len(), MAX_BATCH);
         assert_eq!(sizes, vec![Some(10)]);
+    }
+
+    #[test]
+    fn lanes_are_sent_apart_and_keep_their_order() {
+        let mut b = TxBatch::new(64 * 1024);
+        // Flow x on lane 3, flow y on lane 1, interleaved as read; all to one peer.
+        let order = [(3, 1), (3, 2), (1, 3), (3, 4), (3, 5), (1, 6), (1, 7)];
+        for &(lane, tag) in &order {
+            assert!(b.push(peer(1), lane, &packet(tag, 70)));
+        }
+        assert_eq!(b.lanes(), 1 << 1 | 1 << 3);
+        let (on3, sizes3) = sent_on(&b, 3);
+        let (on1, sizes1) = sent_on(&b, 1);
+        let tags = |d: &Datagrams| d.iter().map(|(_, p)| p[0]).collect::<Vec<_>>();
+        assert_eq!(tags(&on3), vec![1, 2, 4, 5]);
+        assert_eq!(tags(&on1), vec![3, 6, 7]);
+        // Trains only over datagrams that lie side by side: 1-2 and 4-5, then 6-7.
+        assert_eq!(sizes3, vec![Some(70), Some(70)]);
+        assert_eq!(sizes1, vec![None, Some(70)]);
+        assert_eq!(sent_on(&b, 0).0, vec![]);
     }
 
     proptest::proptest! {
@@ -237,7 +288,7 @@ mod tests {
                 .collect();
             queue(&mut b, &packets);
             let mut out = [EMPTY; MAX_BATCH];
-            let n = b.trains(&mut out);
+            let n = b.trains(0, &mut out);
             for t in &out[..n] {
                 if let Some(s) = t.segment_size {
                     let s = usize::from(s);

@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use podnet_proto::gro::{Coalescer, Span};
 use podnet_proto::gso::Segments;
 use podnet_proto::virtio::{self, VirtioNetHdr, GSO_NONE};
-use podnet_proto::{gro, gso, vxlan};
+use podnet_proto::{gro, gso, ipv4, vxlan};
 
 use crate::batch::TxBatch;
 use crate::drops::DropReason;
@@ -44,12 +44,21 @@ pub enum Underlay {
 }
 
 impl Underlay {
-    fn send_batch(&self, items: &[Transmit<'_>]) -> usize {
+    /// Sends `items` from `lane` (VXLAN's outer source port; IP-in-IP has one lane).
+    fn send_batch(&self, lane: usize, items: &[Transmit<'_>]) -> usize {
         let sent = match self {
-            Underlay::Vxlan(s) => s.send_batch(items),
+            Underlay::Vxlan(s) => s.send_batch(lane, items),
             Underlay::Ipip(s) => s.send_batch(items),
         };
         sent.failed
+    }
+
+    /// The lane the flow of inner `packet` sends from.
+    fn lane_of(&self, packet: &[u8]) -> usize {
+        match self {
+            Underlay::Vxlan(s) if s.lanes() > 1 => s.lane(ipv4::flow_hash(packet)),
+            _ => 0,
+        }
     }
 
     fn try_recv_batch<B: AsMut<[u8]>>(
@@ -263,20 +272,21 @@ impl TxPath {
                 fwd.drop_outbound(DropReason::Malformed, &rx[start..end]);
                 return;
             }
+            let lane = shared.underlay.lane_of(&rx[start..end]);
             match fwd.outbound(&table, rx, start, end - start, scratch) {
                 Outbound::Send { peer, bytes } => {
                     let dst = dst_of(encap, peer);
                     let batch = &mut self.batch;
-                    if !batch.push(dst, bytes) {
+                    if !batch.push(dst, lane, bytes) {
                         send_batched(shared, batch);
-                        if !batch.push(dst, bytes) {
+                        if !batch.push(dst, lane, bytes) {
                             // Larger than the whole batch (a jumbo MTU): on its own.
                             let item = Transmit {
                                 dst,
                                 data: bytes,
                                 segment_size: None,
                             };
-                            let failed = shared.underlay.send_batch(&[item]);
+                            let failed = shared.underlay.send_batch(lane, &[item]);
                             shared.io_errors.send.fetch_add(failed as u64, Relaxed);
                         }
                     }
@@ -316,6 +326,7 @@ impl TxPath {
         let segbuf = &mut self.segbuf;
         let peer = table.peer(index);
         let dst = dst_of(encap, peer.underlay_ip);
+        let lane = shared.underlay.lane_of(packet);
         let (prefix_len, prefix) = match fwd.vxlan_prefix(peer) {
             Some(p) => (vxlan::ENCAP_LEN, Some(p)),
             None => (podnet_proto::ipip::OVERHEAD, None),
@@ -333,8 +344,12 @@ impl TxPath {
                         *part = [h, &payload[from..(from + plan.mss).min(payload.len())]];
                     }
                     count_tx(fwd, &table, index, &plan.segs);
-                    let sent =
-                        sock.send_segments(dst, &parts[..plan.segs.count], plan.segs.stride as u16);
+                    let sent = sock.send_segments(
+                        lane,
+                        dst,
+                        &parts[..plan.segs.count],
+                        plan.segs.stride as u16,
+                    );
                     shared.io_errors.send.fetch_add(sent.failed as u64, Relaxed);
                     return;
                 }
@@ -368,7 +383,7 @@ impl TxPath {
                     data: &segbuf[..segs.total_len()],
                     segment_size: Some(segs.stride as u16),
                 };
-                let failed = shared.underlay.send_batch(&[item]);
+                let failed = shared.underlay.send_batch(lane, &[item]);
                 shared.io_errors.send.fetch_add(failed as u64, Relaxed);
             }
             Encap::Ipip => {
@@ -388,7 +403,7 @@ impl TxPath {
                             segment_size: None,
                         };
                     }
-                    let failed = shared.underlay.send_batch(&items[..last - first]);
+                    let failed = shared.underlay.send_batch(lane, &items[..last - first]);
                     shared.io_errors.send.fetch_add(failed as u64, Relaxed);
                 }
             }
@@ -406,10 +421,15 @@ fn send_batched(shared: &Shared, batch: &mut TxBatch) {
     if batch.is_empty() {
         return;
     }
-    let mut items = [EMPTY; MAX_BATCH];
-    let n = batch.trains(&mut items);
-    let failed = shared.underlay.send_batch(&items[..n]);
-    shared.io_errors.send.fetch_add(failed as u64, Relaxed);
+    let mut lanes = batch.lanes();
+    while lanes != 0 {
+        let lane = lanes.trailing_zeros() as usize;
+        lanes &= lanes - 1;
+        let mut items = [EMPTY; MAX_BATCH];
+        let n = batch.trains(lane, &mut items);
+        let failed = shared.underlay.send_batch(lane, &items[..n]);
+        shared.io_errors.send.fetch_add(failed as u64, Relaxed);
+    }
     batch.clear();
 }
 

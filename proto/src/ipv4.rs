@@ -310,6 +310,40 @@ impl Ipv4Repr {
     }
 }
 
+/// A hash of the flow `packet` belongs to: its addresses and protocol, plus the TCP or UDP
+/// ports when it is not a fragment (fragments carry no ports after the first, so no fragment
+/// uses them and all fragments of a datagram hash alike). Every packet of a flow hashes alike,
+/// which is what choosing among equal paths needs: the VXLAN outer source port (RFC 7348
+/// section 5 recommends a hash of the inner headers, so underlay ECMP and receive-side
+/// scaling can spread flows without reordering any). Never panics: bytes too short to hold a
+/// field leave it out.
+pub fn flow_hash(packet: &[u8]) -> u32 {
+    let Some(h) = packet.get(..HEADER_LEN) else {
+        return 0;
+    };
+    let proto = h[field::PROTOCOL];
+    let fragment = u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0;
+    let ihl = usize::from(h[field::VER_IHL] & 0x0f) * 4;
+    let ports = match proto {
+        protocol::TCP | protocol::UDP if !fragment => packet.get(ihl..ihl + 4),
+        _ => None,
+    };
+    // FNV-1a over the key, then a murmur3 finaliser so every bit of the key reaches the low
+    // bits a caller takes the hash modulo by.
+    let key = h[field::SRC.start..field::DST.end]
+        .iter()
+        .chain(std::iter::once(&proto))
+        .chain(ports.into_iter().flatten());
+    let mut x = key.fold(0x811c_9dc5u32, |acc, &b| {
+        (acc ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x85eb_ca6b);
+    x ^= x >> 13;
+    x = x.wrapping_mul(0xc2b2_ae35);
+    x ^ (x >> 16)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,5 +589,91 @@ mod tests {
                 prop_assert!(p.header_len() <= p.total_len() && p.total_len() <= data.len());
             }
         }
+    }
+    fn udp_or_tcp(
+        proto: u8,
+        src: [u8; 4],
+        dst: [u8; 4],
+        sport: u16,
+        dport: u16,
+        frag: u16,
+    ) -> Vec<u8> {
+        let mut p = vec![0u8; 28];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&28u16.to_be_bytes());
+        p[6..8].copy_from_slice(&frag.to_be_bytes());
+        p[8] = 64;
+        p[9] = proto;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn flow_hash_follows_the_flow() {
+        let (a, b) = ([10, 244, 1, 2], [10, 244, 2, 2]);
+        let base = udp_or_tcp(protocol::TCP, a, b, 40000, 5201, 0);
+        // Same flow, other bytes (TTL, payload, ID) differ: same hash.
+        let mut other = base.clone();
+        other[8] = 12;
+        other[4] = 99;
+        other[27] = 7;
+        assert_eq!(flow_hash(&base), flow_hash(&other));
+        // Any field of the 5-tuple changes it (these particular values; a hash may collide).
+        let variants = [
+            udp_or_tcp(protocol::TCP, a, b, 40001, 5201, 0),
+            udp_or_tcp(protocol::TCP, a, b, 40000, 5202, 0),
+            udp_or_tcp(protocol::UDP, a, b, 40000, 5201, 0),
+            udp_or_tcp(protocol::TCP, [10, 244, 1, 3], b, 40000, 5201, 0),
+            udp_or_tcp(protocol::TCP, a, [10, 244, 3, 2], 40000, 5201, 0),
+        ];
+        for v in &variants {
+            assert_ne!(flow_hash(&base), flow_hash(v));
+        }
+    }
+
+    #[test]
+    fn flow_hash_spreads_ports_over_the_low_bits() {
+        // 4096 source ports into 16 buckets: every bucket used, none with more than twice its share.
+        let mut buckets = [0u32; 16];
+        for port in 30000..30000 + 4096u16 {
+            let p = udp_or_tcp(
+                protocol::TCP,
+                [10, 244, 1, 2],
+                [10, 244, 2, 2],
+                port,
+                5201,
+                0,
+            );
+            buckets[flow_hash(&p) as usize % 16] += 1;
+        }
+        assert!(buckets.iter().all(|&n| n > 0 && n < 512), "{buckets:?}");
+    }
+
+    #[test]
+    fn fragments_of_a_datagram_hash_alike_and_without_ports() {
+        let (a, b) = ([10, 244, 1, 2], [10, 244, 2, 2]);
+        let first = udp_or_tcp(protocol::UDP, a, b, 1111, 53, 0x2000); // MF
+        let mut later = udp_or_tcp(protocol::UDP, a, b, 0, 0, 185); // offset, no ports
+        later[20..28].copy_from_slice(b"payload!");
+        assert_eq!(flow_hash(&first), flow_hash(&later));
+        let whole = udp_or_tcp(protocol::UDP, a, b, 1111, 53, 0);
+        assert_ne!(flow_hash(&whole), flow_hash(&first));
+    }
+
+    #[test]
+    fn flow_hash_takes_any_bytes() {
+        for len in 0..40 {
+            let p = vec![0x4fu8; len];
+            let _ = flow_hash(&p);
+        }
+        assert_eq!(flow_hash(&[]), 0);
+        // ICMP has no ports: the hash is of addresses and protocol only.
+        let mut icmp = udp_or_tcp(protocol::ICMP, [1, 2, 3, 4], [5, 6, 7, 8], 1, 2, 0);
+        let h = flow_hash(&icmp);
+        icmp[20..24].copy_from_slice(&[9, 9, 9, 9]);
+        assert_eq!(flow_hash(&icmp), h);
     }
 }

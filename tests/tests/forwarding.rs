@@ -368,6 +368,124 @@ fn vxlan_small_datagram_bursts_arrive_in_order_no_offload() {
     small_datagram_bursts(Encap::Vxlan, Path::NoOffload);
 }
 
+// 2d. VXLAN spreads flows over outer UDP source ports (RFC 7348 section 5), so underlay ECMP
+// and the receiver's RSS can spread them too, and keeps each flow on one port (no reordering).
+// Eight iperf3 streams: on the wire, each inner TCP flow has exactly one outer source port, all
+// of them among the ports /status lists, and the flows use more than one of them.
+fn vxlan_source_ports(path: Path) {
+    if !e2e_ready() {
+        return;
+    }
+    require_tools(&["iperf3", "tcpdump", "tshark"]);
+    let mut tb = podnet("vxsport", Encap::Vxlan, path);
+    let (a, b) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
+    let status = tb.admin_get(1, "/status").expect("agent /status");
+    let v: serde_json::Value = serde_json::from_str(&status.body).expect("/status is JSON");
+    let lanes: std::collections::BTreeSet<u64> = v["source_ports"]
+        .as_array()
+        .unwrap_or_else(|| panic!("/status has no source_ports: {v}"))
+        .iter()
+        .filter_map(|p| p.as_u64())
+        .collect();
+    assert_eq!(lanes.len(), 16, "16 distinct source ports: {lanes:?}");
+    let pcap = tb.path("sports.pcap");
+    let from_h1 = format!("udp dst port 4789 and src host {}", tb.host(1).underlay_ip);
+    let cap = Capture::start(&tb.ul(), "br0", &from_h1, 3000, &pcap);
+    tb.start("iperf3-s8", &b.ns, &["iperf3", "-s", "-1", "--forceflush"]);
+    wait_for("iperf3 server", Duration::from_secs(10), || {
+        if tb.log("iperf3-s8").contains("listening") {
+            Ok(())
+        } else {
+            Err(tb.log("iperf3-s8"))
+        }
+    })
+    .unwrap();
+    let server = b.ip.to_string();
+    let argv = [
+        "iperf3",
+        "-c",
+        &server,
+        "-t",
+        "2",
+        "-P",
+        "8",
+        "--connect-timeout",
+        "3000",
+    ];
+    let out = run(Some(&a.ns), &argv, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.success(), "iperf3: {}", out.combined());
+    let pcap = cap.finish();
+    let fields = run(
+        None,
+        &[
+            "tshark",
+            "-r",
+            pcap.to_str().unwrap(),
+            "-Y",
+            "tcp",
+            "-T",
+            "fields",
+            "-e",
+            "udp.srcport",
+            "-e",
+            "tcp.srcport",
+            "-e",
+            "tcp.dstport",
+        ],
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut ports_of_flow: std::collections::BTreeMap<String, std::collections::BTreeSet<u64>> =
+        Default::default();
+    for line in fields.stdout.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        let (Some(outer), Some(inner_src), Some(inner_dst)) = (f.first(), f.get(1), f.get(2))
+        else {
+            continue;
+        };
+        // A frame holding a GSO train lists the first datagram's fields (comma-separated
+        // for the rest); the first is enough.
+        let outer: u64 = outer
+            .split(',')
+            .next()
+            .unwrap()
+            .parse()
+            .expect("outer port");
+        ports_of_flow
+            .entry(format!("{inner_src}>{inner_dst}"))
+            .or_default()
+            .insert(outer);
+    }
+    eprintln!("{path:?}: outer source ports by inner flow: {ports_of_flow:?}");
+    assert!(
+        ports_of_flow.len() >= 8,
+        "8 data flows and the control connection: {ports_of_flow:?}"
+    );
+    for (flow, ports) in &ports_of_flow {
+        assert_eq!(
+            ports.len(),
+            1,
+            "flow {flow} left from several ports: {ports:?}"
+        );
+        assert!(
+            ports.is_subset(&lanes),
+            "flow {flow}: {ports:?} not among {lanes:?}"
+        );
+    }
+    let used: std::collections::BTreeSet<u64> = ports_of_flow.values().flatten().copied().collect();
+    assert!(used.len() >= 2, "every flow left from one port: {used:?}");
+}
+
+#[test]
+fn vxlan_flows_spread_over_outer_source_ports() {
+    vxlan_source_ports(Path::Offload);
+}
+
+#[test]
+fn vxlan_flows_spread_over_outer_source_ports_no_offload() {
+    vxlan_source_ports(Path::NoOffload);
+}
+
 // 3. tcpdump on tunl0 shows the inner ICMP; on the underlay the same packets decoded as
 // IPIP / VXLAN (port 4789, VNI 1) around it.
 fn tcpdump_views(encap: Encap, path: Path) {

@@ -1,6 +1,11 @@
 //! The VXLAN underlay socket: UDP bound to `underlay_ip:4789`, batched with
 //! `recvmmsg`/`sendmmsg`, with UDP GSO on send and UDP GRO on receive when the kernel has them.
 //!
+//! Sends go out from a small pool of sockets bound to `underlay_ip` and ephemeral ports, one
+//! per *lane*; the data path picks the lane by a hash of the inner flow, so each flow keeps one
+//! outer source port and different flows spread over several (RFC 7348 section 5): underlay
+//! ECMP and the receiver's NIC (RSS) can then spread them. All of them arrive at port 4789.
+//!
 //! Offloads are probed at bind time and reported by [`VxlanSocket::gro`] and
 //! [`VxlanSocket::gso`]; without them the same calls still work one datagram per message.
 //!
@@ -37,6 +42,9 @@ pub struct UdpConfig {
     pub gro: bool,
     /// Try to use UDP GSO (`UDP_SEGMENT`) on send.
     pub gso: bool,
+    /// Sockets to send from, each with its own ephemeral source port (lanes). 0 or 1: send
+    /// from the bound socket itself, so every packet leaves from `bind`'s port.
+    pub source_ports: usize,
 }
 
 impl UdpConfig {
@@ -47,9 +55,14 @@ impl UdpConfig {
             buffer_bytes: DEFAULT_BUFFER_BYTES,
             gro: true,
             gso: true,
+            source_ports: 1,
         }
     }
 }
+
+/// Lanes (outer source ports) the agent sends VXLAN from by default: enough buckets for ECMP
+/// and RSS to spread a node's flows, few enough sockets to not matter.
+pub const DEFAULT_SOURCE_PORTS: usize = 16;
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +89,9 @@ pub enum UdpError {
 #[derive(Debug)]
 pub struct VxlanSocket {
     sock: Socket,
+    /// Send sockets, one per lane; empty when sending from `sock`.
+    senders: Vec<Socket>,
+    source_ports: Vec<u16>,
     local: SocketAddrV4,
     gro: bool,
     gso: AtomicBool,
@@ -85,38 +101,39 @@ pub struct VxlanSocket {
 impl VxlanSocket {
     /// Creates, tunes and binds the socket, probing GRO and GSO.
     pub fn bind(cfg: &UdpConfig) -> Result<VxlanSocket, UdpError> {
-        let sock = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))
-            .map_err(UdpError::Create)?;
+        let (sock, local, buffers) = open(cfg.bind, cfg.buffer_bytes)?;
         let fd = sock.as_raw_fd();
-        let opt = |option, source| UdpError::Option {
-            option,
-            addr: cfg.bind,
-            source,
-        };
-        setsockopt_int(
-            fd,
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            libc::IP_PMTUDISC_DONT,
-        )
-        .map_err(|e| opt("IP_MTU_DISCOVER", e))?;
-        let buffers = grow_buffers(fd, cfg.buffer_bytes);
-        sock.bind(&SocketAddr::V4(cfg.bind).into())
-            .map_err(|source| UdpError::Bind {
-                addr: cfg.bind,
-                source,
-            })?;
-        let local = sock
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket_ipv4())
-            .unwrap_or(cfg.bind);
         // UDP_GRO: Linux >= 5.0. Refused means the kernel will hand us single datagrams.
         let gro = cfg.gro && setsockopt_int(fd, libc::SOL_UDP, UDP_GRO, 1).is_ok();
         // UDP_SEGMENT: Linux >= 4.18; reading the option tells whether the kernel knows it.
         let gso = cfg.gso && super::getsockopt_int(fd, libc::SOL_UDP, UDP_SEGMENT).is_ok();
+        let mut senders = Vec::new();
+        if cfg.source_ports > 1 {
+            let any_port = SocketAddrV4::new(*cfg.bind.ip(), 0);
+            for _ in 0..cfg.source_ports {
+                let (s, _, _) = open(any_port, cfg.buffer_bytes)?;
+                // Nothing is ever read from a send socket: keep what arrives there small.
+                let _ = setsockopt_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 4096);
+                senders.push(s);
+            }
+        }
+        let source_ports = if senders.is_empty() {
+            vec![local.port()]
+        } else {
+            senders
+                .iter()
+                .map(|s| {
+                    s.local_addr()
+                        .ok()
+                        .and_then(|a| a.as_socket_ipv4())
+                        .map_or(0, |a| a.port())
+                })
+                .collect()
+        };
         Ok(VxlanSocket {
             sock,
+            senders,
+            source_ports,
             local,
             gro,
             gso: AtomicBool::new(gso),
@@ -138,6 +155,29 @@ impl VxlanSocket {
     /// refuses a GSO send (`EIO`); sends then fall back to plain datagrams by themselves.
     pub fn gso(&self) -> bool {
         self.gso.load(Ordering::Relaxed)
+    }
+
+    /// The outer source port of each lane, in lane order.
+    pub fn source_ports(&self) -> &[u16] {
+        &self.source_ports
+    }
+
+    /// How many lanes (outer source ports) there are to send from.
+    pub fn lanes(&self) -> usize {
+        self.source_ports.len()
+    }
+
+    /// The lane a flow with hash `flow_hash` sends from (see `podnet_proto::ipv4::flow_hash`).
+    pub fn lane(&self, flow_hash: u32) -> usize {
+        flow_hash as usize % self.lanes()
+    }
+
+    /// The socket that sends for `lane` (any lane number; it wraps).
+    fn sender(&self, lane: usize) -> RawFd {
+        match self.senders.len() {
+            0 => self.sock.as_raw_fd(),
+            n => self.senders[lane % n].as_raw_fd(),
+        }
     }
 
     /// Receive and send buffer sizes the kernel granted (as it reports them, i.e. doubled).
@@ -170,29 +210,56 @@ impl VxlanSocket {
     /// Sends every item (blocking while the socket buffer is full); see [`Transmit`]. Long GSO
     /// trains are cut into as many GSO messages as needed. `segment_size` plus 28 bytes of
     /// IPv4/UDP header must fit the route MTU, or the kernel refuses that item (`EMSGSIZE`,
-    /// counted in [`BatchSent::failed`]).
-    pub fn send_batch(&self, items: &[Transmit<'_>]) -> BatchSent {
-        mmsg::send_batch(self.sock.as_raw_fd(), items, &self.gso)
+    /// counted in [`BatchSent::failed`]). Sent from `lane`'s source port.
+    pub fn send_batch(&self, lane: usize, items: &[Transmit<'_>]) -> BatchSent {
+        mmsg::send_batch(self.sender(lane), items, &self.gso)
     }
 
     /// Sends a train of `segment_size`-byte datagrams (the last may be shorter) to `dst`,
     /// each given as a header and a payload slice, without copying them into one buffer:
     /// UDP GSO messages within kernel limits while [`VxlanSocket::gso`] holds, else one
-    /// datagram per message. At most [`mmsg::MAX_SEGMENTS`] datagrams.
+    /// datagram per message. At most [`mmsg::MAX_SEGMENTS`] datagrams. Sent from `lane`'s
+    /// source port.
     pub fn send_segments(
         &self,
+        lane: usize,
         dst: SocketAddrV4,
         segments: &[[&[u8]; 2]],
         segment_size: u16,
     ) -> BatchSent {
-        mmsg::send_segments(
-            self.sock.as_raw_fd(),
-            dst,
-            segments,
-            segment_size,
-            &self.gso,
-        )
+        mmsg::send_segments(self.sender(lane), dst, segments, segment_size, &self.gso)
     }
+}
+
+/// A UDP socket with DF clear and large buffers, bound to `addr`: the socket, the address it
+/// got (with the real port when 0 was asked for) and the buffer sizes granted.
+fn open(
+    addr: SocketAddrV4,
+    buffer_bytes: usize,
+) -> Result<(Socket, SocketAddrV4, (usize, usize)), UdpError> {
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))
+        .map_err(UdpError::Create)?;
+    let fd = sock.as_raw_fd();
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DONT,
+    )
+    .map_err(|source| UdpError::Option {
+        option: "IP_MTU_DISCOVER",
+        addr,
+        source,
+    })?;
+    let buffers = grow_buffers(fd, buffer_bytes);
+    sock.bind(&SocketAddr::V4(addr).into())
+        .map_err(|source| UdpError::Bind { addr, source })?;
+    let local = sock
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket_ipv4())
+        .unwrap_or(addr);
+    Ok((sock, local, buffers))
 }
 
 impl AsRawFd for VxlanSocket {
@@ -255,7 +322,7 @@ mod tests {
                     segment_size: None,
                 })
                 .collect();
-            let sent = a.send_batch(&items);
+            let sent = a.send_batch(0, &items);
             assert_eq!((sent.sent, sent.failed), (10, 0), "{:?}", sent.last_error);
             let mut bufs = vec![vec![0u8; 2048]; 16];
             let got = drain(&b, payloads.iter().map(Vec::len).sum(), &mut bufs);
@@ -266,6 +333,46 @@ mod tests {
                 assert!(!meta.truncated);
                 assert_eq!(data, want);
             }
+        });
+    }
+
+    #[test]
+    fn each_lane_sends_from_its_own_source_port() {
+        in_netns("udp-lanes", || {
+            run("ip link set lo up");
+            let mut cfg = UdpConfig::new(Ipv4Addr::LOCALHOST, 0);
+            cfg.source_ports = 4;
+            let a = VxlanSocket::bind(&cfg).unwrap();
+            let b = loopback(0, false, false);
+            assert_eq!(a.lanes(), 4);
+            let ports = a.source_ports().to_vec();
+            let mut distinct = ports.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(distinct.len(), 4, "{ports:?}");
+            assert!(
+                !ports.contains(&a.local_addr().port()),
+                "lanes are not the bound port"
+            );
+            // Lane 5 wraps to lane 1; lanes stay put for a flow hash.
+            assert_eq!(a.lane(5), 1);
+            for lane in [0, 1, 2, 3, 5] {
+                let payload = [lane as u8; 64];
+                let item = Transmit {
+                    dst: b.local_addr(),
+                    data: &payload,
+                    segment_size: None,
+                };
+                assert_eq!(a.send_batch(lane, &[item]).sent, 1);
+                let mut bufs = vec![vec![0u8; 2048]; 4];
+                let got = drain(&b, 64, &mut bufs);
+                assert_eq!(got[0].0.src.port(), ports[lane % 4], "lane {lane}");
+                assert_eq!(got[0].1, payload);
+            }
+            // One lane: the bound socket sends, from its own port (the old behaviour).
+            let c = loopback(0, false, false);
+            assert_eq!(c.source_ports(), &[c.local_addr().port()]);
+            assert_eq!(c.lane(12345), 0);
         });
     }
 
@@ -281,11 +388,14 @@ mod tests {
             );
             // 10 segments of 1000 bytes, each filled with its index, as one GSO train.
             let train: Vec<u8> = (0..10u8).flat_map(|i| vec![i; 1000]).collect();
-            let sent = a.send_batch(&[Transmit {
-                dst: b.local_addr(),
-                data: &train,
-                segment_size: Some(1000),
-            }]);
+            let sent = a.send_batch(
+                0,
+                &[Transmit {
+                    dst: b.local_addr(),
+                    data: &train,
+                    segment_size: Some(1000),
+                }],
+            );
             assert_eq!((sent.sent, sent.failed), (1, 0), "{:?}", sent.last_error);
             let mut bufs = vec![vec![0u8; GRO_BUFFER_BYTES]; 4];
             let got = drain(&b, train.len(), &mut bufs);
@@ -297,11 +407,14 @@ mod tests {
 
             // A train longer than one GSO send allows is cut into several GSO messages.
             let long: Vec<u8> = (0..100u32).flat_map(|i| vec![i as u8; 1000]).collect();
-            let sent = a.send_batch(&[Transmit {
-                dst: b.local_addr(),
-                data: &long,
-                segment_size: Some(1000),
-            }]);
+            let sent = a.send_batch(
+                0,
+                &[Transmit {
+                    dst: b.local_addr(),
+                    data: &long,
+                    segment_size: Some(1000),
+                }],
+            );
             assert_eq!((sent.sent, sent.failed), (1, 0), "{:?}", sent.last_error);
             let got = drain(&b, long.len(), &mut bufs);
             let lens: Vec<usize> = got.iter().map(|g| g.0.len).collect();
@@ -311,11 +424,14 @@ mod tests {
 
             // A receiver without GRO sees the same train as 10 separate datagrams.
             let c = loopback(0, false, false);
-            let sent = a.send_batch(&[Transmit {
-                dst: c.local_addr(),
-                data: &train,
-                segment_size: Some(1000),
-            }]);
+            let sent = a.send_batch(
+                0,
+                &[Transmit {
+                    dst: c.local_addr(),
+                    data: &train,
+                    segment_size: Some(1000),
+                }],
+            );
             assert_eq!(sent.sent, 1);
             let got = drain(&c, train.len(), &mut bufs);
             assert_eq!(got.len(), 10);
@@ -343,7 +459,7 @@ mod tests {
             for gso in [true, false] {
                 let a = loopback(0, false, gso);
                 assert_eq!(a.gso(), gso);
-                let sent = a.send_segments(b.local_addr(), &segs, 1000);
+                let sent = a.send_segments(0, b.local_addr(), &segs, 1000);
                 assert_eq!(sent.failed, 0, "{:?}", sent.last_error);
                 assert_eq!(sent.sent, if gso { 2 } else { 70 });
                 let mut bufs = vec![vec![0u8; 2048]; 64];
@@ -357,7 +473,10 @@ mod tests {
             }
             let a = loopback(0, false, true);
             let too_many = vec![segs[0]; mmsg::MAX_SEGMENTS + 1];
-            assert_eq!(a.send_segments(b.local_addr(), &too_many, 1000).failed, 1);
+            assert_eq!(
+                a.send_segments(0, b.local_addr(), &too_many, 1000).failed,
+                1
+            );
         });
     }
 
@@ -372,11 +491,14 @@ mod tests {
                 .flat_map(|i| vec![i; 700])
                 .chain([9u8; 100])
                 .collect();
-            let sent = a.send_batch(&[Transmit {
-                dst: b.local_addr(),
-                data: &train,
-                segment_size: Some(700),
-            }]);
+            let sent = a.send_batch(
+                0,
+                &[Transmit {
+                    dst: b.local_addr(),
+                    data: &train,
+                    segment_size: Some(700),
+                }],
+            );
             assert_eq!((sent.sent, sent.failed), (1, 0));
             let mut bufs = vec![vec![0u8; GRO_BUFFER_BYTES]; 8];
             let got = drain(&b, train.len(), &mut bufs);
@@ -406,7 +528,7 @@ mod tests {
                     segment_size: None,
                 },
             ];
-            let sent = a.send_batch(&items);
+            let sent = a.send_batch(0, &items);
             assert_eq!((sent.sent, sent.failed), (1, 1));
             assert_eq!(
                 sent.last_error.unwrap().raw_os_error(),
