@@ -725,6 +725,27 @@ impl Testbed {
         }
     }
 
+    /// [`Testbed::start`], then waits up to `timeout` for `ready` to appear in the process's
+    /// log (a server saying it listens); the error carries the log.
+    pub fn start_ready(
+        &mut self,
+        name: &str,
+        ns: &str,
+        argv: &[&str],
+        ready: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        self.start(name, ns, argv);
+        wait_for(&format!("{name} to print {ready:?}"), timeout, || {
+            let log = self.log(name);
+            if log.contains(ready) {
+                Ok(())
+            } else {
+                Err(log)
+            }
+        })
+    }
+
     /// A bounded iperf3 TCP run (`-t SECS -J`) from `client` to an `iperf3 -s -1` in `server`.
     pub fn iperf(
         &mut self,
@@ -733,18 +754,13 @@ impl Testbed {
         secs: u32,
     ) -> Result<parse::IperfResult, String> {
         let name = format!("iperf3-s-{}", server.ns);
-        self.start(
+        self.start_ready(
             &name,
             &server.ns.clone(),
             &["iperf3", "-s", "-1", "--forceflush"],
-        );
-        wait_for("iperf3 server to listen", Duration::from_secs(10), || {
-            if self.log(&name).contains("listening") {
-                Ok(())
-            } else {
-                Err(self.log(&name))
-            }
-        })?;
+            "listening",
+            Duration::from_secs(10),
+        )?;
         let t = secs.to_string();
         let out = run(
             Some(&client.ns),

@@ -131,18 +131,13 @@ fn injected_drops_show_in_drops_watch_status_and_metrics() {
     let o3 = octet(&tb, 3);
     let foreign_src = format!("10.244.{o3}.77");
     let bin = agent();
-    tb.start(
+    tb.start_ready(
         "watch",
         &h1,
         &[&bin, "drops", "--watch", "--duration", "60s"],
-    );
-    wait_for("drops --watch to start", Duration::from_secs(10), || {
-        if tb.log("watch").contains("watching drops") {
-            Ok(())
-        } else {
-            Err(tb.log("watch"))
-        }
-    })
+        "watching drops",
+        Duration::from_secs(10),
+    )
     .unwrap();
     let cases: [(&str, &str, Vec<&str>); 3] = [
         (

@@ -285,19 +285,13 @@ fn small_datagram_bursts(encap: Encap, path: Path) {
     std::fs::write(&tx, BURST_SENDER).expect("write sender");
     let port = "5601";
     let count = COUNT.to_string();
-    tb.start(
+    tb.start_ready(
         "burst-rx",
         &b.ns,
         &["python3", rx.to_str().unwrap(), &count, port],
-    );
-    wait_for("the burst receiver", Duration::from_secs(10), || {
-        let log = tb.log("burst-rx");
-        if log.contains("ready") {
-            Ok(())
-        } else {
-            Err(log)
-        }
-    })
+        "ready",
+        Duration::from_secs(10),
+    )
     .unwrap();
     // Underlay frames longer than the MTU towards host 2: UDP GSO trains (VXLAN only).
     let pcap = tb.path("trains.pcap");
@@ -391,14 +385,13 @@ fn vxlan_source_ports(path: Path) {
     let pcap = tb.path("sports.pcap");
     let from_h1 = format!("udp dst port 4789 and src host {}", tb.host(1).underlay_ip);
     let cap = Capture::start(&tb.ul(), "br0", &from_h1, 3000, &pcap);
-    tb.start("iperf3-s8", &b.ns, &["iperf3", "-s", "-1", "--forceflush"]);
-    wait_for("iperf3 server", Duration::from_secs(10), || {
-        if tb.log("iperf3-s8").contains("listening") {
-            Ok(())
-        } else {
-            Err(tb.log("iperf3-s8"))
-        }
-    })
+    tb.start_ready(
+        "iperf3-s8",
+        &b.ns,
+        &["iperf3", "-s", "-1", "--forceflush"],
+        "listening",
+        Duration::from_secs(10),
+    )
     .unwrap();
     let server = b.ip.to_string();
     let argv = [

@@ -523,18 +523,13 @@ fn hostile(encap: Encap) {
 
     // Pod-to-pod iperf3 across the whole attack.
     let (server, client) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
-    tb.start(
+    tb.start_ready(
         "iperf3-s",
         &server.ns,
         &["iperf3", "-s", "-1", "--forceflush"],
-    );
-    wait_for("iperf3 server", Duration::from_secs(10), || {
-        if tb.log("iperf3-s").contains("listening") {
-            Ok(())
-        } else {
-            Err(tb.log("iperf3-s"))
-        }
-    })
+        "listening",
+        Duration::from_secs(10),
+    )
     .unwrap();
     let iperf = std::thread::spawn(move || {
         run(
