@@ -1,4 +1,5 @@
-//! Small packets gathered over one turn of the data path and sent with one `sendmmsg`.
+//! Small packets gathered over one turn of the data path and sent together (one `sendmmsg`
+//! per lane).
 //!
 //! A TUN read yields one packet, so without batching every TCP ACK, DNS query or ping is a
 //! send syscall of its own, and on the underlay a datagram of its own. [`TxBatch`] keeps a

@@ -4,7 +4,8 @@
 //! 64 KiB TCP super-packet; it is routed once, cut into wire-sized segments behind their
 //! encapsulation by [`gso::segment_headers`] (VXLAN, sent zero-copy as UDP GSO trains) or
 //! [`gso::segment`] (IP-in-IP, one `sendmmsg` batch). Small packets (ACKs, pings, DNS) are
-//! gathered over a turn in a [`TxBatch`] and sent with one `sendmmsg`.
+//! gathered over a turn in a [`TxBatch`] and sent with one `sendmmsg` per lane (VXLAN outer
+//! source port) in use.
 //! Inbound: underlay socket (`recvmmsg`, UDP GRO) -> [`Forwarder`] -> [`Coalescer`] -> tunl0,
 //! so the segments of one flow become one GSO write.
 //!
@@ -237,7 +238,7 @@ impl TxPath {
         }
     }
 
-    /// Sends the small packets gathered so far (one `sendmmsg`).
+    /// Sends the small packets gathered so far (one `sendmmsg` per lane in use).
     fn flush(&mut self, shared: &Shared) {
         send_batched(shared, &mut self.batch);
     }
@@ -415,8 +416,8 @@ impl TxPath {
 /// their encapsulation. Larger packets (jumbo MTUs) make the batch go out sooner.
 const TX_BATCH_BYTES: usize = MAX_BATCH * 1600;
 
-/// Sends what `batch` holds with one `sendmmsg` (UDP GSO trains where the datagrams allow,
-/// see [`TxBatch::trains`]) and empties it.
+/// Sends what `batch` holds, one `sendmmsg` per lane in use (UDP GSO trains where the
+/// datagrams allow, see [`TxBatch::trains`]), and empties it.
 fn send_batched(shared: &Shared, batch: &mut TxBatch) {
     if batch.is_empty() {
         return;

@@ -107,29 +107,19 @@ impl VxlanSocket {
         let gro = cfg.gro && setsockopt_int(fd, libc::SOL_UDP, UDP_GRO, 1).is_ok();
         // UDP_SEGMENT: Linux >= 4.18; reading the option tells whether the kernel knows it.
         let gso = cfg.gso && super::getsockopt_int(fd, libc::SOL_UDP, UDP_SEGMENT).is_ok();
-        let mut senders = Vec::new();
+        let (mut senders, mut source_ports) = (Vec::new(), Vec::new());
         if cfg.source_ports > 1 {
             let any_port = SocketAddrV4::new(*cfg.bind.ip(), 0);
             for _ in 0..cfg.source_ports {
-                let (s, _, _) = open(any_port, cfg.buffer_bytes)?;
+                let (s, addr, _) = open(any_port, cfg.buffer_bytes)?;
                 // Nothing is ever read from a send socket: keep what arrives there small.
                 let _ = setsockopt_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 4096);
                 senders.push(s);
+                source_ports.push(addr.port());
             }
-        }
-        let source_ports = if senders.is_empty() {
-            vec![local.port()]
         } else {
-            senders
-                .iter()
-                .map(|s| {
-                    s.local_addr()
-                        .ok()
-                        .and_then(|a| a.as_socket_ipv4())
-                        .map_or(0, |a| a.port())
-                })
-                .collect()
-        };
+            source_ports.push(local.port());
+        }
         Ok(VxlanSocket {
             sock,
             senders,
