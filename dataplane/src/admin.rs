@@ -668,9 +668,15 @@ pub fn format_status(v: &serde_json::Value) -> String {
         .filter(|x| !x.is_null())
         .map(|x| format!(" vni {x}"))
         .unwrap_or_default();
+    let queues = v
+        .get("tun_queues")
+        .and_then(|q| q.as_u64())
+        .filter(|&q| q > 1)
+        .map(|q| format!(" ({q} queues)"))
+        .unwrap_or_default();
     let _ = writeln!(
         out,
-        "encap:       {}{vni}, MTU {} on {}",
+        "encap:       {}{vni}, MTU {} on {}{queues}",
         s("encap"),
         s("mtu"),
         s("tun")

@@ -94,6 +94,8 @@ pub struct NodeInfo {
     pub source_ports: Vec<u16>,
     pub mtu: u16,
     pub tun: String,
+    /// TUN queues the data path reads in turn.
+    pub tun_queues: usize,
     pub offloads: OffloadInfo,
     pub membership: &'static str,
     pub control: Option<String>,
@@ -187,8 +189,20 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
 
     let tun = Tun::open(&TunConfig {
         offload: cfg.offload,
+        multi_queue: cfg.tun_queues > 1,
         ..TunConfig::new(&cfg.tun_name)
     })?;
+    let mut tun_queues = Vec::new();
+    for _ in 1..cfg.tun_queues {
+        match tun.clone_queue() {
+            Ok(q) => tun_queues.push(q),
+            Err(e) => {
+                tracing::warn!(error = %e, queues = 1 + tun_queues.len(),
+                    "cannot open more TUN queues; going on with these");
+                break;
+            }
+        }
+    }
     let offloads: Offloads = tun.offloads();
     if let Some(e) = tun.offload_refusal() {
         tracing::warn!(error = %e, "TUN offload refused by the kernel; using the per-packet path");
@@ -240,6 +254,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             source_ports,
             mtu,
             tun: cfg.tun_name.clone(),
+            tun_queues: 1 + tun_queues.len(),
             offloads: OffloadInfo {
                 tun_vnet_hdr: offloads.vnet_hdr,
                 tun_tso: offloads.tso4,
@@ -261,6 +276,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             tun = %info.tun, underlay = %info.underlay_dev,
             tun_tso = offloads.tso4, tun_csum = offloads.csum, udp_gso, udp_gro,
             peers = table.len(), source_ports = info.source_ports.len(),
+            tun_queues = info.tun_queues,
             "podnet-agent up"
         );
         let forwarder = Forwarder::new(
@@ -280,6 +296,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             forwarder,
             table: ArcSwap::from_pointee(table),
             tun,
+            tun_queues,
             underlay: sock,
             stop: Stop::new().map_err(AgentError::DataPath)?,
             io_errors: IoErrors::default(),

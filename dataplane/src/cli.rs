@@ -207,6 +207,11 @@ pub struct RunArgs {
     /// (an idle agent sleeps). 0 turns polling off.
     #[arg(long, default_value = "20ms", value_parser = parse_duration)]
     pub busy_poll: Duration,
+    /// TUN queues, read in turn one packet at a time: flows spread over them, so a ping or a
+    /// DNS query does not wait behind a bulk transfer's backlog in tunl0. 1 to 8.
+    #[arg(long, default_value_t = crate::datapath::DEFAULT_TUN_QUEUES,
+          value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub tun_queues: u8,
 }
 
 /// Where the node's pod CIDR and peers come from.
@@ -267,6 +272,7 @@ pub struct RunConfig {
     pub api: SocketAddr,
     pub offload: bool,
     pub busy_poll: Duration,
+    pub tun_queues: u8,
 }
 
 fn valid_ifname(name: &str) -> bool {
@@ -332,6 +338,7 @@ impl RunArgs {
             api: self.api,
             offload: !self.no_offload,
             busy_poll: self.busy_poll,
+            tun_queues: self.tun_queues,
         })
     }
 }
@@ -451,6 +458,7 @@ mod tests {
         assert_eq!(c.tun_name, "tunl0");
         assert_eq!(c.mtu, MtuArg::Auto);
         assert_eq!(c.busy_poll, crate::datapath::DEFAULT_BUSY_POLL);
+        assert_eq!(c.tun_queues, crate::datapath::DEFAULT_TUN_QUEUES);
         match c.membership {
             Membership::Static { peers, .. } => assert_eq!(peers.len(), 2),
             m => panic!("{m:?}"),
@@ -531,6 +539,17 @@ mod tests {
             "10.244.1.0/24"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn tun_queues_are_one_to_eight() {
+        let ok = |q: &'static str| with(&["--pod-cidr", "10.244.1.0/24", "--tun-queues", q]);
+        assert_eq!(ok("1").unwrap().tun_queues, 1);
+        assert_eq!(ok("8").unwrap().tun_queues, 8);
+        for bad in ["0", "9", "four"] {
+            let err = ok(bad).unwrap_err();
+            assert!(err.contains("--tun-queues"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -318,6 +318,17 @@ impl Ipv4Repr {
 /// scaling can spread flows without reordering any). Never panics: bytes too short to hold a
 /// field leave it out.
 pub fn flow_hash(packet: &[u8]) -> u32 {
+    hash_flow(packet, false)
+}
+
+/// [`flow_hash`] that is the same in both directions: a packet and its reply (addresses and
+/// ports swapped) hash alike. For choosing a TUN queue, whose flow steering pairs a flow's
+/// outgoing packets with the queue its incoming ones were written on.
+pub fn flow_hash_symmetric(packet: &[u8]) -> u32 {
+    hash_flow(packet, true)
+}
+
+fn hash_flow(packet: &[u8], symmetric: bool) -> u32 {
     let Some(h) = packet.get(..HEADER_LEN) else {
         return 0;
     };
@@ -328,12 +339,21 @@ pub fn flow_hash(packet: &[u8]) -> u32 {
         protocol::TCP | protocol::UDP if !fragment => packet.get(ihl..ihl + 4),
         _ => None,
     };
+    // Endpoints as (address, port): in the symmetric hash the smaller one goes first.
+    let mut a = [0u8; 6];
+    let mut b = [0u8; 6];
+    a[..4].copy_from_slice(&h[field::SRC]);
+    b[..4].copy_from_slice(&h[field::DST]);
+    if let Some(p) = ports {
+        a[4..].copy_from_slice(&p[..2]);
+        b[4..].copy_from_slice(&p[2..]);
+    }
+    if symmetric && a > b {
+        std::mem::swap(&mut a, &mut b);
+    }
     // FNV-1a over the key, then a murmur3 finaliser so every bit of the key reaches the low
     // bits a caller takes the hash modulo by.
-    let key = h[field::SRC.start..field::DST.end]
-        .iter()
-        .chain(std::iter::once(&proto))
-        .chain(ports.into_iter().flatten());
+    let key = a.iter().chain(&b).chain(std::iter::once(&proto));
     let mut x = key.fold(0x811c_9dc5u32, |acc, &b| {
         (acc ^ u32::from(b)).wrapping_mul(0x0100_0193)
     });
@@ -664,10 +684,30 @@ mod tests {
     }
 
     #[test]
+    fn symmetric_flow_hash_pairs_a_packet_with_its_reply() {
+        let (a, b) = ([10, 244, 1, 2], [10, 244, 2, 2]);
+        for proto in [protocol::TCP, protocol::UDP] {
+            let there = udp_or_tcp(proto, a, b, 40000, 5201, 0);
+            let back = udp_or_tcp(proto, b, a, 5201, 40000, 0);
+            assert_eq!(flow_hash_symmetric(&there), flow_hash_symmetric(&back));
+            assert_ne!(
+                flow_hash(&there),
+                flow_hash(&back),
+                "the plain hash is directed"
+            );
+            let other = udp_or_tcp(proto, a, b, 40001, 5201, 0);
+            assert_ne!(flow_hash_symmetric(&there), flow_hash_symmetric(&other));
+        }
+        let ping = udp_or_tcp(protocol::ICMP, a, b, 0, 0, 0);
+        let pong = udp_or_tcp(protocol::ICMP, b, a, 7, 7, 0);
+        assert_eq!(flow_hash_symmetric(&ping), flow_hash_symmetric(&pong));
+    }
+
+    #[test]
     fn flow_hash_takes_any_bytes() {
         for len in 0..40 {
             let p = vec![0x4fu8; len];
-            let _ = flow_hash(&p);
+            let _ = (flow_hash(&p), flow_hash_symmetric(&p));
         }
         assert_eq!(flow_hash(&[]), 0);
         // ICMP has no ports: the hash is of addresses and protocol only.

@@ -1,6 +1,7 @@
 //! Issue 2, "What it must show" 1-4 and 6: podnet agents with static peers, 3 hosts x 2 pods,
 //! for each of IP-in-IP and VXLAN, with the offload fast path (TUN TSO, UDP GSO/GRO, coalesced
-//! TUN writes) and with `--no-offload` (issue 4: both paths must carry the same traffic).
+//! TUN writes, eight TUN queues) and with `--no-offload --tun-queues 1` (issue 4: both paths
+//! must carry the same traffic).
 
 use std::time::Duration;
 
@@ -35,13 +36,21 @@ fn podnet(name: &str, encap: Encap, path: Path) -> Testbed {
         .pods_per_host(2)
         .mode(HostMode::Podnet(encap))
         .peers(Peers::Static);
+    // The per-packet path also runs the loop's one-queue branch; offload runs eight queues.
     if path == Path::NoOffload {
-        b = b.agent_args(&["--no-offload"]);
+        b = b.agent_args(&["--no-offload", "--tun-queues", "1"]);
     }
     let tb = b.build();
     for n in 1..=3 {
         let status = tb.admin_get(n, "/status").expect("agent /status");
         let v: serde_json::Value = serde_json::from_str(&status.body).expect("/status is JSON");
+        let queues = if path == Path::Offload { 8 } else { 1 };
+        assert_eq!(
+            v["tun_queues"].as_u64(),
+            Some(queues),
+            "h{n}: {}",
+            v["tun_queues"]
+        );
         let tso = v["offloads"]["tun_tso"].as_bool();
         assert_eq!(
             tso,
