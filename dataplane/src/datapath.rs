@@ -295,7 +295,7 @@ pub const DEFAULT_BUSY_POLL: Duration = Duration::from_millis(20);
 /// much below the socket), and with one queue every other packet of the host waits behind it;
 /// on the receiving side the backlog can sit in the UDP socket instead. With several queues
 /// and sockets the kernel puts flows on different ones (a given pair shares one time in
-/// eight) and the loop serves them in turn: one packet per TUN queue, `RX_FAIR_BATCH`
+/// eight) and the loop serves them in turn: one packet per TUN queue, [`RX_FAIR_BATCH`]
 /// datagrams per socket. Measured (bench/RESULTS.md), median ping under one VXLAN stream:
 /// 0.95-1.5 ms with one queue; 0.21-0.34 ms in four runs of five with eight, 0.89 in one.
 pub const DEFAULT_TUN_QUEUES: u8 = 8;
