@@ -62,31 +62,20 @@ impl Underlay {
         }
     }
 
-    /// Receives what receive socket `i` holds (up to the buffers given), without waiting.
-    fn try_recv_from<B: AsMut<[u8]>>(
+    fn try_recv_batch<B: AsMut<[u8]>>(
         &self,
-        i: usize,
         bufs: &mut [B],
         meta: &mut [RecvMeta],
     ) -> io::Result<usize> {
         match self {
-            Underlay::Vxlan(s) => s.try_recv_from(i, bufs, meta),
+            Underlay::Vxlan(s) => s.try_recv_batch(bufs, meta),
             Underlay::Ipip(s) => s.try_recv_batch(bufs, meta),
         }
     }
 
-    /// Receive sockets: VXLAN may have several (one `SO_REUSEPORT` group); a raw IP-in-IP
-    /// socket has one (every raw socket would get a copy of every packet).
-    fn receiver_count(&self) -> usize {
+    fn as_raw_fd(&self) -> RawFd {
         match self {
-            Underlay::Vxlan(s) => s.receiver_count(),
-            Underlay::Ipip(_) => 1,
-        }
-    }
-
-    fn receiver_fd(&self, i: usize) -> RawFd {
-        match self {
-            Underlay::Vxlan(s) => s.receiver_fd(i),
+            Underlay::Vxlan(s) => s.as_raw_fd(),
             Underlay::Ipip(s) => s.as_raw_fd(),
         }
     }
@@ -142,10 +131,6 @@ impl Shared {
     }
 }
 
-/// Receive batch per socket and turn when there are several receive sockets: 8 GRO-merged
-/// datagrams are up to 512 KiB, about half a millisecond of a stream here.
-const RX_FAIR_BATCH: usize = 2;
-
 /// Output room for one segmented super-packet: the payload plus, per segment, a prefix and
 /// the copied headers (at most 60 + 60 bytes each, at least one payload byte per segment
 /// only in pathological cases, so bound the count by the batch instead).
@@ -180,26 +165,18 @@ const TX_BUDGET_BYTES: usize = MAX_BATCH * 1500;
 /// TUN reads, one receive batch) so neither direction starves the other.
 pub fn run(shared: &Shared) -> io::Result<()> {
     let queues = shared.queue_count();
-    let receivers = shared.underlay.receiver_count();
-    // Bits of `ready`: one per TUN queue, then one per receive socket.
+    // Bits of `ready`: one per TUN queue, then the underlay socket.
     let tun_bits: u32 = (1 << queues) - 1;
-    let rx_bits: u32 = ((1 << receivers) - 1) << queues;
-    // One receive batch per ready socket and turn; with several sockets a smaller one, so a
-    // flow on another socket waits for at most this many (GRO-merged) datagrams.
-    let rx_batch = if receivers == 1 {
-        MAX_BATCH
-    } else {
-        RX_FAIR_BATCH
-    };
+    let underlay_bit: u32 = 1 << queues;
     let mut tx = TxPath::new(shared);
     let mut rx = RxPath::new();
     let mut fds: Vec<RawFd> = (0..queues).map(|q| shared.queue(q).as_raw_fd()).collect();
-    fds.extend((0..receivers).map(|r| shared.underlay.receiver_fd(r)));
+    fds.push(shared.underlay.as_raw_fd());
     let spin = shared.busy_poll;
     let mut idle_since: Option<Instant> = None;
-    // Which descriptors to read on this turn: all after traffic with one queue and one
-    // socket, else what `poll` reported.
-    let mut ready = tun_bits | rx_bits;
+    // Which descriptors to read on this turn: all after traffic with one queue, else what
+    // `poll` reported.
+    let mut ready = tun_bits | underlay_bit;
     loop {
         let mut busy = false;
         let mut budget = TX_BUDGET_BYTES;
@@ -227,12 +204,8 @@ pub fn run(shared: &Shared) -> io::Result<()> {
             }
         }
         tx.flush(shared);
-        for r in 0..receivers {
-            if ready & (1 << (queues + r)) == 0 {
-                continue;
-            }
-            let (bufs, meta) = (&mut rx.bufs[..rx_batch], &mut rx.meta[..rx_batch]);
-            let n = shared.underlay.try_recv_from(r, bufs, meta)?;
+        if ready & underlay_bit != 0 {
+            let n = shared.underlay.try_recv_batch(&mut rx.bufs, &mut rx.meta)?;
             if n > 0 {
                 busy = true;
                 rx.handle(shared, n);
@@ -240,10 +213,10 @@ pub fn run(shared: &Shared) -> io::Result<()> {
         }
         if busy {
             idle_since = None;
-            // With one queue and one socket, trying both costs at most one empty read; with
-            // more, one `poll` says which have packets.
-            ready = if queues == 1 && receivers == 1 {
-                tun_bits | rx_bits
+            // With one queue, trying both descriptors costs at most one empty read; with
+            // several, one `poll` says which queues have packets.
+            ready = if queues == 1 {
+                tun_bits | underlay_bit
             } else {
                 match sys::ready_any(&fds, &shared.stop)? {
                     Readiness::Stopped => return Ok(()),
@@ -290,14 +263,14 @@ pub fn run(shared: &Shared) -> io::Result<()> {
 /// `--busy-poll` sets it (0 turns polling off).
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_millis(20);
 
-/// TUN queues [`run`] reads in turn (`--tun-queues`), and as many VXLAN receive sockets. A bulk
-/// TCP flow keeps about a millisecond of data queued in tunl0 (TCP small queues allows that
-/// much below the socket), and with one queue every other packet of the host waits behind it;
-/// on the receiving side the backlog can sit in the UDP socket instead. With several queues
-/// and sockets the kernel puts flows on different ones (a given pair shares one time in
-/// eight) and the loop serves them in turn: one packet per TUN queue, [`RX_FAIR_BATCH`]
-/// datagrams per socket. Measured (bench/RESULTS.md), median ping under one VXLAN stream:
-/// 0.95-1.5 ms with one queue; 0.21-0.34 ms in four runs of five with eight, 0.89 in one.
+/// TUN queues [`run`] reads in turn (`--tun-queues`). A bulk TCP flow keeps about a
+/// millisecond of data queued in tunl0 (TCP small queues allows that much below the socket),
+/// and with one queue every other packet of the host waits behind it. With several queues the
+/// kernel puts flows on different ones and the loop takes one packet from each in turn: a
+/// given pair of flows shares a queue one time in eight. Measured (bench/RESULTS.md), a ping
+/// under one VXLAN stream: 0.95-1.5 ms with one queue; 0.25-0.34 ms in three runs of five
+/// with eight, about 1 ms in the other two, where the backlog sat in the receiving agent's
+/// UDP socket instead, which these queues do not reach.
 pub const DEFAULT_TUN_QUEUES: u8 = 8;
 
 /// The outbound direction's buffers (allocated once).

@@ -121,7 +121,7 @@ pub(crate) fn wait_readable(fd: RawFd, stop: &Stop) -> io::Result<bool> {
 }
 
 /// Blocks until one of `fds` is readable or `stop` is raised; returns which of `fds` are
-/// readable (bit `i` for `fds[i]`), or 0 once stopped. At most 16 descriptors.
+/// readable (bit `i` for `fds[i]`), or 0 once stopped. At most 9 descriptors.
 pub fn wait_any(fds: &[RawFd], stop: &Stop) -> io::Result<u32> {
     loop {
         match poll_any(fds, stop, -1)? {
@@ -150,7 +150,7 @@ pub enum Readiness {
 }
 
 fn poll_any(fds: &[RawFd], stop: &Stop, timeout_ms: libc::c_int) -> io::Result<Readiness> {
-    const MAX: usize = 16;
+    const MAX: usize = 9;
     assert!(fds.len() <= MAX, "wait_any takes at most {MAX} descriptors");
     let mut pfds = [libc::pollfd {
         fd: -1,
