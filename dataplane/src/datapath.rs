@@ -346,8 +346,7 @@ impl TxPath {
                                 data: bytes,
                                 segment_size: None,
                             };
-                            let failed = shared.underlay.send_batch(lane, &[item]);
-                            shared.io_errors.send.fetch_add(failed as u64, Relaxed);
+                            send(shared, lane, &[item]);
                         }
                     }
                 }
@@ -445,8 +444,7 @@ impl TxPath {
                     data: &segbuf[..segs.total_len()],
                     segment_size: Some(segs.stride as u16),
                 };
-                let failed = shared.underlay.send_batch(lane, &[item]);
-                shared.io_errors.send.fetch_add(failed as u64, Relaxed);
+                send(shared, lane, &[item]);
             }
             Encap::Ipip => {
                 for range in segs.iter() {
@@ -465,8 +463,7 @@ impl TxPath {
                             segment_size: None,
                         };
                     }
-                    let failed = shared.underlay.send_batch(lane, &items[..last - first]);
-                    shared.io_errors.send.fetch_add(failed as u64, Relaxed);
+                    send(shared, lane, &items[..last - first]);
                 }
             }
         }
@@ -476,6 +473,12 @@ impl TxPath {
 /// Room for the small packets of one turn: [`MAX_BATCH`] packets of a 1500-byte MTU with
 /// their encapsulation. Larger packets (jumbo MTUs) make the batch go out sooner.
 const TX_BATCH_BYTES: usize = MAX_BATCH * 1600;
+
+/// Sends `items` from `lane`, counting what the kernel refused in [`IoErrors::send`].
+fn send(shared: &Shared, lane: usize, items: &[Transmit<'_>]) {
+    let failed = shared.underlay.send_batch(lane, items);
+    shared.io_errors.send.fetch_add(failed as u64, Relaxed);
+}
 
 /// Sends what `batch` holds, one `sendmmsg` per lane in use (UDP GSO trains where the
 /// datagrams allow, see [`TxBatch::trains`]), and empties it.
@@ -489,8 +492,7 @@ fn send_batched(shared: &Shared, batch: &mut TxBatch) {
         lanes &= lanes - 1;
         let mut items = [EMPTY; MAX_BATCH];
         let n = batch.trains(lane, &mut items);
-        let failed = shared.underlay.send_batch(lane, &items[..n]);
-        shared.io_errors.send.fetch_add(failed as u64, Relaxed);
+        send(shared, lane, &items[..n]);
     }
     batch.clear();
 }
