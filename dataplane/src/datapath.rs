@@ -1,11 +1,11 @@
 //! The packet-moving loop of the agent, on its dedicated data-path thread.
 //!
 //! Outbound: tunl0 -> [`Forwarder`] -> underlay socket. With TUN offload a read may be a
-//! 64 KiB TCP super-packet; it is routed once, cut into wire-sized segments behind their
-//! encapsulation by [`gso::segment_headers`] (VXLAN, sent zero-copy as UDP GSO trains) or
-//! [`gso::segment`] (IP-in-IP, one `sendmmsg` batch). Small packets (ACKs, pings, DNS) are
-//! gathered over a turn in a [`TxBatch`] and sent with one `sendmmsg` per lane (VXLAN outer
-//! source port) in use.
+//! 64 KiB TCP super-packet; it is routed once and [`gso::segment_headers`] builds each
+//! wire-sized segment's headers behind its encapsulation, sent with the payload left where
+//! the TUN read put it (VXLAN as UDP GSO trains, IP-in-IP one packet per `sendmmsg`
+//! message). Small packets (ACKs, pings, DNS) are gathered over a turn in a [`TxBatch`] and
+//! sent with one `sendmmsg` per lane (VXLAN outer source port) in use.
 //! Inbound: underlay socket (`recvmmsg`, UDP GRO) -> [`Forwarder`] -> [`Coalescer`] -> tunl0,
 //! so the segments of one flow become one GSO write.
 //!
@@ -25,7 +25,7 @@ use arc_swap::ArcSwap;
 use podnet_proto::gro::{Coalescer, Span};
 use podnet_proto::gso::Segments;
 use podnet_proto::virtio::{self, VirtioNetHdr, GSO_NONE};
-use podnet_proto::{gro, gso, ipv4, vxlan};
+use podnet_proto::{gro, gso, ipip, ipv4, vxlan};
 
 use crate::batch::TxBatch;
 use crate::drops::DropReason;
@@ -50,6 +50,23 @@ impl Underlay {
         let sent = match self {
             Underlay::Vxlan(s) => s.send_batch(lane, items),
             Underlay::Ipip(s) => s.send_batch(items),
+        };
+        sent.failed
+    }
+
+    /// Sends a train of packets to `dst`, each a header slice and a payload slice, every one
+    /// but the last `stride` bytes long (VXLAN: from `lane`, as UDP GSO where it can); returns
+    /// how many messages the kernel refused.
+    fn send_segments(
+        &self,
+        lane: usize,
+        dst: SocketAddrV4,
+        parts: &[[&[u8]; 2]],
+        stride: usize,
+    ) -> usize {
+        let sent = match self {
+            Underlay::Vxlan(s) => s.send_segments(lane, dst, parts, stride as u16),
+            Underlay::Ipip(s) => s.send_segments(dst, parts),
         };
         sent.failed
     }
@@ -388,84 +405,42 @@ impl TxPath {
         let peer = table.peer(index);
         let dst = dst_of(encap, peer.underlay_ip);
         let lane = shared.underlay.lane_of(packet);
-        let (prefix_len, prefix) = match fwd.vxlan_prefix(peer) {
-            Some(p) => (vxlan::ENCAP_LEN, Some(p)),
-            None => (podnet_proto::ipip::OVERHEAD, None),
-        };
-        if let (Some(prefix), Underlay::Vxlan(sock)) = (&prefix, &shared.underlay) {
-            // Zero-copy: build each segment's headers apart and send the payload from where
-            // the TUN read put it.
-            match gso::segment_headers(&hdr, packet, prefix, segbuf) {
-                Ok(plan) if plan.segs.count <= sys::MAX_SEGMENTS => {
-                    let mut parts: [[&[u8]; 2]; sys::MAX_SEGMENTS] = [[&[]; 2]; sys::MAX_SEGMENTS];
-                    let payload = &packet[plan.payload.clone()];
-                    for (i, part) in parts.iter_mut().enumerate().take(plan.segs.count) {
-                        let h = &segbuf[i * plan.header_len..(i + 1) * plan.header_len];
-                        let from = i * plan.mss;
-                        *part = [h, &payload[from..(from + plan.mss).min(payload.len())]];
-                    }
-                    count_tx(fwd, &table, index, &plan.segs);
-                    let sent = sock.send_segments(
-                        lane,
-                        dst,
-                        &parts[..plan.segs.count],
-                        plan.segs.stride as u16,
-                    );
-                    shared.io_errors.send.fetch_add(sent.failed as u64, Relaxed);
-                    return;
-                }
-                // Cut finer than the iovec array holds: the copying path below.
-                Ok(_) => {}
-                Err(_) => {
-                    shared.io_errors.offload.fetch_add(1, Relaxed);
-                    fwd.drop_outbound(DropReason::Malformed, packet);
-                    return;
-                }
-            }
-        }
-        let segs = match gso::segment(&hdr, packet, prefix_len, segbuf, |p, _| {
-            if let Some(prefix) = &prefix {
-                p.copy_from_slice(prefix);
-            }
-        }) {
-            Ok(s) => s,
+        let prefix = fwd.vxlan_prefix(peer);
+        // Zero-copy: build each segment's headers apart (IP-in-IP: behind a blank outer
+        // header, filled in per segment) and send the payload from where the TUN read put it.
+        let blank = [0u8; ipip::OVERHEAD];
+        let head: &[u8] = prefix.as_ref().map_or(&blank, |p| p);
+        let plan = match gso::segment_headers(&hdr, packet, head, segbuf) {
+            Ok(plan) => plan,
             Err(_) => {
                 shared.io_errors.offload.fetch_add(1, Relaxed);
                 fwd.drop_outbound(DropReason::Malformed, packet);
                 return;
             }
         };
-        count_tx(fwd, &table, index, &segs);
-        match encap {
-            Encap::Vxlan { .. } => {
-                // One train: the shell cuts it into UDP_SEGMENT messages within kernel limits.
-                let item = Transmit {
-                    dst,
-                    data: &segbuf[..segs.total_len()],
-                    segment_size: Some(segs.stride as u16),
-                };
-                send(shared, lane, &[item]);
+        let headers = &mut segbuf[..plan.segs.count * plan.header_len];
+        if prefix.is_none()
+            && fwd
+                .ipip_outer_headers(peer, packet, &plan, headers)
+                .is_err()
+        {
+            fwd.drop_outbound(DropReason::Malformed, packet);
+            return;
+        }
+        count_tx(fwd, &table, index, &plan.segs);
+        let mut parts: [[&[u8]; 2]; sys::MAX_SEGMENTS] = [[&[]; 2]; sys::MAX_SEGMENTS];
+        let mut slots = headers.chunks_exact(plan.header_len).enumerate().peekable();
+        // A train longer than the iovec array (an MSS of a few bytes) goes out in parts.
+        while slots.peek().is_some() {
+            let mut n = 0;
+            for (part, (i, h)) in parts.iter_mut().zip(slots.by_ref()) {
+                *part = [h, &packet[plan.piece(i)]];
+                n += 1;
             }
-            Encap::Ipip => {
-                for range in segs.iter() {
-                    let len = range.len() - prefix_len;
-                    // Cannot fail: the segment is a valid IPv4 packet we just built.
-                    let _ = fwd.encapsulate(peer, &mut segbuf[range], prefix_len, len);
-                }
-                for first in (0..segs.count).step_by(MAX_BATCH) {
-                    let mut items = [EMPTY; MAX_BATCH];
-                    let last = (first + MAX_BATCH).min(segs.count);
-                    for (slot, i) in items.iter_mut().zip(first..last) {
-                        let range = segs.range(i).unwrap_or(0..0);
-                        *slot = Transmit {
-                            dst,
-                            data: &segbuf[range],
-                            segment_size: None,
-                        };
-                    }
-                    send(shared, lane, &items[..last - first]);
-                }
-            }
+            let failed = shared
+                .underlay
+                .send_segments(lane, dst, &parts[..n], plan.segs.stride);
+            shared.io_errors.send.fetch_add(failed as u64, Relaxed);
         }
     }
 }

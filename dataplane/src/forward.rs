@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use ipnet::Ipv4Net;
 use podnet_proto::ethernet::MacAddr;
+use podnet_proto::gso::HeaderPlan;
 use podnet_proto::icmp;
 use podnet_proto::ipv4::{self, Ipv4Packet};
 use podnet_proto::vxlan::{self, Vni};
@@ -355,6 +356,31 @@ impl Forwarder {
                 peer.vtep_mac,
             )),
         }
+    }
+
+    /// Writes the IP-in-IP outer headers of a super-packet that [`podnet_proto::gso::segment_headers`] cut
+    /// behind a blank [`ipip::OVERHEAD`]-byte prefix: `headers` holds `plan`'s header slots,
+    /// and the first 20 bytes of slot `i` become the outer header of segment `i` (its own
+    /// length, consecutive identifications, TOS and DF of the super-packet `packet`), as
+    /// [`Forwarder::encapsulate`] would write it in front of that segment.
+    pub fn ipip_outer_headers(
+        &self,
+        peer: &Peer,
+        packet: &[u8],
+        plan: &HeaderPlan,
+        headers: &mut [u8],
+    ) -> Result<(), WireError> {
+        let inner = Ipv4Packet::new_checked(packet)?;
+        let count = plan.segs.count;
+        let first = self.ident.fetch_add(count as u16, Relaxed);
+        let slots = headers.chunks_exact_mut(plan.header_len).take(count);
+        for (i, slot) in slots.enumerate() {
+            let inner_len = plan.header_len - ipip::OVERHEAD + plan.piece(i).len();
+            let ident = first.wrapping_add(i as u16);
+            let (src, dst) = (self.config.underlay_ip, peer.underlay_ip);
+            ipip::outer_header(&inner, inner_len, src, dst, ident)?.emit(slot);
+        }
+        Ok(())
     }
 
     /// The 22-byte VXLAN + inner Ethernet prefix for packets to `peer` (for segmenters that
@@ -724,6 +750,72 @@ mod tests {
         let (second, _) = out(&fwd, &t, &INNER);
         assert_eq!(second[4..6], [0, 1], "identification advances per packet");
         assert_eq!(fwd.vxlan_prefix(t.peer(1)), None);
+    }
+
+    #[test]
+    fn ipip_outer_headers_match_encapsulating_each_segment() {
+        use podnet_proto::gso;
+        use podnet_proto::virtio::{VirtioNetHdr, F_NEEDS_CSUM, GSO_TCPV4};
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let mut packet = Vec::new();
+        etherparse::PacketBuilder::ipv4([10, 244, 1, 2], [10, 244, 2, 3], 64)
+            .tcp(40000, 5201, 7, 502)
+            .write(&mut packet, &data)
+            .unwrap();
+        packet[1] = 0xb8; // DSCP EF: the outer header copies it, as it does DF
+        packet[6] = 0x40;
+        fix_checksum(&mut packet);
+        let hdr = VirtioNetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 40,
+            gso_size: 1400,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let t = table();
+        let peer = t.peer(1);
+        // What the copying path sends: the segments in one buffer, each encapsulated in place.
+        let copying = node(1, Encap::Ipip);
+        let mut segbuf = vec![0u8; 16_384];
+        let segs = gso::segment(&hdr, &packet, ipip::OVERHEAD, &mut segbuf, |_, _| {}).unwrap();
+        let mut expected = Vec::new();
+        for r in segs.iter() {
+            let len = r.len() - ipip::OVERHEAD;
+            copying
+                .encapsulate(peer, &mut segbuf[r.clone()], ipip::OVERHEAD, len)
+                .unwrap();
+            expected.push(segbuf[r].to_vec());
+        }
+        // The zero-copy path: header slots, the payload left in the super-packet.
+        let fwd = node(1, Encap::Ipip);
+        let mut headers = vec![0u8; 4096];
+        let plan = gso::segment_headers(&hdr, &packet, &[0; ipip::OVERHEAD], &mut headers).unwrap();
+        fwd.ipip_outer_headers(peer, &packet, &plan, &mut headers)
+            .unwrap();
+        let hl = plan.header_len;
+        let got: Vec<Vec<u8>> = (0..plan.segs.count)
+            .map(|i| [&headers[i * hl..(i + 1) * hl], &packet[plan.piece(i)]].concat())
+            .collect();
+        assert_eq!(got.len(), 4, "5000 bytes at MSS 1400");
+        assert_eq!(got, expected);
+        for (i, g) in got.iter().enumerate() {
+            let outer = etherparse::Ipv4HeaderSlice::from_slice(g).unwrap();
+            assert_eq!(usize::from(outer.total_len()), g.len());
+            assert_eq!(
+                outer.header_checksum(),
+                outer.to_header().calc_header_checksum()
+            );
+            assert_eq!(outer.identification(), i as u16);
+            assert_eq!(
+                (outer.dcp().value(), outer.dont_fragment()),
+                (0xb8 >> 2, true)
+            );
+            assert_eq!(outer.protocol(), etherparse::IpNumber::IPV4);
+        }
+        // The identifications were taken from the forwarder's counter: the next packet follows.
+        let (next, _) = out(&fwd, &t, &INNER);
+        assert_eq!(next[4..6], [0, 4]);
     }
 
     #[test]

@@ -475,6 +475,14 @@ pub fn segment_headers(
     })
 }
 
+impl HeaderPlan {
+    /// Where segment `i`'s payload lies in the super-packet (empty past the last segment).
+    pub fn piece(&self, i: usize) -> Range<usize> {
+        let start = (self.payload.start + i * self.mss).min(self.payload.end);
+        start..(start + self.mss).min(self.payload.end)
+    }
+}
+
 fn read4(b: &[u8], at: usize) -> [u8; 4] {
     [b[at], b[at + 1], b[at + 2], b[at + 3]]
 }
@@ -1118,13 +1126,12 @@ mod header_tests {
             let mut headers = vec![0u8; OUT];
             let plan = segment_headers(&hdr, &packet, &prefix, &mut headers).unwrap();
             assert_eq!(plan.segs, segs);
-            let data = &packet[plan.payload.clone()];
             let mut got = Vec::new();
             for i in 0..plan.segs.count {
                 got.extend_from_slice(&headers[i * plan.header_len..(i + 1) * plan.header_len]);
-                let from = i * plan.mss;
-                got.extend_from_slice(&data[from..(from + plan.mss).min(data.len())]);
+                got.extend_from_slice(&packet[plan.piece(i)]);
             }
+            assert!(plan.piece(plan.segs.count).is_empty());
             assert_eq!(
                 got,
                 &want[..segs.total_len()],

@@ -42,10 +42,29 @@ pub fn encapsulate(
         "IP-in-IP encapsulation needs {OVERHEAD} bytes of headroom, packet starts at {start}"
     );
     let inner = Ipv4Packet::new_checked(&buf[start..start + inner_len])?;
+    let outer = outer_header(&inner, inner_len, outer_src, outer_dst, ident)?;
+    let new_start = start - OVERHEAD;
+    outer.emit(&mut buf[new_start..start]);
+    Ok(new_start)
+}
+
+/// The outer header [`encapsulate`] writes in front of an `inner_len`-byte inner packet whose
+/// TOS and DF are those of `inner`, for senders that emit it apart from the inner bytes (a
+/// segmenter handing the kernel header and payload slices: `inner` is then the super-packet
+/// and `inner_len` one segment's length, which shares its TOS and DF).
+///
+/// Errors if the outer packet would exceed 65535 bytes.
+pub fn outer_header<T: AsRef<[u8]>>(
+    inner: &Ipv4Packet<T>,
+    inner_len: usize,
+    outer_src: Ipv4Addr,
+    outer_dst: Ipv4Addr,
+    ident: u16,
+) -> Result<Ipv4Repr, WireError> {
     if inner_len > ipv4::MAX_PAYLOAD_LEN {
         return Err(WireError::BadTotalLen(u16::MAX));
     }
-    let outer = Ipv4Repr {
+    Ok(Ipv4Repr {
         src: outer_src,
         dst: outer_dst,
         protocol: protocol::IPIP,
@@ -54,10 +73,7 @@ pub fn encapsulate(
         ident,
         dont_frag: inner.dont_frag(),
         payload_len: inner_len,
-    };
-    let new_start = start - OVERHEAD;
-    outer.emit(&mut buf[new_start..start]);
-    Ok(new_start)
+    })
 }
 
 /// Checks an outer packet as a raw socket delivers it and returns its source address and the
@@ -146,6 +162,28 @@ mod tests {
             assert_eq!(outer.ttl(), OUTER_TTL);
             assert!(outer.verify_checksum());
         }
+    }
+
+    #[test]
+    fn outer_header_for_a_segment_matches_encapsulating_it() {
+        // A "super-packet" with TOS 0xb8 and DF; a 28-byte segment of it gets the header
+        // encapsulate gives the segment itself.
+        let mut sup = vec![0u8; 1000];
+        sup[..28].copy_from_slice(&PACKET[20..]);
+        sup[1] = 0xb8;
+        sup[2..4].copy_from_slice(&1000u16.to_be_bytes());
+        let sup = Ipv4Packet::new_checked(&sup[..]).unwrap();
+        let mut seg = vec![0u8; 20 + 28];
+        seg[20..].copy_from_slice(&PACKET[20..]);
+        seg[21] = 0xb8;
+        encapsulate(&mut seg, 20, 28, H1, H2, 9).unwrap();
+        let mut out = [0u8; OVERHEAD];
+        outer_header(&sup, 28, H1, H2, 9).unwrap().emit(&mut out);
+        assert_eq!(&out[..], &seg[..20]);
+        assert_eq!(
+            outer_header(&sup, ipv4::MAX_PAYLOAD_LEN + 1, H1, H2, 0),
+            Err(WireError::BadTotalLen(u16::MAX))
+        );
     }
 
     #[test]

@@ -753,6 +753,17 @@ impl Testbed {
         server: &Pod,
         secs: u32,
     ) -> Result<parse::IperfResult, String> {
+        self.iperf_with(client, server, secs, &[])
+    }
+
+    /// [`Testbed::iperf`] with more client arguments (`-M 100`, `-R`, ...).
+    pub fn iperf_with(
+        &mut self,
+        client: &Pod,
+        server: &Pod,
+        secs: u32,
+        extra: &[&str],
+    ) -> Result<parse::IperfResult, String> {
         let name = format!("iperf3-s-{}", server.ns);
         self.start_ready(
             &name,
@@ -761,19 +772,21 @@ impl Testbed {
             "listening",
             Duration::from_secs(10),
         )?;
-        let t = secs.to_string();
+        let (t, ip) = (secs.to_string(), server.ip.to_string());
+        let mut argv = vec![
+            "iperf3",
+            "-c",
+            &ip,
+            "-t",
+            &t,
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ];
+        argv.extend_from_slice(extra);
         let out = run(
             Some(&client.ns),
-            &[
-                "iperf3",
-                "-c",
-                &server.ip.to_string(),
-                "-t",
-                &t,
-                "-J",
-                "--connect-timeout",
-                "3000",
-            ],
+            &argv,
             Duration::from_secs(u64::from(secs) + 20),
         )?;
         self.stop(&name);

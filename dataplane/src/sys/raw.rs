@@ -119,6 +119,14 @@ impl IpipSocket {
     pub fn send_batch(&self, items: &[Transmit<'_>]) -> BatchSent {
         mmsg::send_batch(self.sock.as_raw_fd(), items, &self.no_gso)
     }
+
+    /// Sends whole outer packets to `dst` (port ignored), packet `i` being `packets[i][0]`
+    /// followed by `packets[i][1]` (headers built apart and a payload left where it was read),
+    /// one `sendmmsg` message each. At most [`mmsg::MAX_SEGMENTS`] packets.
+    pub fn send_segments(&self, dst: SocketAddrV4, packets: &[[&[u8]; 2]]) -> BatchSent {
+        // Without GSO the segment size only has to be non-zero: every packet is a message.
+        mmsg::send_segments(self.sock.as_raw_fd(), dst, packets, 1, &self.no_gso)
+    }
 }
 
 impl AsRawFd for IpipSocket {
@@ -183,7 +191,7 @@ mod tests {
                 let mut bufs = vec![vec![0u8; 2048]; 8];
                 let mut meta = [RecvMeta::default(); 8];
                 let mut got = Vec::new();
-                while got.len() < 5 {
+                while got.len() < 10 {
                     let n = sock.recv_batch(&mut bufs, &mut meta, &stop).unwrap();
                     for i in 0..n {
                         got.push((meta[i], bufs[i][..meta[i].len].to_vec()));
@@ -206,8 +214,14 @@ mod tests {
                 .collect();
             let sent = sock.send_batch(&items);
             assert_eq!((sent.sent, sent.failed), (5, 0), "{:?}", sent.last_error);
+            // The same packets again, each as a header slice and a payload slice.
+            let parts: Vec<[&[u8]; 2]> = pkts.iter().map(|p| [&p[..48], &p[48..]]).collect();
+            let sent = sock.send_segments(SocketAddrV4::new(b_ip, 0), &parts);
+            assert_eq!((sent.sent, sent.failed), (5, 0), "{:?}", sent.last_error);
             let got = receiver.join().unwrap();
+            assert_eq!(got.len(), 10);
             for (i, (meta, bytes)) in got.iter().enumerate() {
+                let i = i % 5;
                 assert_eq!(*meta.src.ip(), a_ip);
                 let outer = Ipv4HeaderSlice::from_slice(bytes).unwrap();
                 assert_eq!(outer.protocol(), etherparse::IpNumber::IPV4);
