@@ -1,6 +1,6 @@
 //! `scripts/testbed`, the README's main command: up, exec, status and down, on the kernel VXLAN
-//! baseline and on podnet (control service and static peers); and how `scripts/bench-iperf`
-//! handles its flags.
+//! baseline and on podnet (control service and static peers); how `scripts/bench-iperf`
+//! handles its flags; `scripts/ping-hops` on a real testbed.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -148,20 +148,29 @@ fn testbed_script_runs_podnet_ipip_with_static_peers() {
     assert!(link.status.success() && text.contains("mtu 1480"), "{text}");
 }
 
+/// Runs `scripts/NAME` with `args` and `env`: whether it succeeded, and stdout + stderr.
+fn run_script(name: &str, args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts")
+        .join(name);
+    let out = Command::new(script)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// `scripts/bench-iperf` explains itself in full and refuses bad flags before touching
 /// anything (the benchmark itself is run by hand; see bench/RESULTS.md).
 #[test]
 fn bench_iperf_explains_itself_and_refuses_bad_flags() {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench-iperf");
-    let run = |args: &[&str]| {
-        let out = Command::new(&script).args(args).output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    };
+    let run = |args: &[&str]| run_script("bench-iperf", args, &[]);
     let (ok, help) = run(&["--help"]);
     assert!(ok, "{help}");
     // The whole header: from the first line to the last, and no code after it.
@@ -175,4 +184,57 @@ fn bench_iperf_explains_itself_and_refuses_bad_flags() {
     assert!(!ok && text.contains("--reps must be 1..20"), "{text}");
     let (ok, text) = run(&["--fast"]);
     assert!(!ok && text.contains("unknown option '--fast'"), "{text}");
+}
+
+/// `scripts/ping-hops` splits real round trips into hops from four captures, refuses what it
+/// cannot measure, and leaves no namespace behind.
+#[test]
+fn ping_hops_splits_round_trips_and_cleans_up() {
+    if !e2e_ready() {
+        return;
+    }
+    podnet_tests::require_tools(&["tcpdump", "tshark"]);
+    let bin_dir = podnet_bin("podnet-agent").parent().unwrap().to_owned();
+    let run_dir = std::env::temp_dir().join(format!("podnet-e2e-hops-{}", std::process::id()));
+    let env = [("PODNET_BIN_DIR", &*bin_dir), ("PODNET_RUN_DIR", &*run_dir)];
+    let run = |args: &[&str]| run_script("ping-hops", args, &env);
+    let (ok, text) = run(&["--encap", "kernel-vxlan"]);
+    assert!(
+        !ok && text.contains("--encap must be vxlan or ipip"),
+        "{text}"
+    );
+    let (ok, text) = run(&["--count", "0"]);
+    assert!(!ok && text.contains("--count must be 1..100000"), "{text}");
+
+    let (ok, text) = run(&["--encap", "ipip", "--count", "20", "--interval", "0.02"]);
+    let _ = std::fs::remove_dir_all(&run_dir);
+    assert!(ok, "{text}");
+    assert!(text.contains("20 of 20 pings seen at every hop"), "{text}");
+    for hop in [
+        "h1 agent: tunl0 read -> underlay",
+        "h2 agent: socket -> tunl0 write",
+        "h2 kernel: request -> reply",
+        "underlay -> h1 agent -> tunl0 write",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(hop))
+            .unwrap_or_else(|| panic!("{text}"));
+        // median, p99, max: milliseconds, none negative (one clock for every capture).
+        let ms: Vec<f64> = line[hop.len()..]
+            .split_whitespace()
+            .take(3)
+            .map(|v| v.parse().unwrap_or_else(|_| panic!("{line}")))
+            .collect();
+        assert!(ms.len() == 3 && ms.iter().all(|&v| v >= 0.0), "{line}");
+        assert!(ms[0] <= ms[1] && ms[1] <= ms[2], "{line}");
+    }
+    let prefix = text
+        .split_whitespace()
+        .find(|w| w.starts_with("pnh"))
+        .unwrap_or_else(|| panic!("no testbed name in {text}"));
+    assert!(
+        !netns_exists(&format!("{prefix}-h1")),
+        "{prefix} left behind"
+    );
 }
