@@ -358,11 +358,12 @@ impl Forwarder {
         }
     }
 
-    /// Writes the IP-in-IP outer headers of a super-packet that [`podnet_proto::gso::segment_headers`] cut
-    /// behind a blank [`ipip::OVERHEAD`]-byte prefix: `headers` holds `plan`'s header slots,
-    /// and the first 20 bytes of slot `i` become the outer header of segment `i` (its own
-    /// length, consecutive identifications, TOS and DF of the super-packet `packet`), as
-    /// [`Forwarder::encapsulate`] would write it in front of that segment.
+    /// Writes the IP-in-IP outer headers of a super-packet that
+    /// [`podnet_proto::gso::segment_headers`] cut behind a blank [`ipip::OVERHEAD`]-byte
+    /// prefix: `headers` holds `plan`'s header slots, and the first 20 bytes of slot `i` become
+    /// the outer header of segment `i` (its own length, consecutive identifications, TOS and
+    /// DF of the super-packet `packet`), as [`Forwarder::encapsulate`] would write it in front
+    /// of that segment.
     pub fn ipip_outer_headers(
         &self,
         peer: &Peer,
