@@ -13,7 +13,6 @@ fn netns_exists(name: &str) -> bool {
 
 /// One `scripts/testbed` prefix with its own run dir; `down` on drop, also after a failure.
 struct Script {
-    path: PathBuf,
     prefix: String,
     run_dir: PathBuf,
 }
@@ -22,7 +21,6 @@ impl Script {
     fn new(tag: &str) -> Script {
         let prefix = format!("pn-e2e-{tag}-{}", std::process::id());
         Script {
-            path: Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/testbed"),
             run_dir: std::env::temp_dir().join(format!("podnet-e2e-{prefix}")),
             prefix,
         }
@@ -30,18 +28,11 @@ impl Script {
 
     fn call(&self, args: &[&str]) -> (Output, String) {
         let bin_dir = podnet_bin("podnet-agent").parent().unwrap().to_owned();
-        let out = Command::new(&self.path)
-            .args(args)
-            .env("PODNET_RUN_DIR", &self.run_dir)
-            .env("PODNET_BIN_DIR", bin_dir)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out, text)
+        let env = [
+            ("PODNET_RUN_DIR", &*self.run_dir),
+            ("PODNET_BIN_DIR", &*bin_dir),
+        ];
+        run_script("testbed", args, &env)
     }
 
     fn up(&self, args: &[&str]) -> String {
@@ -70,7 +61,7 @@ impl Script {
 
 impl Drop for Script {
     fn drop(&mut self) {
-        let _ = Command::new(&self.path)
+        let _ = Command::new(script_path("testbed"))
             .args(["down", "--prefix", &self.prefix])
             .env("PODNET_RUN_DIR", &self.run_dir)
             .output();
@@ -148,12 +139,15 @@ fn testbed_script_runs_podnet_ipip_with_static_peers() {
     assert!(link.status.success() && text.contains("mtu 1480"), "{text}");
 }
 
-/// Runs `scripts/NAME` with `args` and `env`: whether it succeeded, and stdout + stderr.
-fn run_script(name: &str, args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+fn script_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../scripts")
-        .join(name);
-    let out = Command::new(script)
+        .join(name)
+}
+
+/// Runs `scripts/NAME` with `args` and `env`: its output, and stdout + stderr as text.
+fn run_script(name: &str, args: &[&str], env: &[(&str, &Path)]) -> (Output, String) {
+    let out = Command::new(script_path(name))
         .args(args)
         .envs(env.iter().copied())
         .output()
@@ -163,6 +157,12 @@ fn run_script(name: &str, args: &[&str], env: &[(&str, &Path)]) -> (bool, String
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    (out, text)
+}
+
+/// [`run_script`] for tests that only ask whether it succeeded.
+fn script_ok(name: &str, args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
+    let (out, text) = run_script(name, args, env);
     (out.status.success(), text)
 }
 
@@ -170,7 +170,7 @@ fn run_script(name: &str, args: &[&str], env: &[(&str, &Path)]) -> (bool, String
 /// anything (the benchmark itself is run by hand; see bench/RESULTS.md).
 #[test]
 fn bench_iperf_explains_itself_and_refuses_bad_flags() {
-    let run = |args: &[&str]| run_script("bench-iperf", args, &[]);
+    let run = |args: &[&str]| script_ok("bench-iperf", args, &[]);
     let (ok, help) = run(&["--help"]);
     assert!(ok, "{help}");
     // The whole header: from the first line to the last, and no code after it.
@@ -197,7 +197,7 @@ fn ping_hops_splits_round_trips_and_cleans_up() {
     let bin_dir = podnet_bin("podnet-agent").parent().unwrap().to_owned();
     let run_dir = std::env::temp_dir().join(format!("podnet-e2e-hops-{}", std::process::id()));
     let env = [("PODNET_BIN_DIR", &*bin_dir), ("PODNET_RUN_DIR", &*run_dir)];
-    let run = |args: &[&str]| run_script("ping-hops", args, &env);
+    let run = |args: &[&str]| script_ok("ping-hops", args, &env);
     let (ok, text) = run(&["--encap", "kernel-vxlan"]);
     assert!(
         !ok && text.contains("--encap must be vxlan or ipip"),
