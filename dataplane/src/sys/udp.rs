@@ -75,6 +75,13 @@ pub enum UdpError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot bind a VXLAN send socket to an ephemeral port on {ip}: {source} (the agent sends from {lanes} ports the kernel picks, one per flow lane; are the ports of net.ipv4.ip_local_port_range in this namespace used up?)")]
+    BindLane {
+        ip: Ipv4Addr,
+        lanes: usize,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot set {option} on the VXLAN UDP socket bound to {addr}: {source}")]
     Option {
         option: &'static str,
@@ -111,7 +118,14 @@ impl VxlanSocket {
         if cfg.source_ports > 1 {
             let any_port = SocketAddrV4::new(*cfg.bind.ip(), 0);
             for _ in 0..cfg.source_ports {
-                let (s, addr, _) = open(any_port, cfg.buffer_bytes)?;
+                let (s, addr, _) = open(any_port, cfg.buffer_bytes).map_err(|e| match e {
+                    UdpError::Bind { addr, source } => UdpError::BindLane {
+                        ip: *addr.ip(),
+                        lanes: cfg.source_ports,
+                        source,
+                    },
+                    other => other,
+                })?;
                 // Nothing is ever read from a send socket: keep what arrives there small.
                 let _ = setsockopt_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 4096);
                 senders.push(s);
@@ -323,6 +337,28 @@ mod tests {
                 assert!(!meta.truncated);
                 assert_eq!(data, want);
             }
+        });
+    }
+
+    #[test]
+    fn running_out_of_ephemeral_ports_says_so() {
+        in_netns("udp-noports", || {
+            run("ip link set lo up");
+            // Two ephemeral ports in this namespace, for sixteen lanes.
+            run("sysctl -qw net.ipv4.ip_local_port_range='40000 40001'");
+            let mut cfg = UdpConfig::new(Ipv4Addr::LOCALHOST, 4789);
+            cfg.source_ports = 16;
+            let err = VxlanSocket::bind(&cfg).unwrap_err().to_string();
+            assert!(
+                err.contains("ephemeral port on 127.0.0.1")
+                    && err.contains("16 ports")
+                    && err.contains("ip_local_port_range"),
+                "{err}"
+            );
+            assert!(!err.contains("port 0"), "{err}");
+            // The receive port was free and stays so: the failed bind left nothing behind.
+            cfg.source_ports = 1;
+            assert_eq!(VxlanSocket::bind(&cfg).unwrap().local_addr().port(), 4789);
         });
     }
 
