@@ -17,7 +17,7 @@
 
 use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
@@ -90,10 +90,10 @@ impl Underlay {
         }
     }
 
-    fn as_raw_fd(&self) -> RawFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
-            Underlay::Vxlan(s) => s.as_raw_fd(),
-            Underlay::Ipip(s) => s.as_raw_fd(),
+            Underlay::Vxlan(s) => s.as_fd(),
+            Underlay::Ipip(s) => s.as_fd(),
         }
     }
 }
@@ -187,12 +187,13 @@ pub fn run(shared: &Shared) -> io::Result<()> {
     let underlay_bit: u32 = 1 << queues;
     let mut tx = TxPath::new(shared);
     let mut rx = RxPath::new();
-    let mut fds: Vec<RawFd> = (0..queues).map(|q| shared.queue(q).as_raw_fd()).collect();
-    fds.push(shared.underlay.as_raw_fd());
+    let mut fds: Vec<BorrowedFd<'_>> = (0..queues).map(|q| shared.queue(q).as_fd()).collect();
+    fds.push(shared.underlay.as_fd());
+    let watch = sys::Watch::new(&fds, &shared.stop)?;
     let spin = shared.busy_poll;
     let mut idle_since: Option<Instant> = None;
     // Which descriptors to read on this turn: all after traffic with one queue, else what
-    // `poll` reported.
+    // the watch reported.
     let mut ready = tun_bits | underlay_bit;
     loop {
         let mut busy = false;
@@ -231,11 +232,11 @@ pub fn run(shared: &Shared) -> io::Result<()> {
         if busy {
             idle_since = None;
             // With one queue, trying both descriptors costs at most one empty read; with
-            // several, one `poll` says which queues have packets.
+            // several, one `epoll_wait` says which queues have packets.
             ready = if queues == 1 {
                 tun_bits | underlay_bit
             } else {
-                match sys::ready_any(&fds, &shared.stop)? {
+                match watch.ready()? {
                     Readiness::Stopped => return Ok(()),
                     Readiness::Ready(bits) => bits,
                 }
@@ -243,11 +244,11 @@ pub fn run(shared: &Shared) -> io::Result<()> {
             continue;
         }
         // Idle for now: keep polling for a while after traffic instead of sleeping. One
-        // zero-timeout `poll` per turn asks both descriptors (and the stop signal) at once;
+        // zero-timeout `epoll_wait` per turn asks every descriptor (and the stop signal) at once;
         // between polls the CPU goes to whatever else is runnable (iperf3, the pods' stacks).
         let since = *idle_since.get_or_insert_with(Instant::now);
         if since.elapsed() < spin {
-            match sys::ready_any(&fds, &shared.stop)? {
+            match watch.ready()? {
                 Readiness::Stopped => return Ok(()),
                 Readiness::Ready(0) => {
                     std::thread::yield_now();
@@ -258,15 +259,15 @@ pub fn run(shared: &Shared) -> io::Result<()> {
             continue;
         }
         idle_since = None;
-        ready = sys::wait_any(&fds, &shared.stop)?;
+        ready = watch.wait()?;
         if ready == 0 {
             return Ok(());
         }
     }
 }
 
-/// How long [`run`] keeps polling (a zero-timeout `poll` of both descriptors, `sched_yield`
-/// between polls) after its last packet before it sleeps in `poll`.
+/// How long [`run`] keeps polling (a zero-timeout `epoll_wait` on its descriptors,
+/// `sched_yield` between polls) after its last packet before it sleeps in `epoll_wait`.
 ///
 /// A sleeping data-path thread costs a wake-up per packet that finds it asleep, and on a VM
 /// waking a halted vCPU is most of a round trip: with four wake-ups per ping (two agents,

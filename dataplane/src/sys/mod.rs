@@ -21,7 +21,9 @@ pub mod udp;
 mod testns;
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::sync::Arc;
 
 pub use mmsg::{
@@ -120,68 +122,89 @@ pub(crate) fn wait_readable(fd: RawFd, stop: &Stop) -> io::Result<bool> {
     }
 }
 
-/// Blocks until one of `fds` is readable or `stop` is raised; returns which of `fds` are
-/// readable (bit `i` for `fds[i]`), or 0 once stopped. At most 9 descriptors.
-pub fn wait_any(fds: &[RawFd], stop: &Stop) -> io::Result<u32> {
-    loop {
-        match poll_any(fds, stop, -1)? {
-            Readiness::Stopped => return Ok(0),
-            Readiness::Ready(bits) if bits != 0 => return Ok(bits),
-            Readiness::Ready(_) => {}
+/// The descriptors one loop serves, and its [`Stop`], watched through one epoll instance:
+/// asking which are readable is one system call whose cost does not grow with their number.
+/// (A `poll` of the agent's nine descriptors looked each one up and polled it on every call,
+/// which a busy-polling loop makes thousands of times a second: about 8 % of a busy agent's
+/// samples.) Level-triggered, so a descriptor stays reported until it is drained, as `poll`
+/// did.
+#[derive(Debug)]
+pub struct Watch {
+    epoll: Epoll,
+    count: usize,
+}
+
+/// Most descriptors a [`Watch`] takes (bit `i` of its answers is descriptor `i`).
+pub const WATCH_MAX: usize = 31;
+
+/// The epoll token of the stop signal (descriptors use their index).
+const STOP_TOKEN: u64 = u64::MAX;
+
+impl Watch {
+    /// Watches `fds` for input (bit `i` of the answers for `fds[i]`) and `stop`.
+    ///
+    /// # Panics
+    /// With more than [`WATCH_MAX`] descriptors: a caller bug.
+    pub fn new(fds: &[BorrowedFd<'_>], stop: &Stop) -> io::Result<Watch> {
+        assert!(
+            fds.len() <= WATCH_MAX,
+            "a Watch takes at most {WATCH_MAX} descriptors"
+        );
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        for (i, fd) in fds.iter().enumerate() {
+            epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
         }
+        epoll.add(stop, EpollEvent::new(EpollFlags::EPOLLIN, STOP_TOKEN))?;
+        Ok(Watch {
+            epoll,
+            count: fds.len(),
+        })
+    }
+
+    /// Which descriptors are readable right now (possibly none), or [`Readiness::Stopped`]. A
+    /// busy-polling loop calls this between bursts instead of trying a read on each.
+    pub fn ready(&self) -> io::Result<Readiness> {
+        self.wait_for(EpollTimeout::ZERO)
+    }
+
+    /// Blocks until a descriptor is readable and returns which are, or 0 once stopped.
+    pub fn wait(&self) -> io::Result<u32> {
+        loop {
+            match self.wait_for(EpollTimeout::NONE)? {
+                Readiness::Stopped => return Ok(0),
+                Readiness::Ready(0) => {}
+                Readiness::Ready(bits) => return Ok(bits),
+            }
+        }
+    }
+
+    fn wait_for(&self, timeout: EpollTimeout) -> io::Result<Readiness> {
+        let mut events = [EpollEvent::empty(); WATCH_MAX + 1];
+        let n = loop {
+            match self.epoll.wait(&mut events[..=self.count], timeout) {
+                Ok(n) => break n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut ready = 0u32;
+        for e in &events[..n] {
+            match e.data() {
+                STOP_TOKEN => return Ok(Readiness::Stopped),
+                i => ready |= 1 << i,
+            }
+        }
+        Ok(Readiness::Ready(ready))
     }
 }
 
-/// Which of `fds` are readable right now (bit `i` for `fds[i]`, possibly none), or
-/// [`Readiness::Stopped`]: one `poll` with a zero timeout. A busy-polling loop calls this
-/// between bursts instead of trying a read on every descriptor (one system call instead of
-/// one per descriptor plus one for the stop check).
-pub fn ready_any(fds: &[RawFd], stop: &Stop) -> io::Result<Readiness> {
-    poll_any(fds, stop, 0)
-}
-
-/// What [`ready_any`] saw.
+/// What [`Watch::ready`] saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Readiness {
-    /// Bit `i` set when `fds[i]` is readable (0: none is).
+    /// Bit `i` set when descriptor `i` is readable (0: none is).
     Ready(u32),
     /// The [`Stop`] signal is raised.
     Stopped,
-}
-
-fn poll_any(fds: &[RawFd], stop: &Stop, timeout_ms: libc::c_int) -> io::Result<Readiness> {
-    const MAX: usize = 9;
-    assert!(fds.len() <= MAX, "wait_any takes at most {MAX} descriptors");
-    let mut pfds = [libc::pollfd {
-        fd: -1,
-        events: libc::POLLIN,
-        revents: 0,
-    }; MAX + 1];
-    for (p, &fd) in pfds.iter_mut().zip(fds) {
-        p.fd = fd;
-    }
-    let n = fds.len();
-    pfds[n].fd = stop.fd.as_raw_fd();
-    loop {
-        // SAFETY: pfds[..=n] is a live array of initialised pollfd; the length passed matches.
-        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), (n + 1) as libc::nfds_t, timeout_ms) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if pfds[n].revents != 0 {
-            return Ok(Readiness::Stopped);
-        }
-        let ready = pfds[..n]
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.revents != 0)
-            .fold(0u32, |acc, (i, _)| acc | 1 << i);
-        return Ok(Readiness::Ready(ready));
-    }
 }
 
 /// Sets an integer socket option.
@@ -286,7 +309,7 @@ mod tests {
     }
 
     #[test]
-    fn wait_any_reports_which_and_stop() {
+    fn watch_reports_which_and_stop() {
         let stop = Stop::new().unwrap();
         let mut fds = [0; 4];
         // SAFETY: fds[..2] and fds[2..] are live arrays of two c_int each.
@@ -299,21 +322,43 @@ mod tests {
             .iter()
             .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
             .collect();
+        let readers = [owned[0].as_fd(), owned[2].as_fd()];
+        let watch = Watch::new(&readers, &stop).unwrap();
+        let first = Watch::new(&readers[..1], &stop).unwrap();
+        assert_eq!(watch.ready().unwrap(), Readiness::Ready(0));
         // SAFETY: writes one byte from a live array to our second pipe.
         assert_eq!(
             unsafe { libc::write(owned[3].as_raw_fd(), [7u8].as_ptr().cast(), 1) },
             1
         );
-        let readers = [owned[0].as_raw_fd(), owned[2].as_raw_fd()];
-        assert_eq!(wait_any(&readers, &stop).unwrap(), 0b10);
-        assert_eq!(ready_any(&readers, &stop).unwrap(), Readiness::Ready(0b10));
+        assert_eq!(watch.wait().unwrap(), 0b10);
+        // Level-triggered: still reported until read.
+        assert_eq!(watch.ready().unwrap(), Readiness::Ready(0b10));
+        assert_eq!(first.ready().unwrap(), Readiness::Ready(0));
+        let mut byte = [0u8; 1];
+        // SAFETY: reads one byte into a live array from our second pipe.
         assert_eq!(
-            ready_any(&readers[..1], &stop).unwrap(),
-            Readiness::Ready(0)
+            unsafe { libc::read(owned[2].as_raw_fd(), byte.as_mut_ptr().cast(), 1) },
+            1
         );
-        stop.stop();
-        assert_eq!(wait_any(&readers, &stop).unwrap(), 0, "stop wins");
-        assert_eq!(ready_any(&readers, &stop).unwrap(), Readiness::Stopped);
+        assert_eq!(watch.ready().unwrap(), Readiness::Ready(0));
+        // A blocked wait returns once stopped.
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| watch.wait().unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            stop.stop();
+            assert_eq!(waiter.join().unwrap(), 0, "stop wins");
+        });
+        assert_eq!(watch.ready().unwrap(), Readiness::Stopped);
+        assert_eq!(first.ready().unwrap(), Readiness::Stopped);
+    }
+
+    #[test]
+    #[should_panic(expected = "at most 31 descriptors")]
+    fn watch_refuses_more_descriptors_than_bits() {
+        let stop = Stop::new().unwrap();
+        let fds = vec![stop.as_fd(); WATCH_MAX + 1];
+        let _ = Watch::new(&fds, &stop);
     }
 
     #[test]

@@ -105,7 +105,7 @@ impl IpipSocket {
     }
 
     /// Like `recv_batch`, but returns `Ok(0)` at once when nothing is queued (for a loop that
-    /// serves several descriptors and waits on all of them with [`super::wait_any`]).
+    /// serves several descriptors and waits on all of them with a [`super::Watch`]).
     pub fn try_recv_batch<B: AsMut<[u8]>>(
         &self,
         bufs: &mut [B],
