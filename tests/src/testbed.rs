@@ -746,6 +746,17 @@ impl Testbed {
         })
     }
 
+    /// Starts a one-shot `iperf3 -s -1` named `name` in `ns` and waits until it listens.
+    pub fn start_iperf_server(&mut self, name: &str, ns: &str) -> Result<(), String> {
+        self.start_ready(
+            name,
+            ns,
+            &["iperf3", "-s", "-1", "--forceflush"],
+            "listening",
+            Duration::from_secs(10),
+        )
+    }
+
     /// A bounded iperf3 TCP run (`-t SECS -J`) from `client` to an `iperf3 -s -1` in `server`.
     pub fn iperf(
         &mut self,
@@ -765,13 +776,7 @@ impl Testbed {
         extra: &[&str],
     ) -> Result<parse::IperfResult, String> {
         let name = format!("iperf3-s-{}", server.ns);
-        self.start_ready(
-            &name,
-            &server.ns.clone(),
-            &["iperf3", "-s", "-1", "--forceflush"],
-            "listening",
-            Duration::from_secs(10),
-        )?;
+        self.start_iperf_server(&name, &server.ns.clone())?;
         let (t, ip) = (secs.to_string(), server.ip.to_string());
         let mut argv = vec![
             "iperf3",

@@ -405,14 +405,7 @@ fn vxlan_source_ports(path: Path) {
     let pcap = tb.path("sports.pcap");
     let from_h1 = format!("udp dst port 4789 and src host {}", tb.host(1).underlay_ip);
     let cap = Capture::start(&tb.ul(), "br0", &from_h1, 3000, &pcap);
-    tb.start_ready(
-        "iperf3-s8",
-        &b.ns,
-        &["iperf3", "-s", "-1", "--forceflush"],
-        "listening",
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    tb.start_iperf_server("iperf3-s8", &b.ns).unwrap();
     let server = b.ip.to_string();
     let argv = [
         "iperf3",

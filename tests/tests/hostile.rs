@@ -523,14 +523,7 @@ fn hostile(encap: Encap) {
 
     // Pod-to-pod iperf3 across the whole attack.
     let (server, client) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
-    tb.start_ready(
-        "iperf3-s",
-        &server.ns,
-        &["iperf3", "-s", "-1", "--forceflush"],
-        "listening",
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    tb.start_iperf_server("iperf3-s", &server.ns).unwrap();
     let iperf = std::thread::spawn(move || {
         run(
             Some(&client.ns),
