@@ -186,14 +186,14 @@ fn bench_iperf_explains_itself_and_refuses_bad_flags() {
     assert!(!ok && text.contains("unknown option '--fast'"), "{text}");
 }
 
-/// `scripts/ping-hops` splits real round trips into hops from four captures, refuses what it
-/// cannot measure, and leaves no namespace behind.
+/// `scripts/ping-hops` splits real round trips into hops from four captures, idle and under an
+/// iperf3 stream, refuses what it cannot measure, and leaves no namespace behind.
 #[test]
 fn ping_hops_splits_round_trips_and_cleans_up() {
     if !e2e_ready() {
         return;
     }
-    podnet_tests::require_tools(&["tcpdump", "tshark"]);
+    podnet_tests::require_tools(&["tcpdump", "tshark", "iperf3"]);
     let bin_dir = podnet_bin("podnet-agent").parent().unwrap().to_owned();
     let run_dir = std::env::temp_dir().join(format!("podnet-e2e-hops-{}", std::process::id()));
     let env = [("PODNET_BIN_DIR", &*bin_dir), ("PODNET_RUN_DIR", &*run_dir)];
@@ -206,10 +206,34 @@ fn ping_hops_splits_round_trips_and_cleans_up() {
     let (ok, text) = run(&["--count", "0"]);
     assert!(!ok && text.contains("--count must be 1..100000"), "{text}");
 
+    // IP-in-IP idle, and VXLAN under a stream: both underlay capture filters (which keep only
+    // tunnelled ICMP) and the load.
     let (ok, text) = run(&["--encap", "ipip", "--count", "20", "--interval", "0.02"]);
+    assert!(ok, "{text}");
+    assert_hops_reported(&text, 20);
+    let loaded: Vec<&str> = "--encap vxlan --count 20 --interval 0.02 --load"
+        .split(' ')
+        .collect();
+    let (ok, text) = run(&loaded);
     let _ = std::fs::remove_dir_all(&run_dir);
     assert!(ok, "{text}");
-    assert!(text.contains("20 of 20 pings seen at every hop"), "{text}");
+    assert_hops_reported(&text, 20);
+    let rate: f64 = text
+        .split("load: one iperf3 stream, median ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no load line in {text}"));
+    assert!(rate > 0.0, "{text}");
+}
+
+/// `ping-hops` output: all `count` pings seen at every capture, each hop's median <= p99 <= max
+/// and none negative, and the testbed it made gone.
+fn assert_hops_reported(text: &str, count: usize) {
+    assert!(
+        text.contains(&format!("{count} of {count} pings seen at every hop")),
+        "{text}"
+    );
     for hop in [
         "h1 agent: tunl0 read -> underlay",
         "h2 agent: socket -> tunl0 write",
