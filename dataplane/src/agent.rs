@@ -230,6 +230,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
                 gro: cfg.offload,
                 gso: cfg.offload,
                 source_ports: DEFAULT_SOURCE_PORTS,
+                receivers: usize::from(cfg.tun_queues),
                 ..UdpConfig::new(cfg.underlay_ip, vxlan::PORT)
             })?),
             Encap::Ipip => Underlay::Ipip(IpipSocket::bind(cfg.underlay_ip, DEFAULT_BUFFER_BYTES)?),

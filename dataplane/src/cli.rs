@@ -207,8 +207,8 @@ pub struct RunArgs {
     /// (an idle agent sleeps). 0 turns polling off.
     #[arg(long, default_value = "20ms", value_parser = parse_duration)]
     pub busy_poll: Duration,
-    /// TUN queues, read in turn one packet at a time: flows spread over them, so a ping or a
-    /// DNS query does not wait behind a bulk transfer's backlog in tunl0. 1 to 8.
+    /// TUN queues (and, for VXLAN, receive sockets), served in turn: flows spread over them,
+    /// so a ping or a DNS query does not wait behind a bulk transfer's backlog. 1 to 8.
     #[arg(long, default_value_t = crate::datapath::DEFAULT_TUN_QUEUES,
           value_parser = clap::value_parser!(u8).range(1..=8))]
     pub tun_queues: u8,

@@ -6,8 +6,9 @@
 //! the TUN read put it (VXLAN as UDP GSO trains, IP-in-IP one packet per `sendmmsg`
 //! message). Small packets (ACKs, pings, DNS) are gathered over a turn in a [`TxBatch`] and
 //! sent with one `sendmmsg` per lane (VXLAN outer source port) in use.
-//! Inbound: underlay socket (`recvmmsg`, UDP GRO) -> [`Forwarder`] -> [`Coalescer`] -> tunl0,
-//! so the segments of one flow become one GSO write.
+//! Inbound: underlay sockets (`recvmmsg`, UDP GRO; VXLAN a `SO_REUSEPORT` group served in
+//! turn) -> [`Forwarder`] -> [`Coalescer`] -> tunl0, so the segments of one flow become one
+//! GSO write.
 //!
 //! [`run`] serves both directions on one thread, which on a small machine moves the same
 //! bytes with fewer context switches (see its doc).
@@ -79,20 +80,31 @@ impl Underlay {
         }
     }
 
+    /// Receives what receive socket `i` holds (up to the buffers given), without waiting.
     fn try_recv_batch<B: AsMut<[u8]>>(
         &self,
+        i: usize,
         bufs: &mut [B],
         meta: &mut [RecvMeta],
     ) -> io::Result<usize> {
         match self {
-            Underlay::Vxlan(s) => s.try_recv_batch(bufs, meta),
+            Underlay::Vxlan(s) => s.try_recv_batch(i, bufs, meta),
             Underlay::Ipip(s) => s.try_recv_batch(bufs, meta),
         }
     }
 
-    fn as_fd(&self) -> BorrowedFd<'_> {
+    /// Receive sockets: VXLAN may have several (one `SO_REUSEPORT` group); IP-in-IP has one
+    /// (every raw socket would get a copy of every packet).
+    fn receiver_count(&self) -> usize {
         match self {
-            Underlay::Vxlan(s) => s.as_fd(),
+            Underlay::Vxlan(s) => s.receiver_count(),
+            Underlay::Ipip(_) => 1,
+        }
+    }
+
+    fn receiver(&self, i: usize) -> BorrowedFd<'_> {
+        match self {
+            Underlay::Vxlan(s) => s.receiver(i),
             Underlay::Ipip(s) => s.as_fd(),
         }
     }
@@ -172,6 +184,21 @@ fn dst_of(encap: Encap, peer: Ipv4Addr) -> SocketAddrV4 {
 /// batch of [`MAX_BATCH`] messages, so a flood on one side cannot starve the other.
 const TX_BUDGET_BYTES: usize = MAX_BATCH * 1500;
 
+/// Bytes one receive socket of several may hand over per turn, as a message count from the
+/// size of its last messages: two GRO-merged 64 KiB datagrams of a bulk flow, all of
+/// [`MAX_BATCH`] for small ones. A flow on another socket then waits for that much of a
+/// stream, not for its backlog, and a flood of small datagrams is still read in full batches.
+const RX_BUDGET_BYTES: usize = 128 * 1024;
+
+/// How many messages to ask one of `receivers` sockets for when its last batch averaged
+/// `mean` bytes a message (0: nothing read yet). A single socket always gets a full batch.
+fn rx_batch(receivers: usize, mean: usize) -> usize {
+    match (receivers, mean) {
+        (1, _) | (_, 0) => MAX_BATCH,
+        (_, m) => (RX_BUDGET_BYTES / m).clamp(1, MAX_BATCH),
+    }
+}
+
 /// Both directions on one thread, until `shared.stop` is raised.
 ///
 /// On a machine with few cores this moves the same bytes with fewer context switches than a
@@ -182,19 +209,22 @@ const TX_BUDGET_BYTES: usize = MAX_BATCH * 1500;
 /// TUN reads, one receive batch) so neither direction starves the other.
 pub fn run(shared: &Shared) -> io::Result<()> {
     let queues = shared.queue_count();
-    // Bits of `ready`: one per TUN queue, then the underlay socket.
+    let receivers = shared.underlay.receiver_count();
+    // Bits of `ready`: one per TUN queue, then one per receive socket.
     let tun_bits: u32 = (1 << queues) - 1;
-    let underlay_bit: u32 = 1 << queues;
+    let rx_bits: u32 = ((1 << receivers) - 1) << queues;
+    // Per receive socket, the mean size of the messages it last gave (see `rx_batch`).
+    let mut rx_mean = vec![0usize; receivers];
     let mut tx = TxPath::new(shared);
     let mut rx = RxPath::new();
     let mut fds: Vec<BorrowedFd<'_>> = (0..queues).map(|q| shared.queue(q).as_fd()).collect();
-    fds.push(shared.underlay.as_fd());
+    fds.extend((0..receivers).map(|r| shared.underlay.receiver(r)));
     let watch = sys::Watch::new(&fds, &shared.stop)?;
     let spin = shared.busy_poll;
     let mut idle_since: Option<Instant> = None;
-    // Which descriptors to read on this turn: all after traffic with one queue, else what
-    // the watch reported.
-    let mut ready = tun_bits | underlay_bit;
+    // Which descriptors to read on this turn: all after traffic with one queue and one
+    // socket, else what the watch reported.
+    let mut ready = tun_bits | rx_bits;
     loop {
         let mut busy = false;
         let mut budget = TX_BUDGET_BYTES;
@@ -222,19 +252,26 @@ pub fn run(shared: &Shared) -> io::Result<()> {
             }
         }
         tx.flush(shared);
-        if ready & underlay_bit != 0 {
-            let n = shared.underlay.try_recv_batch(&mut rx.bufs, &mut rx.meta)?;
-            if n > 0 {
-                busy = true;
-                rx.handle(shared, n);
+        for (r, mean) in rx_mean.iter_mut().enumerate() {
+            if ready & (1 << (queues + r)) == 0 {
+                continue;
             }
+            let want = rx_batch(receivers, *mean);
+            let (bufs, meta) = (&mut rx.bufs[..want], &mut rx.meta[..want]);
+            let n = shared.underlay.try_recv_batch(r, bufs, meta)?;
+            if n == 0 {
+                continue;
+            }
+            busy = true;
+            *mean = meta[..n].iter().map(|m| m.len).sum::<usize>() / n;
+            rx.handle(shared, n);
         }
         if busy {
             idle_since = None;
-            // With one queue, trying both descriptors costs at most one empty read; with
-            // several, one `epoll_wait` says which queues have packets.
-            ready = if queues == 1 {
-                tun_bits | underlay_bit
+            // With one queue and one socket, trying both costs at most one empty read; with
+            // more, one `epoll_wait` says which have packets.
+            ready = if queues == 1 && receivers == 1 {
+                tun_bits | rx_bits
             } else {
                 match watch.ready()? {
                     Readiness::Stopped => return Ok(()),
@@ -281,14 +318,15 @@ pub fn run(shared: &Shared) -> io::Result<()> {
 /// `--busy-poll` sets it (0 turns polling off).
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_millis(20);
 
-/// TUN queues [`run`] reads in turn (`--tun-queues`). A bulk TCP flow keeps about a
-/// millisecond of data queued in tunl0 (TCP small queues allows that much below the socket),
-/// and with one queue every other packet of the host waits behind it. With several queues the
-/// kernel puts flows on different ones and the loop takes one packet from each in turn: a
-/// given pair of flows shares a queue one time in eight. Measured (bench/RESULTS.md), a ping
-/// under one VXLAN stream: 0.95-1.5 ms with one queue; 0.25-0.34 ms in three runs of five
-/// with eight, about 1 ms in the other two, where the backlog sat in the receiving agent's
-/// UDP socket instead, which these queues do not reach.
+/// TUN queues [`run`] reads in turn (`--tun-queues`), and as many VXLAN receive sockets. A
+/// bulk TCP flow keeps about a millisecond of data queued in tunl0 (TCP small queues allows
+/// that much below the socket), and with one queue every other packet of the host waits
+/// behind it; on the receiving side the backlog sits in the UDP socket instead. With several
+/// queues and sockets the kernel puts flows on different ones (a given pair shares one time
+/// in eight) and the loop serves them in turn: one packet per TUN queue, about 128 KiB per
+/// socket. Measured (bench/RESULTS.md), median ping under one VXLAN stream: 0.95-1.5 ms with
+/// one queue; with eight queues and one socket 0.34-1.68 ms (median 0.85 over ten fresh
+/// testbeds), with eight of each 0.32-0.82 (0.42).
 pub const DEFAULT_TUN_QUEUES: u8 = 8;
 
 /// The outbound direction's buffers (allocated once).
@@ -641,5 +679,26 @@ impl MergedPath {
                 drop_malformed(fwd, src, inner);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rx_batch_bounds_bulk_bytes_and_reads_small_datagrams_in_full_batches() {
+        // One socket: everything it holds, as before the group.
+        assert_eq!(rx_batch(1, GRO_BUFFER_BYTES), MAX_BATCH);
+        // Nothing read yet, or a flood of small datagrams: a full batch.
+        assert_eq!(rx_batch(8, 0), MAX_BATCH);
+        assert_eq!(rx_batch(8, 120), MAX_BATCH);
+        assert_eq!(rx_batch(8, 1500), MAX_BATCH);
+        // GRO-merged bulk: two 64 KiB messages, about 128 KiB a turn.
+        assert_eq!(rx_batch(8, GRO_BUFFER_BYTES), 2);
+        assert_eq!(rx_batch(8, 16 * 1024), 8);
+        assert!(rx_batch(8, 16 * 1024) * 16 * 1024 <= RX_BUDGET_BYTES);
+        // Never less than one.
+        assert_eq!(rx_batch(8, usize::MAX), 1);
     }
 }

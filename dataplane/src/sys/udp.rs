@@ -45,6 +45,9 @@ pub struct UdpConfig {
     /// Sockets to send from, each with its own ephemeral source port (lanes). 0 or 1: send
     /// from the bound socket itself, so every packet leaves from `bind`'s port.
     pub source_ports: usize,
+    /// Sockets bound to `bind` as one `SO_REUSEPORT` group (receive queues): the kernel puts
+    /// each sender flow (address and source port) on one of them. 0 or 1: one plain socket.
+    pub receivers: usize,
 }
 
 impl UdpConfig {
@@ -56,6 +59,7 @@ impl UdpConfig {
             gro: true,
             gso: true,
             source_ports: 1,
+            receivers: 1,
         }
     }
 }
@@ -96,6 +100,8 @@ pub enum UdpError {
 #[derive(Debug)]
 pub struct VxlanSocket {
     sock: Socket,
+    /// The other receive sockets of `sock`'s `SO_REUSEPORT` group (empty with one).
+    receivers: Vec<Socket>,
     /// Send sockets, one per lane; empty when sending from `sock`.
     senders: Vec<Socket>,
     source_ports: Vec<u16>,
@@ -108,24 +114,49 @@ pub struct VxlanSocket {
 impl VxlanSocket {
     /// Creates, tunes and binds the socket, probing GRO and GSO.
     pub fn bind(cfg: &UdpConfig) -> Result<VxlanSocket, UdpError> {
-        let (sock, local, buffers) = open(cfg.bind, cfg.buffer_bytes)?;
+        let group = cfg.receivers > 1;
+        if group && cfg.bind.port() != 0 {
+            // SO_REUSEPORT would let us join a group someone else holds (another agent on this
+            // address) and split its traffic. A plain bind first fails as before if the
+            // address is taken; it is released at once and the group takes its place.
+            std::net::UdpSocket::bind(cfg.bind).map_err(|source| UdpError::Bind {
+                addr: cfg.bind,
+                source,
+            })?;
+        }
+        let (sock, local, buffers) = open(cfg.bind, cfg.buffer_bytes, group)?;
         let fd = sock.as_raw_fd();
         // UDP_GRO: Linux >= 5.0. Refused means the kernel will hand us single datagrams.
         let gro = cfg.gro && setsockopt_int(fd, libc::SOL_UDP, UDP_GRO, 1).is_ok();
+        let mut receivers = Vec::new();
+        for _ in 1..cfg.receivers.max(1) {
+            let (r, _, _) = open(local, cfg.buffer_bytes, true)?;
+            if gro {
+                setsockopt_int(r.as_raw_fd(), libc::SOL_UDP, UDP_GRO, 1).map_err(|source| {
+                    UdpError::Option {
+                        option: "UDP_GRO",
+                        addr: local,
+                        source,
+                    }
+                })?;
+            }
+            receivers.push(r);
+        }
         // UDP_SEGMENT: Linux >= 4.18; reading the option tells whether the kernel knows it.
         let gso = cfg.gso && super::getsockopt_int(fd, libc::SOL_UDP, UDP_SEGMENT).is_ok();
         let (mut senders, mut source_ports) = (Vec::new(), Vec::new());
         if cfg.source_ports > 1 {
             let any_port = SocketAddrV4::new(*cfg.bind.ip(), 0);
             for _ in 0..cfg.source_ports {
-                let (s, addr, _) = open(any_port, cfg.buffer_bytes).map_err(|e| match e {
-                    UdpError::Bind { addr, source } => UdpError::BindLane {
-                        ip: *addr.ip(),
-                        lanes: cfg.source_ports,
-                        source,
-                    },
-                    other => other,
-                })?;
+                let (s, addr, _) =
+                    open(any_port, cfg.buffer_bytes, false).map_err(|e| match e {
+                        UdpError::Bind { addr, source } => UdpError::BindLane {
+                            ip: *addr.ip(),
+                            lanes: cfg.source_ports,
+                            source,
+                        },
+                        other => other,
+                    })?;
                 // Nothing is ever read from a send socket: keep what arrives there small.
                 let _ = setsockopt_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 4096);
                 senders.push(s);
@@ -136,6 +167,7 @@ impl VxlanSocket {
         }
         Ok(VxlanSocket {
             sock,
+            receivers,
             senders,
             source_ports,
             local,
@@ -201,14 +233,30 @@ impl VxlanSocket {
         mmsg::recv_batch(self.sock.as_raw_fd(), bufs, meta, stop)
     }
 
-    /// Like `recv_batch`, but returns `Ok(0)` at once when nothing is queued (for a loop that
-    /// serves several descriptors and waits on all of them with a [`super::Watch`]).
+    /// Like `recv_batch`, on receive socket `i` of the group ([`UdpConfig::receivers`]; 0 is
+    /// the socket `recv_batch` reads), and returning `Ok(0)` at once when nothing is queued
+    /// (for a loop that serves several descriptors and waits on all of them with a
+    /// [`super::Watch`]).
     pub fn try_recv_batch<B: AsMut<[u8]>>(
         &self,
+        i: usize,
         bufs: &mut [B],
         meta: &mut [RecvMeta],
     ) -> io::Result<usize> {
-        mmsg::try_recv_batch(self.sock.as_raw_fd(), bufs, meta)
+        mmsg::try_recv_batch(self.receiver(i).as_raw_fd(), bufs, meta)
+    }
+
+    /// How many receive sockets there are (see [`UdpConfig::receivers`]).
+    pub fn receiver_count(&self) -> usize {
+        1 + self.receivers.len()
+    }
+
+    /// Receive socket `i`, to wait on (0 is the one [`AsFd`] gives too).
+    pub fn receiver(&self, i: usize) -> BorrowedFd<'_> {
+        match i {
+            0 => self.sock.as_fd(),
+            _ => self.receivers[i - 1].as_fd(),
+        }
     }
 
     /// Sends every item (blocking while the socket buffer is full); see [`Transmit`]. Long GSO
@@ -235,11 +283,13 @@ impl VxlanSocket {
     }
 }
 
-/// A UDP socket with DF clear and large buffers, bound to `addr`: the socket, the address it
-/// got (with the real port when 0 was asked for) and the buffer sizes granted.
+/// A UDP socket with DF clear and large buffers, bound to `addr` (in an `SO_REUSEPORT` group
+/// when `reuse_port`): the socket, the address it got (with the real port when 0 was asked
+/// for) and the buffer sizes granted.
 fn open(
     addr: SocketAddrV4,
     buffer_bytes: usize,
+    reuse_port: bool,
 ) -> Result<(Socket, SocketAddrV4, (usize, usize)), UdpError> {
     let sock = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))
         .map_err(UdpError::Create)?;
@@ -256,6 +306,14 @@ fn open(
         source,
     })?;
     let buffers = grow_buffers(fd, buffer_bytes);
+    if reuse_port {
+        sock.set_reuse_port(true)
+            .map_err(|source| UdpError::Option {
+                option: "SO_REUSEPORT",
+                addr,
+                source,
+            })?;
+    }
     sock.bind(&SocketAddr::V4(addr).into())
         .map_err(|source| UdpError::Bind { addr, source })?;
     let local = sock
@@ -399,6 +457,54 @@ mod tests {
             let c = loopback(0, false, false);
             assert_eq!(c.source_ports(), &[c.local_addr().port()]);
             assert_eq!(c.lane(12345), 0);
+        });
+    }
+
+    #[test]
+    fn receive_group_spreads_flows_and_never_joins_someone_elses_port() {
+        in_netns("udp-group", || {
+            run("ip link set lo up");
+            // A port held by a plain socket (another VXLAN endpoint) stays refused.
+            let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let SocketAddr::V4(taken) = other.local_addr().unwrap() else {
+                unreachable!("bound to an IPv4 address")
+            };
+            let mut cfg = UdpConfig::new(Ipv4Addr::LOCALHOST, taken.port());
+            cfg.receivers = 4;
+            let refused = VxlanSocket::bind(&cfg);
+            assert!(matches!(refused, Err(UdpError::Bind { .. })), "{refused:?}");
+            drop(other);
+            // Now ours; a second agent asking for the same group is refused too.
+            let group = VxlanSocket::bind(&cfg).unwrap();
+            assert_eq!(group.receiver_count(), 4);
+            let second = VxlanSocket::bind(&cfg);
+            assert!(matches!(second, Err(UdpError::Bind { .. })), "{second:?}");
+            // 32 senders (flows): every datagram arrives once, spread over the sockets.
+            let senders: Vec<_> = (0..32).map(|_| loopback(0, false, false)).collect();
+            for (i, s) in senders.iter().enumerate() {
+                let payload = [i as u8; 32];
+                let item = Transmit {
+                    dst: group.local_addr(),
+                    data: &payload,
+                    segment_size: None,
+                };
+                assert_eq!(s.send_batch(0, &[item]).sent, 1);
+            }
+            let mut per_socket = Vec::new();
+            let mut seen = Vec::new();
+            let mut bufs = vec![vec![0u8; 2048]; MAX_BATCH];
+            let mut meta = [RecvMeta::default(); MAX_BATCH];
+            for r in 0..group.receiver_count() {
+                let n = group.try_recv_batch(r, &mut bufs, &mut meta).unwrap();
+                per_socket.push(n);
+                seen.extend(bufs[..n].iter().map(|b| b[0]));
+            }
+            seen.sort_unstable();
+            assert_eq!(seen, (0..32u8).collect::<Vec<_>>(), "{per_socket:?}");
+            assert!(
+                per_socket.iter().filter(|&&n| n > 0).count() >= 2,
+                "{per_socket:?}"
+            );
         });
     }
 
