@@ -206,7 +206,8 @@ fn rx_batch(receivers: usize, mean: usize) -> usize {
 /// produces (the kernel runs the receiving socket inline in that write) are read back from the
 /// TUN by the same thread at once instead of waking another one, and ACKs arriving from the
 /// peer are picked up between data reads. Work per turn is bounded (`TX_BUDGET_BYTES` of
-/// TUN reads, one receive batch) so neither direction starves the other.
+/// TUN reads, one receive batch per ready socket, `RX_BUDGET_BYTES` each when there are
+/// several) so neither direction starves the other.
 pub fn run(shared: &Shared) -> io::Result<()> {
     let queues = shared.queue_count();
     let receivers = shared.underlay.receiver_count();
