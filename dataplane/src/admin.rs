@@ -681,6 +681,14 @@ pub fn format_status(v: &serde_json::Value) -> String {
         s("mtu"),
         s("tun")
     );
+    if let Some(n) = v.get("receive_sockets").and_then(|n| n.as_u64()) {
+        let what = match v.get("encap").and_then(|e| e.as_str()) {
+            Some("vxlan") if n > 1 => "UDP sockets on port 4789 (SO_REUSEPORT group, read in turn)",
+            Some("vxlan") => "UDP socket on port 4789",
+            _ => "raw IP-in-IP socket",
+        };
+        let _ = writeln!(out, "receive:     {n} {what}");
+    }
     if let Some(ports) = v.get("source_ports").and_then(|p| p.as_array()) {
         let ports: Vec<u64> = ports.iter().filter_map(|p| p.as_u64()).collect();
         if let (Some(lo), Some(hi)) = (ports.iter().min(), ports.iter().max()) {

@@ -96,6 +96,9 @@ pub struct NodeInfo {
     pub tun: String,
     /// TUN queues the data path reads in turn.
     pub tun_queues: usize,
+    /// Underlay sockets packets arrive on: the VXLAN `SO_REUSEPORT` group (one per
+    /// `--tun-queues`), or the one IP-in-IP raw socket.
+    pub receive_sockets: usize,
     pub offloads: OffloadInfo,
     pub membership: &'static str,
     pub control: Option<String>,
@@ -235,9 +238,14 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             })?),
             Encap::Ipip => Underlay::Ipip(IpipSocket::bind(cfg.underlay_ip, DEFAULT_BUFFER_BYTES)?),
         };
-        let (udp_gso, udp_gro, source_ports) = match &sock {
-            Underlay::Vxlan(s) => (s.gso(), s.gro(), s.source_ports().to_vec()),
-            Underlay::Ipip(_) => (false, false, Vec::new()),
+        let (udp_gso, udp_gro, source_ports, receive_sockets) = match &sock {
+            Underlay::Vxlan(s) => (
+                s.gso(),
+                s.gro(),
+                s.source_ports().to_vec(),
+                s.receiver_count(),
+            ),
+            Underlay::Ipip(_) => (false, false, Vec::new(), 1),
         };
         write_subnet_env(&cfg.state_dir, cfg.cluster_cidr, pod_cidr, mtu)?;
         let info = NodeInfo {
@@ -256,6 +264,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             mtu,
             tun: cfg.tun_name.clone(),
             tun_queues: 1 + tun_queues.len(),
+            receive_sockets,
             offloads: OffloadInfo {
                 tun_vnet_hdr: offloads.vnet_hdr,
                 tun_tso: offloads.tso4,
@@ -277,7 +286,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             tun = %info.tun, underlay = %info.underlay_dev,
             tun_tso = offloads.tso4, tun_csum = offloads.csum, udp_gso, udp_gro,
             peers = table.len(), source_ports = info.source_ports.len(),
-            tun_queues = info.tun_queues,
+            tun_queues = info.tun_queues, receive_sockets,
             "podnet-agent up"
         );
         let forwarder = Forwarder::new(

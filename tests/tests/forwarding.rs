@@ -51,6 +51,13 @@ fn podnet(name: &str, encap: Encap, path: Path) -> Testbed {
             "h{n}: {}",
             v["tun_queues"]
         );
+        let receivers = if encap == Encap::Vxlan { queues } else { 1 };
+        assert_eq!(
+            v["receive_sockets"].as_u64(),
+            Some(receivers),
+            "h{n}: {}",
+            v["receive_sockets"]
+        );
         let tso = v["offloads"]["tun_tso"].as_bool();
         assert_eq!(
             tso,
