@@ -51,6 +51,9 @@ pub struct StatusBody<'a> {
     pub peers: Vec<PeerStatus>,
     pub counters: CountersSnapshot,
     pub io_errors: IoErrorsBody,
+    /// Underlay datagrams the kernel dropped because the receive sockets were full (never read,
+    /// so under no drop reason).
+    pub receive_overflow: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -343,6 +346,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
             tun_write: io.tun_write.load(Relaxed),
             offload: io.offload.load(Relaxed),
         },
+        receive_overflow: agent.shared.underlay.receive_drops(),
     };
     Json(serde_json::to_value(&body).unwrap_or_default())
 }
@@ -528,6 +532,12 @@ pub fn render_metrics(agent: &Agent) -> String {
             ("op=\"tun_write\"".to_string(), io.tun_write.load(Relaxed)),
             ("op=\"offload\"".to_string(), io.offload.load(Relaxed)),
         ],
+    );
+    m.family(
+        "podnet_agent_receive_overflow_total",
+        "counter",
+        "Underlay datagrams the kernel dropped because the agent's receive sockets were full.",
+        one(agent.shared.underlay.receive_drops()),
     );
     let table = agent.shared.table.load();
     m.family(
@@ -779,6 +789,13 @@ pub fn format_status(v: &serde_json::Value) -> String {
         for (reason, n) in d {
             let _ = writeln!(out, "  {reason:<18} {n}");
         }
+    }
+    if let Some(n) = v.get("receive_overflow").and_then(|n| n.as_u64()) {
+        let _ = writeln!(
+            out,
+            "  {:<18} {n} (by the kernel: receive sockets full, never read)",
+            "receive_overflow"
+        );
     }
     out
 }

@@ -46,6 +46,15 @@ pub enum Underlay {
 }
 
 impl Underlay {
+    /// Datagrams the kernel dropped at the receive sockets because they were full: lost before
+    /// the data path saw them, so no drop reason of ours counts them.
+    pub fn receive_drops(&self) -> u64 {
+        match self {
+            Underlay::Vxlan(s) => s.receive_drops(),
+            Underlay::Ipip(s) => s.receive_drops(),
+        }
+    }
+
     /// Sends `items` from `lane` (VXLAN's outer source port; IP-in-IP has one lane).
     fn send_batch(&self, lane: usize, items: &[Transmit<'_>]) -> usize {
         let sent = match self {

@@ -256,6 +256,36 @@ pub(crate) fn getsockopt_int(
     }
 }
 
+/// Datagrams the kernel dropped at a socket since it was opened, nearly all because its receive
+/// buffer was full: `SO_MEMINFO`'s `SK_MEMINFO_DROPS`, what `ss -m` shows as `d` (a 32-bit
+/// counter in the kernel).
+pub(crate) fn socket_drops(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    const DROPS: usize = libc::SK_MEMINFO_DROPS as usize;
+    let mut info = [0u32; DROPS + 1];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: info and len are live and len holds info's size; the kernel writes at most len
+    // bytes into info and stores the length it wrote in len.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < std::mem::size_of_val(&info) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "SO_MEMINFO has no drop counter on this kernel",
+        ));
+    }
+    Ok(u64::from(info[DROPS]))
+}
+
 /// Grows a socket's receive and send buffers to `bytes`.
 ///
 /// Tries `SO_*BUFFORCE` first (needs CAP_NET_ADMIN, ignores `net.core.[rw]mem_max`), then the

@@ -18,7 +18,7 @@ use std::sync::atomic::AtomicBool;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::mmsg;
-use super::{grow_buffers, setsockopt_int, BatchSent, RecvMeta, Stop, Transmit};
+use super::{grow_buffers, setsockopt_int, socket_drops, BatchSent, RecvMeta, Stop, Transmit};
 
 /// IP protocol number of IP-in-IP (RFC 2003).
 pub const IPPROTO_IPIP: i32 = 4;
@@ -91,6 +91,11 @@ impl IpipSocket {
         self.buffers
     }
 
+    /// Packets the kernel dropped at this socket because it was full (0 if it cannot be read).
+    pub fn receive_drops(&self) -> u64 {
+        socket_drops(self.sock.as_fd()).unwrap_or(0)
+    }
+
     /// Receives a batch of outer IPv4 packets; `meta[i].src` has the outer source (port 0)
     /// and `segment_size == len`. Size buffers for the underlay MTU (or 64 KiB if the underlay
     /// NIC may GRO-merge IP-in-IP TCP, which real NICs do and veth without NAPI does not).
@@ -144,7 +149,7 @@ impl AsFd for IpipSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::testns::{create, enter, in_netns, run};
+    use crate::sys::testns::{assert_read_or_dropped, create, enter, in_netns, run};
     use etherparse::{Ipv4HeaderSlice, PacketBuilder};
 
     /// Outer IPv4 (protocol 4) around an inner UDP packet, built by etherparse.
@@ -166,6 +171,35 @@ mod tests {
         let mut pkt = outer.to_bytes().to_vec();
         pkt.extend_from_slice(&inner);
         pkt
+    }
+
+    #[test]
+    fn packets_a_full_receive_buffer_refused_are_counted() {
+        in_netns("raw-overflow", || {
+            run("ip link set lo up");
+            let lo = Ipv4Addr::LOCALHOST;
+            let sock = IpipSocket::bind(lo, 4096).unwrap();
+            assert_eq!(sock.receive_drops(), 0);
+            // The socket receives what it sends to its own address; loopback delivers (or
+            // drops) each packet before the send returns.
+            let pkt = outer_packet(lo, lo, &[7; 1000]);
+            const SENT: usize = 64;
+            for _ in 0..SENT {
+                let item = Transmit {
+                    dst: SocketAddrV4::new(lo, 0),
+                    data: &pkt,
+                    segment_size: None,
+                };
+                assert_eq!(sock.send_batch(&[item]).sent, 1);
+            }
+            let mut bufs = vec![vec![0u8; 2048]; 8];
+            let mut meta = [RecvMeta::default(); 8];
+            assert_read_or_dropped(
+                SENT,
+                || sock.try_recv_batch(&mut bufs, &mut meta).unwrap(),
+                || sock.receive_drops(),
+            );
+        });
     }
 
     #[test]

@@ -1,4 +1,5 @@
 //! Test support: run a closure on a thread that has entered a fresh network namespace.
+//! Also a check shared by the socket tests.
 //!
 //! `setns(CLONE_NEWNET)` only moves the calling thread, so each test gets its own thread; the
 //! namespace is created with `ip netns add` under a unique `pn-h5-...` name and deleted by a
@@ -101,4 +102,25 @@ pub fn try_run(cmd: &str) -> Result<String, String> {
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
+}
+
+/// Reads a socket to the end with `read_batch` (one non-blocking batch per call, 0 when nothing
+/// is queued) and checks that each of the `sent` packets was either read or counted by
+/// `receive_drops`, and that there were some of each.
+pub fn assert_read_or_dropped(
+    sent: usize,
+    mut read_batch: impl FnMut() -> usize,
+    receive_drops: impl Fn() -> u64,
+) {
+    let mut read = 0;
+    loop {
+        let n = read_batch();
+        if n == 0 {
+            break;
+        }
+        read += n;
+    }
+    let drops = receive_drops() as usize;
+    assert!(read > 0 && drops > 0, "read {read}, dropped {drops}");
+    assert_eq!(read + drops, sent, "read {read}, dropped {drops}");
 }

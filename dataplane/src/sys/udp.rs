@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::mmsg::{self, UDP_GRO, UDP_SEGMENT};
-use super::{grow_buffers, setsockopt_int, BatchSent, RecvMeta, Stop, Transmit};
+use super::{grow_buffers, setsockopt_int, socket_drops, BatchSent, RecvMeta, Stop, Transmit};
 pub use super::{MAX_GSO_SEGMENTS, MAX_UDP_PAYLOAD};
 
 /// Default socket buffer size asked for (receive and send each).
@@ -246,6 +246,14 @@ impl VxlanSocket {
         mmsg::try_recv_batch(self.receiver(i).as_raw_fd(), bufs, meta)
     }
 
+    /// Datagrams the kernel dropped at the receive sockets because they were full (summed over
+    /// the group; a socket whose count cannot be read adds nothing).
+    pub fn receive_drops(&self) -> u64 {
+        (0..self.receiver_count())
+            .filter_map(|i| socket_drops(self.receiver(i)).ok())
+            .sum()
+    }
+
     /// How many receive sockets there are (see [`UdpConfig::receivers`]).
     pub fn receiver_count(&self) -> usize {
         1 + self.receivers.len()
@@ -339,7 +347,7 @@ impl AsFd for VxlanSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::testns::{in_netns, run};
+    use crate::sys::testns::{assert_read_or_dropped, in_netns, run};
     use crate::sys::MAX_BATCH;
 
     fn loopback(port: u16, gro: bool, gso: bool) -> VxlanSocket {
@@ -457,6 +465,30 @@ mod tests {
             let c = loopback(0, false, false);
             assert_eq!(c.source_ports(), &[c.local_addr().port()]);
             assert_eq!(c.lane(12345), 0);
+        });
+    }
+
+    #[test]
+    fn datagrams_a_full_receive_buffer_refused_are_counted() {
+        in_netns("udp-overflow", || {
+            run("ip link set lo up");
+            let mut cfg = UdpConfig::new(Ipv4Addr::LOCALHOST, 0);
+            cfg.buffer_bytes = 4096;
+            let sock = VxlanSocket::bind(&cfg).unwrap();
+            assert_eq!(sock.receive_drops(), 0);
+            // Loopback delivers (or drops) each datagram before send returns.
+            let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            const SENT: usize = 64;
+            for _ in 0..SENT {
+                peer.send_to(&[7; 1000], sock.local_addr()).unwrap();
+            }
+            let mut bufs = vec![vec![0u8; 2048]; MAX_BATCH];
+            let mut meta = [RecvMeta::default(); MAX_BATCH];
+            assert_read_or_dropped(
+                SENT,
+                || sock.try_recv_batch(0, &mut bufs, &mut meta).unwrap(),
+                || sock.receive_drops(),
+            );
         });
     }
 
