@@ -222,6 +222,10 @@ pub struct DropsBody {
     /// Samples recorded so far.
     pub sampled_total: u64,
     pub samples: Vec<DropRow>,
+    /// Packets the kernel dropped at the full receive sockets so far: never read, so neither
+    /// counted by reason nor sampled (`receive_overflow` in `/status`).
+    #[serde(default)]
+    pub receive_overflow: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -254,6 +258,7 @@ async fn drops_handler(
         drops_total: counters.total_drops(),
         sampled_total,
         samples,
+        receive_overflow: agent.shared.underlay.receive_drops(),
     })
 }
 

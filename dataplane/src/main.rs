@@ -92,15 +92,20 @@ fn drops(d: &DropsArgs) -> Result<(), String> {
                     println!("{}", admin::format_drop(row));
                 }
                 println!(
-                    "{} drops counted, {} sampled",
-                    first.drops_total, first.sampled_total
+                    "{} drops counted, {} sampled; {} packets dropped by the kernel at full \
+                     receive sockets",
+                    first.drops_total, first.sampled_total, first.receive_overflow
                 );
             }
             return Ok(());
         }
         let deadline = d.duration.map(|t| tokio::time::Instant::now() + t);
-        let (mut since, mut total, mut sampled) =
-            (first.last_seq, first.drops_total, first.sampled_total);
+        let (mut since, mut total, mut sampled, mut overflow) = (
+            first.last_seq,
+            first.drops_total,
+            first.sampled_total,
+            first.receive_overflow,
+        );
         if !d.api.json {
             println!(
                 "watching drops on {} (sampled, at most {} per reason per second)",
@@ -135,9 +140,18 @@ fn drops(d: &DropsArgs) -> Result<(), String> {
             if skipped > 0 && !d.api.json {
                 println!("... {skipped} more drops not sampled");
             }
+            // Packets the agent never read: no reason, no sample, only the kernel's count.
+            let overflowed = body.receive_overflow.saturating_sub(overflow);
+            if overflowed > 0 && !d.api.json {
+                println!(
+                    "... {overflowed} packets dropped by the kernel before the agent read them \
+                     (receive sockets full)"
+                );
+            }
             since = body.last_seq;
             total = body.drops_total;
             sampled = body.sampled_total;
+            overflow = body.receive_overflow;
             let _ = std::io::stdout().flush();
         }
     })

@@ -20,7 +20,8 @@ use podnet_proto::checksum;
 use podnet_proto::ipv4::{self, Ipv4Repr};
 use podnet_tests::parse::{iperf3_json, metric_sum};
 use podnet_tests::{
-    e2e_ready, must, require_tools, run, wait_for, Encap, HostMode, Peers, Testbed, TestbedBuilder,
+    e2e_ready, must, podnet_bin, require_tools, run, wait_for, Encap, HostMode, Peers, Testbed,
+    TestbedBuilder,
 };
 
 /// Sends the frames listed in a file (`COUNT HEX` per line) on an interface, at most
@@ -694,6 +695,22 @@ fn hostile(encap: Encap) {
             &[0; 64],
         ),
     );
+    // A `drops --watch` across the flood reports what the kernel dropped at full sockets.
+    let agent_bin = podnet_bin("podnet-agent");
+    tb.start_ready(
+        "watch",
+        &h1,
+        &[
+            &agent_bin.to_string_lossy(),
+            "drops",
+            "--watch",
+            "--duration",
+            "60s",
+        ],
+        "watching drops",
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("drops --watch: {e}"));
     let (drops_before, _) = agent_counters(&tb);
     // The flood's path: host 2's eth0, the underlay bridge and its ports, host 1's eth0.
     let underlay = [(h2.clone(), "eth0"), (tb.ul(), ""), (h1.clone(), "eth0")];
@@ -754,6 +771,24 @@ fn hostile(encap: Encap) {
         "the agent reports {reported} receive overflows, /proc/net {low}..{high}"
     );
     assert!(reported >= flood.overflowed, "{reported} reported; {flood}");
+    // The watch's last look comes after the counts settled.
+    std::thread::sleep(Duration::from_millis(500));
+    tb.stop("watch");
+    let watch = tb.log("watch");
+    let watched: u64 = watch
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("... ")?;
+            let (n, what) = rest.split_once(' ')?;
+            what.starts_with("packets dropped by the kernel")
+                .then(|| n.parse::<u64>().ok())?
+        })
+        .sum();
+    assert!(
+        watched >= flood.overflowed,
+        "drops --watch showed {watched} kernel drops; {flood}\n{watch}"
+    );
+    eprintln!("drops --watch showed {watched} packets dropped by the kernel");
 
     // iperf3 completed across all of it, and the agent still runs and forwards.
     let out = iperf
