@@ -238,15 +238,11 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             })?),
             Encap::Ipip => Underlay::Ipip(IpipSocket::bind(cfg.underlay_ip, DEFAULT_BUFFER_BYTES)?),
         };
-        let (udp_gso, udp_gro, source_ports, receive_sockets) = match &sock {
-            Underlay::Vxlan(s) => (
-                s.gso(),
-                s.gro(),
-                s.source_ports().to_vec(),
-                s.receiver_count(),
-            ),
-            Underlay::Ipip(_) => (false, false, Vec::new(), 1),
+        let (udp_gso, udp_gro, source_ports) = match &sock {
+            Underlay::Vxlan(s) => (s.gso(), s.gro(), s.source_ports().to_vec()),
+            Underlay::Ipip(_) => (false, false, Vec::new()),
         };
+        let receive_sockets = sock.receiver_count();
         write_subnet_env(&cfg.state_dir, cfg.cluster_cidr, pod_cidr, mtu)?;
         let info = NodeInfo {
             node: cfg.node_name.clone(),

@@ -104,7 +104,7 @@ impl Underlay {
 
     /// Receive sockets: VXLAN may have several (one `SO_REUSEPORT` group); IP-in-IP has one
     /// (every raw socket would get a copy of every packet).
-    fn receiver_count(&self) -> usize {
+    pub fn receiver_count(&self) -> usize {
         match self {
             Underlay::Vxlan(s) => s.receiver_count(),
             Underlay::Ipip(_) => 1,

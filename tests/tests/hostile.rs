@@ -733,13 +733,6 @@ fn hostile(encap: Encap) {
             path: underlay_drops(&underlay) - path_before,
         }
     };
-    // The agent reports its sockets' drops itself: the same count the kernel's tables show.
-    let reported_overflow = || {
-        let before = socket_drops(&h1, encap);
-        let reported = metric_sum(&tb.metrics(1), "podnet_agent_receive_overflow_total", &[])
-            .expect("podnet_agent_receive_overflow_total") as u64;
-        (before, reported, socket_drops(&h1, encap))
-    };
     let flood = wait_for(
         "every flood datagram counted",
         Duration::from_secs(10),
@@ -765,7 +758,11 @@ fn hostile(encap: Encap) {
         sent as f64 / secs
     );
     assert!(flood.spoofed <= sent, "{flood}");
-    let (low, reported, high) = reported_overflow();
+    // The agent reports its sockets' drops itself: the same count the kernel's tables show.
+    let low = socket_drops(&h1, encap);
+    let reported = metric_sum(&tb.metrics(1), "podnet_agent_receive_overflow_total", &[])
+        .expect("podnet_agent_receive_overflow_total") as u64;
+    let high = socket_drops(&h1, encap);
     assert!(
         (low..=high).contains(&reported),
         "the agent reports {reported} receive overflows, /proc/net {low}..{high}"
