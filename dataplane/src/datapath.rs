@@ -577,11 +577,13 @@ struct RxPath {
     bufs: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
     coalescer: Coalescer,
-    merged: MergedPath,
+    rewrite: RewritePath,
 }
 
-/// Buffers for inner packets that arrive longer than the tunl0 MTU (see [`MergedPath::deliver`]).
-struct MergedPath {
+/// Buffers for inner packets that cannot be written from where they were received: longer
+/// than the tunl0 MTU ([`RewritePath::deliver`]), or with a checksum to complete and no TUN
+/// offload to hand it over ([`RewritePath::complete`]).
+struct RewritePath {
     /// `[virtio header][packet]`.
     out: Vec<u8>,
     /// Wire-sized segments when the TUN has no offload.
@@ -596,7 +598,7 @@ impl RxPath {
                 .collect(),
             meta: vec![RecvMeta::default(); MAX_BATCH],
             coalescer: Coalescer::new(),
-            merged: MergedPath {
+            rewrite: RewritePath {
                 out: vec![0u8; virtio::HEADER_LEN + MAX_READ],
                 segbuf: vec![0u8; SEGMENT_BUF],
             },
@@ -608,7 +610,7 @@ impl RxPath {
         let fwd = &shared.forwarder;
         let vnet = shared.tun.vnet_hdr_len();
         let coalescer = &mut self.coalescer;
-        let merged = &mut self.merged;
+        let rewrite = &mut self.rewrite;
         let bufs = &self.bufs;
         let mtu = usize::from(fwd.config().mtu);
         let table = shared.table.load();
@@ -641,10 +643,12 @@ impl RxPath {
                     if inner.len() > mtu {
                         // Whatever the coalescer holds arrived first.
                         coalescer.flush(bufs, |out| write_tun_vectored(shared, out));
-                        merged.deliver(shared, *m.src.ip(), inner);
+                        rewrite.deliver(shared, *m.src.ip(), inner);
                     } else if vnet > 0 {
                         let at = span_in(k, buf, inner);
                         coalescer.push(bufs, at, |out| write_tun_vectored(shared, out));
+                    } else if let Some(hdr) = gso::partial_checksum(inner) {
+                        rewrite.complete(shared, *m.src.ip(), inner, &hdr);
                     } else {
                         write_tun(shared, inner, 0);
                     }
@@ -658,7 +662,20 @@ impl RxPath {
     }
 }
 
-impl MergedPath {
+impl RewritePath {
+    /// Writes `inner` with the checksum a sender's offload left partial (`hdr`, from
+    /// [`gso::partial_checksum`]) computed, for a TUN without virtio header: the kernel takes
+    /// what it reads from such a TUN as checksummed, and the pod would drop the packet.
+    fn complete(&mut self, shared: &Shared, src: Ipv4Addr, inner: &[u8], hdr: &VirtioNetHdr) {
+        let packet = &mut self.out[..inner.len()];
+        packet.copy_from_slice(inner);
+        match gso::complete_checksum(hdr, packet) {
+            Ok(()) => write_tun(shared, packet, 0),
+            // partial_checksum found the field inside the packet.
+            Err(_) => drop_malformed(&shared.forwarder, src, inner),
+        }
+    }
+
     /// Delivers an inner packet longer than the tunl0 MTU: IP-in-IP TCP segments the host's
     /// GRO merged before our raw socket saw them ([`gro::offload_merged`]). With TUN offload
     /// it is one GSO write; without, it is cut back into MTU-sized segments here. A packet

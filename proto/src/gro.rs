@@ -14,13 +14,18 @@
 //! - sequence numbers contiguous; every segment the size of the first except a shorter last;
 //! - at most 65535 bytes in total;
 //! - valid IPv4 header and TCP checksums on every segment (a bad one is passed through alone
-//!   so the kernel drops and counts it).
+//!   so the kernel drops and counts it). A checksum the sender's offload left partial (the
+//!   field holds the pseudo-header sum, [`gso::partial_checksum`]) counts as valid, as the
+//!   kernel trusts `CHECKSUM_PARTIAL` across veth: the merged packet's checksum is completed
+//!   by the kernel, and a partial one passed through alone is handed over with
+//!   `F_NEEDS_CSUM`.
 //!
 //! A flow's super-packet is finished as soon as a segment is shorter than the first or
 //! carries PSH, FIN, URG, RST or SYN (it is appended first if it qualifies), and at [`flush`]
 //! at the end of every batch: nothing is held across batches, so no timer is needed.
 //! Everything else (non-TCP, pure ACKs, SYNs, malformed packets) is passed through unchanged
-//! behind an all-zero virtio header. Packets of one flow keep their order.
+//! behind an all-zero virtio header (`F_NEEDS_CSUM` for a partial checksum). Packets of one
+//! flow keep their order.
 //!
 //! Payloads are not copied: the coalescer keeps the first segment's headers and, for every
 //! segment, where its payload lies in the caller's receive buffers ([`Span`]). An output is a
@@ -33,7 +38,7 @@ use std::io::IoSlice;
 
 use crate::checksum;
 use crate::error::{Layer, WireError};
-use crate::gso::{tcp, TcpIpv4};
+use crate::gso::{self, tcp, TcpIpv4};
 use crate::ipv4::{self, Ipv4Packet};
 use crate::virtio::{
     self, OffloadError, VirtioNetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, TCP_CSUM_OFFSET,
@@ -221,7 +226,7 @@ impl Coalescer {
         let eligible = pkt.ip_len == ipv4::HEADER_LEN
             && frag_field(pkt.packet) & !IP_DF == 0
             && checksum::checksum(&pkt.packet[..pkt.ip_len]) == 0
-            && pkt.tcp_checksum_ok();
+            && (gso::partial_checksum(pkt.packet).is_some() || pkt.tcp_checksum_ok());
         if !eligible {
             if let Some(i) = slot {
                 self.finish(i, bufs, &mut emit);
@@ -278,8 +283,9 @@ impl Coalescer {
         packet: Span,
         emit: &mut impl FnMut(&[IoSlice<'_>]),
     ) {
-        let none = VirtioNetHdr::NONE.to_bytes();
-        emit(&[IoSlice::new(&none), IoSlice::new(packet.resolve(bufs))]);
+        let packet = packet.resolve(bufs);
+        let hdr = handed_over(packet).to_bytes();
+        emit(&[IoSlice::new(&hdr), IoSlice::new(packet)]);
     }
 
     /// Emits flow `i` and frees its slot.
@@ -292,7 +298,7 @@ impl Coalescer {
         let f = &mut self.flows[i];
         let hdr = if f.count <= 1 {
             // A lone segment goes out exactly as it came.
-            VirtioNetHdr::NONE
+            handed_over(&f.head[virtio::HEADER_LEN..f.head_len()])
         } else {
             f.seal()
         };
@@ -307,6 +313,13 @@ impl Coalescer {
         }
         emit(&out[..n]);
     }
+}
+
+/// The virtio header for writing `packet` (its headers at least) to the TUN on its own: a
+/// checksum a sender's offload left partial is handed to the kernel to complete
+/// ([`gso::partial_checksum`]), anything else goes as it is.
+fn handed_over(packet: &[u8]) -> VirtioNetHdr {
+    gso::partial_checksum(packet).unwrap_or(VirtioNetHdr::NONE)
 }
 
 /// Prepares a TCP/IPv4 packet that arrived already merged for one GSO write to the TUN.
@@ -751,6 +764,62 @@ mod tests {
         p[1][8] ^= 1; // TTL: IPv4 header checksum fails
         let out = run(&mut Coalescer::new(), &p);
         assert_eq!(out, p.iter().map(|q| unchanged(q)).collect::<Vec<_>>());
+    }
+
+    /// `p` (a TCP/IPv4 packet) as a sender with checksum offload sends it: the checksum field
+    /// holds only the pseudo-header sum.
+    fn partial(p: &[u8]) -> Vec<u8> {
+        let mut q = p.to_vec();
+        let seed = tcp_seed(&q, 20, q.len());
+        q[20 + tcp::CHECKSUM..20 + tcp::CHECKSUM + 2].copy_from_slice(&seed.to_be_bytes());
+        q
+    }
+
+    /// What the kernel does with an `F_NEEDS_CSUM` write: completes the checksum.
+    fn completed((hdr, mut p): (VirtioNetHdr, Vec<u8>)) -> Vec<u8> {
+        assert_eq!(hdr.flags, F_NEEDS_CSUM, "{hdr:?}");
+        crate::gso::complete_checksum(&hdr, &mut p).unwrap();
+        p
+    }
+
+    #[test]
+    fn partial_checksums_from_a_senders_offload_are_merged_like_valid_ones() {
+        // A bulk flow from a kernel VXLAN host: every segment partial.
+        let specs = segs(&Spec::default(), 1000, 4);
+        let p: Vec<Vec<u8>> = built(&specs).iter().map(|q| partial(q)).collect();
+        let out = run(&mut Coalescer::new(), &p);
+        assert_eq!(out, vec![merged(&specs)]);
+
+        // Alone (a pure ACK, a lone segment), each is handed to the kernel to complete, and
+        // completing gives exactly the packet with its real checksum.
+        let ack = build(&Spec {
+            payload: vec![],
+            ..Spec::default()
+        });
+        let lone = build(&specs[0]);
+        let out = run(&mut Coalescer::new(), &[partial(&ack), partial(&lone)]);
+        assert_eq!(out.len(), 2);
+        assert_eq!(completed(out[0].clone()), ack);
+        assert_eq!(completed(out[1].clone()), lone);
+        assert_eq!(out[1].0.csum_start, 20);
+
+        // Partial and valid segments of one flow merge together.
+        let mut mixed = built(&specs);
+        mixed[1] = partial(&mixed[1]);
+        assert_eq!(run(&mut Coalescer::new(), &mixed), vec![merged(&specs)]);
+    }
+
+    #[test]
+    fn a_wrong_checksum_that_is_not_partial_still_passes_alone_unchanged() {
+        let specs = segs(&Spec::default(), 1000, 3);
+        let mut p: Vec<Vec<u8>> = built(&specs).iter().map(|q| partial(q)).collect();
+        // One off the pseudo-header sum: corrupt, not partial.
+        p[1][20 + tcp::CHECKSUM + 1] ^= 1;
+        let out = run(&mut Coalescer::new(), &p);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[1], unchanged(&p[1]));
+        assert_eq!(completed(out[0].clone()), build(&specs[0]));
+        assert_eq!(completed(out[2].clone()), build(&specs[2]));
     }
 
     #[test]

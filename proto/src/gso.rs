@@ -17,7 +17,9 @@ use std::net::Ipv4Addr;
 use crate::checksum;
 use crate::error::{Layer, WireError};
 use crate::ipv4::{self, Ipv4Packet};
-use crate::virtio::{OffloadError, VirtioNetHdr, GSO_NONE, GSO_TCPV4};
+use crate::virtio::{
+    OffloadError, VirtioNetHdr, F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, TCP_CSUM_OFFSET,
+};
 
 /// TCP header layout (RFC 9293 section 3.1), as far as segmentation and coalescing need it.
 pub mod tcp {
@@ -511,6 +513,72 @@ pub fn complete_checksum(hdr: &VirtioNetHdr, packet: &mut [u8]) -> Result<(), Of
     };
     packet[field..field + 2].copy_from_slice(&sum.to_be_bytes());
     Ok(())
+}
+
+/// Offset of the UDP checksum field within the UDP header (the `csum_offset` for UDP).
+const UDP_CSUM_OFFSET: u16 = 6;
+
+/// Recognises a TCP or UDP over IPv4 packet whose checksum a sender's checksum offload left
+/// partial, and returns the virtio header that hands it to the kernel to complete.
+///
+/// A Linux sender with checksum offload (the kernel's vxlan device with its default
+/// `tx-checksum-ip-generic`, or a virtio-net guest) puts only the pseudo-header sum in the
+/// checksum field (`CHECKSUM_PARTIAL`) and leaves the rest to the next hop that computes
+/// checksums. Across veth or virtio that state travels with the packet; through our UDP or
+/// raw socket it is lost, and the receiving pod's kernel would drop the packet as corrupt.
+///
+/// The packet counts as partial when the field holds exactly the pseudo-header sum of its
+/// addresses, protocol and length (`~tcp_v4_check(len, saddr, daddr, 0)`). A full checksum
+/// that happens to hold that value (one in 65536) is harmless: completing it from the field
+/// gives the same value, because the field already sums to the pseudo header. Any other wrong
+/// checksum is left alone, for the receiver to drop and count. Only the headers are read:
+/// `packet` may be cut after the transport checksum field, and its IPv4 total length is taken
+/// from the header. Fragments never qualify (the kernel completes checksums before it
+/// fragments).
+pub fn partial_checksum(packet: &[u8]) -> Option<VirtioNetHdr> {
+    let (&ver_ihl, rest) = packet.split_first()?;
+    let ip_len = usize::from(ver_ihl & 0x0f) * 4;
+    if ver_ihl >> 4 != 4 || ip_len < ipv4::HEADER_LEN || rest.len() < ipv4::HEADER_LEN - 1 {
+        return None;
+    }
+    let field = |r: Range<usize>| u16::from_be_bytes([packet[r.start], packet[r.start + 1]]);
+    // Not a fragment: the flags' MF bit and the offset are zero (DF may be set).
+    if field(ipv4::field::FLAGS_FRAG) & 0x3fff != 0 {
+        return None;
+    }
+    let (protocol, offset) = match packet[ipv4::field::PROTOCOL] {
+        ipv4::protocol::TCP => (ipv4::protocol::TCP, TCP_CSUM_OFFSET),
+        ipv4::protocol::UDP => (ipv4::protocol::UDP, UDP_CSUM_OFFSET),
+        _ => return None,
+    };
+    let total = usize::from(field(ipv4::field::TOTAL_LEN));
+    let at = ip_len + usize::from(offset);
+    if at + 2 > total || at + 2 > packet.len() {
+        return None;
+    }
+    let ip = |r: Range<usize>| {
+        Ipv4Addr::new(
+            packet[r.start],
+            packet[r.start + 1],
+            packet[r.start + 2],
+            packet[r.start + 3],
+        )
+    };
+    let len = (total - ip_len) as u16; // total is a u16 field
+    let seed = checksum::fold(checksum::pseudo_header(
+        ip(ipv4::field::SRC),
+        ip(ipv4::field::DST),
+        protocol,
+        len,
+    ));
+    (field(at..at + 2) == seed).then_some(VirtioNetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_NONE,
+        hdr_len: (at + 2) as u16,
+        gso_size: 0,
+        csum_start: ip_len as u16,
+        csum_offset: offset,
+    })
 }
 
 #[cfg(test)]
@@ -1155,5 +1223,160 @@ mod header_tests {
             segment_headers(&tso(1000, 20), &packet, &[0; 22], &mut small),
             Err(OffloadError::OutputTooSmall { .. })
         ));
+    }
+}
+
+/// [`partial_checksum`]: what a sender's checksum offload leaves is recognised, completed to
+/// the real checksum, and nothing else is taken for it.
+#[cfg(test)]
+mod partial_tests {
+    use super::tests::{arb_spec, assert_checksums_ok, build, Spec};
+    use super::*;
+    use etherparse::PacketBuilder;
+    use proptest::prelude::*;
+
+    /// `packet` with the transport checksum at `offset` replaced by the pseudo-header sum, as a
+    /// sender with checksum offload puts it on the wire.
+    fn made_partial(packet: &[u8], protocol: u8, offset: usize) -> Vec<u8> {
+        let mut p = packet.to_vec();
+        let ip = Ipv4Packet::new_checked(&p[..]).unwrap();
+        let seed = checksum::fold(checksum::pseudo_header(
+            ip.src(),
+            ip.dst(),
+            protocol,
+            (ip.total_len() - ip.header_len()) as u16,
+        ));
+        let at = ip.header_len() + offset;
+        p[at..at + 2].copy_from_slice(&seed.to_be_bytes());
+        p
+    }
+
+    fn udp(payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4([10, 244, 1, 2], [10, 244, 2, 2], 64).udp(5353, 53);
+        let mut p = Vec::new();
+        b.write(&mut p, payload).unwrap();
+        p
+    }
+
+    /// Checks the UDP checksum of a whole IPv4 packet with etherparse.
+    fn udp_checksum_ok(p: &[u8]) -> bool {
+        let ip = etherparse::Ipv4Slice::from_slice(p).unwrap();
+        let udp = etherparse::UdpSlice::from_slice(ip.payload().payload).unwrap();
+        let want = udp
+            .to_header()
+            .calc_checksum_ipv4_raw(
+                ip.header().source(),
+                ip.header().destination(),
+                udp.payload(),
+            )
+            .unwrap();
+        udp.checksum() == want
+    }
+
+    #[test]
+    fn a_partial_tcp_checksum_is_handed_over_and_completes_to_the_real_one() {
+        let full = build(&Spec::default());
+        let mut p = made_partial(&full, ipv4::protocol::TCP, tcp::CHECKSUM);
+        let hdr = partial_checksum(&p).expect("partial");
+        assert_eq!(
+            (hdr.flags, hdr.gso_type, hdr.csum_start, hdr.csum_offset),
+            (F_NEEDS_CSUM, GSO_NONE, 20, TCP_CSUM_OFFSET)
+        );
+        // The headers alone say the same (the coalescer keeps only those).
+        assert_eq!(partial_checksum(&p[..40]), Some(hdr));
+        complete_checksum(&hdr, &mut p).unwrap();
+        assert_eq!(p, full);
+        assert_checksums_ok(&p);
+        // A full checksum is not partial.
+        assert_eq!(partial_checksum(&full), None);
+    }
+
+    #[test]
+    fn a_partial_udp_checksum_is_handed_over_and_completes_to_the_real_one() {
+        let full = udp(b"a query of some length");
+        assert!(udp_checksum_ok(&full));
+        let mut p = made_partial(&full, ipv4::protocol::UDP, 6);
+        let hdr = partial_checksum(&p).expect("partial");
+        assert_eq!((hdr.csum_start, hdr.csum_offset), (20, UDP_CSUM_OFFSET));
+        complete_checksum(&hdr, &mut p).unwrap();
+        assert!(udp_checksum_ok(&p), "{p:02x?}");
+        assert_eq!(partial_checksum(&full), None);
+        // UDP without a checksum (0) is never partial: a pseudo-header sum is never 0.
+        let mut none = full.clone();
+        none[26..28].fill(0);
+        assert_eq!(partial_checksum(&none), None);
+    }
+
+    #[test]
+    fn fragments_other_protocols_and_short_packets_are_not_partial() {
+        let p = made_partial(&build(&Spec::default()), ipv4::protocol::TCP, tcp::CHECKSUM);
+        // More fragments, or an offset: the kernel completed the checksum before fragmenting.
+        for frag in [0x20u8, 0x00] {
+            let mut f = p.clone();
+            f[6] = frag;
+            f[7] = if frag == 0 { 1 } else { 0 };
+            assert_eq!(partial_checksum(&f), None, "{frag:#x}");
+        }
+        // DF alone is fine.
+        let mut df = p.clone();
+        df[6] = 0x40;
+        assert!(partial_checksum(&df).is_some());
+        // ICMP, IPv6, a bad IHL.
+        let mut icmp = p.clone();
+        icmp[9] = ipv4::protocol::ICMP;
+        assert_eq!(partial_checksum(&icmp), None);
+        let mut v6 = p.clone();
+        v6[0] = 0x65;
+        assert_eq!(partial_checksum(&v6), None);
+        let mut ihl = p.clone();
+        ihl[0] = 0x44;
+        assert_eq!(partial_checksum(&ihl), None);
+        // A total length that ends before the checksum field.
+        let mut short = p.clone();
+        short[2..4].copy_from_slice(&30u16.to_be_bytes());
+        assert_eq!(partial_checksum(&short), None);
+        // Every cut before the end of the checksum field: no answer, and no panic.
+        for cut in 0..20 + tcp::CHECKSUM + 2 {
+            assert_eq!(partial_checksum(&p[..cut]), None, "cut at {cut}");
+        }
+    }
+
+    proptest! {
+        /// A random value in the checksum field is taken for a partial checksum exactly when
+        /// it equals the pseudo-header sum.
+        #[test]
+        fn only_the_pseudo_header_sum_is_partial(
+            s in arb_spec(1500),
+            stored in any::<u16>(),
+            tcp_packet in any::<bool>(),
+        ) {
+            let (mut p, protocol, offset) = if tcp_packet {
+                (build(&s), ipv4::protocol::TCP, tcp::CHECKSUM)
+            } else {
+                (udp(&s.payload), ipv4::protocol::UDP, 6)
+            };
+            let seed = {
+                let partial = made_partial(&p, protocol, offset);
+                let at = Ipv4Packet::new_checked(&partial[..]).unwrap().header_len() + offset;
+                u16::from_be_bytes([partial[at], partial[at + 1]])
+            };
+            let at = Ipv4Packet::new_checked(&p[..]).unwrap().header_len() + offset;
+            p[at..at + 2].copy_from_slice(&stored.to_be_bytes());
+            prop_assert_eq!(partial_checksum(&p).is_some(), stored == seed);
+            // With the seed in the field, completing always gives a checksum that verifies.
+            p[at..at + 2].copy_from_slice(&seed.to_be_bytes());
+            let hdr = partial_checksum(&p).unwrap();
+            complete_checksum(&hdr, &mut p).unwrap();
+            if tcp_packet {
+                assert_checksums_ok(&p);
+            } else {
+                prop_assert!(udp_checksum_ok(&p));
+            }
+        }
+
+        #[test]
+        fn never_panics_on_junk(bytes in prop::collection::vec(any::<u8>(), 0..80)) {
+            let _ = partial_checksum(&bytes);
+        }
     }
 }

@@ -25,7 +25,7 @@ pub mod protocol {
 }
 
 /// Byte offsets of the header fields.
-mod field {
+pub(crate) mod field {
     use core::ops::Range;
     pub const VER_IHL: usize = 0;
     pub const TOS: usize = 1;

@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use podnet_proto::checksum;
+
 use crate::cmd::run;
 use crate::process::Background;
 use crate::wait::wait_for;
@@ -87,7 +89,12 @@ pub fn tcpdump_text(pcap: &Path, verbose: bool) -> String {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ChecksumTally {
     pub good: u32,
+    /// Wrong, and not a partial checksum either.
     pub bad: u32,
+    /// Not the checksum, but exactly the pseudo-header sum: what a sender's checksum offload
+    /// leaves in the field for a later hop to complete (`CHECKSUM_PARTIAL`). Valid in a capture
+    /// inside a host; on the wire it means the checksum was never filled in.
+    pub partial: u32,
     pub unverified: u32,
     /// Innermost IPv4 header checksums of the same frames (1 good, 0 bad).
     pub ip_good: u32,
@@ -95,8 +102,8 @@ pub struct ChecksumTally {
 }
 
 /// Decodes `pcap` with tshark (VXLAN on 4789 and IP-in-IP are decoded by default) and tallies
-/// `tcp.checksum.status` (1 good, 0 bad, 2 unverified) and the innermost `ip.checksum.status`,
-/// with checksum validation enabled.
+/// `tcp.checksum.status` (1 good, 0 bad or partial, 2 unverified) and the innermost
+/// `ip.checksum.status`, with checksum validation enabled.
 pub fn tcp_checksums(pcap: &Path) -> ChecksumTally {
     let p = pcap.to_str().expect("utf-8 path");
     let argv = [
@@ -120,6 +127,14 @@ pub fn tcp_checksums(pcap: &Path) -> ChecksumTally {
         "tcp.checksum",
         "-e",
         "tcp.checksum_calculated",
+        "-e",
+        "ip.src",
+        "-e",
+        "ip.dst",
+        "-e",
+        "ip.len",
+        "-e",
+        "ip.hdr_len",
     ];
     let out = run(None, &argv, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.success(), "tshark -r {p}: {}", out.stderr);
@@ -133,6 +148,9 @@ pub fn tcp_checksums(pcap: &Path) -> ChecksumTally {
             // 0xffff and 0x0000 are the two ones'-complement zeros (RFC 1624): the kernel's
             // skb_checksum_help writes 0xffff where the sum is zero; tshark calls it bad.
             Some("0") if is_negative_zero(col(2), col(3)) => t.good += 1,
+            Some("0") if col(2) == pseudo_header_sum(col(4), col(5), col(6), col(7)).as_deref() => {
+                t.partial += 1
+            }
             Some("0") => t.bad += 1,
             Some(_) => t.unverified += 1,
             None => {}
@@ -149,6 +167,23 @@ pub fn tcp_checksums(pcap: &Path) -> ChecksumTally {
 /// A TCP checksum of 0xffff where the computed one is 0x0000: the same value in ones' complement.
 fn is_negative_zero(stored: Option<&str>, calculated: Option<&str>) -> bool {
     stored == Some("0xffff") && calculated == Some("0x0000")
+}
+
+/// The TCP pseudo-header sum (folded, not complemented) of a segment, as tshark writes a
+/// checksum (`0x1a2b`), from its IPv4 source, destination, total and header length.
+fn pseudo_header_sum(
+    src: Option<&str>,
+    dst: Option<&str>,
+    len: Option<&str>,
+    hdr_len: Option<&str>,
+) -> Option<String> {
+    let (src, dst) = (src?.parse().ok()?, dst?.parse().ok()?);
+    let tcp_len = len?
+        .parse::<u16>()
+        .ok()?
+        .checked_sub(hdr_len?.parse().ok()?)?;
+    let sum = checksum::fold(checksum::pseudo_header(src, dst, 6, tcp_len));
+    Some(format!("{sum:#06x}"))
 }
 
 /// The last of a comma-separated list of per-layer values: the innermost layer's.
@@ -193,6 +228,33 @@ pub fn bad_tcp_checksums(pcap: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partial_checksum_is_the_pseudo_header_sum_of_the_segment() {
+        // 10.244.1.2 -> 10.244.2.2, 60-byte TCP segment behind a 20-byte header.
+        let sum = pseudo_header_sum(
+            Some("10.244.1.2"),
+            Some("10.244.2.2"),
+            Some("80"),
+            Some("20"),
+        );
+        let want = checksum::fold(checksum::pseudo_header(
+            "10.244.1.2".parse().unwrap(),
+            "10.244.2.2".parse().unwrap(),
+            6,
+            60,
+        ));
+        assert_eq!(sum, Some(format!("{want:#06x}")));
+        assert_eq!(
+            pseudo_header_sum(Some("x"), Some("10.0.0.1"), Some("80"), Some("20")),
+            None
+        );
+        // A header longer than the packet is no segment.
+        assert_eq!(
+            pseudo_header_sum(Some("10.0.0.1"), Some("10.0.0.2"), Some("10"), Some("20")),
+            None
+        );
+    }
 
     #[test]
     fn only_the_rfc1624_zero_pair_is_forgiven() {

@@ -81,6 +81,31 @@ pub fn iperf3_json(text: &str) -> Result<IperfResult, String> {
     })
 }
 
+/// What the sender of an `iperf3 -u -J` client run learned from the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IperfUdpResult {
+    pub packets: u64,
+    pub lost_packets: u64,
+}
+
+pub fn iperf3_udp_json(text: &str) -> Result<IperfUdpResult, String> {
+    let v: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| format!("iperf3 output is not JSON: {e}: {text}"))?;
+    if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(format!("iperf3 error: {err}"));
+    }
+    let sum = &v["end"]["sum"];
+    let field = |name: &str| {
+        sum[name]
+            .as_u64()
+            .ok_or_else(|| format!("no end.sum.{name} in {text}"))
+    };
+    Ok(IperfUdpResult {
+        packets: field("packets")?,
+        lost_packets: field("lost_packets")?,
+    })
+}
+
 /// Sum of every sample in Prometheus text whose metric name contains `name_part` and which
 /// carries every label in `labels` (exact values). `None` when no sample matches.
 ///
