@@ -54,6 +54,8 @@ pub struct StatusBody<'a> {
     /// Underlay datagrams the kernel dropped because the receive sockets were full (never read,
     /// so under no drop reason).
     pub receive_overflow: u64,
+    /// Host state put back since start, by kind (crate::host::REPAIR_KINDS).
+    pub repairs: std::collections::BTreeMap<&'static str, u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -352,6 +354,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
             offload: io.offload.load(Relaxed),
         },
         receive_overflow: agent.shared.underlay.receive_drops(),
+        repairs: agent.repairs.snapshot().into_iter().collect(),
     };
     Json(serde_json::to_value(&body).unwrap_or_default())
 }
@@ -537,6 +540,16 @@ pub fn render_metrics(agent: &Agent) -> String {
             ("op=\"tun_write\"".to_string(), io.tun_write.load(Relaxed)),
             ("op=\"offload\"".to_string(), io.offload.load(Relaxed)),
         ],
+    );
+    m.family(
+        "podnet_agent_repairs_total",
+        "counter",
+        "Host state another process changed and the agent put back, by what it was.",
+        agent
+            .repairs
+            .snapshot()
+            .into_iter()
+            .map(|(what, n)| (format!("what=\"{what}\""), n)),
     );
     m.family(
         "podnet_agent_receive_overflow_total",
@@ -747,6 +760,28 @@ pub fn format_status(v: &serde_json::Value) -> String {
         s("table_revision")
     );
     let _ = writeln!(out, "uptime:      {}s", s("uptime_s"));
+    if let Some(lock) = v.get("lock").and_then(|l| l.as_str()) {
+        let _ = writeln!(
+            out,
+            "lock:        {lock} held by PID {} (the only agent of this network namespace)",
+            s("pid")
+        );
+    }
+    if let Some(r) = v.get("repairs").and_then(|r| r.as_object()) {
+        let made: Vec<String> = r
+            .iter()
+            .filter_map(|(k, n)| n.as_u64().filter(|&n| n > 0).map(|n| format!("{k} {n}")))
+            .collect();
+        let _ = writeln!(
+            out,
+            "repairs:     {}",
+            if made.is_empty() {
+                "none (host state as installed)".to_string()
+            } else {
+                made.join(", ")
+            }
+        );
+    }
     let c = &v["counters"];
     let _ = writeln!(
         out,

@@ -18,15 +18,17 @@ use podnet_proto::ethernet::MacAddr;
 use podnet_proto::vxlan::{self, Vni};
 use serde::Serialize;
 
-use crate::cli::{EncapArg, Membership, MtuArg, RunConfig};
+use crate::cli::{EncapArg, Membership, MtuArg, RunConfig, DEFAULT_STATE_DIR};
 use crate::datapath::{self, IoErrors, Shared, Underlay};
 use crate::drops::Counters;
 use crate::forward::{Encap, Forwarder, NodeConfig};
+use crate::host::{self, Desired, Host, HostError, Repairs};
 use crate::membership;
 use crate::sys::caps::{self, Capability};
-use crate::sys::netlink::{Installed, Netlink, NetlinkError, TunnelSetup};
+use crate::sys::lock::{self, AgentLock, LockError, AGENT_LOCK};
+use crate::sys::netlink::{Netlink, NetlinkError};
 use crate::sys::raw::{IpipSocket, RawError};
-use crate::sys::tun::{Offloads, Tun, TunConfig, TunError};
+use crate::sys::tun::{Offloads, Tun, TunConfig, TunError, DEFAULT_TX_QUEUE_LEN};
 use crate::sys::udp::{
     UdpConfig, UdpError, VxlanSocket, DEFAULT_BUFFER_BYTES, DEFAULT_SOURCE_PORTS,
 };
@@ -48,6 +50,12 @@ pub enum AgentError {
     Raw(#[from] RawError),
     #[error(transparent)]
     Sysctl(#[from] sysctl::SysctlError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("TUN device {name} is held by another process (PID {}); nothing was changed. A second open would attach to it and take a share of its packets: stop that process, or pass another --tun-name", pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "))]
+    TunHeld { name: String, pids: Vec<i32> },
     #[error("the static peers do not form a valid table: {0}")]
     Table(#[from] TableError),
     #[error("--underlay-dev {dev} does not hold --underlay-ip {ip} (it is on {actual}); fix one of the two flags")]
@@ -102,6 +110,9 @@ pub struct NodeInfo {
     pub offloads: OffloadInfo,
     pub membership: &'static str,
     pub control: Option<String>,
+    /// This agent's PID, and the lock that makes it the only agent of its network namespace.
+    pub pid: u32,
+    pub lock: String,
 }
 
 /// Which offloads are in use (what the kernel accepted at start).
@@ -121,6 +132,8 @@ pub struct Agent {
     pub started: Instant,
     pub membership: membership::Status,
     pub state_dir: PathBuf,
+    /// Repairs of the host state made since start (crate::host).
+    pub repairs: Arc<Repairs>,
     /// The control service client in control mode (for the graceful leave at shutdown).
     pub control: Option<podnet_control::client::Client>,
 }
@@ -149,6 +162,16 @@ fn encap_of(cfg: &RunConfig) -> Encap {
 /// Runs the agent until SIGINT/SIGTERM. Host changes are undone before returning.
 pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
     caps::require(&[Capability::NetAdmin, Capability::NetRaw])?;
+    // Before anything is changed: one agent per network namespace, and a TUN device nobody
+    // else holds. Held until this function returns (or the process dies).
+    let lock = AgentLock::acquire(AGENT_LOCK, Path::new(DEFAULT_STATE_DIR))?;
+    let holders = lock::tun_holders(&cfg.tun_name);
+    if !holders.is_empty() {
+        return Err(AgentError::TunHeld {
+            name: cfg.tun_name.clone(),
+            pids: holders,
+        });
+    }
     let encap = encap_of(&cfg);
     let netlink = Netlink::new()?;
     let underlay = netlink.link_with_address(cfg.underlay_ip)?;
@@ -211,23 +234,21 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
         tracing::warn!(error = %e, "TUN offload refused by the kernel; using the per-packet path");
     }
     // The tunl0 address is the network address of our pod CIDR (DESIGN: 10.244.1.0/32); it is
-    // also the source of the ICMP errors we write into tunl0, which the kernel accepts only
-    // with accept_local on tunl0 (a packet from one of its own addresses is a martian otherwise).
+    // also the source of the ICMP errors we write into tunl0.
     let tun_addr = pod_cidr.network();
-    let setup = TunnelSetup {
-        index: tun.index(),
-        mtu: u32::from(mtu),
-        address: tun_addr,
-        cluster_cidr: cfg.cluster_cidr,
-    };
-    // Only IPv4 is carried; IPv6 goes off before the link comes up, or the kernel sends
-    // router solicitations and MLD reports into tunl0 (not_ipv4 drops).
-    sysctl::disable_ipv6(&cfg.tun_name)?;
-    let installed = netlink.install(&setup)?;
+    let repairs = Arc::new(Repairs::default());
+    let mut host = Some(Host::install(
+        netlink,
+        Desired {
+            tun_name: cfg.tun_name.clone(),
+            mtu: u32::from(mtu),
+            address: tun_addr,
+            cluster_cidr: cfg.cluster_cidr,
+            tx_queue_len: DEFAULT_TX_QUEUE_LEN,
+        },
+        tun.index(),
+    )?);
     let result = (|| {
-        sysctl::enable_ip_forward()?;
-        sysctl::set_device(&cfg.tun_name, "accept_local", "1")?;
-        sysctl::set_device(&cfg.tun_name, "rp_filter", "0")?;
         let sock = match encap {
             Encap::Vxlan { .. } => Underlay::Vxlan(VxlanSocket::bind(&UdpConfig {
                 gro: cfg.offload,
@@ -276,6 +297,8 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
                 Membership::Control { url, .. } => Some(url.clone()),
                 Membership::Static { .. } => None,
             },
+            pid: std::process::id(),
+            lock: lock.name(),
         };
         tracing::info!(
             node = %info.node, pod_cidr = %pod_cidr, encap = info.encap, mtu,
@@ -314,9 +337,11 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             started: Instant::now(),
             membership: membership::Status::default(),
             state_dir: cfg.state_dir.clone(),
+            repairs: Arc::clone(&repairs),
             control: joined.session.as_ref().map(|s| s.client.clone()),
         });
         let thread = spawn_data_path(&shared)?;
+        let watcher = spawn_host_watch(host.take(), &shared, &repairs)?;
         let served = runtime.block_on(serve(&cfg, Arc::clone(&agent), joined.session));
         shared.stop.stop();
         match thread.join() {
@@ -324,10 +349,33 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             Err(_) => tracing::error!("data path thread panicked"),
             Ok(Ok(())) => {}
         }
+        match watcher.join() {
+            Ok(h) => host = h,
+            Err(_) => tracing::error!("host watch thread panicked; its changes stay"),
+        }
         served
     })();
-    teardown(&netlink, &installed);
+    if let Some(h) = host {
+        h.teardown();
+    }
     result
+}
+
+/// Starts the thread that keeps the host state as desired ([`host::watch`]) until the agent
+/// stops, and hands the host back for teardown.
+fn spawn_host_watch(
+    host: Option<Host>,
+    shared: &Arc<Shared>,
+    repairs: &Arc<Repairs>,
+) -> Result<std::thread::JoinHandle<Option<Host>>, AgentError> {
+    let (s, r) = (Arc::clone(shared), Arc::clone(repairs));
+    std::thread::Builder::new()
+        .name("podnet-host".into())
+        .spawn(move || {
+            let queues: Vec<&Tun> = (0..s.queue_count()).map(|i| s.queue(i)).collect();
+            host.map(|h| host::watch(h, &queues, &r, &s.stop))
+        })
+        .map_err(AgentError::DataPath)
 }
 
 fn spawn_data_path(
@@ -395,12 +443,6 @@ async fn wait_for_stop(stop: &Stop) -> &'static str {
             _ = int.recv() => return "SIGINT",
             _ = tick.tick() => if stop.is_stopped() { return "data path stopped" },
         }
-    }
-}
-
-fn teardown(netlink: &Netlink, installed: &Installed) {
-    if let Err(e) = netlink.uninstall(installed) {
-        tracing::warn!(error = %e, "could not remove everything the agent installed");
     }
 }
 

@@ -15,6 +15,8 @@ use podnet_proto::ethernet::MacAddr;
 
 /// Default local admin API address (inside the agent's own network namespace).
 pub const DEFAULT_API: &str = "127.0.0.1:7801";
+/// Where `run` keeps subnet.env and its last node table unless `--state-dir` says otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/run/podnet";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -194,7 +196,7 @@ pub struct RunArgs {
     )]
     pub static_peer: Vec<StaticPeer>,
     /// Where subnet.env and the last known node table are written.
-    #[arg(long, default_value = "/run/podnet")]
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// Local admin API address (/status, /routes, /metrics).
     #[arg(long, default_value = DEFAULT_API)]

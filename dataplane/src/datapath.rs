@@ -33,7 +33,7 @@ use crate::drops::DropReason;
 use crate::dropwatch::DropContext;
 use crate::forward::{Encap, Forwarder, Inbound, Outbound, Route, RxTally, HEADROOM, SCRATCH_LEN};
 use crate::sys::raw::IpipSocket;
-use crate::sys::tun::{Tun, MAX_READ};
+use crate::sys::tun::{self, Tun, MAX_READ};
 use crate::sys::udp::{VxlanSocket, GRO_BUFFER_BYTES};
 use crate::sys::{self, Readiness, RecvMeta, Stop, Transmit, MAX_BATCH};
 use crate::table::RouteTable;
@@ -237,6 +237,8 @@ pub fn run(shared: &Shared) -> io::Result<()> {
     let mut ready = tun_bits | rx_bits;
     loop {
         let mut busy = false;
+        // A queue whose device was deleted: epoll reports it ready until it is rebuilt.
+        let mut detached = false;
         let mut budget = TX_BUDGET_BYTES;
         let mut reads = 0;
         // Round robin over the ready queues, one packet from each per pass: what waits on one
@@ -247,7 +249,17 @@ pub fn run(shared: &Shared) -> io::Result<()> {
                 if pending & (1 << q) == 0 {
                     continue;
                 }
-                match shared.queue(q).try_read(tx.read_buf())? {
+                let read = match shared.queue(q).try_read(tx.read_buf()) {
+                    Ok(read) => read,
+                    // The agent's host watch rebuilds the device on these descriptors
+                    // (crate::host); until then the queue has nothing to read.
+                    Err(e) if tun::is_detached(&e) => {
+                        detached = true;
+                        None
+                    }
+                    Err(e) => return Err(e),
+                };
+                match read {
                     Some(0) | None => pending &= !(1 << q),
                     Some(n) => {
                         busy = true;
@@ -290,6 +302,11 @@ pub fn run(shared: &Shared) -> io::Result<()> {
             };
             continue;
         }
+        if detached {
+            // Sleep instead of spinning on the detached queue's readiness until the device
+            // is back (the host watch repairs it within its period).
+            std::thread::sleep(DETACHED_PAUSE);
+        }
         // Idle for now: keep polling for a while after traffic instead of sleeping. One
         // zero-timeout `epoll_wait` per turn asks every descriptor (and the stop signal) at once;
         // between polls the CPU goes to whatever else is runnable (iperf3, the pods' stacks).
@@ -312,6 +329,9 @@ pub fn run(shared: &Shared) -> io::Result<()> {
         }
     }
 }
+
+/// How long [`run`] pauses between turns while a TUN queue is detached (its device deleted).
+const DETACHED_PAUSE: Duration = Duration::from_millis(10);
 
 /// How long [`run`] keeps polling (a zero-timeout `epoll_wait` on its descriptors,
 /// `sched_yield` between polls) after its last packet before it sleeps in `epoll_wait`.

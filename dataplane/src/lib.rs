@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod drops;
 pub mod dropwatch;
 pub mod forward;
+pub mod host;
 pub mod lpm;
 pub mod membership;
 #[allow(unsafe_code)] // OS shells: the only unsafe in podnet; every block has a SAFETY comment.

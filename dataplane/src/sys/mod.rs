@@ -10,6 +10,7 @@
 //! Unsafe code is allowed in this module tree only, and every unsafe block says why it is sound.
 
 pub mod caps;
+pub mod lock;
 mod mmsg;
 pub mod netlink;
 pub mod raw;
@@ -18,7 +19,7 @@ pub mod tun;
 pub mod udp;
 
 #[cfg(test)]
-mod testns;
+pub(crate) mod testns;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -176,6 +177,13 @@ impl Watch {
                 Readiness::Ready(bits) => return Ok(bits),
             }
         }
+    }
+
+    /// Blocks until a descriptor is readable, `stop` is raised or `timeout` passes (then
+    /// `Ready(0)`).
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> io::Result<Readiness> {
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        self.wait_for(EpollTimeout::from(ms))
     }
 
     fn wait_for(&self, timeout: EpollTimeout) -> io::Result<Readiness> {

@@ -387,6 +387,65 @@ impl Netlink {
     }
 }
 
+/// A route netlink socket subscribed to link, IPv4 address and IPv4 route changes in this
+/// network namespace: readable whenever something (anyone) changed one of them. The messages
+/// are not parsed; the reader re-checks the state it cares about, which also covers changes
+/// lost to a full socket buffer.
+#[derive(Debug)]
+pub struct Changes {
+    sock: std::os::fd::OwnedFd,
+}
+
+impl Changes {
+    /// Subscribes (`RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE`).
+    pub fn subscribe() -> Result<Changes, NetlinkError> {
+        use nix::sys::socket::{
+            bind, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
+        };
+        let groups =
+            (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV4_ROUTE) as u32;
+        let sock = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockProtocol::NetlinkRoute,
+        )
+        .map_err(|e| NetlinkError::Connect(e.into()))?;
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            &NetlinkAddr::new(0, groups),
+        )
+        .map_err(|e| NetlinkError::Connect(e.into()))?;
+        Ok(Changes { sock })
+    }
+
+    /// Reads and discards every queued notification; returns how many reads it took.
+    pub fn drain(&self) -> usize {
+        let mut buf = [0u8; 8192];
+        let mut reads = 0;
+        // Bounded: notifications arriving while we drain are seen on the next wake-up.
+        while reads < 64 {
+            match nix::sys::socket::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&self.sock),
+                &mut buf,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(_) => reads += 1,
+                Err(nix::errno::Errno::EINTR) => {}
+                // Empty, or ENOBUFS after an overflow: either way the caller re-checks all.
+                Err(_) => break,
+            }
+        }
+        reads
+    }
+}
+
+impl std::os::fd::AsFd for Changes {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
 fn table_of(m: &RouteMessage) -> u32 {
     m.attributes
         .iter()

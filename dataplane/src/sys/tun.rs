@@ -21,9 +21,17 @@ use std::ffi::CString;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 use super::{wait_readable, Stop};
+
+/// Whether `e`, from a read or write of a queue, means the device is gone (`ip link del`): the
+/// queue is detached until [`Tun::reattach`].
+pub fn is_detached(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EBADFD)
+}
 
 /// Default TUN name.
 pub const DEFAULT_NAME: &str = "tunl0";
@@ -132,7 +140,9 @@ fn open_hint(e: &io::Error) -> &'static str {
 pub struct Tun {
     dev: SyncDevice,
     name: String,
-    index: u32,
+    /// Changes when [`Tun::reattach`] builds the device anew.
+    index: AtomicU32,
+    multi_queue: bool,
     offloads: Offloads,
     refusal: Option<io::Error>,
 }
@@ -141,7 +151,7 @@ impl std::fmt::Debug for Tun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tun")
             .field("name", &self.name)
-            .field("index", &self.index)
+            .field("index", &self.index())
             .field("offloads", &self.offloads)
             .field("fd", &self.dev.as_raw_fd())
             .finish()
@@ -239,7 +249,8 @@ impl Tun {
         Ok(Tun {
             dev,
             name: cfg.name.clone(),
-            index,
+            index: AtomicU32::new(index),
+            multi_queue: cfg.multi_queue,
             offloads,
             refusal,
         })
@@ -252,7 +263,61 @@ impl Tun {
 
     /// Interface index (for netlink).
     pub fn index(&self) -> u32 {
-        self.index
+        self.index.load(Relaxed)
+    }
+
+    /// Attaches this queue again to a device named [`Tun::name`], creating the device when it
+    /// is gone, and returns its interface index.
+    ///
+    /// `ip link del` on a TUN device detaches every queue (reads then fail with `EBADFD`) but
+    /// leaves the file descriptors open, and `TUNSETIFF` on them builds the device anew: the
+    /// first queue creates it, the others join it. The descriptors stay the same, so the data
+    /// path keeps polling them and resumes without being restarted. The new device is down
+    /// and unaddressed, like one from [`Tun::open`].
+    pub fn reattach(&self) -> io::Result<u32> {
+        let fd = self.dev.as_raw_fd();
+        let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+        if self.offloads.vnet_hdr {
+            flags |= libc::IFF_VNET_HDR;
+        }
+        if self.multi_queue {
+            flags |= libc::IFF_MULTI_QUEUE;
+        }
+        let name = CString::new(self.name.as_str())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: an all-zero ifreq is valid (a C struct of integers and arrays).
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes_with_nul()) {
+            *dst = *src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags = flags as libc::c_short;
+        // SAFETY: fd is our open /dev/net/tun descriptor and req a live ifreq that TUNSETIFF
+        // reads (name, flags) and writes (the name) during the call only.
+        let rc = unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut req) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if self.offloads.vnet_hdr {
+            set_offload(fd, self.offload_mask())?;
+        }
+        // SAFETY: name is a NUL-terminated C string that outlives the call.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if index == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.index.store(index, Relaxed);
+        Ok(index)
+    }
+
+    /// The `TUNSETOFFLOAD` mask of the offloads in effect.
+    fn offload_mask(&self) -> libc::c_uint {
+        if self.offloads.tso4 {
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4
+        } else if self.offloads.csum {
+            libc::TUN_F_CSUM
+        } else {
+            0
+        }
     }
 
     /// Offloads in effect; log this once at start.
@@ -348,21 +413,16 @@ impl Tun {
             .try_clone()
             .map_err(|e| configure("add queue", e))?;
         if self.offloads.vnet_hdr {
-            let mask = if self.offloads.tso4 {
-                libc::TUN_F_CSUM | libc::TUN_F_TSO4
-            } else if self.offloads.csum {
-                libc::TUN_F_CSUM
-            } else {
-                0
-            };
-            set_offload(dev.as_raw_fd(), mask).map_err(|e| configure("TUNSETOFFLOAD", e))?;
+            set_offload(dev.as_raw_fd(), self.offload_mask())
+                .map_err(|e| configure("TUNSETOFFLOAD", e))?;
         }
         dev.set_nonblocking(true)
             .map_err(|e| configure("O_NONBLOCK", e))?;
         Ok(Tun {
             dev,
             name: self.name.clone(),
-            index: self.index,
+            index: AtomicU32::new(self.index()),
+            multi_queue: self.multi_queue,
             offloads: self.offloads,
             refusal: None,
         })
