@@ -9,8 +9,8 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use podnet_bench::{flow_segments, super_packet, MAX_TSO_PAYLOAD, NODE_A, NODE_B, VXLAN_MSS};
 use podnet_dataplane::drops::Counters;
-use podnet_dataplane::forward::{Encap, Forwarder, Inbound, NodeConfig, RxTally};
-use podnet_dataplane::table::{Peer, RouteTable};
+use podnet_dataplane::forward::{Encap, Forwarder, Inbound, NodeConfig, RxTally, SendPaths};
+use podnet_dataplane::table::{Peer, PeerEncap, RouteTable};
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::gro::{Coalescer, Span};
 use podnet_proto::gso;
@@ -90,12 +90,14 @@ fn receive_path(c: &mut Criterion) {
             underlay_ip: NODE_A,
             vtep_mac: MacAddr::vtep_for(NODE_A),
             pod_cidr: "10.244.1.0/24".parse().expect("CIDR"),
+            encap: PeerEncap::Vxlan,
         },
         Peer {
             node: "b".into(),
             underlay_ip: NODE_B,
             vtep_mac: MacAddr::vtep_for(NODE_B),
             pod_cidr: pod_b,
+            encap: PeerEncap::Vxlan,
         },
     ];
     let table = RouteTable::build(1, peers).expect("table");
@@ -107,7 +109,9 @@ fn receive_path(c: &mut Criterion) {
             pod_cidr: pod_b,
             cluster_cidr: "10.244.0.0/16".parse().expect("CIDR"),
             encap: Encap::Vxlan { vni },
+            vni,
             mtu: 1450,
+            send: SendPaths::all(1450, 1500),
             icmp_source: Ipv4Addr::new(10, 244, 0, 254),
         },
         Arc::new(Counters::new()),

@@ -32,6 +32,10 @@ pub struct PeerStatus {
     pub underlay_ip: Ipv4Addr,
     pub vtep_mac: MacAddr,
     pub pod_cidr: Ipv4Net,
+    /// What the peer receives, and so what this node sends it.
+    pub encap: String,
+    /// Why this node cannot send to it (packets get host unreachable), if it cannot.
+    pub unreachable: Option<String>,
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub rx_packets: u64,
@@ -74,6 +78,9 @@ pub struct RouteRow {
     pub node: String,
     pub underlay_ip: Ipv4Addr,
     pub vtep_mac: MacAddr,
+    /// What the node receives (a peer's is what this node sends it).
+    #[serde(default)]
+    pub encap: String,
 }
 
 /// Body of `/routes`.
@@ -316,6 +323,7 @@ impl Histogram {
 
 fn peers(agent: &Agent) -> Vec<PeerStatus> {
     let table = agent.shared.table.load();
+    let config = agent.shared.forwarder.config();
     table
         .iter()
         .map(|(p, c)| {
@@ -326,6 +334,8 @@ fn peers(agent: &Agent) -> Vec<PeerStatus> {
                 underlay_ip: p.underlay_ip,
                 vtep_mac: p.vtep_mac,
                 pod_cidr: p.pod_cidr,
+                encap: p.encap.name().to_string(),
+                unreachable: config.mtu_to(&p.encap).err().map(str::to_string),
                 tx_packets: tx.packets,
                 tx_bytes: tx.bytes,
                 rx_packets: rx.packets,
@@ -370,6 +380,7 @@ fn route_rows(agent: &Agent) -> RoutesBody {
             node: p.node.clone(),
             underlay_ip: p.underlay_ip,
             vtep_mac: p.vtep_mac,
+            encap: p.encap.name().to_string(),
         })
         .collect();
     routes.push(RouteRow {
@@ -378,6 +389,7 @@ fn route_rows(agent: &Agent) -> RoutesBody {
         node: agent.info.node.clone(),
         underlay_ip: agent.info.underlay_ip,
         vtep_mac: agent.info.vtep_mac,
+        encap: agent.info.encap.to_string(),
     });
     routes.sort_by_key(|r| (u32::from(r.cidr.network()), r.cidr.prefix_len()));
     RoutesBody {
@@ -790,17 +802,22 @@ pub fn format_status(v: &serde_json::Value) -> String {
     );
     let _ = writeln!(
         out,
-        "\nPEER                 UNDERLAY         POD CIDR            TX PKTS      RX PKTS"
+        "\nPEER                 UNDERLAY         POD CIDR            TX PKTS      RX PKTS  ENCAP"
     );
     for p in v["peers"].as_array().into_iter().flatten() {
+        let unreachable = p["unreachable"]
+            .as_str()
+            .map(|why| format!(" (unreachable: {why})"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<20} {:<16} {:<18} {:>8} {:>12}",
+            "{:<20} {:<16} {:<18} {:>8} {:>12}  {}{unreachable}",
             display(&p["node"]),
             display(&p["underlay_ip"]),
             display(&p["pod_cidr"]),
             display(&p["tx_packets"]),
-            display(&p["rx_packets"])
+            display(&p["rx_packets"]),
+            display(&p["encap"])
         );
     }
     let peer_drops: Vec<String> = v["peers"]
@@ -845,18 +862,19 @@ pub fn format_routes(v: &serde_json::Value) -> String {
     let mut out = format!("revision {}\n", display(&v["revision"]));
     let _ = writeln!(
         out,
-        "{:<20} {:<6} {:<20} {:<16} VTEP MAC",
-        "CIDR", "KIND", "NODE", "UNDERLAY"
+        "{:<20} {:<6} {:<20} {:<16} {:<17}  ENCAP",
+        "CIDR", "KIND", "NODE", "UNDERLAY", "VTEP MAC"
     );
     for r in v["routes"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
-            "{:<20} {:<6} {:<20} {:<16} {}",
+            "{:<20} {:<6} {:<20} {:<16} {:<17}  {}",
             display(&r["cidr"]),
             display(&r["kind"]),
             display(&r["node"]),
             display(&r["underlay_ip"]),
-            display(&r["vtep_mac"])
+            display(&r["vtep_mac"]),
+            display(&r["encap"])
         );
     }
     out

@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::cli::{EncapArg, Membership, MtuArg, RunConfig, DEFAULT_STATE_DIR};
 use crate::datapath::{self, IoErrors, Shared, Underlay};
 use crate::drops::Counters;
-use crate::forward::{Encap, Forwarder, NodeConfig};
+use crate::forward::{Encap, Forwarder, NodeConfig, SendPaths};
 use crate::host::{self, Desired, Host, HostError, Repairs};
 use crate::membership;
 use crate::sys::caps::{self, Capability};
@@ -144,8 +144,31 @@ impl Agent {
     pub fn apply_peers(&self, revision: u64, peers: Vec<Peer>) -> Result<(), TableError> {
         let old = self.shared.table.load();
         let new = old.rebuild(revision, peers)?;
+        warn_unreachable_peers(self.shared.forwarder.config(), Some(&old), &new);
         self.shared.table.store(Arc::new(new));
         Ok(())
+    }
+}
+
+/// Logs, once per peer (again only if its encapsulation changes), each peer of `new` that this
+/// node cannot send to: packets for it get ICMP host unreachable and the drop reason
+/// `peer_encap`.
+fn warn_unreachable_peers(config: &NodeConfig, old: Option<&RouteTable>, new: &RouteTable) {
+    for p in new.peers() {
+        let Err(why) = config.mtu_to(&p.encap) else {
+            continue;
+        };
+        let known = old.is_some_and(|t| {
+            t.peers()
+                .iter()
+                .any(|q| q.node == p.node && q.encap == p.encap)
+        });
+        if !known {
+            tracing::warn!(peer = %p.node, encap = p.encap.name(),
+                "peer {} receives {}, which this node cannot send ({why}): packets to {} get \
+                 ICMP host unreachable (drop reason peer_encap)",
+                p.node, p.encap.name(), p.pod_cidr);
+        }
     }
 }
 
@@ -249,19 +272,53 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
         tun.index(),
     )?);
     let result = (|| {
+        // Peers are sent what they receive: this node's own sockets, and a send-only socket
+        // for the other encapsulation. A send path that cannot be opened only makes the peers
+        // that need it unreachable (logged, counted as peer_encap), never the node.
+        let mut send = SendPaths::all(mtu, underlay.mtu);
         let sock = match encap {
-            Encap::Vxlan { .. } => Underlay::Vxlan(VxlanSocket::bind(&UdpConfig {
-                gro: cfg.offload,
-                gso: cfg.offload,
-                source_ports: DEFAULT_SOURCE_PORTS,
-                receivers: usize::from(cfg.tun_queues),
-                ..UdpConfig::new(cfg.underlay_ip, vxlan::PORT)
-            })?),
-            Encap::Ipip => Underlay::Ipip(IpipSocket::bind(cfg.underlay_ip, DEFAULT_BUFFER_BYTES)?),
+            Encap::Vxlan { .. } => {
+                let own = VxlanSocket::bind(&UdpConfig {
+                    gro: cfg.offload,
+                    gso: cfg.offload,
+                    source_ports: DEFAULT_SOURCE_PORTS,
+                    receivers: usize::from(cfg.tun_queues),
+                    ..UdpConfig::new(cfg.underlay_ip, vxlan::PORT)
+                })?;
+                let ipip = IpipSocket::send_only(cfg.underlay_ip, DEFAULT_BUFFER_BYTES)
+                    .map_err(|e| {
+                        send.ipip = Err(format!("cannot open the IP-in-IP send socket: {e}"))
+                    })
+                    .ok();
+                Underlay::vxlan(own, ipip)
+            }
+            Encap::Ipip => {
+                let own = IpipSocket::bind(cfg.underlay_ip, DEFAULT_BUFFER_BYTES)?;
+                // Bound to an ephemeral port, not 4789: it only sends.
+                let vxlan = VxlanSocket::bind(&UdpConfig {
+                    gro: false,
+                    gso: cfg.offload,
+                    source_ports: DEFAULT_SOURCE_PORTS,
+                    ..UdpConfig::new(cfg.underlay_ip, 0)
+                })
+                .map_err(|e| send.vxlan = Err(format!("cannot open the VXLAN send sockets: {e}")))
+                .ok();
+                Underlay::ipip(own, vxlan)
+            }
         };
-        let (udp_gso, udp_gro, source_ports) = match &sock {
-            Underlay::Vxlan(s) => (s.gso(), s.gro(), s.source_ports().to_vec()),
-            Underlay::Ipip(_) => (false, false, Vec::new()),
+        for (name, path) in [("ipip", &send.ipip), ("vxlan", &send.vxlan)] {
+            if let Err(why) = path {
+                tracing::warn!(
+                    encap = name,
+                    "peers that receive {name} are unreachable: {why}"
+                );
+            }
+        }
+        let (udp_gso, udp_gro, source_ports) = match sock.vxlan_socket() {
+            Some(s) if matches!(encap, Encap::Vxlan { .. }) => {
+                (s.gso(), s.gro(), s.source_ports().to_vec())
+            }
+            _ => (false, false, Vec::new()),
         };
         let receive_sockets = sock.receiver_count();
         write_subnet_env(&cfg.state_dir, cfg.cluster_cidr, pod_cidr, mtu)?;
@@ -316,7 +373,9 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
                 pod_cidr,
                 cluster_cidr: cfg.cluster_cidr,
                 encap,
+                vni: Vni::new(cfg.vni).unwrap_or_default(),
                 mtu,
+                send,
                 icmp_source: tun_addr,
             },
             Arc::new(Counters::new()),
@@ -340,6 +399,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             repairs: Arc::clone(&repairs),
             control: joined.session.as_ref().map(|s| s.client.clone()),
         });
+        warn_unreachable_peers(shared.forwarder.config(), None, &shared.table.load());
         let thread = spawn_data_path(&shared)?;
         let watcher = spawn_host_watch(host.take(), &shared, &repairs)?;
         let served = runtime.block_on(serve(&cfg, Arc::clone(&agent), joined.session));

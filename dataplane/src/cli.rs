@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
+use podnet_proto::api;
 use podnet_proto::ethernet::MacAddr;
 
 /// Default local admin API address (inside the agent's own network namespace).
@@ -102,18 +103,25 @@ impl FromStr for MtuArg {
     }
 }
 
-/// `--static-peer CIDR=IP[@MAC]`.
+/// `--static-peer CIDR=IP[@MAC][,ENCAP]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StaticPeer {
     pub pod_cidr: Ipv4Net,
     pub underlay_ip: Ipv4Addr,
     pub vtep_mac: MacAddr,
+    /// What the peer receives; `None`: this node's own `--encap`.
+    pub encap: Option<api::Encap>,
 }
 
 impl FromStr for StaticPeer {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let usage = "expected CIDR=IP[@MAC], e.g. 10.244.2.0/24=198.18.0.2";
+        let usage = "expected CIDR=IP[@MAC][,ENCAP], e.g. 10.244.2.0/24=198.18.0.2 or \
+                     10.244.2.0/24=198.18.0.2,ipip";
+        let (s, encap) = match s.split_once(',') {
+            Some((peer, encap)) => (peer, Some(encap.parse::<api::Encap>()?)),
+            None => (s, None),
+        };
         let (cidr, rest) = s.split_once('=').ok_or_else(|| format!("'{s}': {usage}"))?;
         let (ip, mac) = match rest.split_once('@') {
             Some((ip, mac)) => (ip, Some(mac)),
@@ -141,6 +149,7 @@ impl FromStr for StaticPeer {
             pod_cidr,
             underlay_ip,
             vtep_mac,
+            encap,
         })
     }
 }
@@ -188,11 +197,11 @@ pub struct RunArgs {
     /// The whole cluster's pod network; routed into the TUN device.
     #[arg(long, default_value = "10.244.0.0/16")]
     pub cluster_cidr: Ipv4Net,
-    /// Static mode: a peer as `CIDR=IP[@MAC]`; repeat for each peer.
+    /// Static mode: a peer as `CIDR=IP[@MAC][,ENCAP]`; repeat for each peer.
     #[arg(
         long = "static-peer",
         requires = "pod_cidr",
-        help = "Static mode: a peer as CIDR=IP[@MAC]; repeat for each peer"
+        help = "Static mode: a peer as CIDR=IP[@MAC][,ENCAP] (ENCAP: what the peer receives, default --encap); repeat for each peer"
     )]
     pub static_peer: Vec<StaticPeer>,
     /// Where subnet.env and the last known node table are written.
@@ -443,6 +452,28 @@ mod tests {
             .contains("host bits"));
         assert!("10.244.2.0/24=nope".parse::<StaticPeer>().is_err());
         assert!("10.244.2.0/24=198.18.0.2@zz".parse::<StaticPeer>().is_err());
+    }
+
+    #[test]
+    fn static_peer_takes_the_encapsulation_it_receives() {
+        let p: StaticPeer = "10.244.2.0/24=198.18.0.2".parse().unwrap();
+        assert_eq!(p.encap, None, "default: this node's own --encap");
+        let p: StaticPeer = "10.244.2.0/24=198.18.0.2,ipip".parse().unwrap();
+        assert_eq!(p.encap, Some(api::Encap::Ipip));
+        let p: StaticPeer = "10.244.3.0/24=198.18.0.3@02:aa:bb:cc:dd:ee,vxlan"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (p.vtep_mac.to_string().as_str(), p.encap),
+            ("02:aa:bb:cc:dd:ee", Some(api::Encap::Vxlan))
+        );
+        let e = "10.244.2.0/24=198.18.0.2,gre"
+            .parse::<StaticPeer>()
+            .unwrap_err();
+        assert!(
+            e.contains("\"gre\"") && e.contains("expected ipip, vxlan"),
+            "{e}"
+        );
     }
 
     #[test]

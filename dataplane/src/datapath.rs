@@ -31,37 +31,89 @@ use podnet_proto::{gro, gso, ipip, ipv4, vxlan};
 use crate::batch::TxBatch;
 use crate::drops::DropReason;
 use crate::dropwatch::DropContext;
-use crate::forward::{Encap, Forwarder, Inbound, Outbound, Route, RxTally, HEADROOM, SCRATCH_LEN};
+use crate::forward::{
+    Encap, Forwarder, Inbound, Outbound, Route, RxTally, TooBig, HEADROOM, SCRATCH_LEN,
+};
 use crate::sys::raw::IpipSocket;
 use crate::sys::tun::{self, Tun, MAX_READ};
 use crate::sys::udp::{VxlanSocket, GRO_BUFFER_BYTES};
 use crate::sys::{self, Readiness, RecvMeta, Stop, Transmit, MAX_BATCH};
 use crate::table::RouteTable;
+use crate::table::{Peer, PeerEncap};
 
-/// The underlay socket of one encapsulation.
+/// The underlay sockets. This node receives its own encapsulation only, on that
+/// encapsulation's socket(s); peers are sent what they receive, so the other encapsulation has
+/// a send-only socket (`None` when it could not be opened).
 #[derive(Debug)]
-pub enum Underlay {
+pub struct Underlay {
+    own: Own,
+    other_vxlan: Option<VxlanSocket>,
+    other_ipip: Option<IpipSocket>,
+}
+
+/// The sockets this node receives on (and sends to peers of its own kind from).
+#[derive(Debug)]
+enum Own {
     Vxlan(VxlanSocket),
     Ipip(IpipSocket),
 }
 
+/// The lane of IP-in-IP sends in a [`TxBatch`] (VXLAN lanes are its outer source ports,
+/// numbered from 0; there are far fewer of them).
+const IPIP_LANE: usize = crate::batch::MAX_LANES - 1;
+
 impl Underlay {
-    /// Datagrams the kernel dropped at the receive sockets because they were full: lost before
-    /// the data path saw them, so no drop reason of ours counts them.
-    pub fn receive_drops(&self) -> u64 {
-        match self {
-            Underlay::Vxlan(s) => s.receive_drops(),
-            Underlay::Ipip(s) => s.receive_drops(),
+    /// A VXLAN node's sockets; `ipip` sends to IP-in-IP peers.
+    pub fn vxlan(own: VxlanSocket, ipip: Option<IpipSocket>) -> Underlay {
+        Underlay {
+            own: Own::Vxlan(own),
+            other_vxlan: None,
+            other_ipip: ipip,
         }
     }
 
-    /// Sends `items` from `lane` (VXLAN's outer source port; IP-in-IP has one lane).
+    /// An IP-in-IP node's sockets; `vxlan` sends to VXLAN peers.
+    pub fn ipip(own: IpipSocket, vxlan: Option<VxlanSocket>) -> Underlay {
+        Underlay {
+            own: Own::Ipip(own),
+            other_vxlan: vxlan,
+            other_ipip: None,
+        }
+    }
+
+    /// The socket VXLAN goes out from (this node's own, or its send-only one).
+    pub fn vxlan_socket(&self) -> Option<&VxlanSocket> {
+        match &self.own {
+            Own::Vxlan(s) => Some(s),
+            Own::Ipip(_) => self.other_vxlan.as_ref(),
+        }
+    }
+
+    /// The socket IP-in-IP goes out from.
+    fn ipip_socket(&self) -> Option<&IpipSocket> {
+        match &self.own {
+            Own::Ipip(s) => Some(s),
+            Own::Vxlan(_) => self.other_ipip.as_ref(),
+        }
+    }
+
+    /// Datagrams the kernel dropped at the receive sockets because they were full: lost before
+    /// the data path saw them, so no drop reason of ours counts them.
+    pub fn receive_drops(&self) -> u64 {
+        match &self.own {
+            Own::Vxlan(s) => s.receive_drops(),
+            Own::Ipip(s) => s.receive_drops(),
+        }
+    }
+
+    /// Sends `items` from `lane` ([`Underlay::lane_for`]); returns how many the kernel refused
+    /// (all of them when the encapsulation has no socket, which routing rules out).
     fn send_batch(&self, lane: usize, items: &[Transmit<'_>]) -> usize {
-        let sent = match self {
-            Underlay::Vxlan(s) => s.send_batch(lane, items),
-            Underlay::Ipip(s) => s.send_batch(items),
+        let sent = match lane {
+            IPIP_LANE => self.ipip_socket().map(|s| s.send_batch(items)),
+            _ => self.vxlan_socket().map(|s| s.send_batch(lane, items)),
         };
-        sent.failed
+        sent.map_or(items.len(), |s| s.failed)
     }
 
     /// Sends a train of packets to `dst`, each a header slice and a payload slice, every one
@@ -74,18 +126,22 @@ impl Underlay {
         parts: &[[&[u8]; 2]],
         stride: usize,
     ) -> usize {
-        let sent = match self {
-            Underlay::Vxlan(s) => s.send_segments(lane, dst, parts, stride as u16),
-            Underlay::Ipip(s) => s.send_segments(dst, parts),
+        let sent = match lane {
+            IPIP_LANE => self.ipip_socket().map(|s| s.send_segments(dst, parts)),
+            _ => self
+                .vxlan_socket()
+                .map(|s| s.send_segments(lane, dst, parts, stride as u16)),
         };
-        sent.failed
+        sent.map_or(parts.len(), |s| s.failed)
     }
 
-    /// The lane the flow of inner `packet` sends from.
-    fn lane_of(&self, packet: &[u8]) -> usize {
-        match self {
-            Underlay::Vxlan(s) if s.lanes() > 1 => s.lane(ipv4::flow_hash(packet)),
-            _ => 0,
+    /// The lane a flow with inner flow hash `hash` to a peer receiving `encap` sends from:
+    /// VXLAN's outer source port by flow, or the IP-in-IP socket.
+    fn lane_for(&self, encap: &PeerEncap, hash: u32) -> usize {
+        match (encap, self.vxlan_socket()) {
+            (PeerEncap::Vxlan, Some(s)) if s.lanes() > 1 => s.lane(hash),
+            (PeerEncap::Vxlan, _) => 0,
+            _ => IPIP_LANE,
         }
     }
 
@@ -96,25 +152,25 @@ impl Underlay {
         bufs: &mut [B],
         meta: &mut [RecvMeta],
     ) -> io::Result<usize> {
-        match self {
-            Underlay::Vxlan(s) => s.try_recv_batch(i, bufs, meta),
-            Underlay::Ipip(s) => s.try_recv_batch(bufs, meta),
+        match &self.own {
+            Own::Vxlan(s) => s.try_recv_batch(i, bufs, meta),
+            Own::Ipip(s) => s.try_recv_batch(bufs, meta),
         }
     }
 
     /// Receive sockets: VXLAN may have several (one `SO_REUSEPORT` group); IP-in-IP has one
     /// (every raw socket would get a copy of every packet).
     pub fn receiver_count(&self) -> usize {
-        match self {
-            Underlay::Vxlan(s) => s.receiver_count(),
-            Underlay::Ipip(_) => 1,
+        match &self.own {
+            Own::Vxlan(s) => s.receiver_count(),
+            Own::Ipip(_) => 1,
         }
     }
 
     fn receiver(&self, i: usize) -> BorrowedFd<'_> {
-        match self {
-            Underlay::Vxlan(s) => s.receiver(i),
-            Underlay::Ipip(s) => s.as_fd(),
+        match &self.own {
+            Own::Vxlan(s) => s.receiver(i),
+            Own::Ipip(s) => s.as_fd(),
         }
     }
 }
@@ -181,10 +237,11 @@ const EMPTY: Transmit<'static> = Transmit {
     segment_size: None,
 };
 
-fn dst_of(encap: Encap, peer: Ipv4Addr) -> SocketAddrV4 {
-    match encap {
-        Encap::Vxlan { .. } => SocketAddrV4::new(peer, vxlan::PORT),
-        Encap::Ipip => SocketAddrV4::new(peer, 0),
+/// Where packets for `peer` go: UDP port 4789 for VXLAN, the bare address for a raw socket.
+fn dst_of(peer: &Peer) -> SocketAddrV4 {
+    match peer.encap {
+        PeerEncap::Vxlan => SocketAddrV4::new(peer.underlay_ip, vxlan::PORT),
+        _ => SocketAddrV4::new(peer.underlay_ip, 0),
     }
 }
 
@@ -361,7 +418,6 @@ pub const DEFAULT_TUN_QUEUES: u8 = 8;
 
 /// The outbound direction's buffers (allocated once).
 struct TxPath {
-    encap: Encap,
     vnet: usize,
     rx: Vec<u8>,
     segbuf: Vec<u8>,
@@ -374,7 +430,6 @@ struct TxPath {
 impl TxPath {
     fn new(shared: &Shared) -> TxPath {
         TxPath {
-            encap: shared.forwarder.config().encap,
             vnet: shared.tun.vnet_hdr_len(),
             rx: vec![0u8; HEADROOM + MAX_READ],
             segbuf: vec![0u8; SEGMENT_BUF],
@@ -396,7 +451,7 @@ impl TxPath {
     /// Forwards the `n` bytes just read into [`TxPath::read_buf`].
     fn handle(&mut self, shared: &Shared, n: usize) {
         let fwd = &shared.forwarder;
-        let (encap, vnet) = (self.encap, self.vnet);
+        let vnet = self.vnet;
         let rx = &mut self.rx;
         if n <= vnet {
             fwd.drop_outbound(DropReason::Malformed, &[]);
@@ -418,10 +473,12 @@ impl TxPath {
                 fwd.drop_outbound(DropReason::Malformed, &rx[start..end]);
                 return;
             }
-            let lane = shared.underlay.lane_of(&rx[start..end]);
+            let hash = ipv4::flow_hash(&rx[start..end]);
             match fwd.outbound(&table, rx, start, end - start, scratch) {
-                Outbound::Send { peer, bytes } => {
-                    let dst = dst_of(encap, peer);
+                Outbound::Send { index, bytes, .. } => {
+                    let peer = table.peer(index);
+                    let dst = dst_of(peer);
+                    let lane = shared.underlay.lane_for(&peer.encap, hash);
                     let batch = &mut self.batch;
                     if !batch.push(dst, lane, bytes) {
                         send_batched(shared, batch);
@@ -452,28 +509,33 @@ impl TxPath {
         // packets read before it go first, so a flow's packets stay in order.
         send_batched(shared, &mut self.batch);
         let packet = &rx[start..end];
-        let index = match fwd.classify(&table, packet) {
-            Route::Peer(i) => i,
-            Route::Unreachable { reason, code } => {
-                if let Outbound::Reply(b) = fwd.reject_outbound(packet, reason, code, 0, scratch) {
-                    let len = b.len();
-                    write_tun(
-                        shared,
-                        &reply[virtio::HEADER_LEN - reply_hdr_len..virtio::HEADER_LEN + len],
-                        reply_hdr_len,
-                    );
-                }
+        let refused = match fwd.classify_super(&table, &hdr, packet) {
+            Ok(Route::Peer(i)) => Ok(i),
+            Ok(Route::Unreachable { reason, code }) => {
+                Err(fwd.reject_outbound(packet, reason, code, 0, scratch))
+            }
+            Ok(Route::Drop(reason)) => Err(fwd.drop_outbound(reason, packet)),
+            Err(TooBig { mtu }) => Err(fwd.too_big(packet, mtu, scratch)),
+        };
+        let index = match refused {
+            Ok(i) => i,
+            Err(Outbound::Reply(b)) => {
+                let len = b.len();
+                write_tun(
+                    shared,
+                    &reply[virtio::HEADER_LEN - reply_hdr_len..virtio::HEADER_LEN + len],
+                    reply_hdr_len,
+                );
                 return;
             }
-            Route::Drop(reason) => {
-                fwd.drop_outbound(reason, packet);
-                return;
-            }
+            Err(_) => return,
         };
         let segbuf = &mut self.segbuf;
         let peer = table.peer(index);
-        let dst = dst_of(encap, peer.underlay_ip);
-        let lane = shared.underlay.lane_of(packet);
+        let dst = dst_of(peer);
+        let lane = shared
+            .underlay
+            .lane_for(&peer.encap, ipv4::flow_hash(packet));
         let prefix = fwd.vxlan_prefix(peer);
         // Zero-copy: build each segment's headers apart (IP-in-IP: behind a blank outer
         // header, filled in per segment) and send the payload from where the TUN read put it.
@@ -635,6 +697,7 @@ impl RxPath {
         let mtu = usize::from(fwd.config().mtu);
         let table = shared.table.load();
         let mut tally = RxTally::default();
+        let receives_vxlan = matches!(fwd.config().encap, Encap::Vxlan { .. });
         for (k, (buf, m)) in bufs.iter().zip(&self.meta).take(n).enumerate() {
             if m.truncated {
                 drop_malformed(fwd, *m.src.ip(), &[]);
@@ -651,11 +714,10 @@ impl RxPath {
             let empty: &[u8] = &[];
             let datagrams = datagrams.chain((m.len == 0).then_some(empty));
             for datagram in datagrams {
-                let verdict = match &shared.underlay {
-                    Underlay::Vxlan(_) => {
-                        fwd.inbound_vxlan_tallied(&table, *m.src.ip(), datagram, &mut tally)
-                    }
-                    Underlay::Ipip(_) => fwd.inbound_ipip_tallied(&table, datagram, &mut tally),
+                let verdict = if receives_vxlan {
+                    fwd.inbound_vxlan_tallied(&table, *m.src.ip(), datagram, &mut tally)
+                } else {
+                    fwd.inbound_ipip_tallied(&table, datagram, &mut tally)
                 };
                 if let Inbound::Deliver(inner) = verdict {
                     // Without offload each packet is written as is; with it, behind a virtio

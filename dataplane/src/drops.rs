@@ -45,11 +45,14 @@ pub enum DropReason {
     NotLocal,
     /// Inbound inner source outside the sending peer's pod CIDR (anti-spoofing).
     Spoofed,
+    /// Outbound to a peer whose encapsulation this node cannot send (one it does not speak,
+    /// or whose socket could not be opened): answered with ICMP host unreachable.
+    PeerEncap,
 }
 
 impl DropReason {
     /// Every reason, in declaration order (the order metrics are listed in).
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::NotIpv4,
         DropReason::Malformed,
         DropReason::OwnCidr,
@@ -60,6 +63,7 @@ impl DropReason {
         DropReason::WrongVni,
         DropReason::NotLocal,
         DropReason::Spoofed,
+        DropReason::PeerEncap,
     ];
 
     /// Stable snake_case name, used as the `reason` metric label and in `/status`.
@@ -75,6 +79,7 @@ impl DropReason {
             DropReason::WrongVni => "wrong_vni",
             DropReason::NotLocal => "not_local",
             DropReason::Spoofed => "spoofed",
+            DropReason::PeerEncap => "peer_encap",
         }
     }
 

@@ -28,12 +28,13 @@ use podnet_proto::ethernet::MacAddr;
 use podnet_proto::gso::HeaderPlan;
 use podnet_proto::icmp;
 use podnet_proto::ipv4::{self, Ipv4Packet};
+use podnet_proto::virtio::VirtioNetHdr;
 use podnet_proto::vxlan::{self, Vni};
 use podnet_proto::{ipip, WireError};
 
 use crate::drops::{Counters, DropReason};
 use crate::dropwatch::DropContext;
-use crate::table::{Peer, RouteTable};
+use crate::table::{Peer, PeerEncap, RouteTable};
 
 /// Bytes the caller must reserve in front of an outbound packet: room for the largest
 /// prefix we write (VXLAN header + inner Ethernet; IP-in-IP needs 20).
@@ -63,10 +64,20 @@ impl Encap {
 
     /// `ipip` or `vxlan`, as on the command line and in the control API.
     pub const fn name(self) -> &'static str {
+        self.advertised().name()
+    }
+
+    /// What this node advertises in its node record.
+    pub const fn advertised(self) -> podnet_proto::api::Encap {
         match self {
-            Encap::Ipip => "ipip",
-            Encap::Vxlan { .. } => "vxlan",
+            Encap::Ipip => podnet_proto::api::Encap::Ipip,
+            Encap::Vxlan { .. } => podnet_proto::api::Encap::Vxlan,
         }
+    }
+
+    /// As a peer of the same encapsulation sees this node (the default for static peers).
+    pub fn as_peer(self) -> PeerEncap {
+        self.advertised().into()
     }
 }
 
@@ -83,14 +94,59 @@ pub struct NodeConfig {
     pub pod_cidr: Ipv4Net,
     /// The whole pod network: outbound destinations outside it get ICMP net unreachable.
     pub cluster_cidr: Ipv4Net,
-    /// Encapsulation (and VNI) used to send and expected on receive.
+    /// This node's encapsulation (and VNI): what it receives, and advertises to its peers.
     pub encap: Encap,
+    /// VNI of VXLAN packets sent to VXLAN peers: this node's own when it receives VXLAN, the
+    /// cluster's `--vni` otherwise.
+    pub vni: Vni,
     /// Overlay MTU (the `tunl0` MTU): the largest inner packet we encapsulate.
     pub mtu: u16,
+    /// What this node can send to peers of each encapsulation (see [`SendPaths`]).
+    pub send: SendPaths,
     /// Source address of the ICMP errors we write into `tunl0`. The kernel drops packets that
     /// arrive with one of its own addresses as source ("martian source") unless the input
     /// device has `accept_local=1`, so pick a non-local address or set that sysctl on `tunl0`.
     pub icmp_source: Ipv4Addr,
+}
+
+/// Per encapsulation this node sends to peers with: the largest inner packet it carries (the
+/// `tunl0` MTU, capped by the underlay MTU less that encapsulation's overhead), or why this node
+/// cannot send it (its socket could not be opened). Peers are sent what they receive, so one
+/// node may send both; the MTU is per peer, and a packet over it gets ICMP
+/// fragmentation-needed carrying it (docs/design.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendPaths {
+    pub ipip: Result<u16, String>,
+    pub vxlan: Result<u16, String>,
+}
+
+impl SendPaths {
+    /// Both encapsulations, for a `tunl0` of `mtu` on an underlay of `underlay_mtu`.
+    pub fn all(mtu: u16, underlay_mtu: u32) -> SendPaths {
+        let cap = |overhead: usize| {
+            let fits = (underlay_mtu as usize).saturating_sub(overhead);
+            Ok(u16::try_from(fits).unwrap_or(u16::MAX).min(mtu))
+        };
+        SendPaths {
+            ipip: cap(ipip::OVERHEAD),
+            vxlan: cap(vxlan::OVERHEAD),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// The largest inner packet to a peer that receives `encap`, or why this node cannot send
+    /// it any.
+    pub fn mtu_to(&self, encap: &PeerEncap) -> Result<u16, &str> {
+        let path = match encap {
+            PeerEncap::Ipip => &self.send.ipip,
+            PeerEncap::Vxlan => &self.send.vxlan,
+            PeerEncap::Unsupported(_) => {
+                return Err("this agent does not speak that encapsulation")
+            }
+        };
+        path.as_ref().copied().map_err(String::as_str)
+    }
 }
 
 /// The routing decision for one outbound packet, without encapsulation (see
@@ -106,13 +162,25 @@ pub enum Route {
     Drop(DropReason),
 }
 
+/// A super-packet whose segments would be larger than the chosen peer's MTU
+/// ([`Forwarder::classify_super`]): answer with fragmentation needed carrying `mtu` when it has
+/// DF, else drop it (`too_big`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TooBig {
+    pub mtu: u16,
+}
+
 /// Result of [`Forwarder::outbound`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outbound<'a> {
-    /// Send `bytes` to the peer at underlay address `peer`: for IP-in-IP the full outer IPv4
-    /// packet (for an `IP_HDRINCL` raw socket), for VXLAN the UDP payload (for the socket on
-    /// port 4789).
-    Send { peer: Ipv4Addr, bytes: &'a [u8] },
+    /// Send `bytes` to the peer at underlay address `peer` (at `index` in the table the packet
+    /// was routed with), in the encapsulation it receives: for IP-in-IP the full outer IPv4
+    /// packet (for an `IP_HDRINCL` raw socket), for VXLAN the UDP payload (for port 4789).
+    Send {
+        peer: Ipv4Addr,
+        index: usize,
+        bytes: &'a [u8],
+    },
     /// Write this ICMP error into `tunl0`; the original packet is dropped (and counted).
     Reply(&'a [u8]),
     /// Drop the packet (already counted).
@@ -253,6 +321,37 @@ impl Forwarder {
         }
     }
 
+    /// [`classify`](Self::classify) for a TSO super-packet (`packet` behind virtio header
+    /// `hdr`), which the caller cuts into segments of `hdr.gso_size` payload bytes: also checks
+    /// that those segments fit the chosen peer's MTU, which is below the `tunl0` MTU when the
+    /// peer receives an encapsulation with more overhead than this node's ([`TooBig`]).
+    pub fn classify_super(
+        &self,
+        table: &RouteTable,
+        hdr: &VirtioNetHdr,
+        packet: &[u8],
+    ) -> Result<Route, TooBig> {
+        let route = self.classify(table, packet);
+        let Route::Peer(i) = route else {
+            return Ok(route);
+        };
+        let Ok(mtu) = self.config.mtu_to(&table.peer(i).encap) else {
+            return Ok(route);
+        };
+        // IPv4 and TCP header lengths of the first segment; classify() parsed the IPv4
+        // header, and the segmenter refuses what else does not parse, so a short packet is
+        // left to it.
+        let ip_len = usize::from(packet[0] & 0x0f) * 4;
+        let Some(doff) = packet.get(ip_len + 12) else {
+            return Ok(route);
+        };
+        let segment = ip_len + usize::from(doff >> 4) * 4 + usize::from(hdr.gso_size);
+        if segment > usize::from(mtu) {
+            return Err(TooBig { mtu });
+        }
+        Ok(route)
+    }
+
     /// Routing for a valid packet to `dst`.
     #[inline]
     fn route(&self, table: &RouteTable, dst: Ipv4Addr) -> Route {
@@ -296,23 +395,12 @@ impl Forwarder {
             Route::Drop(reason) => return self.drop_outbound(reason, packet),
         };
         let total_len = packet.len();
-        if total_len > usize::from(self.config.mtu) {
-            // RFC 1191: DF set -> fragmentation needed with the next-hop MTU. Without DF the
-            // kernel fragments to the tunl0 MTU before we see the packet, so this only happens
-            // while the MTU changes; userspace does not fragment.
-            if ip.dont_frag() {
-                let mtu = self.config.mtu;
-                return self.reject_outbound(
-                    packet,
-                    DropReason::TooBig,
-                    icmp::code::FRAG_NEEDED,
-                    mtu,
-                    scratch,
-                );
-            }
-            return self.drop_outbound(DropReason::TooBig, packet);
-        }
         let peer = table.peer(index);
+        // route() only picks peers this node can send to.
+        let mtu = self.config.mtu_to(&peer.encap).unwrap_or(self.config.mtu);
+        if total_len > usize::from(mtu) {
+            return self.too_big(packet, mtu, scratch);
+        }
         let end = start + total_len;
         let new_start = match self.encapsulate(peer, buf, start, total_len) {
             Ok(s) => s,
@@ -322,7 +410,27 @@ impl Forwarder {
         table.counters(index).tx.add(total_len);
         Outbound::Send {
             peer: peer.underlay_ip,
+            index,
             bytes: &buf[new_start..end],
+        }
+    }
+
+    /// Refuses valid `packet`, larger than `mtu` on its way to a peer. RFC 1191: with DF set
+    /// it gets fragmentation needed carrying `mtu`. Without DF the kernel fragments to the
+    /// tunl0 MTU before we see the packet, and a peer of another encapsulation may take less
+    /// (per-peer MTU); userspace does not fragment, so it is dropped. Counted as `too_big`.
+    pub fn too_big<'a>(&self, packet: &[u8], mtu: u16, scratch: &'a mut [u8]) -> Outbound<'a> {
+        let df = packet.get(6).is_some_and(|f| f & 0x40 != 0);
+        if df {
+            self.reject_outbound(
+                packet,
+                DropReason::TooBig,
+                icmp::code::FRAG_NEEDED,
+                mtu,
+                scratch,
+            )
+        } else {
+            self.drop_outbound(DropReason::TooBig, packet)
         }
     }
 
@@ -336,8 +444,8 @@ impl Forwarder {
         start: usize,
         len: usize,
     ) -> Result<usize, WireError> {
-        match self.config.encap {
-            Encap::Ipip => {
+        match &peer.encap {
+            PeerEncap::Ipip => {
                 let ident = self.ident.fetch_add(1, Relaxed);
                 ipip::encapsulate(
                     buf,
@@ -348,13 +456,19 @@ impl Forwarder {
                     ident,
                 )
             }
-            Encap::Vxlan { vni } => Ok(vxlan::encapsulate(
+            PeerEncap::Vxlan => Ok(vxlan::encapsulate(
                 buf,
                 start,
-                vni,
+                self.config.vni,
                 self.config.vtep_mac,
                 peer.vtep_mac,
             )),
+            // route() never picks such a peer.
+            PeerEncap::Unsupported(_) => Err(WireError::Truncated {
+                layer: podnet_proto::error::Layer::Ipv4,
+                required: 0,
+                len: 0,
+            }),
         }
     }
 
@@ -388,13 +502,18 @@ impl Forwarder {
     /// repeat it in front of every segment); `None` for IP-in-IP, whose outer header depends on
     /// each packet.
     pub fn vxlan_prefix(&self, peer: &Peer) -> Option<[u8; vxlan::ENCAP_LEN]> {
-        match self.config.encap {
-            Encap::Ipip => None,
-            Encap::Vxlan { vni } => {
+        match peer.encap {
+            PeerEncap::Vxlan => {
                 let mut out = [0; vxlan::ENCAP_LEN];
-                vxlan::write_header(&mut out, vni, self.config.vtep_mac, peer.vtep_mac);
+                vxlan::write_header(
+                    &mut out,
+                    self.config.vni,
+                    self.config.vtep_mac,
+                    peer.vtep_mac,
+                );
                 Some(out)
             }
+            PeerEncap::Ipip | PeerEncap::Unsupported(_) => None,
         }
     }
 
@@ -617,6 +736,10 @@ pub fn route(config: &NodeConfig, table: &RouteTable, dst: Ipv4Addr) -> Route {
         Some(i) if table.peer(i).underlay_ip == config.underlay_ip => {
             Route::Drop(DropReason::OwnCidr)
         }
+        Some(i) if config.mtu_to(&table.peer(i).encap).is_err() => Route::Unreachable {
+            reason: DropReason::PeerEncap,
+            code: icmp::code::HOST_UNREACHABLE,
+        },
         Some(i) => Route::Peer(i),
     }
 }
@@ -667,7 +790,23 @@ mod tests {
     use crate::table::test_peer as peer;
 
     fn table() -> RouteTable {
-        RouteTable::build(1, vec![peer("a", 1), peer("b", 2), peer("c", 3)]).unwrap()
+        table_of(vxlan1())
+    }
+
+    /// Nodes a, b, c (1-3), all receiving `encap`.
+    fn table_of(encap: Encap) -> RouteTable {
+        let peers = [peer("a", 1), peer("b", 2), peer("c", 3)]
+            .map(|p| Peer {
+                encap: encap.as_peer(),
+                ..p
+            })
+            .to_vec();
+        RouteTable::build(1, peers).unwrap()
+    }
+
+    /// Node `n` of `encap`, and a table of nodes that all receive `encap`.
+    fn pair(n: u8, encap: Encap) -> (Forwarder, RouteTable) {
+        (node(n, encap), table_of(encap))
     }
 
     fn node(n: u8, encap: Encap) -> Forwarder {
@@ -679,7 +818,12 @@ mod tests {
             pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).unwrap(),
             cluster_cidr: "10.244.0.0/16".parse().unwrap(),
             encap,
+            vni: match encap {
+                Encap::Vxlan { vni } => vni,
+                Encap::Ipip => Vni::default(),
+            },
             mtu: 1450,
+            send: SendPaths::all(1450, 1500),
             icmp_source: Ipv4Addr::new(10, 244, 0, 254),
         };
         Forwarder::new(config, Arc::new(Counters::new()))
@@ -709,7 +853,7 @@ mod tests {
         let mut buf = with_headroom(packet);
         let mut scratch = [0; SCRATCH_LEN];
         match fwd.outbound(table, &mut buf, HEADROOM, packet.len(), &mut scratch) {
-            Outbound::Send { peer, bytes } => (bytes.to_vec(), Some(peer)),
+            Outbound::Send { peer, bytes, .. } => (bytes.to_vec(), Some(peer)),
             Outbound::Reply(r) => (r.to_vec(), None),
             Outbound::Drop(r) => panic!("dropped: {r}"),
         }
@@ -733,7 +877,7 @@ mod tests {
 
     #[test]
     fn outbound_vxlan_prepends_header_and_inner_ethernet() {
-        let (fwd, t) = (node(1, vxlan1()), table());
+        let (fwd, t) = pair(1, vxlan1());
         let (bytes, peer) = out(&fwd, &t, &INNER);
         assert_eq!(peer, Some(ip("198.18.0.2")));
         assert_eq!(bytes[..22], VXLAN_PREFIX);
@@ -743,7 +887,7 @@ mod tests {
 
     #[test]
     fn outbound_ipip_writes_outer_header_with_fresh_ident() {
-        let (fwd, t) = (node(1, Encap::Ipip), table());
+        let (fwd, t) = pair(1, Encap::Ipip);
         let (bytes, peer) = out(&fwd, &t, &INNER);
         assert_eq!(peer, Some(ip("198.18.0.2")));
         assert_eq!(bytes[..20], IPIP_OUTER);
@@ -774,7 +918,7 @@ mod tests {
             csum_start: 20,
             csum_offset: 16,
         };
-        let t = table();
+        let t = table_of(Encap::Ipip);
         let peer = t.peer(1);
         // What the copying path sends: the segments in one buffer, each encapsulated in place.
         let copying = node(1, Encap::Ipip);
@@ -821,7 +965,7 @@ mod tests {
 
     #[test]
     fn outbound_counts_inner_bytes_per_peer() {
-        let (fwd, t) = (node(1, Encap::Ipip), table());
+        let (fwd, t) = pair(1, Encap::Ipip);
         out(&fwd, &t, &INNER);
         out(&fwd, &t, &INNER);
         let b = t.by_underlay(ip("198.18.0.2")).unwrap();
@@ -833,7 +977,7 @@ mod tests {
 
     #[test]
     fn outbound_ignores_trailing_bytes_after_total_len() {
-        let (fwd, t) = (node(1, vxlan1()), table());
+        let (fwd, t) = pair(1, vxlan1());
         let mut padded = INNER.to_vec();
         padded.extend_from_slice(&[0; 10]);
         let (bytes, _) = out(&fwd, &t, &padded);
@@ -842,7 +986,7 @@ mod tests {
 
     #[test]
     fn outbound_leaves_ttl_alone() {
-        let (fwd, t) = (node(1, vxlan1()), table());
+        let (fwd, t) = pair(1, vxlan1());
         let mut p = INNER;
         p[8] = 1;
         fix_checksum(&mut p);
@@ -852,7 +996,7 @@ mod tests {
 
     #[test]
     fn classify_reasons() {
-        let (fwd, t) = (node(1, vxlan1()), table());
+        let (fwd, t) = pair(1, vxlan1());
         assert_eq!(fwd.classify(&t, &INNER), Route::Peer(1));
         let mut v6 = INNER;
         v6[0] = 0x60;
@@ -909,7 +1053,7 @@ mod tests {
 
     #[test]
     fn no_route_answers_host_unreachable_quoting_the_packet() {
-        let (fwd, t) = (node(1, vxlan1()), table());
+        let (fwd, t) = pair(1, vxlan1());
         let mut p = INNER;
         p[16..20].copy_from_slice(&[10, 244, 77, 1]);
         fix_checksum(&mut p);
@@ -930,7 +1074,7 @@ mod tests {
 
     #[test]
     fn outside_cluster_answers_net_unreachable() {
-        let (fwd, t) = (node(1, Encap::Ipip), table());
+        let (fwd, t) = pair(1, Encap::Ipip);
         let mut p = INNER;
         p[16..20].copy_from_slice(&[192, 0, 2, 1]);
         fix_checksum(&mut p);
@@ -955,7 +1099,7 @@ mod tests {
 
         // Through the forwarder: a flood to an unowned address gets one burst of errors; every
         // packet is still dropped and counted under its reason.
-        let (fwd, t) = (node(1, Encap::Ipip), table());
+        let (fwd, t) = pair(1, Encap::Ipip);
         let mut p = INNER;
         p[16..20].copy_from_slice(&[10, 244, 77, 1]);
         fix_checksum(&mut p);
@@ -979,7 +1123,7 @@ mod tests {
 
     #[test]
     fn icmp_errors_are_never_answered() {
-        let (fwd, t) = (node(1, Encap::Ipip), table());
+        let (fwd, t) = pair(1, Encap::Ipip);
         // An ICMP destination-unreachable to an unknown node: counted, not answered.
         let mut p = INNER;
         p[9] = ipv4::protocol::ICMP;
@@ -1007,7 +1151,7 @@ mod tests {
 
     #[test]
     fn mtu_sized_packet_passes() {
-        let (fwd, t) = (node(1, vxlan1()), table());
+        let (fwd, t) = pair(1, vxlan1());
         let (bytes, peer) = out(&fwd, &t, &big(1450, true));
         assert!(peer.is_some());
         assert_eq!(bytes.len(), 1450 + 22);
@@ -1015,7 +1159,7 @@ mod tests {
 
     #[test]
     fn too_big_with_df_answers_frag_needed_with_overlay_mtu() {
-        let (fwd, t) = (node(1, vxlan1()), table());
+        let (fwd, t) = pair(1, vxlan1());
         let p = big(1451, true);
         let (reply, peer) = out(&fwd, &t, &p);
         assert_eq!(peer, None);
@@ -1026,9 +1170,113 @@ mod tests {
         assert_eq!(fwd.counters().drops(DropReason::TooBig), 1);
     }
 
+    /// Node 1 on IP-in-IP with a 1480-byte tunl0 over a 1500-byte underlay, VNI 7 for what it
+    /// sends in VXLAN; its peers: a (1) IP-in-IP, b (2) VXLAN, c (3) an encapsulation it does
+    /// not speak.
+    fn mixed() -> (Forwarder, RouteTable) {
+        let mut config = node(1, Encap::Ipip).config().clone();
+        config.mtu = 1480;
+        config.vni = Vni::new(7).unwrap();
+        config.send = SendPaths::all(1480, 1500);
+        let encaps = [
+            PeerEncap::Ipip,
+            PeerEncap::Vxlan,
+            PeerEncap::Unsupported("wireguard".into()),
+        ];
+        let peers = [peer("a", 1), peer("b", 2), peer("c", 3)]
+            .into_iter()
+            .zip(encaps)
+            .map(|(p, encap)| Peer { encap, ..p })
+            .collect();
+        let fwd = Forwarder::new(config, Arc::new(Counters::new()));
+        (fwd, RouteTable::build(1, peers).unwrap())
+    }
+
+    /// [`INNER`] sent to node `n`'s pod CIDR, DF set, `len` bytes.
+    fn to_node(n: u8, len: usize) -> Vec<u8> {
+        let mut p = big(len, true);
+        p[18] = n;
+        fix_checksum(&mut p);
+        p
+    }
+
+    #[test]
+    fn each_peer_is_sent_the_encapsulation_it_receives() {
+        let (fwd, t) = mixed();
+        // A VXLAN peer gets VXLAN with the configured VNI...
+        let (bytes, to) = out(&fwd, &t, &to_node(2, 100));
+        assert_eq!(to, Some(ip("198.18.0.2")));
+        let frame = vxlan::decapsulate(&bytes).unwrap();
+        assert_eq!(frame.vni, Vni::new(7).unwrap());
+        assert_eq!(frame.inner, &to_node(2, 100)[..]);
+        // ...and an IP-in-IP peer IP-in-IP (node 1 is this node, so use another).
+        let mut d = peer("d", 5);
+        d.encap = PeerEncap::Ipip;
+        let t = RouteTable::build(2, vec![t.peer(1).clone(), d]).unwrap();
+        let (bytes, to) = out(&fwd, &t, &to_node(5, 100));
+        assert_eq!(to, Some(ip("198.18.0.5")));
+        let outer = Ipv4Packet::new_checked(&bytes[..]).unwrap();
+        assert_eq!(outer.protocol(), ipv4::protocol::IPIP);
+        assert_eq!(outer.payload(), &to_node(5, 100)[..]);
+    }
+
+    #[test]
+    fn the_mtu_is_per_peer_and_too_big_quotes_the_peers() {
+        let (fwd, t) = mixed();
+        // 1480 fits tunl0 but not VXLAN on a 1500-byte underlay: frag-needed carrying 1450.
+        let (reply, peer) = out(&fwd, &t, &to_node(2, 1451));
+        assert_eq!(peer, None);
+        assert_eq!(reply[20..22], [3, icmp::code::FRAG_NEEDED]);
+        assert_eq!(reply[26..28], 1450u16.to_be_bytes());
+        let (bytes, _) = out(&fwd, &t, &to_node(2, 1450));
+        assert_eq!(bytes.len(), 1450 + vxlan::ENCAP_LEN);
+        assert_eq!(fwd.config().mtu_to(&PeerEncap::Ipip), Ok(1480));
+        // A super-packet whose segments (20 + 20 + 1440 = 1480) exceed the VXLAN peer's MTU.
+        let mut sp = to_node(2, 3000);
+        sp[9] = ipv4::protocol::TCP;
+        sp[20 + 12] = 5 << 4;
+        fix_checksum(&mut sp);
+        let hdr = |gso_size| VirtioNetHdr {
+            gso_size,
+            ..VirtioNetHdr::NONE
+        };
+        assert_eq!(
+            fwd.classify_super(&t, &hdr(1440), &sp),
+            Err(TooBig { mtu: 1450 })
+        );
+        assert_eq!(fwd.classify_super(&t, &hdr(1410), &sp), Ok(Route::Peer(1)));
+        // Its reply is the same as a small packet's.
+        let mut scratch = [0; SCRATCH_LEN];
+        match fwd.too_big(&sp, 1450, &mut scratch) {
+            Outbound::Reply(r) => assert_eq!(r[26..28], 1450u16.to_be_bytes()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_peer_this_node_cannot_send_to_is_unreachable_not_silence() {
+        let (fwd, t) = mixed();
+        let (reply, peer) = out(&fwd, &t, &to_node(3, 100));
+        assert_eq!(peer, None);
+        assert_eq!(reply[20..22], [3, icmp::code::HOST_UNREACHABLE]);
+        assert_eq!(fwd.counters().drops(DropReason::PeerEncap), 1);
+        assert_eq!(fwd.counters().tx.snapshot().packets, 0);
+        // So is a peer whose encapsulation's send socket could not be opened.
+        let mut config = fwd.config().clone();
+        config.send.vxlan = Err("cannot open the VXLAN send sockets: denied".into());
+        let fwd = Forwarder::new(config, Arc::new(Counters::new()));
+        let (reply, _) = out(&fwd, &t, &to_node(2, 100));
+        assert_eq!(reply[20..22], [3, icmp::code::HOST_UNREACHABLE]);
+        assert_eq!(fwd.counters().drops(DropReason::PeerEncap), 1);
+        assert_eq!(
+            fwd.config().mtu_to(&PeerEncap::Vxlan),
+            Err("cannot open the VXLAN send sockets: denied")
+        );
+    }
+
     #[test]
     fn too_big_without_df_is_dropped_not_fragmented() {
-        let (fwd, t) = (node(1, Encap::Ipip), table());
+        let (fwd, t) = pair(1, Encap::Ipip);
         assert_eq!(out_drop(&fwd, &t, &big(1500, false)), DropReason::TooBig);
         assert_eq!(fwd.counters().icmp_sent(), 0);
         assert_eq!(fwd.counters().tx.snapshot().packets, 0);
@@ -1037,7 +1285,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "headroom")]
     fn missing_headroom_is_a_caller_bug() {
-        let (fwd, t) = (node(1, vxlan1()), table());
+        let (fwd, t) = pair(1, vxlan1());
         let mut buf = INNER;
         let mut scratch = [0; SCRATCH_LEN];
         let _ = fwd.outbound(&t, &mut buf, 0, INNER.len(), &mut scratch);
@@ -1054,7 +1302,7 @@ mod tests {
 
     #[test]
     fn inbound_ipip_delivers_inner_packet() {
-        let (fwd, t) = (node(2, Encap::Ipip), table());
+        let (fwd, t) = pair(2, Encap::Ipip);
         let mut outer = IPIP_OUTER.to_vec();
         outer.extend_from_slice(&INNER);
         assert_eq!(fwd.inbound_ipip(&t, &outer), Inbound::Deliver(&INNER[..]));
@@ -1065,7 +1313,7 @@ mod tests {
 
     #[test]
     fn a_batch_is_counted_once_at_commit_and_drops_at_once() {
-        let (fwd, t) = (node(2, vxlan1()), table());
+        let (fwd, t) = pair(2, vxlan1());
         let mut payload = VXLAN_PREFIX.to_vec();
         payload.extend_from_slice(&INNER);
         let (from_a, stranger) = (ip("198.18.0.1"), ip("198.18.0.99"));
@@ -1097,7 +1345,7 @@ mod tests {
 
     #[test]
     fn inbound_ipip_checks_in_order() {
-        let (fwd, t) = (node(2, Encap::Ipip), table());
+        let (fwd, t) = pair(2, Encap::Ipip);
         let drop = |outer: &[u8]| match fwd.inbound_ipip(&t, outer) {
             Inbound::Drop(r) => r,
             Inbound::Deliver(_) => panic!("delivered"),
@@ -1152,7 +1400,7 @@ mod tests {
 
     #[test]
     fn inbound_vxlan_delivers_and_checks_vni() {
-        let (fwd, t) = (node(2, vxlan1()), table());
+        let (fwd, t) = pair(2, vxlan1());
         let mut payload = VXLAN_PREFIX.to_vec();
         payload.extend_from_slice(&INNER);
         let from1 = ip("198.18.0.1");

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use podnet_control::client::{read_token_file, Client, ClientError};
-use podnet_proto::api::{self, NodeTable, RegisterRequest, RegisterResponse};
+use podnet_proto::api::{NodeTable, RegisterRequest, RegisterResponse};
 use podnet_proto::ethernet::MacAddr;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::agent::{write_atomic, Agent};
 use crate::cli::{Membership, RunConfig};
 use crate::forward::Encap;
-use crate::table::Peer;
+use crate::table::{Peer, PeerEncap};
 
 /// How long `run` waits for the control service at start before falling back to the last
 /// persisted table (and retrying in the background).
@@ -87,6 +87,7 @@ fn peers_from(table: &NodeTable, own: &str) -> Vec<Peer> {
             underlay_ip: n.underlay_ip,
             vtep_mac: n.vtep_mac,
             pod_cidr: n.pod_cidr,
+            encap: n.encap.into(),
         })
         .collect()
 }
@@ -110,6 +111,7 @@ pub async fn join(
                     underlay_ip: p.underlay_ip,
                     vtep_mac: p.vtep_mac,
                     pod_cidr: p.pod_cidr,
+                    encap: p.encap.map_or_else(|| encap.as_peer(), PeerEncap::from),
                 })
                 .collect();
             return Ok(Joined {
@@ -125,10 +127,7 @@ pub async fn join(
     let client = Client::new(url, token)?;
     let req = RegisterRequest {
         underlay_ip: cfg.underlay_ip,
-        encap: match encap {
-            Encap::Ipip => api::Encap::Ipip,
-            Encap::Vxlan { .. } => api::Encap::Vxlan,
-        },
+        encap: encap.advertised(),
         vtep_mac: Some(vtep_mac),
     };
     let state_file = cfg.state_dir.join("nodes.json");

@@ -18,6 +18,41 @@ use serde::{Deserialize, Serialize};
 use crate::drops::PeerCounters;
 use crate::lpm::{Lpm, U32Map};
 
+/// The encapsulation a peer receives, as it advertises it (its node record, or the static
+/// peer's flag): what this node must send it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerEncap {
+    Ipip,
+    Vxlan,
+    /// One this agent does not speak (a newer peer's, e.g. `wireguard`): packets to the peer
+    /// get ICMP host unreachable and the drop reason `peer_encap`.
+    #[serde(untagged)]
+    Unsupported(String),
+}
+
+impl From<podnet_proto::api::Encap> for PeerEncap {
+    fn from(e: podnet_proto::api::Encap) -> PeerEncap {
+        use podnet_proto::api::Encap;
+        match e {
+            Encap::Ipip => PeerEncap::Ipip,
+            Encap::Vxlan => PeerEncap::Vxlan,
+            other => PeerEncap::Unsupported(other.name().to_string()),
+        }
+    }
+}
+
+impl PeerEncap {
+    /// The name on the command line and in the control API.
+    pub fn name(&self) -> &str {
+        match self {
+            PeerEncap::Ipip => "ipip",
+            PeerEncap::Vxlan => "vxlan",
+            PeerEncap::Unsupported(name) => name,
+        }
+    }
+}
+
 /// A node reachable over the underlay.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peer {
@@ -30,6 +65,8 @@ pub struct Peer {
     pub vtep_mac: MacAddr,
     /// The pod CIDR the node serves.
     pub pod_cidr: Ipv4Net,
+    /// What it receives.
+    pub encap: PeerEncap,
 }
 
 /// Why a peer list cannot become a table. Each variant names both conflicting peers.
@@ -222,6 +259,7 @@ pub(crate) fn test_peer(node: &str, n: u8) -> Peer {
         underlay_ip,
         vtep_mac: MacAddr::vtep_for(underlay_ip),
         pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).unwrap(),
+        encap: PeerEncap::Vxlan,
     }
 }
 
@@ -236,6 +274,7 @@ mod tests {
             underlay_ip,
             vtep_mac: MacAddr::vtep_for(underlay_ip),
             pod_cidr: cidr.parse().unwrap(),
+            encap: PeerEncap::Vxlan,
         }
     }
 
@@ -418,6 +457,7 @@ mod tests {
                     underlay_ip: underlay,
                     vtep_mac: MacAddr::vtep_for(underlay),
                     pod_cidr: Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24).unwrap(),
+                    encap: PeerEncap::Vxlan,
                 }
             })
             .collect();

@@ -14,8 +14,9 @@ use podnet_proto::ethernet::MacAddr;
 use podnet_proto::icmp;
 use serde::{Deserialize, Serialize};
 
+use crate::drops::DropReason;
 use crate::forward::{self, Encap, NodeConfig, Route};
-use crate::table::RouteTable;
+use crate::table::{Peer, PeerEncap, RouteTable};
 
 /// What happens to a packet for the address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +36,9 @@ pub struct PeerRoute {
     pub node: String,
     pub underlay_ip: Ipv4Addr,
     pub vtep_mac: MacAddr,
+    /// What the peer receives.
+    #[serde(default)]
+    pub encap: String,
 }
 
 /// The peer's membership as the control service reports it.
@@ -63,9 +67,11 @@ pub struct Answer {
     pub peer: Option<PeerRoute>,
     /// The node answering.
     pub node: String,
+    /// The encapsulation a packet to `ip` is sent in (the peer's), or this node's own.
     pub encap: String,
     pub vni: Option<u32>,
-    /// Overlay MTU (the `tunl0` MTU): larger packets with DF get fragmentation-needed.
+    /// The largest inner packet on that path (the `tunl0` MTU, or less to a peer whose
+    /// encapsulation has more overhead): larger packets with DF get fragmentation-needed.
     pub mtu: u16,
     pub table_revision: u64,
     /// `static` or `control`; for `control` and a forwarded address, `lease` says how the peer's
@@ -102,15 +108,50 @@ pub fn explain(config: &NodeConfig, table: &RouteTable, ip: Ipv4Addr, control: b
             let p = table.peer(i);
             answer.verdict = Verdict::Forward;
             answer.prefix = Some(p.pod_cidr);
-            answer.peer = Some(PeerRoute {
-                node: p.node.clone(),
-                underlay_ip: p.underlay_ip,
-                vtep_mac: p.vtep_mac,
-            });
+            answer.peer = Some(peer_route(p));
+            answer.encap = p.encap.name().into();
+            answer.vni = (p.encap == PeerEncap::Vxlan).then(|| config.vni.get());
+            answer.mtu = config.mtu_to(&p.encap).unwrap_or(config.mtu);
+            let differs = if p.encap.name() == config.encap.name() {
+                String::new()
+            } else {
+                format!(
+                    " (it receives {}, this node {}: each peer is sent what it receives)",
+                    p.encap.name(),
+                    config.encap.name()
+                )
+            };
             answer.explanation = format!(
-                "{ip} is in {} held by node {}: encapsulated with {} and sent to {} on the underlay",
-                p.pod_cidr, p.node, config.encap.name(), p.underlay_ip
+                "{ip} is in {} held by node {}: encapsulated with {} and sent to {} on the \
+                 underlay{differs}",
+                p.pod_cidr,
+                p.node,
+                p.encap.name(),
+                p.underlay_ip
             );
+        }
+        Route::Unreachable {
+            reason: reason @ DropReason::PeerEncap,
+            code,
+        } => {
+            // route() found the peer, and this node cannot send what it receives.
+            let p = table.lookup(ip).map(|i| table.peer(i));
+            answer.reason = Some(reason.name().into());
+            answer.icmp = Some(icmp_name(code).into());
+            if let Some(p) = p {
+                let why = config.mtu_to(&p.encap).err().unwrap_or_default();
+                answer.prefix = Some(p.pod_cidr);
+                answer.peer = Some(peer_route(p));
+                answer.encap = p.encap.name().into();
+                answer.explanation = format!(
+                    "{ip} is in {} held by node {}, which receives {}; this node cannot send \
+                     that ({why}): dropped as {reason}, the sender gets ICMP {}",
+                    p.pod_cidr,
+                    p.node,
+                    p.encap.name(),
+                    icmp_name(code)
+                );
+            }
         }
         Route::Drop(reason) if config.pod_cidr.contains(&ip) => {
             answer.verdict = Verdict::Local;
@@ -154,6 +195,15 @@ pub fn explain(config: &NodeConfig, table: &RouteTable, ip: Ipv4Addr, control: b
         }
     }
     answer
+}
+
+fn peer_route(p: &Peer) -> PeerRoute {
+    PeerRoute {
+        node: p.node.clone(),
+        underlay_ip: p.underlay_ip,
+        vtep_mac: p.vtep_mac,
+        encap: p.encap.name().into(),
+    }
 }
 
 fn icmp_name(code: u8) -> &'static str {
@@ -264,7 +314,9 @@ mod tests {
             encap: Encap::Vxlan {
                 vni: Vni::new(7).unwrap(),
             },
+            vni: Vni::new(7).unwrap(),
             mtu: 1450,
+            send: crate::forward::SendPaths::all(1450, 1500),
             icmp_source: "10.244.1.0".parse().unwrap(),
         }
     }
@@ -277,6 +329,37 @@ mod tests {
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_peer_of_another_encapsulation_is_named_with_it_or_with_why_it_is_unreachable() {
+        let mut h2 = peer("h2", 2);
+        h2.encap = PeerEncap::Ipip;
+        let mut h3 = peer("h3", 3);
+        h3.encap = PeerEncap::Unsupported("wireguard".into());
+        let t = RouteTable::build(4, vec![h2, h3]).unwrap();
+        let a = explain(&config(), &t, "10.244.2.9".parse().unwrap(), false);
+        assert_eq!(a.verdict, Verdict::Forward);
+        assert_eq!((a.encap.as_str(), a.vni, a.mtu), ("ipip", None, 1450));
+        assert_eq!(a.peer.as_ref().map(|p| p.encap.as_str()), Some("ipip"));
+        assert!(
+            a.explanation.contains("encapsulated with ipip")
+                && a.explanation.contains("it receives ipip, this node vxlan"),
+            "{}",
+            a.explanation
+        );
+        let a = explain(&config(), &t, "10.244.3.9".parse().unwrap(), false);
+        assert_eq!(a.verdict, Verdict::Drop);
+        assert_eq!(a.reason.as_deref(), Some("peer_encap"));
+        assert_eq!(a.icmp.as_deref(), Some("host unreachable"));
+        assert_eq!(a.peer.as_ref().map(|p| p.node.as_str()), Some("h3"));
+        assert!(
+            a.explanation.contains("which receives wireguard")
+                && a.explanation.contains("does not speak"),
+            "{}",
+            a.explanation
+        );
+        assert!(format(&a).contains("drop (peer_encap)"), "{}", format(&a));
     }
 
     #[test]

@@ -18,9 +18,9 @@ use etherparse::{
 use ipnet::Ipv4Net;
 use podnet_dataplane::drops::{Counters, DropReason};
 use podnet_dataplane::forward::{
-    Encap, Forwarder, Inbound, NodeConfig, Outbound, HEADROOM, SCRATCH_LEN,
+    Encap, Forwarder, Inbound, NodeConfig, Outbound, SendPaths, HEADROOM, SCRATCH_LEN,
 };
-use podnet_dataplane::table::{Peer, RouteTable};
+use podnet_dataplane::table::{Peer, PeerEncap, RouteTable};
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::vxlan::{self, Vni};
 use proptest::prelude::*;
@@ -41,12 +41,13 @@ fn pod(n: u8, host: u8) -> [u8; 4] {
     [10, 244, n, host]
 }
 
-fn peer(n: u8) -> Peer {
+fn peer(n: u8, encap: Encap) -> Peer {
     Peer {
         node: format!("node{n}"),
         underlay_ip: underlay(n),
         vtep_mac: MacAddr::vtep_for(underlay(n)),
         pod_cidr: pod_cidr(n),
+        encap: encap.as_peer(),
     }
 }
 
@@ -82,7 +83,7 @@ struct Sim {
 impl Sim {
     /// Nodes 1..=count, all peers of each other.
     fn new(encap: Encap, count: u8) -> Sim {
-        let peers: Vec<Peer> = (1..=count).map(peer).collect();
+        let peers: Vec<Peer> = (1..=count).map(|n| peer(n, encap)).collect();
         let nodes = (1..=count)
             .map(|n| {
                 let config = NodeConfig {
@@ -92,7 +93,12 @@ impl Sim {
                     pod_cidr: pod_cidr(n),
                     cluster_cidr: "10.244.0.0/16".parse().unwrap(),
                     encap,
+                    vni: match encap {
+                        Encap::Vxlan { vni } => vni,
+                        Encap::Ipip => Vni::default(),
+                    },
                     mtu: MTU,
+                    send: SendPaths::all(MTU, u32::from(MTU) + 50),
                     icmp_source: ICMP_SOURCE.into(),
                 };
                 Node {
@@ -136,7 +142,7 @@ impl Sim {
             .fwd
             .outbound(&table, &mut buf, HEADROOM, packet.len(), &mut scratch)
         {
-            Outbound::Send { peer, bytes } => {
+            Outbound::Send { peer, bytes, .. } => {
                 self.wire.push_back(Wire {
                     from: underlay(n),
                     to: peer,
@@ -460,11 +466,10 @@ fn provoke(sim: &mut Sim, reason: DropReason) -> (u8, Option<DropReason>) {
         }
         DropReason::NotLocal => {
             // Node 1's table is stale: it still thinks node 2 owns 10.244.3.0/24.
-            let mut p2 = peer(2);
+            let mut p2 = peer(2, sim.encap);
             p2.pod_cidr = "10.244.2.0/23".parse().unwrap();
-            sim.node(1)
-                .table
-                .store(Arc::new(RouteTable::build(2, vec![peer(1), p2]).unwrap()));
+            let t = RouteTable::build(2, vec![peer(1, sim.encap), p2]).unwrap();
+            sim.node(1).table.store(Arc::new(t));
             sim.send(1, &udp(pod(1, 2), pod(3, 3), b"x"));
             (2, sim.run().pop())
         }
@@ -472,6 +477,15 @@ fn provoke(sim: &mut Sim, reason: DropReason) -> (u8, Option<DropReason>) {
             // A pod on node 1 forges a source address from node 3's CIDR.
             sim.send(1, &udp(pod(3, 3), pod(2, 3), b"x"));
             (2, sim.run().pop())
+        }
+        DropReason::PeerEncap => {
+            // Node 2 receives an encapsulation node 1 does not speak: answered with ICMP.
+            let mut p2 = peer(2, sim.encap);
+            p2.encap = PeerEncap::Unsupported("wireguard".into());
+            let t = RouteTable::build(2, vec![peer(1, sim.encap), p2]).unwrap();
+            sim.node(1).table.store(Arc::new(t));
+            let sent = sim.send_verdict(1, &good);
+            (1, (sent == Sent::Answered).then_some(reason))
         }
     }
 }
@@ -511,7 +525,9 @@ fn table_swap_takes_effect_and_keeps_peer_counters() {
         // Node 3 leaves: both remaining nodes swap in a table without it.
         for n in 1..=2 {
             let old = sim.node(n).table.load_full();
-            let next = old.rebuild(2, vec![peer(1), peer(2)]).unwrap();
+            let next = old
+                .rebuild(2, vec![peer(1, encap), peer(2, encap)])
+                .unwrap();
             sim.node(n).table.store(Arc::new(next));
         }
         assert_eq!(

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use ipnet::Ipv4Net;
 use podnet_dataplane::drops::{Counters, DropReason};
 use podnet_dataplane::forward::{
-    Encap, Forwarder, Inbound, NodeConfig, Outbound, HEADROOM, SCRATCH_LEN,
+    Encap, Forwarder, Inbound, NodeConfig, Outbound, SendPaths, HEADROOM, SCRATCH_LEN,
 };
-use podnet_dataplane::table::{Peer, RouteTable};
+use podnet_dataplane::table::{Peer, PeerEncap, RouteTable};
 use podnet_proto::api::{validate_node_name, RegisterRequest, WatchEvent, MAX_NODE_NAME_LEN};
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::gro::{Coalescer, Span};
@@ -162,6 +162,7 @@ pub mod cluster {
                 underlay_ip: ip,
                 vtep_mac: MacAddr::vtep_for(ip),
                 pod_cidr: cidr.parse().expect("literal"),
+                encap: PeerEncap::Vxlan,
             })
             .collect()
     }
@@ -182,10 +183,19 @@ pub mod cluster {
             pod_cidr: own_cidr(),
             cluster_cidr: cluster_cidr(),
             encap,
+            vni: Vni::new(VNI).expect("24-bit"),
             mtu: MTU,
+            send: SendPaths::all(MTU, u32::from(MTU) + 50),
             icmp_source: Ipv4Addr::new(10, 244, 1, 1),
         };
-        let table = RouteTable::build(1, peers()).expect("disjoint peers");
+        let peers = peers()
+            .into_iter()
+            .map(|p| Peer {
+                encap: encap.as_peer(),
+                ..p
+            })
+            .collect();
+        let table = RouteTable::build(1, peers).expect("disjoint peers");
         (Forwarder::new(config, Arc::new(Counters::new())), table)
     }
 }
@@ -276,7 +286,7 @@ pub fn outbound(data: &[u8]) {
     let mut scratch = vec![0u8; SCRATCH_LEN];
     let counters = fwd.counters().clone();
     match fwd.outbound(&table, &mut buf, HEADROOM, packet.len(), &mut scratch) {
-        Outbound::Send { peer, bytes } => {
+        Outbound::Send { peer, bytes, .. } => {
             let peer = cluster::peers()
                 .into_iter()
                 .find(|p| p.underlay_ip == peer)

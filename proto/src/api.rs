@@ -17,20 +17,36 @@ use crate::ethernet::MacAddr;
 /// Longest node name accepted (a DNS-1123 label).
 pub const MAX_NODE_NAME_LEN: usize = 63;
 
-/// How a node wraps pod packets on the underlay.
+/// How a node receives pod packets on the underlay: what its peers must send it.
+///
+/// `wireguard` and `none` are the contract's names of encapsulations to come (DESIGN.md,
+/// Extensions). The control service records them like the others, so a mixed cluster can be
+/// described; an agent that cannot send one answers packets for such a peer with ICMP host
+/// unreachable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Encap {
     Ipip,
     Vxlan,
+    Wireguard,
+    None,
+}
+
+impl Encap {
+    /// The name on the command line and in JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Encap::Ipip => "ipip",
+            Encap::Vxlan => "vxlan",
+            Encap::Wireguard => "wireguard",
+            Encap::None => "none",
+        }
+    }
 }
 
 impl fmt::Display for Encap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Encap::Ipip => "ipip",
-            Encap::Vxlan => "vxlan",
-        })
+        f.write_str(self.name())
     }
 }
 
@@ -41,8 +57,10 @@ impl FromStr for Encap {
         match s {
             "ipip" => Ok(Encap::Ipip),
             "vxlan" => Ok(Encap::Vxlan),
+            "wireguard" => Ok(Encap::Wireguard),
+            "none" => Ok(Encap::None),
             other => Err(format!(
-                "unknown encapsulation {other:?}, expected ipip or vxlan"
+                "unknown encapsulation {other:?}, expected ipip, vxlan, wireguard or none"
             )),
         }
     }

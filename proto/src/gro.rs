@@ -1,5 +1,5 @@
 //! Coalescing of received TCP/IPv4 segments into super-packets for one TUN write (receive
-//! offload in userspace, the counterpart of [`gso`](crate::gso)).
+//! offload in userspace, the counterpart of [`gso`]).
 //!
 //! After decapsulation the inner packets of one receive batch are pushed into a [`Coalescer`].
 //! Consecutive segments of one TCP flow are merged into a single packet of up to 64 KiB that

@@ -548,8 +548,14 @@ impl Testbed {
                 a.push("--pod-cidr".into());
                 a.push(static_cidr(n).to_string());
                 for k in self.other_hosts(n) {
+                    // Each peer is sent what it receives.
+                    let receives = match self.host(k).mode {
+                        HostMode::Podnet(e) => format!(",{}", e.as_str()),
+                        HostMode::KernelVxlan => ",vxlan".to_string(),
+                        HostMode::Plain | HostMode::Bare => String::new(),
+                    };
                     a.push("--static-peer".into());
-                    a.push(format!("{}={}", static_cidr(k), underlay_ip(k)));
+                    a.push(format!("{}={}{receives}", static_cidr(k), underlay_ip(k)));
                 }
             }
             Peers::Control => {

@@ -139,6 +139,40 @@ fn testbed_script_runs_podnet_ipip_with_static_peers() {
     assert!(link.status.success() && text.contains("mtu 1480"), "{text}");
 }
 
+#[test]
+fn testbed_script_runs_a_cluster_of_mixed_encapsulations() {
+    if !e2e_ready() {
+        return;
+    }
+    let s = Script::new("scmix");
+    // A bad list is refused before anything is made.
+    let (out, text) = s.call(&["up", "--prefix", &s.prefix, "--encap-per-host", "ipip,gre"]);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("'gre' is not ipip or vxlan"), "{text}");
+    assert!(!netns_exists(&s.ns("ul")), "{text}");
+    let text = s.up(&[
+        "--hosts",
+        "2",
+        "--pods-per-host",
+        "1",
+        "--encap-per-host",
+        "ipip,vxlan",
+        "--static",
+    ]);
+    assert!(text.contains("(per host: ipip,vxlan)"), "{text}");
+    for (from, to) in [("h1-p1", "10.244.2.2"), ("h2-p1", "10.244.1.2")] {
+        let (ping, text) = s.exec(from, &["ping", "-c2", "-W2", to]);
+        assert!(ping.status.success(), "{from} -> {to}: {text}");
+    }
+    for (host, mtu) in [("h1", "mtu 1480"), ("h2", "mtu 1450")] {
+        let (link, text) = s.exec(host, &["ip", "link", "show", "tunl0"]);
+        assert!(
+            link.status.success() && text.contains(mtu),
+            "{host}: {text}"
+        );
+    }
+}
+
 fn script_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../scripts")

@@ -59,10 +59,21 @@ pub struct IpipSocket {
 impl IpipSocket {
     /// Opens the socket bound to `local` with buffers of about `buffer_bytes`.
     pub fn bind(local: Ipv4Addr, buffer_bytes: usize) -> Result<IpipSocket, RawError> {
+        IpipSocket::open(IPPROTO_IPIP, local, buffer_bytes)
+    }
+
+    /// A socket that only sends IP-in-IP (for a node that receives another encapsulation and
+    /// has IP-in-IP peers): `IPPROTO_RAW`, which the kernel never hands received packets, so
+    /// IP-in-IP arriving at this host is not copied to it.
+    pub fn send_only(local: Ipv4Addr, buffer_bytes: usize) -> Result<IpipSocket, RawError> {
+        IpipSocket::open(libc::IPPROTO_RAW, local, buffer_bytes)
+    }
+
+    fn open(protocol: i32, local: Ipv4Addr, buffer_bytes: usize) -> Result<IpipSocket, RawError> {
         let sock = Socket::new(
             Domain::IPV4,
             Type::RAW.cloexec(),
-            Some(Protocol::from(IPPROTO_IPIP)),
+            Some(Protocol::from(protocol)),
         )
         .map_err(RawError::Create)?;
         setsockopt_int(sock.as_raw_fd(), libc::IPPROTO_IP, libc::IP_HDRINCL, 1)
