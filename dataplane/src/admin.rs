@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::{Agent, NodeInfo};
 use crate::drops::{CountersSnapshot, DropReason, PeerStats};
 use crate::dropwatch::DropSample;
+use crate::routing::PeerPath;
 use crate::why::{self, Answer};
 
 /// One peer in `/status`.
@@ -36,6 +37,8 @@ pub struct PeerStatus {
     pub encap: String,
     /// Why this node cannot send to it (packets get host unreachable), if it cannot.
     pub unreachable: Option<String>,
+    /// `direct` (a kernel route via its underlay IP), `tunnel` or `refused`.
+    pub path: String,
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub rx_packets: u64,
@@ -81,6 +84,9 @@ pub struct RouteRow {
     /// What the node receives (a peer's is what this node sends it).
     #[serde(default)]
     pub encap: String,
+    /// How a peer is reached: `direct`, `tunnel` or `refused` (`local` for this node).
+    #[serde(default)]
+    pub path: String,
 }
 
 /// Body of `/routes`.
@@ -162,6 +168,7 @@ async fn why_handler(State(agent): State<Arc<Agent>>, Query(q): Query<WhyQuery>)
         let table = agent.shared.table.load();
         why::explain(
             agent.shared.forwarder.config(),
+            &agent.routing,
             &table,
             q.ip,
             agent.control.is_some(),
@@ -335,7 +342,12 @@ fn peers(agent: &Agent) -> Vec<PeerStatus> {
                 vtep_mac: p.vtep_mac,
                 pod_cidr: p.pod_cidr,
                 encap: p.encap.name().to_string(),
-                unreachable: config.mtu_to(&p.encap).err().map(str::to_string),
+                unreachable: match agent.routing.path(p) {
+                    PeerPath::Refused(why) => Some(why),
+                    PeerPath::Direct => None,
+                    PeerPath::Tunnel => config.mtu_to(&p.encap).err().map(str::to_string),
+                },
+                path: agent.routing.path(p).name().to_string(),
                 tx_packets: tx.packets,
                 tx_bytes: tx.bytes,
                 rx_packets: rx.packets,
@@ -381,6 +393,7 @@ fn route_rows(agent: &Agent) -> RoutesBody {
             underlay_ip: p.underlay_ip,
             vtep_mac: p.vtep_mac,
             encap: p.encap.name().to_string(),
+            path: agent.routing.path(p).name().to_string(),
         })
         .collect();
     routes.push(RouteRow {
@@ -390,6 +403,7 @@ fn route_rows(agent: &Agent) -> RoutesBody {
         underlay_ip: agent.info.underlay_ip,
         vtep_mac: agent.info.vtep_mac,
         encap: agent.info.encap.to_string(),
+        path: "local".into(),
     });
     routes.sort_by_key(|r| (u32::from(r.cidr.network()), r.cidr.prefix_len()));
     RoutesBody {
@@ -809,9 +823,14 @@ pub fn format_status(v: &serde_json::Value) -> String {
             .as_str()
             .map(|why| format!(" (unreachable: {why})"))
             .unwrap_or_default();
+        let direct = if p["path"] == "direct" {
+            " (direct route)"
+        } else {
+            ""
+        };
         let _ = writeln!(
             out,
-            "{:<20} {:<16} {:<18} {:>8} {:>12}  {}{unreachable}",
+            "{:<20} {:<16} {:<18} {:>8} {:>12}  {}{direct}{unreachable}",
             display(&p["node"]),
             display(&p["underlay_ip"]),
             display(&p["pod_cidr"]),
@@ -874,7 +893,10 @@ pub fn format_routes(v: &serde_json::Value) -> String {
             display(&r["node"]),
             display(&r["underlay_ip"]),
             display(&r["vtep_mac"]),
-            display(&r["encap"])
+            match r["path"].as_str() {
+                Some("direct") => "direct route".to_string(),
+                _ => display(&r["encap"]),
+            }
         );
     }
     out

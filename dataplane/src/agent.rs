@@ -22,8 +22,9 @@ use crate::cli::{EncapArg, Membership, MtuArg, RunConfig, DEFAULT_STATE_DIR};
 use crate::datapath::{self, IoErrors, Shared, Underlay};
 use crate::drops::Counters;
 use crate::forward::{Encap, Forwarder, NodeConfig, SendPaths};
-use crate::host::{self, Desired, Host, HostError, Repairs};
+use crate::host::{self, Desired, DirectRoutes, Host, HostError, Repairs};
 use crate::membership;
+use crate::routing::{self, PeerPath, Routing};
 use crate::sys::caps::{self, Capability};
 use crate::sys::lock::{self, AgentLock, LockError, AGENT_LOCK};
 use crate::sys::netlink::{Netlink, NetlinkError};
@@ -56,6 +57,12 @@ pub enum AgentError {
     Host(#[from] HostError),
     #[error("TUN device {name} is held by another process (PID {}); nothing was changed. A second open would attach to it and take a share of its packets: stop that process, or pass another --tun-name", pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "))]
     TunHeld { name: String, pids: Vec<i32> },
+    #[error("--static-peer {cidr}={ip} cannot be reached: {why}")]
+    PeerRefused {
+        cidr: Ipv4Net,
+        ip: Ipv4Addr,
+        why: String,
+    },
     #[error("the static peers do not form a valid table: {0}")]
     Table(#[from] TableError),
     #[error("--underlay-dev {dev} does not hold --underlay-ip {ip} (it is on {actual}); fix one of the two flags")]
@@ -113,6 +120,10 @@ pub struct NodeInfo {
     /// This agent's PID, and the lock that makes it the only agent of its network namespace.
     pub pid: u32,
     pub lock: String,
+    /// How peers are reached (`tunnel`, `cross-subnet`, `direct`), and the underlay subnet
+    /// that decides which are on-link.
+    pub routing: routing::Mode,
+    pub underlay_net: Ipv4Net,
 }
 
 /// Which offloads are in use (what the kernel accepted at start).
@@ -134,6 +145,9 @@ pub struct Agent {
     pub state_dir: PathBuf,
     /// Repairs of the host state made since start (crate::host).
     pub repairs: Arc<Repairs>,
+    /// Which peers are reached by direct routes, and those routes (read by the host watch).
+    pub routing: Routing,
+    pub direct: Arc<ArcSwap<DirectRoutes>>,
     /// The control service client in control mode (for the graceful leave at shutdown).
     pub control: Option<podnet_control::client::Client>,
 }
@@ -144,7 +158,9 @@ impl Agent {
     pub fn apply_peers(&self, revision: u64, peers: Vec<Peer>) -> Result<(), TableError> {
         let old = self.shared.table.load();
         let new = old.rebuild(revision, peers)?;
-        warn_unreachable_peers(self.shared.forwarder.config(), Some(&old), &new);
+        warn_unreachable_peers(self, Some(&old), &new);
+        self.direct
+            .store(Arc::new(self.routing.direct_routes(&new)));
         self.shared.table.store(Arc::new(new));
         Ok(())
     }
@@ -153,10 +169,13 @@ impl Agent {
 /// Logs, once per peer (again only if its encapsulation changes), each peer of `new` that this
 /// node cannot send to: packets for it get ICMP host unreachable and the drop reason
 /// `peer_encap`.
-fn warn_unreachable_peers(config: &NodeConfig, old: Option<&RouteTable>, new: &RouteTable) {
+fn warn_unreachable_peers(agent: &Agent, old: Option<&RouteTable>, new: &RouteTable) {
+    let config = agent.shared.forwarder.config();
     for p in new.peers() {
-        let Err(why) = config.mtu_to(&p.encap) else {
-            continue;
+        let why = match (agent.routing.path(p), config.mtu_to(&p.encap)) {
+            (PeerPath::Direct, _) | (PeerPath::Tunnel, Ok(_)) => continue,
+            (PeerPath::Refused(why), _) => why,
+            (PeerPath::Tunnel, Err(why)) => why.to_string(),
         };
         let known = old.is_some_and(|t| {
             t.peers()
@@ -179,6 +198,7 @@ fn encap_of(cfg: &RunConfig) -> Encap {
         EncapArg::Vxlan => Encap::Vxlan {
             vni: Vni::new(cfg.vni).unwrap_or_default(),
         },
+        EncapArg::None => Encap::None,
     }
 }
 
@@ -235,6 +255,31 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
     let joined = runtime.block_on(membership::join(&cfg, encap, vtep_mac))?;
     let pod_cidr = joined.pod_cidr;
     let table = RouteTable::build(joined.revision, joined.peers)?;
+    let routing = Routing {
+        mode: match (encap, cfg.cross_subnet) {
+            (Encap::None, _) => routing::Mode::Direct,
+            (_, true) => routing::Mode::CrossSubnet,
+            (_, false) => routing::Mode::Tunnel,
+        },
+        underlay_net: netlink
+            .addresses(underlay.index)?
+            .into_iter()
+            .find(|net| net.contains(&cfg.underlay_ip))
+            .map_or_else(|| Ipv4Net::from(cfg.underlay_ip), |net| net.trunc()),
+    };
+    if let Membership::Static { .. } = cfg.membership {
+        // A static peer that cannot be reached is a mistake in the flags: say so now.
+        for p in table.peers() {
+            if let PeerPath::Refused(why) = routing.path(p) {
+                return Err(AgentError::PeerRefused {
+                    cidr: p.pod_cidr,
+                    ip: p.underlay_ip,
+                    why,
+                });
+            }
+        }
+    }
+    let direct = Arc::new(ArcSwap::from_pointee(routing.direct_routes(&table)));
 
     let tun = Tun::open(&TunConfig {
         offload: cfg.offload,
@@ -268,6 +313,8 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             address: tun_addr,
             cluster_cidr: cfg.cluster_cidr,
             tx_queue_len: DEFAULT_TX_QUEUE_LEN,
+            direct: Arc::clone(&direct),
+            underlay_index: underlay.index,
         },
         tun.index(),
     )?);
@@ -305,9 +352,16 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
                 .ok();
                 Underlay::ipip(own, vxlan)
             }
+            Encap::None => {
+                let why = "this node runs --encap none: it has no tunnel, and reaches only \
+                           peers on its underlay subnet, by direct routes";
+                send.ipip = Err(why.into());
+                send.vxlan = Err(why.into());
+                Underlay::none()
+            }
         };
         for (name, path) in [("ipip", &send.ipip), ("vxlan", &send.vxlan)] {
-            if let Err(why) = path {
+            if let (Err(why), false) = (path, encap == Encap::None) {
                 tracing::warn!(
                     encap = name,
                     "peers that receive {name} are unreachable: {why}"
@@ -332,7 +386,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             encap: encap.name(),
             vni: match encap {
                 Encap::Vxlan { vni } => Some(vni.get()),
-                Encap::Ipip => None,
+                Encap::Ipip | Encap::None => None,
             },
             source_ports,
             mtu,
@@ -356,6 +410,8 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             },
             pid: std::process::id(),
             lock: lock.name(),
+            routing: routing.mode,
+            underlay_net: routing.underlay_net,
         };
         tracing::info!(
             node = %info.node, pod_cidr = %pod_cidr, encap = info.encap, mtu,
@@ -397,9 +453,11 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             membership: membership::Status::default(),
             state_dir: cfg.state_dir.clone(),
             repairs: Arc::clone(&repairs),
+            routing,
+            direct,
             control: joined.session.as_ref().map(|s| s.client.clone()),
         });
-        warn_unreachable_peers(shared.forwarder.config(), None, &shared.table.load());
+        warn_unreachable_peers(&agent, None, &shared.table.load());
         let thread = spawn_data_path(&shared)?;
         let watcher = spawn_host_watch(host.take(), &shared, &repairs)?;
         let served = runtime.block_on(serve(&cfg, Arc::clone(&agent), joined.session));
@@ -409,31 +467,34 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             Err(_) => tracing::error!("data path thread panicked"),
             Ok(Ok(())) => {}
         }
-        match watcher.join() {
-            Ok(h) => host = h,
-            Err(_) => tracing::error!("host watch thread panicked; its changes stay"),
+        // The watcher tears the host down as it ends, also when it panics (unwinding).
+        if watcher.join().is_err() {
+            tracing::error!("host watch thread panicked");
         }
         served
     })();
-    if let Some(h) = host {
-        h.teardown();
-    }
+    // Tear down before the lock goes (it was taken first, so it is dropped last): a next agent
+    // must not start while this one still removes its route.
+    drop(host);
+    drop(lock);
     result
 }
 
 /// Starts the thread that keeps the host state as desired ([`host::watch`]) until the agent
-/// stops, and hands the host back for teardown.
+/// stops; the host is torn down when the thread ends and drops it.
 fn spawn_host_watch(
     host: Option<Host>,
     shared: &Arc<Shared>,
     repairs: &Arc<Repairs>,
-) -> Result<std::thread::JoinHandle<Option<Host>>, AgentError> {
+) -> Result<std::thread::JoinHandle<()>, AgentError> {
     let (s, r) = (Arc::clone(shared), Arc::clone(repairs));
     std::thread::Builder::new()
         .name("podnet-host".into())
         .spawn(move || {
             let queues: Vec<&Tun> = (0..s.queue_count()).map(|i| s.queue(i)).collect();
-            host.map(|h| host::watch(h, &queues, &r, &s.stop))
+            if let Some(h) = host {
+                host::watch(h, &queues, &r, &s.stop);
+            }
         })
         .map_err(AgentError::DataPath)
 }

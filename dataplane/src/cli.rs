@@ -79,6 +79,8 @@ pub struct ApiArgs {
 pub enum EncapArg {
     Ipip,
     Vxlan,
+    /// No tunnel: direct kernel routes to peers on the underlay subnet.
+    None,
 }
 
 /// `--mtu N|auto`.
@@ -173,9 +175,14 @@ pub struct RunArgs {
     /// Underlay device (default: the device that holds --underlay-ip).
     #[arg(long)]
     pub underlay_dev: Option<String>,
-    /// Encapsulation used towards peers.
+    /// What this node receives (peers are each sent what they receive); `none`: no tunnel,
+    /// direct routes to the peers on the underlay subnet.
     #[arg(long, value_enum)]
     pub encap: EncapArg,
+    /// With --encap vxlan|ipip: direct routes to peers on the underlay subnet, the tunnel to
+    /// the others.
+    #[arg(long)]
+    pub cross_subnet: bool,
     /// VXLAN network identifier (24 bits).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..(1 << 24)))]
     pub vni: u32,
@@ -265,6 +272,8 @@ pub enum ConfigError {
     PodCidrHostBits(Ipv4Net, Ipv4Net),
     #[error("--pod-cidr {0} is too small: a node needs at least a /30")]
     PodCidrTooSmall(Ipv4Net),
+    #[error("--cross-subnet goes with --encap vxlan or ipip (the tunnel for peers on other subnets); --encap none routes only to peers on the underlay subnet")]
+    CrossSubnetWithoutTunnel,
 }
 
 /// `run` flags after validation.
@@ -274,6 +283,7 @@ pub struct RunConfig {
     pub underlay_ip: Ipv4Addr,
     pub underlay_dev: Option<String>,
     pub encap: EncapArg,
+    pub cross_subnet: bool,
     pub vni: u32,
     pub tun_name: String,
     pub mtu: MtuArg,
@@ -320,6 +330,9 @@ impl RunArgs {
         if !valid_ifname(&self.tun_name) {
             return Err(ConfigError::TunName(self.tun_name));
         }
+        if self.cross_subnet && self.encap == EncapArg::None {
+            return Err(ConfigError::CrossSubnetWithoutTunnel);
+        }
         let membership = match (self.control, self.pod_cidr) {
             (Some(url), _) => Membership::Control {
                 url,
@@ -340,6 +353,7 @@ impl RunArgs {
             underlay_ip: self.underlay_ip,
             underlay_dev: self.underlay_dev,
             encap: self.encap,
+            cross_subnet: self.cross_subnet,
             vni: self.vni,
             tun_name: self.tun_name,
             mtu: self.mtu,

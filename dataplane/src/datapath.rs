@@ -38,8 +38,7 @@ use crate::sys::raw::IpipSocket;
 use crate::sys::tun::{self, Tun, MAX_READ};
 use crate::sys::udp::{VxlanSocket, GRO_BUFFER_BYTES};
 use crate::sys::{self, Readiness, RecvMeta, Stop, Transmit, MAX_BATCH};
-use crate::table::RouteTable;
-use crate::table::{Peer, PeerEncap};
+use crate::table::{Peer, PeerEncap, RouteTable};
 
 /// The underlay sockets. This node receives its own encapsulation only, on that
 /// encapsulation's socket(s); peers are sent what they receive, so the other encapsulation has
@@ -56,6 +55,8 @@ pub struct Underlay {
 enum Own {
     Vxlan(VxlanSocket),
     Ipip(IpipSocket),
+    /// `--encap none`: nothing arrives through a tunnel, and nothing is sent through one.
+    None,
 }
 
 /// The lane of IP-in-IP sends in a [`TxBatch`] (VXLAN lanes are its outer source ports,
@@ -81,11 +82,20 @@ impl Underlay {
         }
     }
 
+    /// A `--encap none` node: no tunnel sockets at all.
+    pub fn none() -> Underlay {
+        Underlay {
+            own: Own::None,
+            other_vxlan: None,
+            other_ipip: None,
+        }
+    }
+
     /// The socket VXLAN goes out from (this node's own, or its send-only one).
     pub fn vxlan_socket(&self) -> Option<&VxlanSocket> {
         match &self.own {
             Own::Vxlan(s) => Some(s),
-            Own::Ipip(_) => self.other_vxlan.as_ref(),
+            Own::Ipip(_) | Own::None => self.other_vxlan.as_ref(),
         }
     }
 
@@ -93,7 +103,7 @@ impl Underlay {
     fn ipip_socket(&self) -> Option<&IpipSocket> {
         match &self.own {
             Own::Ipip(s) => Some(s),
-            Own::Vxlan(_) => self.other_ipip.as_ref(),
+            Own::Vxlan(_) | Own::None => self.other_ipip.as_ref(),
         }
     }
 
@@ -103,6 +113,7 @@ impl Underlay {
         match &self.own {
             Own::Vxlan(s) => s.receive_drops(),
             Own::Ipip(s) => s.receive_drops(),
+            Own::None => 0,
         }
     }
 
@@ -155,22 +166,26 @@ impl Underlay {
         match &self.own {
             Own::Vxlan(s) => s.try_recv_batch(i, bufs, meta),
             Own::Ipip(s) => s.try_recv_batch(bufs, meta),
+            Own::None => Ok(0),
         }
     }
 
     /// Receive sockets: VXLAN may have several (one `SO_REUSEPORT` group); IP-in-IP has one
-    /// (every raw socket would get a copy of every packet).
+    /// (every raw socket would get a copy of every packet); `--encap none` none.
     pub fn receiver_count(&self) -> usize {
         match &self.own {
             Own::Vxlan(s) => s.receiver_count(),
             Own::Ipip(_) => 1,
+            Own::None => 0,
         }
     }
 
-    fn receiver(&self, i: usize) -> BorrowedFd<'_> {
+    /// The descriptors of the receive sockets, for the loop's epoll set.
+    fn receivers(&self) -> Vec<BorrowedFd<'_>> {
         match &self.own {
-            Own::Vxlan(s) => s.receiver(i),
-            Own::Ipip(s) => s.as_fd(),
+            Own::Vxlan(s) => (0..s.receiver_count()).map(|i| s.receiver(i)).collect(),
+            Own::Ipip(s) => vec![s.as_fd()],
+            Own::None => Vec::new(),
         }
     }
 }
@@ -285,7 +300,7 @@ pub fn run(shared: &Shared) -> io::Result<()> {
     let mut tx = TxPath::new(shared);
     let mut rx = RxPath::new();
     let mut fds: Vec<BorrowedFd<'_>> = (0..queues).map(|q| shared.queue(q).as_fd()).collect();
-    fds.extend((0..receivers).map(|r| shared.underlay.receiver(r)));
+    fds.extend(shared.underlay.receivers());
     let watch = sys::Watch::new(&fds, &shared.stop)?;
     let spin = shared.busy_poll;
     let mut idle_since: Option<Instant> = None;

@@ -50,6 +50,9 @@ pub enum Encap {
     Ipip,
     /// VXLAN on UDP port 4789 with this VNI.
     Vxlan { vni: Vni },
+    /// No tunnel (`--encap none`): peers route plain packets to this node's pod CIDR, and it
+    /// reaches only peers on its underlay subnet, by direct routes ([`crate::routing`]).
+    None,
 }
 
 impl Encap {
@@ -59,6 +62,7 @@ impl Encap {
         match self {
             Encap::Ipip => ipip::OVERHEAD,
             Encap::Vxlan { .. } => vxlan::OVERHEAD,
+            Encap::None => 0,
         }
     }
 
@@ -72,6 +76,7 @@ impl Encap {
         match self {
             Encap::Ipip => podnet_proto::api::Encap::Ipip,
             Encap::Vxlan { .. } => podnet_proto::api::Encap::Vxlan,
+            Encap::None => podnet_proto::api::Encap::None,
         }
     }
 
@@ -642,7 +647,7 @@ impl Forwarder {
         };
         let expected = match self.config.encap {
             Encap::Vxlan { vni } => vni,
-            Encap::Ipip => Vni::default(),
+            Encap::Ipip | Encap::None => Vni::default(),
         };
         if frame.vni != expected {
             return self.deliver_drop(DropReason::WrongVni, table, Some(index), ctx);
@@ -820,7 +825,7 @@ mod tests {
             encap,
             vni: match encap {
                 Encap::Vxlan { vni } => vni,
-                Encap::Ipip => Vni::default(),
+                Encap::Ipip | Encap::None => Vni::default(),
             },
             mtu: 1450,
             send: SendPaths::all(1450, 1500),

@@ -5,14 +5,19 @@
 //! runs, [`watch`] re-checks it whenever rtnetlink reports a link, address or route change in
 //! the namespace, and at least every [`CHECK_PERIOD`], and puts back what someone else changed
 //! (an operator's `ip route del`, a deleted `tunl0`): each repair is logged once with what
-//! changed and counted by kind ([`Repairs`]). [`Host::teardown`] removes exactly what this
-//! process added, and nothing another process owns.
+//! changed and counted by kind ([`Repairs`]). [`Host::teardown`], also run when the `Host` is
+//! dropped, removes exactly what this process added, and nothing another process owns.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
+
+use crate::routing::ROUTE_PROTO;
 
 use crate::sys::netlink::{Changes, Installed, Netlink, NetlinkError, TunnelSetup};
 use crate::sys::tun::Tun;
@@ -35,11 +40,26 @@ pub struct Desired {
     pub address: Ipv4Addr,
     pub cluster_cidr: Ipv4Net,
     pub tx_queue_len: u32,
+    /// Direct routes (pod CIDR -> peer underlay IP) on the underlay device
+    /// ([`crate::routing`]); the agent swaps in a new set whenever its peers change.
+    pub direct: Arc<ArcSwap<DirectRoutes>>,
+    pub underlay_index: u32,
 }
+
+/// Pod CIDR -> the peer's underlay IP.
+pub type DirectRoutes = BTreeMap<Ipv4Net, Ipv4Addr>;
 
 /// Kinds of repair, in the order [`Host::reconcile`] checks them (also the `what` label of
 /// `podnet_agent_repairs_total`).
-pub const REPAIR_KINDS: [&str; 6] = ["device", "mtu", "link_up", "address", "route", "ip_forward"];
+pub const REPAIR_KINDS: [&str; 7] = [
+    "device",
+    "mtu",
+    "link_up",
+    "address",
+    "route",
+    "ip_forward",
+    "direct_route",
+];
 
 /// Repairs made, by kind ([`REPAIR_KINDS`]).
 #[derive(Debug, Default)]
@@ -84,6 +104,10 @@ pub struct Host {
     netlink: Netlink,
     desired: Desired,
     installed: Installed,
+    /// Direct routes this process installed (with the gateway it gave them).
+    direct: DirectRoutes,
+    /// Direct routes another route is in the way of (logged once each).
+    blocked: BTreeSet<Ipv4Net>,
 }
 
 impl Host {
@@ -98,11 +122,13 @@ impl Host {
                 address: None,
                 route: None,
             },
+            direct: DirectRoutes::new(),
+            blocked: BTreeSet::new(),
         };
-        if let Err(e) = host.apply_device(index) {
-            host.teardown();
-            return Err(e);
-        }
+        // On error `host` is dropped, which removes what this call added. The direct routes
+        // pass also removes those a crashed agent left.
+        host.apply_device(index)?;
+        host.reconcile_direct(&mut Vec::new())?;
         Ok(host)
     }
 
@@ -204,20 +230,81 @@ impl Host {
                 "net.ipv4.ip_forward was turned off; set to 1".to_string(),
             ));
         }
+        self.reconcile_direct(&mut done)?;
         Ok(done)
+    }
+
+    /// Makes the direct routes (route protocol [`ROUTE_PROTO`]) what [`Desired::direct`]
+    /// says: adds the missing, removes those no longer wanted (also a crashed agent's). A
+    /// route of ours that someone else removed or changed is a repair.
+    fn reconcile_direct(
+        &mut self,
+        done: &mut Vec<(&'static str, String)>,
+    ) -> Result<(), HostError> {
+        let want = self.desired.direct.load();
+        let have: DirectRoutes = self
+            .netlink
+            .routes_of_proto(ROUTE_PROTO)?
+            .into_iter()
+            .collect();
+        for (dst, gw) in want.iter() {
+            if have.get(dst) == Some(gw) {
+                continue;
+            }
+            let dev = self.desired.underlay_index;
+            if !self.netlink.add_route_via(*dst, *gw, dev, ROUTE_PROTO)? {
+                if self.blocked.insert(*dst) {
+                    tracing::warn!(%dst, %gw,
+                        "another route to {dst} is in the way of the direct route via {gw}; \
+                         remove it (`ip route del {dst}`) for the peer to be reached");
+                }
+                continue;
+            }
+            self.blocked.remove(dst);
+            if self.direct.get(dst) == Some(gw) {
+                done.push((
+                    "direct_route",
+                    format!("{dst} via {gw} was removed; added again"),
+                ));
+            }
+            self.direct.insert(*dst, *gw);
+        }
+        for dst in have.keys().filter(|d| !want.contains_key(d)) {
+            self.netlink.del_route_via(*dst, ROUTE_PROTO)?;
+            self.direct.remove(dst);
+        }
+        Ok(())
     }
 
     /// Removes the route and the address this process added (the TUN device goes with its
     /// last descriptor). Failures are logged: teardown runs on the way out and must finish.
+    /// Idempotent; dropping the `Host` does it too.
     pub fn teardown(&self) {
         if let Err(e) = self.netlink.uninstall(&self.installed) {
             tracing::warn!(error = %e, "could not remove everything the agent installed");
         }
+        // Every route of our protocol in this namespace is this agent's (one per namespace).
+        let direct = self
+            .netlink
+            .routes_of_proto(ROUTE_PROTO)
+            .unwrap_or_default();
+        for (dst, _) in direct {
+            if let Err(e) = self.netlink.del_route_via(dst, ROUTE_PROTO) {
+                tracing::warn!(error = %e, "could not remove the direct route to {dst}");
+            }
+        }
     }
 }
 
-/// Keeps `host` as desired until `stop` is raised, then returns it (for teardown).
-pub fn watch(mut host: Host, queues: &[&Tun], repairs: &Repairs, stop: &Stop) -> Host {
+/// Every way out (a failed start, a signal, a panicking thread) removes what was added.
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Keeps `host` as desired until `stop` is raised, then drops it (tearing it down).
+pub fn watch(mut host: Host, queues: &[&Tun], repairs: &Repairs, stop: &Stop) {
     let changes = match Changes::subscribe() {
         Ok(c) => Some(c),
         Err(e) => {
@@ -231,18 +318,18 @@ pub fn watch(mut host: Host, queues: &[&Tun], repairs: &Repairs, stop: &Stop) ->
         Ok(w) => w,
         Err(e) => {
             tracing::error!(error = %e, "cannot watch the host state; it will not be repaired");
-            return host;
+            return;
         }
     };
     // Log a failing repair once until it succeeds, not every period.
     let mut failing = false;
     loop {
         match watch.wait_timeout(CHECK_PERIOD) {
-            Ok(Readiness::Stopped) => return host,
+            Ok(Readiness::Stopped) => return,
             Ok(Readiness::Ready(_)) => {}
             Err(e) => {
                 tracing::error!(error = %e, "host watch failed; the host state is no longer repaired");
-                return host;
+                return;
             }
         }
         // Let a burst of changes settle first: a command such as `ip addr flush` repeats
@@ -253,7 +340,7 @@ pub fn watch(mut host: Host, queues: &[&Tun], repairs: &Repairs, stop: &Stop) ->
             let settle_until = std::time::Instant::now() + CHECK_PERIOD;
             while c.drain() > 0 && std::time::Instant::now() < settle_until {
                 match watch.wait_timeout(SETTLE) {
-                    Ok(Readiness::Stopped) => return host,
+                    Ok(Readiness::Stopped) => return,
                     Ok(Readiness::Ready(0)) => break,
                     Ok(Readiness::Ready(_)) | Err(_) => {}
                 }
@@ -289,6 +376,8 @@ mod tests {
             address: "10.244.1.0".parse().unwrap(),
             cluster_cidr: "10.244.0.0/16".parse().unwrap(),
             tx_queue_len: 1000,
+            direct: Arc::default(),
+            underlay_index: 0,
         }
     }
 

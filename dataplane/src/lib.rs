@@ -14,6 +14,7 @@ pub mod forward;
 pub mod host;
 pub mod lpm;
 pub mod membership;
+pub mod routing;
 #[allow(unsafe_code)] // OS shells: the only unsafe in podnet; every block has a SAFETY comment.
 pub mod sys;
 pub mod table;

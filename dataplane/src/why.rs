@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::drops::DropReason;
 use crate::forward::{self, Encap, NodeConfig, Route};
+use crate::routing::{PeerPath, Routing};
 use crate::table::{Peer, PeerEncap, RouteTable};
 
 /// What happens to a packet for the address.
@@ -82,8 +83,15 @@ pub struct Answer {
     pub explanation: String,
 }
 
-/// How a packet from this node to `ip` is handled, with the table as it is now.
-pub fn explain(config: &NodeConfig, table: &RouteTable, ip: Ipv4Addr, control: bool) -> Answer {
+/// How a packet from this node to `ip` is handled, with the table as it is now and `routing`
+/// deciding which peers the kernel reaches by direct routes.
+pub fn explain(
+    config: &NodeConfig,
+    routing: &Routing,
+    table: &RouteTable,
+    ip: Ipv4Addr,
+    control: bool,
+) -> Answer {
     let mut answer = Answer {
         ip,
         verdict: Verdict::Drop,
@@ -95,7 +103,7 @@ pub fn explain(config: &NodeConfig, table: &RouteTable, ip: Ipv4Addr, control: b
         encap: config.encap.name().into(),
         vni: match config.encap {
             Encap::Vxlan { vni } => Some(vni.get()),
-            Encap::Ipip => None,
+            Encap::Ipip | Encap::None => None,
         },
         mtu: config.mtu,
         table_revision: table.revision(),
@@ -103,7 +111,34 @@ pub fn explain(config: &NodeConfig, table: &RouteTable, ip: Ipv4Addr, control: b
         lease: None,
         explanation: String::new(),
     };
-    match forward::route(config, table, ip) {
+    let route = forward::route(config, table, ip);
+    // A peer the kernel reaches by a direct route: the packet never gets to tunl0.
+    let via_tunl0 = matches!(
+        route,
+        Route::Peer(_)
+            | Route::Unreachable {
+                reason: DropReason::PeerEncap,
+                ..
+            }
+    );
+    let direct = table
+        .lookup(ip)
+        .filter(|&i| via_tunl0 && routing.path(table.peer(i)) == PeerPath::Direct);
+    if let Some(i) = direct {
+        let p = table.peer(i);
+        answer.verdict = Verdict::Forward;
+        answer.prefix = Some(p.pod_cidr);
+        answer.peer = Some(peer_route(p));
+        answer.encap = "none".into();
+        answer.vni = None;
+        answer.explanation = format!(
+            "{ip} is in {} held by node {}, on this node's underlay subnet {}: the kernel routes \
+             it directly via {} (no encapsulation, the agent's direct route)",
+            p.pod_cidr, p.node, routing.underlay_net, p.underlay_ip
+        );
+        return answer;
+    }
+    match route {
         Route::Peer(i) => {
             let p = table.peer(i);
             answer.verdict = Verdict::Forward;
@@ -139,7 +174,10 @@ pub fn explain(config: &NodeConfig, table: &RouteTable, ip: Ipv4Addr, control: b
             answer.reason = Some(reason.name().into());
             answer.icmp = Some(icmp_name(code).into());
             if let Some(p) = p {
-                let why = config.mtu_to(&p.encap).err().unwrap_or_default();
+                let why = match routing.path(p) {
+                    PeerPath::Refused(why) => why,
+                    _ => config.mtu_to(&p.encap).err().unwrap_or_default().into(),
+                };
                 answer.prefix = Some(p.pod_cidr);
                 answer.peer = Some(peer_route(p));
                 answer.encap = p.encap.name().into();
@@ -321,6 +359,63 @@ mod tests {
         }
     }
 
+    fn tunnel() -> Routing {
+        Routing {
+            mode: crate::routing::Mode::Tunnel,
+            underlay_net: "198.18.0.0/24".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_direct_peer_is_routed_by_the_kernel_and_a_refused_one_says_why() {
+        let mut far = peer("h3", 3);
+        far.underlay_ip = "198.18.1.3".parse().unwrap();
+        let t = RouteTable::build(1, vec![peer("h2", 2), far]).unwrap();
+        let mut routing = tunnel();
+        routing.mode = crate::routing::Mode::CrossSubnet;
+        let a = explain(
+            &config(),
+            &routing,
+            &t,
+            "10.244.2.9".parse().unwrap(),
+            false,
+        );
+        assert_eq!((a.verdict, a.encap.as_str()), (Verdict::Forward, "none"));
+        assert!(
+            a.explanation
+                .contains("the kernel routes it directly via 198.18.0.2"),
+            "{}",
+            a.explanation
+        );
+        let a = explain(
+            &config(),
+            &routing,
+            &t,
+            "10.244.3.9".parse().unwrap(),
+            false,
+        );
+        assert_eq!((a.verdict, a.encap.as_str()), (Verdict::Forward, "vxlan"));
+        // --encap none: the far peer is refused, and why says so.
+        let mut none = config();
+        none.encap = Encap::None;
+        let why = "this node runs --encap none".to_string();
+        none.send = crate::forward::SendPaths {
+            ipip: Err(why.clone()),
+            vxlan: Err(why),
+        };
+        routing.mode = crate::routing::Mode::Direct;
+        let a = explain(&none, &routing, &t, "10.244.3.9".parse().unwrap(), false);
+        assert_eq!(a.reason.as_deref(), Some("peer_encap"));
+        assert!(
+            a.explanation
+                .contains("198.18.1.3 is not on the underlay subnet"),
+            "{}",
+            a.explanation
+        );
+        let a = explain(&none, &routing, &t, "10.244.2.9".parse().unwrap(), false);
+        assert_eq!(a.verdict, Verdict::Forward);
+    }
+
     fn table() -> RouteTable {
         let mut wide = peer("wide", 3);
         wide.pod_cidr = "10.244.16.0/20".parse().unwrap();
@@ -338,7 +433,13 @@ mod tests {
         let mut h3 = peer("h3", 3);
         h3.encap = PeerEncap::Unsupported("wireguard".into());
         let t = RouteTable::build(4, vec![h2, h3]).unwrap();
-        let a = explain(&config(), &t, "10.244.2.9".parse().unwrap(), false);
+        let a = explain(
+            &config(),
+            &tunnel(),
+            &t,
+            "10.244.2.9".parse().unwrap(),
+            false,
+        );
         assert_eq!(a.verdict, Verdict::Forward);
         assert_eq!((a.encap.as_str(), a.vni, a.mtu), ("ipip", None, 1450));
         assert_eq!(a.peer.as_ref().map(|p| p.encap.as_str()), Some("ipip"));
@@ -348,7 +449,13 @@ mod tests {
             "{}",
             a.explanation
         );
-        let a = explain(&config(), &t, "10.244.3.9".parse().unwrap(), false);
+        let a = explain(
+            &config(),
+            &tunnel(),
+            &t,
+            "10.244.3.9".parse().unwrap(),
+            false,
+        );
         assert_eq!(a.verdict, Verdict::Drop);
         assert_eq!(a.reason.as_deref(), Some("peer_encap"));
         assert_eq!(a.icmp.as_deref(), Some("host unreachable"));
@@ -364,7 +471,7 @@ mod tests {
 
     #[test]
     fn a_remote_address_names_the_peer_and_the_encapsulation() {
-        let a = explain(&config(), &table(), ip("10.244.2.77"), false);
+        let a = explain(&config(), &tunnel(), &table(), ip("10.244.2.77"), false);
         assert_eq!(a.verdict, Verdict::Forward);
         assert_eq!(a.prefix, Some("10.244.2.0/24".parse().unwrap()));
         let p = a.peer.as_ref().unwrap();
@@ -382,7 +489,7 @@ mod tests {
 
     #[test]
     fn the_longest_prefix_is_reported() {
-        let a = explain(&config(), &table(), ip("10.244.31.1"), false);
+        let a = explain(&config(), &tunnel(), &table(), ip("10.244.31.1"), false);
         assert_eq!(a.peer.unwrap().node, "wide");
         assert_eq!(a.prefix, Some("10.244.16.0/20".parse().unwrap()));
     }
@@ -406,7 +513,7 @@ mod tests {
                 Some("net unreachable"),
             ),
         ] {
-            let a = explain(&c, &t, ip(addr), true);
+            let a = explain(&c, &tunnel(), &t, ip(addr), true);
             assert_eq!(a.verdict, verdict, "{addr}");
             assert_eq!(a.reason.as_deref(), Some(reason), "{addr}");
             assert_eq!(a.icmp.as_deref(), icmp, "{addr}");
@@ -420,7 +527,7 @@ mod tests {
         let mut me = peer("ghost", 1);
         me.pod_cidr = "10.244.50.0/24".parse().unwrap();
         let t = RouteTable::build(1, vec![me]).unwrap();
-        let a = explain(&config(), &t, ip("10.244.50.1"), false);
+        let a = explain(&config(), &tunnel(), &t, ip("10.244.50.1"), false);
         assert_eq!(a.verdict, Verdict::Drop);
         assert_eq!(a.reason.as_deref(), Some("own_cidr"));
         assert_eq!(a.prefix, Some("10.244.50.0/24".parse().unwrap()));
@@ -441,7 +548,7 @@ mod tests {
                 packet[16..20].copy_from_slice(&dst.octets());
                 let sum = podnet_proto::checksum::checksum(&packet);
                 packet[10..12].copy_from_slice(&sum.to_be_bytes());
-                let a = explain(&c, &t, dst, false);
+                let a = explain(&c, &tunnel(), &t, dst, false);
                 match f.classify(&t, &packet) {
                     Route::Peer(i) => {
                         assert_eq!(a.peer.unwrap().node, t.peer(i).node, "{dst}")
@@ -466,8 +573,8 @@ mod tests {
             last_heartbeat: 10_000,
             revision: 3,
         };
-        let a =
-            explain(&config(), &table(), ip("10.244.2.1"), true).with_control(Some(&node), 12_500);
+        let a = explain(&config(), &tunnel(), &table(), ip("10.244.2.1"), true)
+            .with_control(Some(&node), 12_500);
         let l = a.lease.as_ref().unwrap();
         assert_eq!(l.state, "up");
         assert_eq!(l.heartbeat_age_ms, Some(2_500));
@@ -475,7 +582,7 @@ mod tests {
         let gone = a.with_control(None, 0);
         assert_eq!(gone.lease.unwrap().state, "unknown");
         // Round trip through JSON, as the CLI reads it.
-        let a = explain(&config(), &table(), ip("10.244.9.1"), true);
+        let a = explain(&config(), &tunnel(), &table(), ip("10.244.9.1"), true);
         let back: Answer = serde_json::from_value(serde_json::to_value(&a).unwrap()).unwrap();
         assert_eq!(back, a);
     }

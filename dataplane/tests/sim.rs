@@ -95,7 +95,7 @@ impl Sim {
                     encap,
                     vni: match encap {
                         Encap::Vxlan { vni } => vni,
-                        Encap::Ipip => Vni::default(),
+                        Encap::Ipip | Encap::None => Vni::default(),
                     },
                     mtu: MTU,
                     send: SendPaths::all(MTU, u32::from(MTU) + 50),
@@ -170,6 +170,7 @@ impl Sim {
         let verdict = match encap {
             Encap::Ipip => node.fwd.inbound_ipip(&table, &w.bytes),
             Encap::Vxlan { .. } => node.fwd.inbound_vxlan(&table, w.from, &w.bytes),
+            Encap::None => unreachable!("the simulation runs tunnels only"),
         };
         match verdict {
             Inbound::Deliver(inner) => {

@@ -53,6 +53,8 @@ impl Encap {
 pub enum HostMode {
     /// `podnet-agent run --encap E`.
     Podnet(Encap),
+    /// `podnet-agent run --encap none`: direct routes to the peers on its underlay subnet.
+    PodnetDirect,
     /// The kernel's vxlan device with static neighbour/FDB entries (DESIGN.md VTEP MAC rule).
     KernelVxlan,
     /// Plain routes over the underlay, no encapsulation.
@@ -97,6 +99,7 @@ pub struct TestbedBuilder {
     agent_args: Vec<String>,
     control_args: Vec<String>,
     wait_mesh: bool,
+    subnets: u8,
 }
 
 impl TestbedBuilder {
@@ -112,7 +115,17 @@ impl TestbedBuilder {
             agent_args: Vec::new(),
             control_args: Vec::new(),
             wait_mesh: true,
+            subnets: 1,
         }
+    }
+
+    /// Puts the hosts on 1 or 2 underlay subnets: with 2, the first half of the hosts is on
+    /// 198.18.0.0/24 (bridge `br0`), the rest on 198.18.1.0/24 (`br1`), and the underlay
+    /// namespace routes between them (198.18.0.254 and 198.18.1.254).
+    pub fn subnets(mut self, n: u8) -> Self {
+        assert!((1..=2).contains(&n));
+        self.subnets = n;
+        self
     }
 
     pub fn hosts(mut self, n: u8) -> Self {
@@ -189,10 +202,25 @@ impl TestbedBuilder {
             agent_args: self.agent_args,
             control_args: self.control_args,
             pods_per_host: self.pods,
+            second_subnet_from: if self.subnets == 2 {
+                self.hosts.div_ceil(2) + 1
+            } else {
+                u8::MAX
+            },
         };
         let ul = tb.add_netns("ul");
-        must(Some(&ul), &["ip", "link", "add", "br0", "type", "bridge"]);
-        must(Some(&ul), &["ip", "link", "set", "br0", "up"]);
+        for s in 0..self.subnets {
+            let br = format!("br{s}");
+            must(Some(&ul), &["ip", "link", "add", &br, "type", "bridge"]);
+            must(Some(&ul), &["ip", "link", "set", &br, "up"]);
+            if self.subnets > 1 {
+                let gw = format!("198.18.{s}.254/24");
+                must(Some(&ul), &["ip", "addr", "add", &gw, "dev", &br]);
+            }
+        }
+        if self.subnets > 1 {
+            must(Some(&ul), &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        }
         for n in 1..=self.hosts {
             let mode = self
                 .overrides
@@ -206,7 +234,7 @@ impl TestbedBuilder {
             && tb
                 .hosts
                 .iter()
-                .any(|h| matches!(h.mode, HostMode::Podnet(_)));
+                .any(|h| matches!(h.mode, HostMode::Podnet(_) | HostMode::PodnetDirect));
         if podnet_control {
             tb.start_control(&[]);
         }
@@ -266,6 +294,8 @@ pub struct Testbed {
     agent_args: Vec<String>,
     control_args: Vec<String>,
     pods_per_host: u8,
+    /// The first host on the second underlay subnet (`u8::MAX`: one subnet).
+    second_subnet_from: u8,
 }
 
 pub fn underlay_ip(n: u8) -> Ipv4Addr {
@@ -324,11 +354,14 @@ impl Testbed {
         ns
     }
 
-    /// Attaches a new namespace `<prefix>-<suffix>` to the underlay bridge with `ip`/24 on eth0.
+    /// Attaches a new namespace `<prefix>-<suffix>` to the underlay bridge of `ip`'s subnet
+    /// with `ip`/24 on eth0 (and, with two subnets, a default route via that subnet's router).
     pub fn add_underlay_node(&mut self, suffix: &str, ip: Ipv4Addr) -> String {
         let ns = self.add_netns(suffix);
         let ul = self.ul();
         let port = format!("u{suffix}");
+        let subnet = ip.octets()[2];
+        let bridge = format!("br{subnet}");
         must(
             Some(&ul),
             &[
@@ -337,24 +370,38 @@ impl Testbed {
         );
         must(
             Some(&ul),
-            &["ip", "link", "set", &port, "master", "br0", "up"],
+            &["ip", "link", "set", &port, "master", &bridge, "up"],
         );
         must(
             Some(&ns),
             &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
         );
         must(Some(&ns), &["ip", "link", "set", "eth0", "up"]);
+        if self.second_subnet_from != u8::MAX {
+            let gw = format!("198.18.{subnet}.254");
+            must(
+                Some(&ns),
+                &["ip", "route", "add", "198.18.0.0/15", "via", &gw],
+            );
+        }
         ns
+    }
+
+    /// Host n's underlay address: 198.18.0.n, or 198.18.1.n on the second subnet.
+    pub fn underlay_of(&self, n: u8) -> Ipv4Addr {
+        let subnet = u8::from(n >= self.second_subnet_from);
+        Ipv4Addr::new(198, 18, subnet, n)
     }
 
     /// Creates host n's namespace on the underlay with IPv4 forwarding on; no pods yet.
     pub fn add_host(&mut self, n: u8, mode: HostMode) {
-        let ns = self.add_underlay_node(&format!("h{n}"), underlay_ip(n));
+        let ip = self.underlay_of(n);
+        let ns = self.add_underlay_node(&format!("h{n}"), ip);
         must(Some(&ns), &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         self.hosts.push(Host {
             index: n,
             ns,
-            underlay_ip: underlay_ip(n),
+            underlay_ip: ip,
             mode,
             pod_cidr: None,
             pods: Vec::new(),
@@ -413,13 +460,14 @@ impl Testbed {
     /// Sets up host n's data path for its mode (static CIDRs; control-mode pods come later).
     pub fn setup_dataplane(&mut self, n: u8) {
         let mode = self.host(n).mode;
-        let control = self.peers == Peers::Control && matches!(mode, HostMode::Podnet(_));
+        let control = self.peers == Peers::Control
+            && matches!(mode, HostMode::Podnet(_) | HostMode::PodnetDirect);
         if !control {
             self.add_pods(n, static_cidr(n));
         }
         match mode {
-            HostMode::Podnet(encap) => {
-                let args = self.agent_args(n, encap);
+            HostMode::Podnet(_) | HostMode::PodnetDirect => {
+                let args = self.agent_args_of(n, mode);
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 self.start_agent(n, &args);
             }
@@ -436,7 +484,7 @@ impl Testbed {
                             "add",
                             &cidr,
                             "via",
-                            &underlay_ip(k).to_string(),
+                            &self.underlay_of(k).to_string(),
                         ],
                     );
                 }
@@ -455,8 +503,8 @@ impl Testbed {
 
     fn setup_kernel_vxlan(&mut self, n: u8) {
         let ns = self.host(n).ns.clone();
-        let local = underlay_ip(n).to_string();
-        let mac = vtep_mac(underlay_ip(n));
+        let local = self.underlay_of(n).to_string();
+        let mac = vtep_mac(self.underlay_of(n));
         must(
             Some(&ns),
             &[
@@ -484,9 +532,9 @@ impl Testbed {
             ],
         );
         for k in self.other_hosts(n) {
-            let peer_mac = vtep_mac(underlay_ip(k));
+            let peer_mac = vtep_mac(self.underlay_of(k));
             let gw = static_cidr(k).network().to_string();
-            let dst = underlay_ip(k).to_string();
+            let dst = self.underlay_of(k).to_string();
             must(
                 Some(&ns),
                 &[
@@ -527,16 +575,25 @@ impl Testbed {
 
     /// The `podnet-agent run` flags the testbed uses for host n (without the binary).
     pub fn agent_args(&self, n: u8, encap: Encap) -> Vec<String> {
+        self.agent_args_of(n, HostMode::Podnet(encap))
+    }
+
+    /// [`Testbed::agent_args`] for a podnet host `mode` (`--encap none` for `PodnetDirect`).
+    pub fn agent_args_of(&self, n: u8, mode: HostMode) -> Vec<String> {
+        let encap = match mode {
+            HostMode::Podnet(e) => e.as_str(),
+            _ => "none",
+        };
         let mut a: Vec<String> = [
             "run",
             "--node-name",
             &format!("h{n}"),
             "--underlay-ip",
-            &underlay_ip(n).to_string(),
+            &self.underlay_of(n).to_string(),
             "--underlay-dev",
             "eth0",
             "--encap",
-            encap.as_str(),
+            encap,
             "--state-dir",
             self.path(&format!("h{n}")).to_str().expect("utf-8 path"),
         ]
@@ -551,11 +608,16 @@ impl Testbed {
                     // Each peer is sent what it receives.
                     let receives = match self.host(k).mode {
                         HostMode::Podnet(e) => format!(",{}", e.as_str()),
+                        HostMode::PodnetDirect => ",none".to_string(),
                         HostMode::KernelVxlan => ",vxlan".to_string(),
                         HostMode::Plain | HostMode::Bare => String::new(),
                     };
                     a.push("--static-peer".into());
-                    a.push(format!("{}={}{receives}", static_cidr(k), underlay_ip(k)));
+                    a.push(format!(
+                        "{}={}{receives}",
+                        static_cidr(k),
+                        self.underlay_of(k)
+                    ));
                 }
             }
             Peers::Control => {

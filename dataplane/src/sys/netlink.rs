@@ -15,7 +15,7 @@ use ipnet::Ipv4Net;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use rtnetlink::{AddressMessageBuilder, Handle, LinkUnspec, RouteMessageBuilder};
 
@@ -352,6 +352,83 @@ impl Netlink {
             Err(e) => Err(Self::req(format!(
                 "removing route {dst} dev ifindex {index}"
             ))(e)),
+        }
+    }
+
+    /// Main-table routes marked with route protocol `proto`: (destination, gateway).
+    pub fn routes_of_proto(&self, proto: u8) -> Result<Vec<(Ipv4Net, Ipv4Addr)>, NetlinkError> {
+        let msgs: Vec<RouteMessage> = self
+            .rt
+            .block_on(
+                self.handle
+                    .route()
+                    .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+                    .execute()
+                    .try_collect(),
+            )
+            .map_err(Self::req("listing IPv4 routes"))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| {
+                m.header.protocol == RouteProtocol::Other(proto) && table_of(m) == RT_TABLE_MAIN
+            })
+            .filter_map(|m| {
+                let mut dst = Ipv4Addr::UNSPECIFIED;
+                let mut gw = None;
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+                        _ => {}
+                    }
+                }
+                Some((
+                    Ipv4Net::new(dst, m.header.destination_prefix_length).ok()?,
+                    gw?,
+                ))
+            })
+            .collect())
+    }
+
+    /// Routes `dst` via gateway `gw` on device `index`, marked with route protocol `proto`,
+    /// replacing a route of ours to `dst`; `Ok(false)` when a route to `dst` that is not ours
+    /// is in the way (it is left alone).
+    pub fn add_route_via(
+        &self,
+        dst: Ipv4Net,
+        gw: Ipv4Addr,
+        index: u32,
+        proto: u8,
+    ) -> Result<bool, NetlinkError> {
+        let ours = self.routes_of_proto(proto)?.iter().any(|(d, _)| *d == dst);
+        if ours {
+            self.del_route_via(dst, proto)?;
+        }
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .gateway(gw)
+            .output_interface(index)
+            .protocol(RouteProtocol::Other(proto))
+            .build();
+        match self.rt.block_on(self.handle.route().add(msg).execute()) {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(Self::req(format!(
+                "adding route {dst} via {gw} dev ifindex {index}"
+            ))(e)),
+        }
+    }
+
+    /// Removes our route (protocol `proto`) to `dst`; `Ok(false)` if there was none.
+    pub fn del_route_via(&self, dst: Ipv4Net, proto: u8) -> Result<bool, NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .protocol(RouteProtocol::Other(proto))
+            .build();
+        match self.rt.block_on(self.handle.route().del(msg).execute()) {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENODEV)) => Ok(false),
+            Err(e) => Err(Self::req(format!("removing route {dst}"))(e)),
         }
     }
 
