@@ -148,7 +148,7 @@ fn testbed_script_runs_a_cluster_of_mixed_encapsulations() {
     // A bad list is refused before anything is made.
     let (out, text) = s.call(&["up", "--prefix", &s.prefix, "--encap-per-host", "ipip,gre"]);
     assert!(!out.status.success(), "{text}");
-    assert!(text.contains("'gre' is not ipip or vxlan"), "{text}");
+    assert!(text.contains("'gre' is not ipip, vxlan or none"), "{text}");
     assert!(!netns_exists(&s.ns("ul")), "{text}");
     let text = s.up(&[
         "--hosts",
@@ -171,6 +171,65 @@ fn testbed_script_runs_a_cluster_of_mixed_encapsulations() {
             "{host}: {text}"
         );
     }
+}
+
+#[test]
+fn testbed_script_runs_routing_modes_on_two_subnets() {
+    if !e2e_ready() {
+        return;
+    }
+    // podnet --encap none: direct routes on one subnet.
+    let s = Script::new("scnone");
+    let text = s.up(&["--hosts", "2", "--pods-per-host", "1", "--encap", "none"]);
+    assert!(text.contains("encapsulation none"), "{text}");
+    let (route, text) = s.exec("h1", &["ip", "route"]);
+    assert!(
+        route.status.success() && text.contains("via 198.18.0.2 dev eth0 proto 222"),
+        "{text}"
+    );
+    s.down();
+    // VXLAN with --cross-subnet on two subnets: host 3 is on 198.18.1.0/24.
+    let s = Script::new("scxsub");
+    let text = s.up(&[
+        "--hosts",
+        "3",
+        "--pods-per-host",
+        "1",
+        "--subnets",
+        "2",
+        "--cross-subnet",
+    ]);
+    assert!(
+        text.contains("(cross-subnet) on 2 underlay subnets"),
+        "{text}"
+    );
+    let (addr, text) = s.exec("h3", &["ip", "-4", "addr", "show", "eth0"]);
+    assert!(
+        addr.status.success() && text.contains("198.18.1.3/24"),
+        "{text}"
+    );
+    let (route, text) = s.exec("h1", &["ip", "route"]);
+    assert!(route.status.success(), "{text}");
+    assert_eq!(
+        text.matches("proto 222").count(),
+        1,
+        "only h2 is on h1's subnet: {text}"
+    );
+    // A bad combination is refused before anything is made.
+    let bad = Script::new("scbad");
+    let (out, text) = bad.call(&[
+        "up",
+        "--prefix",
+        &bad.prefix,
+        "--encap",
+        "plain",
+        "--cross-subnet",
+    ]);
+    assert!(
+        !out.status.success() && text.contains("--cross-subnet goes with"),
+        "{text}"
+    );
+    assert!(!netns_exists(&bad.ns("ul")));
 }
 
 fn script_path(name: &str) -> PathBuf {
