@@ -23,7 +23,8 @@ pub use wait::wait_for;
 /// Checks that this process can build testbeds: root, `/dev/net/tun`, the `ip` command.
 ///
 /// Returns `true` when the test should run. When something is missing the test fails with a
-/// message saying what, unless `PODNET_E2E=skip` is set: then it prints why and returns `false`.
+/// message saying what, unless `PODNET_E2E=skip` is set (and `CI` is not `true`): then it prints
+/// why and returns `false`.
 pub fn e2e_ready() -> bool {
     let mut missing = Vec::new();
     if !nix::unistd::Uid::effective().is_root() {
@@ -47,6 +48,11 @@ pub fn e2e_ready() -> bool {
         missing.join(", ")
     );
     if std::env::var("PODNET_E2E").as_deref() == Ok("skip") {
+        // CI must run them: a skipped end-to-end suite would pass while testing nothing.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "PODNET_E2E=skip is refused when CI=true: {msg}"
+        );
         eprintln!("skipped: {msg}");
         return false;
     }

@@ -880,9 +880,16 @@ impl Testbed {
         r.body
     }
 
-    /// Sum of host n's drop counters for `reason` (0 when the agent has no such sample yet).
+    /// Host n's `podnet_agent_drops_total{reason}` (0 when the agent has no such sample yet).
+    /// Exactly that family: the per-peer family carries the same reasons and would count them
+    /// twice.
     pub fn drops(&self, n: u8, reason: &str) -> f64 {
-        parse::metric_sum(&self.metrics(n), "drop", &[("reason", reason)]).unwrap_or(0.0)
+        parse::metric_sum(
+            &self.metrics(n),
+            "podnet_agent_drops_total",
+            &[("reason", reason)],
+        )
+        .unwrap_or(0.0)
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! `setns(CLONE_NEWNET)` only moves the calling thread, so each test gets its own thread; the
 //! namespace is created with `ip netns add` under a unique `pn-h5-...` name and deleted by a
-//! Drop guard even when the test panics. Tests are skipped (with a message) when not root.
+//! Drop guard even when the test panics. Without root the tests fail with a message, unless
+//! `PODNET_E2E=skip` is set outside CI.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -59,10 +60,18 @@ pub fn enter(name: &str) {
     CURRENT.with(|c| *c.borrow_mut() = Some(name.to_string()));
 }
 
-/// Runs `f` on a new thread inside a fresh namespace; skips when not root.
+/// Runs `f` on a new thread inside a fresh namespace. Without root it fails, saying so, unless
+/// `PODNET_E2E=skip` (outside CI) asks to skip the tests that need root.
 pub fn in_netns<F: FnOnce() + Send + 'static>(tag: &str, f: F) {
     if !is_root() {
-        eprintln!("skipping {tag}: needs root to create network namespaces");
+        let skip = std::env::var("PODNET_E2E").as_deref() == Ok("skip")
+            && std::env::var("CI").as_deref() != Ok("true");
+        assert!(
+            skip,
+            "{tag} needs root to create network namespaces: run the tests as root, or set \
+             PODNET_E2E=skip (outside CI) to skip them"
+        );
+        eprintln!("skipping {tag}: needs root to create network namespaces (PODNET_E2E=skip)");
         return;
     }
     let guard = create(tag);
