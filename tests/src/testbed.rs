@@ -713,6 +713,29 @@ impl Testbed {
         std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// Starts host n's agent again with the testbed's flags for podnet host `mode` (after a
+    /// stop or SIGKILL) and waits until it is up; returns when it was.
+    pub fn restart_agent(&mut self, n: u8, mode: HostMode) -> Instant {
+        let args = self.agent_args_of(n, mode);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.start_agent(n, &args);
+        self.wait_agent_up(n, Duration::from_secs(20))
+    }
+
+    /// Waits until host n's agent (process `agent-hn`) logged that it is up; returns when.
+    pub fn wait_agent_up(&self, n: u8, timeout: Duration) -> Instant {
+        let name = format!("agent-h{n}");
+        wait_for(&format!("{name} up"), timeout, || {
+            let log = self.log(&name);
+            if log.contains("podnet-agent up") {
+                Ok(Instant::now())
+            } else {
+                Err(log)
+            }
+        })
+        .unwrap_or_else(|log| panic!("{name} did not come up:\n{log}"))
+    }
+
     /// Waits until host n's agent wrote `subnet.env`, returning its POD_SUBNET.
     pub fn wait_subnet(&mut self, n: u8, timeout: Duration) -> Ipv4Net {
         let file = self.path(&format!("h{n}/subnet.env"));

@@ -4,7 +4,7 @@
 //! without touching the others; a peer whose encapsulation cannot be sent gets ICMP host
 //! unreachable, a named drop reason, and `why` says so.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use podnet_tests::capture::{self, Capture};
 use podnet_tests::http;
@@ -132,17 +132,7 @@ fn a_node_restarted_on_another_encapsulation_is_relearned_at_once() {
     let (h1p, h2p) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
     // Host 1 moves from IP-in-IP to VXLAN.
     tb.stop("agent-h1");
-    let args = tb.agent_args(1, Encap::Vxlan);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    tb.start_agent(1, &args);
-    let registered = podnet_tests::wait_for("h1 back", Duration::from_secs(20), || {
-        if tb.log("agent-h1").contains("podnet-agent up") {
-            Ok(Instant::now())
-        } else {
-            Err(tb.log("agent-h1"))
-        }
-    })
-    .unwrap_or_else(|log| panic!("{log}"));
+    let registered = tb.restart_agent(1, HostMode::Podnet(Encap::Vxlan));
     let back = podnet_tests::wait_for("ping h2 -> h1", Duration::from_secs(10), || {
         let out = run(
             Some(&h2p.ns),

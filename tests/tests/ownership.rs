@@ -276,18 +276,7 @@ fn after_sigkill_the_next_start_is_not_blocked(encap: Encap) {
     }
     let mut tb = testbed("kill9", encap);
     tb.kill9("agent-h1");
-    let argv = tb.agent_args(1, encap);
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    tb.start_agent(1, &argv);
-    wait_for("the restarted agent", Duration::from_secs(10), || {
-        let log = tb.log("agent-h1");
-        if log.contains("podnet-agent up") {
-            Ok(())
-        } else {
-            Err(log)
-        }
-    })
-    .unwrap_or_else(|log| panic!("the restarted agent did not come up:\n{log}"));
+    tb.restart_agent(1, HostMode::Podnet(encap));
     let (from, to) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
     assert!(
         until_ping(&from, to.ip, 56, Duration::from_secs(5), || true).is_some(),

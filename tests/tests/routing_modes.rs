@@ -122,17 +122,7 @@ fn none_routes_directly_and_follows_peers() {
         gone <= Duration::from_secs(2),
         "route to h3 gone after {gone:?}"
     );
-    let args = tb.agent_args_of(3, HostMode::PodnetDirect);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    tb.start_agent(3, &args);
-    let up = wait_for("h3 up", Duration::from_secs(20), || {
-        if tb.log("agent-h3").contains("podnet-agent up") {
-            Ok(Instant::now())
-        } else {
-            Err(tb.log("agent-h3"))
-        }
-    })
-    .unwrap_or_else(|log| panic!("{log}"));
+    let up = tb.restart_agent(3, HostMode::PodnetDirect);
     until_route(&tb, 1, &route3, true, Duration::from_secs(5));
     let back = up.elapsed();
     eprintln!("route to h3: gone {gone:?} after it left, back {back:?} after it was up");
@@ -299,23 +289,11 @@ fn none_refuses_peers_on_other_subnets_and_reconciles_after_sigkill() {
     tb.kill9("agent-h1");
     assert!(routes(&tb, 1).contains(&route2), "{}", routes(&tb, 1));
     tb.stop("agent-h2");
-    let args = tb.agent_args_of(1, HostMode::PodnetDirect);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    tb.start_agent(1, &args);
-    wait_for("h1 up", Duration::from_secs(20), || {
-        if tb.log("agent-h1").contains("podnet-agent up") {
-            Ok(())
-        } else {
-            Err(tb.log("agent-h1"))
-        }
-    })
-    .unwrap_or_else(|log| panic!("{log}"));
+    tb.restart_agent(1, HostMode::PodnetDirect);
     let stale = until_route(&tb, 1, &route2, false, Duration::from_secs(5));
     eprintln!("stale route to h2 gone {stale:?} after the restarted agent was up");
     assert!(!routes(&tb, 1).contains("proto 222"), "{}", routes(&tb, 1));
-    let args = tb.agent_args_of(2, HostMode::PodnetDirect);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    tb.start_agent(2, &args);
+    tb.restart_agent(2, HostMode::PodnetDirect);
     until_route(&tb, 1, &route2, true, Duration::from_secs(10));
     assert!(tb.ping(&p1, p2.ip, 2).success());
 }

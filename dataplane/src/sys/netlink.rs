@@ -281,7 +281,8 @@ impl Netlink {
             .collect())
     }
 
-    fn main_routes(&self) -> Result<Vec<(Ipv4Net, Option<u32>)>, NetlinkError> {
+    /// Every IPv4 route of the main table.
+    fn main_table(&self) -> Result<Vec<RouteMessage>, NetlinkError> {
         let msgs: Vec<RouteMessage> = self
             .rt
             .block_on(
@@ -293,8 +294,16 @@ impl Netlink {
             )
             .map_err(Self::req("listing IPv4 routes"))?;
         Ok(msgs
+            .into_iter()
+            .filter(|m| table_of(m) == RT_TABLE_MAIN)
+            .collect())
+    }
+
+    fn main_routes(&self) -> Result<Vec<(Ipv4Net, Option<u32>)>, NetlinkError> {
+        Ok(self
+            .main_table()?
             .iter()
-            .filter(|m| m.header.kind == RouteType::Unicast && table_of(m) == RT_TABLE_MAIN)
+            .filter(|m| m.header.kind == RouteType::Unicast)
             .filter_map(|m| {
                 let dst = m
                     .attributes
@@ -357,21 +366,10 @@ impl Netlink {
 
     /// Main-table routes marked with route protocol `proto`: (destination, gateway).
     pub fn routes_of_proto(&self, proto: u8) -> Result<Vec<(Ipv4Net, Ipv4Addr)>, NetlinkError> {
-        let msgs: Vec<RouteMessage> = self
-            .rt
-            .block_on(
-                self.handle
-                    .route()
-                    .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-                    .execute()
-                    .try_collect(),
-            )
-            .map_err(Self::req("listing IPv4 routes"))?;
-        Ok(msgs
+        Ok(self
+            .main_table()?
             .iter()
-            .filter(|m| {
-                m.header.protocol == RouteProtocol::Other(proto) && table_of(m) == RT_TABLE_MAIN
-            })
+            .filter(|m| m.header.protocol == RouteProtocol::Other(proto))
             .filter_map(|m| {
                 let mut dst = Ipv4Addr::UNSPECIFIED;
                 let mut gw = None;
