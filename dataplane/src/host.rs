@@ -453,6 +453,66 @@ mod tests {
     }
 
     #[test]
+    fn direct_routes_follow_the_desired_set_and_a_killed_agents_are_removed() {
+        in_netns("host-direct", || {
+            run("ip link add pneth0 type veth peer name pneth1 && ip addr add 198.18.0.1/24 dev pneth0 && ip link set pneth0 up && ip link set pneth1 up");
+            // A killed agent left one of its routes.
+            run("ip route add 10.244.9.0/24 via 198.18.0.9 dev pneth0 proto 222");
+            let tun = Tun::open(&TunConfig::new("pntund0")).unwrap();
+            let nl = Netlink::new().unwrap();
+            let dev = nl.link_by_name("pneth0").unwrap().unwrap().index;
+            let mut d = desired("pntund0");
+            d.underlay_index = dev;
+            let two: DirectRoutes = [(
+                "10.244.2.0/24".parse().unwrap(),
+                "198.18.0.2".parse().unwrap(),
+            )]
+            .into_iter()
+            .collect();
+            d.direct.store(Arc::new(two));
+            let direct = Arc::clone(&d.direct);
+            let mut host = Host::install(nl, d, tun.index()).unwrap();
+            let shown = run("ip route show proto 222");
+            assert!(
+                shown.contains("10.244.2.0/24 via 198.18.0.2 dev pneth0"),
+                "{shown}"
+            );
+            assert!(
+                !shown.contains("10.244.9.0"),
+                "the stale route stays: {shown}"
+            );
+            // Removed by someone else: a repair.
+            run("ip route del 10.244.2.0/24");
+            assert_eq!(kinds(&host.reconcile(&[&tun]).unwrap()), ["direct_route"]);
+            assert!(run("ip route").contains("10.244.2.0/24 via 198.18.0.2"));
+            // The peer leaves: the route goes, and that is no repair.
+            direct.store(Arc::default());
+            assert!(host.reconcile(&[&tun]).unwrap().is_empty());
+            assert!(!run("ip route").contains("10.244.2.0/24"));
+            // Someone else's route to a peer's CIDR is left alone.
+            run("ip route add 10.244.3.0/24 via 198.18.0.33 dev pneth0");
+            let three: DirectRoutes = [(
+                "10.244.3.0/24".parse().unwrap(),
+                "198.18.0.3".parse().unwrap(),
+            )]
+            .into_iter()
+            .collect();
+            direct.store(Arc::new(three));
+            assert!(host.reconcile(&[&tun]).unwrap().is_empty());
+            assert!(run("ip route").contains("10.244.3.0/24 via 198.18.0.33"));
+            run("ip route del 10.244.3.0/24");
+            host.reconcile(&[&tun]).unwrap();
+            assert!(run("ip route show proto 222").contains("10.244.3.0/24 via 198.18.0.3"));
+            drop(host);
+            assert_eq!(
+                run("ip route show proto 222"),
+                "",
+                "teardown removes every direct route"
+            );
+        });
+    }
+
+    #[test]
     fn teardown_leaves_what_it_found() {
         in_netns("host-owned", || {
             let tun = Tun::open(&TunConfig::new("pntuno0")).unwrap();
