@@ -735,6 +735,23 @@ pub fn format_status(v: &serde_json::Value) -> String {
         s("mtu"),
         s("tun")
     );
+    match v.get("routing").and_then(|r| r.as_str()) {
+        Some("direct") => {
+            let _ = writeln!(
+                out,
+                "routing:     direct routes to the peers on {} (no tunnel)",
+                s("underlay_net")
+            );
+        }
+        Some("cross-subnet") => {
+            let _ = writeln!(
+                out,
+                "routing:     cross-subnet: direct routes on {}, the tunnel beyond",
+                s("underlay_net")
+            );
+        }
+        _ => {}
+    }
     if let Some(n) = v.get("receive_sockets").and_then(|n| n.as_u64()) {
         let what = match v.get("encap").and_then(|e| e.as_str()) {
             Some("vxlan") if n > 1 => "UDP sockets on port 4789 (SO_REUSEPORT group, read in turn)",

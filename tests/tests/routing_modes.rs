@@ -113,6 +113,10 @@ fn none_routes_directly_and_follows_peers() {
     );
     let text = agent(&tb, 1, &["status"]).stdout;
     assert!(text.contains("(direct route)"), "{text}");
+    assert!(
+        text.contains("routing:     direct routes to the peers on 198.18.0.0/24"),
+        "{text}"
+    );
 
     // A peer that leaves loses its route, and gets it back when it joins, within 2 s.
     let route3 = direct_route(&tb, 3);
