@@ -584,7 +584,9 @@ pub fn write_subnet_env(
     write_atomic(&dir.join("subnet.env"), body.as_bytes())
 }
 
-/// Write to a temp file, fsync, rename: readers see the old or the new file, never a torn one.
+/// Write to a temp file, fsync, rename, fsync the directory: readers see the old or the new
+/// file, never a torn one, and the rename itself survives a crash (as the control service's
+/// store does it).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
     use std::io::Write;
     let err = |source| AgentError::StateDir {
@@ -598,7 +600,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
     let mut f = std::fs::File::create(&tmp).map_err(err)?;
     f.write_all(bytes).map_err(err)?;
     f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    std::fs::rename(&tmp, path).map_err(err)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

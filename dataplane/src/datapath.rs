@@ -307,7 +307,10 @@ pub fn run(shared: &Shared) -> io::Result<()> {
     // Which descriptors to read on this turn: all after traffic with one queue and one
     // socket, else what the watch reported.
     let mut ready = tun_bits | rx_bits;
+    // The forwarder's clock (it never reads one itself): milliseconds since the loop began.
+    let epoch = Instant::now();
     loop {
+        shared.forwarder.tick(epoch.elapsed().as_millis() as u64);
         let mut busy = false;
         // A queue whose device was deleted: epoll reports it ready until it is rebuilt.
         let mut detached = false;

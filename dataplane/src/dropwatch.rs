@@ -8,10 +8,11 @@
 //! also the time written into samples: the data path never reads the clock.
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 use serde::Serialize;
 
+use crate::bucket::TokenBucket;
 use crate::drops::DropReason;
 
 /// Samples kept; older ones are overwritten.
@@ -99,7 +100,9 @@ pub struct DropWatch {
     slots: Box<[Slot]>,
     /// Last sequence number handed out.
     next: AtomicU64,
-    tokens: [AtomicU32; DropReason::ALL.len()],
+    /// Samples still allowed, per reason ([`RATE_PER_S`], [`BURST`]).
+    tokens: [TokenBucket; DropReason::ALL.len()],
+    /// The coarse clock of the last tick: the time stamped on samples.
     now_ms: AtomicU64,
 }
 
@@ -115,7 +118,7 @@ impl DropWatch {
         Self {
             slots: (0..RING_LEN).map(|_| Slot::default()).collect(),
             next: AtomicU64::new(0),
-            tokens: std::array::from_fn(|_| AtomicU32::new(BURST)),
+            tokens: std::array::from_fn(|_| TokenBucket::new(RATE_PER_S, BURST)),
             now_ms: AtomicU64::new(0),
         }
     }
@@ -123,19 +126,9 @@ impl DropWatch {
     /// Advances the coarse clock to `now_ms` and refills every bucket for the time passed.
     /// Called by the admin side every 100 ms; never by the data path.
     pub fn tick(&self, now_ms: u64) {
-        let before = self.now_ms.swap(now_ms, Ordering::Relaxed);
-        let elapsed = now_ms.saturating_sub(before);
-        if before == 0 {
-            return;
-        }
-        let earned = (elapsed.saturating_mul(u64::from(RATE_PER_S)) / 1000).min(u64::from(BURST));
-        if earned == 0 {
-            return;
-        }
+        self.now_ms.store(now_ms, Ordering::Relaxed);
         for t in &self.tokens {
-            let _ = t.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some((n + earned as u32).min(BURST))
-            });
+            t.tick(now_ms);
         }
     }
 
@@ -143,17 +136,9 @@ impl DropWatch {
     /// flood (no token) is a single relaxed load.
     #[inline]
     pub fn offer(&self, reason: DropReason, ctx: &DropContext<'_>) {
-        let bucket = &self.tokens[reason as usize];
-        if bucket.load(Ordering::Relaxed) == 0 {
-            return;
+        if self.tokens[reason as usize].take() {
+            self.write(reason, ctx);
         }
-        if bucket
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_err()
-        {
-            return;
-        }
-        self.write(reason, ctx);
     }
 
     #[cold]

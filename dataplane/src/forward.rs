@@ -20,8 +20,7 @@
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU16, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use podnet_proto::ethernet::MacAddr;
@@ -32,6 +31,7 @@ use podnet_proto::virtio::VirtioNetHdr;
 use podnet_proto::vxlan::{self, Vni};
 use podnet_proto::{ipip, WireError};
 
+use crate::bucket::TokenBucket;
 use crate::drops::{Counters, DropReason};
 use crate::dropwatch::DropContext;
 use crate::table::{Peer, PeerEncap, RouteTable};
@@ -242,7 +242,9 @@ pub struct Forwarder {
     /// IPv4 identification for outer IP-in-IP headers (RFC 6864: unique per source,
     /// destination and protocol while a datagram may be fragmented; a wrapping counter is enough).
     ident: AtomicU16,
-    icmp_limit: IcmpLimit,
+    /// ICMP errors still allowed ([`ICMP_RATE`], [`ICMP_BURST`]); refilled by
+    /// [`Forwarder::tick`].
+    icmp_limit: TokenBucket,
 }
 
 /// ICMP errors per second the agent writes back at most, and the burst it allows: the
@@ -252,44 +254,6 @@ pub const ICMP_RATE: u32 = 1000;
 /// See [`ICMP_RATE`].
 pub const ICMP_BURST: u32 = 50;
 
-/// A token bucket: `burst` tokens at most, refilled at `rate` per second.
-#[derive(Debug)]
-struct IcmpLimit {
-    rate: f64,
-    burst: f64,
-    /// Tokens left and when they were counted (`None` before the first use: full bucket).
-    state: Mutex<(f64, Option<Instant>)>,
-}
-
-impl IcmpLimit {
-    fn new(rate: u32, burst: u32) -> IcmpLimit {
-        IcmpLimit {
-            rate: f64::from(rate),
-            burst: f64::from(burst),
-            state: Mutex::new((f64::from(burst), None)),
-        }
-    }
-
-    /// Takes a token if there is one at `now`.
-    fn allow(&self, now: Instant) -> bool {
-        // A poisoned lock only means a panic elsewhere mid-update; the numbers stay usable.
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (tokens, last) = &mut *state;
-        if let Some(prev) = *last {
-            let elapsed = now.saturating_duration_since(prev).as_secs_f64();
-            *tokens = (*tokens + elapsed * self.rate).min(self.burst);
-        }
-        // Never back in time, so an earlier reading cannot earn a second refill.
-        *last = Some(last.map_or(now, |prev| prev.max(now)));
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 impl Forwarder {
     /// A forwarder for `config`, counting into `counters`.
     pub fn new(config: NodeConfig, counters: Arc<Counters>) -> Self {
@@ -297,8 +261,14 @@ impl Forwarder {
             config,
             counters,
             ident: AtomicU16::new(0),
-            icmp_limit: IcmpLimit::new(ICMP_RATE, ICMP_BURST),
+            icmp_limit: TokenBucket::new(ICMP_RATE, ICMP_BURST),
         }
+    }
+
+    /// Tells the forwarder the time (ms on the caller's monotonic clock), which refills the
+    /// ICMP rate limit. The data path calls it every turn; the core never reads a clock.
+    pub fn tick(&self, now_ms: u64) {
+        self.icmp_limit.tick(now_ms);
     }
 
     /// This node's configuration.
@@ -542,7 +512,7 @@ impl Forwarder {
             scratch,
         )
         .ok()??;
-        if !self.icmp_limit.allow(Instant::now()) {
+        if !self.icmp_limit.take() {
             self.counters.icmp_ratelimited.fetch_add(1, Relaxed);
             return None;
         }
@@ -1090,40 +1060,37 @@ mod tests {
 
     #[test]
     fn icmp_errors_are_rate_limited_like_the_kernels() {
-        let limit = IcmpLimit::new(1000, 50);
-        let t0 = Instant::now();
-        assert_eq!((0..80).filter(|_| limit.allow(t0)).count(), 50, "one burst");
-        assert!(!limit.allow(t0));
-        // 10 ms later: 10 more tokens, never more than the burst.
-        let t1 = t0 + std::time::Duration::from_millis(10);
-        assert_eq!((0..80).filter(|_| limit.allow(t1)).count(), 10);
-        let t2 = t1 + std::time::Duration::from_secs(5);
-        assert_eq!((0..80).filter(|_| limit.allow(t2)).count(), 50);
-        // A clock reading from before the last one refills nothing.
-        assert!(!limit.allow(t0));
-
         // Through the forwarder: a flood to an unowned address gets one burst of errors; every
-        // packet is still dropped and counted under its reason.
+        // packet is still dropped and counted under its reason. (The bucket's own arithmetic
+        // is tested in bucket.rs.)
         let (fwd, t) = pair(1, Encap::Ipip);
+        fwd.tick(1_000);
         let mut p = INNER;
         p[16..20].copy_from_slice(&[10, 244, 77, 1]);
         fix_checksum(&mut p);
         let mut buf = [0u8; 2048];
         let mut scratch = [0u8; SCRATCH_LEN];
-        let replies = (0..200)
-            .filter(|_| {
-                buf[HEADROOM..HEADROOM + p.len()].copy_from_slice(&p);
-                matches!(
-                    fwd.outbound(&t, &mut buf, HEADROOM, p.len(), &mut scratch),
-                    Outbound::Reply(_)
-                )
-            })
-            .count();
-        assert!((50..60).contains(&replies), "{replies} replies");
+        let mut flood = |n: usize| {
+            (0..n)
+                .filter(|_| {
+                    buf[HEADROOM..HEADROOM + p.len()].copy_from_slice(&p);
+                    matches!(
+                        fwd.outbound(&t, &mut buf, HEADROOM, p.len(), &mut scratch),
+                        Outbound::Reply(_)
+                    )
+                })
+                .count()
+        };
+        assert_eq!(flood(200), 50, "one burst");
+        // 10 ms later, 10 more (1000/s); 5 s later, never more than the burst.
+        fwd.tick(1_010);
+        assert_eq!(flood(100), 10);
+        fwd.tick(6_010);
+        assert_eq!(flood(100), 50);
         let c = fwd.counters();
-        assert_eq!(c.drops(DropReason::NoRoute), 200);
-        assert_eq!(c.icmp_sent() as usize, replies);
-        assert_eq!(c.icmp_ratelimited() as usize, 200 - replies);
+        assert_eq!(c.drops(DropReason::NoRoute), 400);
+        assert_eq!(c.icmp_sent(), 110);
+        assert_eq!(c.icmp_ratelimited(), 290);
     }
 
     #[test]

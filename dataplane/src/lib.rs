@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod agent;
 pub mod batch;
+pub mod bucket;
 pub mod cli;
 pub mod datapath;
 pub mod drops;
