@@ -13,7 +13,7 @@ use std::sync::atomic::{fence, AtomicU64, Ordering};
 use serde::Serialize;
 
 use crate::bucket::TokenBucket;
-use crate::drops::DropReason;
+use crate::reason::DropReason;
 
 /// Samples kept; older ones are overwritten.
 pub const RING_LEN: usize = 256;

@@ -15,6 +15,7 @@ pub mod forward;
 pub mod host;
 pub mod lpm;
 pub mod membership;
+pub mod reason;
 pub mod routing;
 #[allow(unsafe_code)] // OS shells: the only unsafe in podnet; every block has a SAFETY comment.
 pub mod sys;

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 /// The modules of the core: every forwarding decision and what it counts.
-const CORE: [&str; 9] = [
+const CORE: [&str; 10] = [
     "forward.rs",
     "table.rs",
     "lpm.rs",
@@ -16,6 +16,7 @@ const CORE: [&str; 9] = [
     "batch.rs",
     "drops.rs",
     "dropwatch.rs",
+    "reason.rs",
 ];
 
 /// What the core must not do, and why not.
