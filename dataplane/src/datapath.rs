@@ -815,7 +815,7 @@ mod tests {
 
     #[test]
     fn rx_batch_bounds_bulk_bytes_and_reads_small_datagrams_in_full_batches() {
-        // One socket: everything it holds, as before the group.
+        // One socket: a full batch, whatever the size of its messages.
         assert_eq!(rx_batch(1, GRO_BUFFER_BYTES), MAX_BATCH);
         // Nothing read yet, or a flood of small datagrams: a full batch.
         assert_eq!(rx_batch(8, 0), MAX_BATCH);

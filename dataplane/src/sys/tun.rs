@@ -14,8 +14,9 @@
 //! reopened in plain mode (one IPv4 packet per read, no header) and [`Tun::offload_refusal`]
 //! says why.
 //!
-//! The fd is non-blocking; [`Tun::read`] waits in `poll` together with a [`Stop`] signal so a
-//! reader thread can be released for shutdown.
+//! The fd is non-blocking: the data path reads with [`Tun::try_read`] when its epoll set says
+//! the queue is readable ([`Tun::read`], which waits for a packet or a [`Stop`], serves the
+//! tests). A deleted device leaves the fd detached until [`Tun::reattach`].
 
 use std::ffi::CString;
 use std::io::{self, IoSlice};
