@@ -438,7 +438,8 @@ impl Forwarder {
                 self.config.vtep_mac,
                 peer.vtep_mac,
             )),
-            // route() never picks such a peer.
+            // route() answers packets for such a peer (peer_encap) before they get here; if
+            // one ever did, it is dropped (the caller counts it malformed), never sent bare.
             PeerEncap::Unsupported(_) => Err(WireError::Truncated {
                 layer: podnet_proto::error::Layer::Ipv4,
                 required: 0,
