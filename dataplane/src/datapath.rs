@@ -24,15 +24,14 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use podnet_proto::gro::{Coalescer, Span};
-use podnet_proto::gso::Segments;
 use podnet_proto::virtio::{self, VirtioNetHdr, GSO_NONE};
-use podnet_proto::{gro, gso, ipip, ipv4, vxlan};
+use podnet_proto::{gro, gso, ipv4, vxlan};
 
 use crate::batch::TxBatch;
 use crate::drops::DropReason;
 use crate::dropwatch::DropContext;
 use crate::forward::{
-    Encap, Forwarder, Inbound, Outbound, Route, RxTally, TooBig, HEADROOM, SCRATCH_LEN,
+    Encap, Forwarder, Inbound, Outbound, RxTally, SuperOutbound, HEADROOM, SCRATCH_LEN,
 };
 use crate::sys::raw::IpipSocket;
 use crate::sys::tun::{self, Tun, MAX_READ};
@@ -527,56 +526,34 @@ impl TxPath {
         // packets read before it go first, so a flow's packets stay in order.
         send_batched(shared, &mut self.batch);
         let packet = &rx[start..end];
-        let refused = match fwd.classify_super(&table, &hdr, packet) {
-            Ok(Route::Peer(i)) => Ok(i),
-            Ok(Route::Unreachable { reason, code }) => {
-                Err(fwd.reject_outbound(packet, reason, code, 0, scratch))
-            }
-            Ok(Route::Drop(reason)) => Err(fwd.drop_outbound(reason, packet)),
-            Err(TooBig { mtu }) => Err(fwd.too_big(packet, mtu, scratch)),
-        };
-        let index = match refused {
-            Ok(i) => i,
-            Err(Outbound::Reply(b)) => {
-                let len = b.len();
-                write_tun(
-                    shared,
-                    &reply[virtio::HEADER_LEN - reply_hdr_len..virtio::HEADER_LEN + len],
-                    reply_hdr_len,
-                );
-                return;
-            }
-            Err(_) => return,
-        };
-        let segbuf = &mut self.segbuf;
+        let (index, plan, headers) =
+            match fwd.outbound_super(&table, &hdr, packet, &mut self.segbuf, scratch) {
+                SuperOutbound::Send {
+                    index,
+                    plan,
+                    headers,
+                } => (index, plan, headers),
+                SuperOutbound::Reply(b) => {
+                    let len = b.len();
+                    write_tun(
+                        shared,
+                        &reply[virtio::HEADER_LEN - reply_hdr_len..virtio::HEADER_LEN + len],
+                        reply_hdr_len,
+                    );
+                    return;
+                }
+                SuperOutbound::Drop { offload, .. } => {
+                    if offload {
+                        shared.io_errors.offload.fetch_add(1, Relaxed);
+                    }
+                    return;
+                }
+            };
         let peer = table.peer(index);
         let dst = dst_of(peer);
         let lane = shared
             .underlay
             .lane_for(&peer.encap, ipv4::flow_hash(packet));
-        let prefix = fwd.vxlan_prefix(peer);
-        // Zero-copy: build each segment's headers apart (IP-in-IP: behind a blank outer
-        // header, filled in per segment) and send the payload from where the TUN read put it.
-        let blank = [0u8; ipip::OVERHEAD];
-        let head: &[u8] = prefix.as_ref().map_or(&blank, |p| p);
-        let plan = match gso::segment_headers(&hdr, packet, head, segbuf) {
-            Ok(plan) => plan,
-            Err(_) => {
-                shared.io_errors.offload.fetch_add(1, Relaxed);
-                fwd.drop_outbound(DropReason::Malformed, packet);
-                return;
-            }
-        };
-        let headers = &mut segbuf[..plan.segs.count * plan.header_len];
-        if prefix.is_none()
-            && fwd
-                .ipip_outer_headers(peer, packet, &plan, headers)
-                .is_err()
-        {
-            fwd.drop_outbound(DropReason::Malformed, packet);
-            return;
-        }
-        count_tx(fwd, &table, index, &plan.segs);
         let mut parts: [[&[u8]; 2]; sys::MAX_SEGMENTS] = [[&[]; 2]; sys::MAX_SEGMENTS];
         let mut slots = headers.chunks_exact(plan.header_len).enumerate().peekable();
         // A train longer than the iovec array (an MSS of a few bytes) goes out in parts.
@@ -619,15 +596,6 @@ fn send_batched(shared: &Shared, batch: &mut TxBatch) {
         send(shared, lane, &items[..n]);
     }
     batch.clear();
-}
-
-/// Counts the segments of one super-packet as sent to peer `index` (inner bytes, prefixes
-/// excluded), once per super-packet rather than per segment.
-fn count_tx(fwd: &Forwarder, table: &RouteTable, index: usize, segs: &Segments) {
-    let packets = segs.count as u64;
-    let inner_bytes = (segs.total_len() - segs.count * segs.prefix_len) as u64;
-    fwd.counters().tx.add_many(packets, inner_bytes);
-    table.counters(index).tx.add_many(packets, inner_bytes);
 }
 
 /// Counts a received datagram (or the inner packet in it) from `src` as `malformed`, without a

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use podnet_proto::ethernet::MacAddr;
-use podnet_proto::gso::HeaderPlan;
+use podnet_proto::gso::{self, HeaderPlan};
 use podnet_proto::icmp;
 use podnet_proto::ipv4::{self, Ipv4Packet};
 use podnet_proto::virtio::VirtioNetHdr;
@@ -165,6 +165,23 @@ pub enum Route {
     Unreachable { reason: DropReason, code: u8 },
     /// Drop silently.
     Drop(DropReason),
+}
+
+/// Result of [`Forwarder::outbound_super`].
+#[derive(Debug)]
+pub enum SuperOutbound<'a> {
+    /// Send the super-packet as `plan.segs.count` packets to the peer at `index`: packet `i` is
+    /// `headers[i * plan.header_len..(i + 1) * plan.header_len]` (encapsulation, IPv4 and TCP
+    /// headers) followed by `packet[plan.piece(i)]`, the payload where it was read. Counted.
+    Send {
+        index: usize,
+        plan: HeaderPlan,
+        headers: &'a [u8],
+    },
+    /// Write this ICMP error into `tunl0`; the super-packet is dropped (and counted).
+    Reply(&'a [u8]),
+    /// Dropped (counted); `offload` when the segmenter refused the virtio header.
+    Drop { reason: DropReason, offload: bool },
 }
 
 /// A super-packet whose segments would be larger than the chosen peer's MTU
@@ -325,6 +342,88 @@ impl Forwarder {
             return Err(TooBig { mtu });
         }
         Ok(route)
+    }
+
+    /// Handles one TSO super-packet read from `tunl0` (`packet` behind virtio header `hdr`):
+    /// routes it once ([`classify_super`](Self::classify_super)), then writes every segment's
+    /// headers behind the peer's encapsulation into `headers` (IP-in-IP: each segment's own
+    /// outer header), for a zero-copy send of header and payload slices. Refusals are answered
+    /// into `scratch` like [`outbound`](Self::outbound)'s. `headers` must hold
+    /// [`gso::segment_headers`]' output for the largest super-packet (see `SEGMENT_BUF` in the
+    /// data path).
+    pub fn outbound_super<'a>(
+        &self,
+        table: &RouteTable,
+        hdr: &VirtioNetHdr,
+        packet: &[u8],
+        headers: &'a mut [u8],
+        scratch: &'a mut [u8],
+    ) -> SuperOutbound<'a> {
+        let refused = match self.classify_super(table, hdr, packet) {
+            Ok(Route::Peer(i)) => Ok(i),
+            Ok(Route::Unreachable { reason, code }) => {
+                Err(self.reject_outbound(packet, reason, code, 0, scratch))
+            }
+            Ok(Route::Drop(reason)) => Err(self.drop_outbound(reason, packet)),
+            Err(TooBig { mtu }) => Err(self.too_big(packet, mtu, scratch)),
+        };
+        let index = match refused {
+            Ok(i) => i,
+            Err(Outbound::Reply(b)) => return SuperOutbound::Reply(b),
+            Err(Outbound::Drop(reason)) => {
+                return SuperOutbound::Drop {
+                    reason,
+                    offload: false,
+                }
+            }
+            // None of the three refusers sends; were one to, nothing goes out.
+            Err(Outbound::Send { .. }) => {
+                return SuperOutbound::Drop {
+                    reason: DropReason::Malformed,
+                    offload: false,
+                }
+            }
+        };
+        let peer = table.peer(index);
+        let prefix = self.vxlan_prefix(peer);
+        // IP-in-IP: segments behind a blank outer header, filled in per segment below.
+        let blank = [0u8; ipip::OVERHEAD];
+        let head: &[u8] = prefix.as_ref().map_or(&blank, |p| p);
+        let plan = match gso::segment_headers(hdr, packet, head, headers) {
+            Ok(plan) => plan,
+            Err(_) => {
+                self.drop_outbound(DropReason::Malformed, packet);
+                return SuperOutbound::Drop {
+                    reason: DropReason::Malformed,
+                    offload: true,
+                };
+            }
+        };
+        let headers = &mut headers[..plan.segs.count * plan.header_len];
+        if prefix.is_none()
+            && self
+                .ipip_outer_headers(peer, packet, &plan, headers)
+                .is_err()
+        {
+            self.drop_outbound(DropReason::Malformed, packet);
+            return SuperOutbound::Drop {
+                reason: DropReason::Malformed,
+                offload: false,
+            };
+        }
+        // Counted once per super-packet: inner bytes, encapsulation excluded.
+        let segs = &plan.segs;
+        let inner_bytes = (segs.total_len() - segs.count * segs.prefix_len) as u64;
+        self.counters.tx.add_many(segs.count as u64, inner_bytes);
+        table
+            .counters(index)
+            .tx
+            .add_many(segs.count as u64, inner_bytes);
+        SuperOutbound::Send {
+            index,
+            plan,
+            headers,
+        }
     }
 
     /// Routing for a valid packet to `dst`.

@@ -4,7 +4,9 @@
 //! "underlay" is a FIFO of tunnel packets and each node's "tunl0" a list of packets written to it.
 //! Pod packets are built with etherparse, pushed through node A's outbound path, carried to the
 //! peer and through its inbound path, and must come out byte for byte unchanged. Every drop
-//! reason is provoked and counted, and ICMP errors are parsed back with etherparse.
+//! reason is provoked and counted, and ICMP errors are parsed back with etherparse. TSO
+//! super-packets go the offload path: cut into wire segments on the way out, answered with ICMP
+//! when unroutable, and coalesced back into one GSO write on the way in.
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
@@ -12,16 +14,20 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use etherparse::{
-    icmpv4::DestUnreachableHeader, Icmpv4Type, IpNumber, Ipv4Header, NetSlice, PacketBuilder,
-    PacketHeaders, SlicedPacket, TransportHeader,
+    icmpv4::DestUnreachableHeader, Icmpv4Type, IpNumber, Ipv4Header, Ipv4Slice, NetSlice,
+    PacketBuilder, PacketHeaders, SlicedPacket, TcpSlice, TransportHeader,
 };
 use ipnet::Ipv4Net;
 use podnet_dataplane::drops::{Counters, DropReason};
 use podnet_dataplane::forward::{
-    Encap, Forwarder, Inbound, NodeConfig, Outbound, SendPaths, HEADROOM, SCRATCH_LEN,
+    Encap, Forwarder, Inbound, NodeConfig, Outbound, SendPaths, SuperOutbound, HEADROOM,
+    SCRATCH_LEN,
 };
 use podnet_dataplane::table::{Peer, PeerEncap, RouteTable};
+use podnet_proto::checksum;
 use podnet_proto::ethernet::MacAddr;
+use podnet_proto::gro::{Coalescer, Span};
+use podnet_proto::virtio::{self, VirtioNetHdr, F_NEEDS_CSUM, GSO_TCPV4};
 use podnet_proto::vxlan::{self, Vni};
 use proptest::prelude::*;
 
@@ -155,6 +161,42 @@ impl Sim {
                 Sent::Answered
             }
             Outbound::Drop(reason) => Sent::Dropped(reason),
+        }
+    }
+
+    /// Node `n` reads TSO super-packet `packet` (behind virtio header `hdr`) from its tunl0 and
+    /// puts each segment on the wire, as the data path's zero-copy send does (headers, then the
+    /// payload piece). Returns whether it was sent, answered or dropped.
+    fn send_super(&mut self, n: u8, hdr: &VirtioNetHdr, packet: &[u8]) -> Sent {
+        let node = &mut self.nodes[usize::from(n - 1)];
+        let mut headers = vec![0u8; 4 * 65536];
+        let mut scratch = [0u8; SCRATCH_LEN];
+        let table = node.table.load();
+        match node
+            .fwd
+            .outbound_super(&table, hdr, packet, &mut headers, &mut scratch)
+        {
+            SuperOutbound::Send {
+                index,
+                plan,
+                headers,
+            } => {
+                let to = table.peer(index).underlay_ip;
+                for (i, h) in headers.chunks_exact(plan.header_len).enumerate() {
+                    let bytes = [h, &packet[plan.piece(i)]].concat();
+                    self.wire.push_back(Wire {
+                        from: underlay(n),
+                        to,
+                        bytes,
+                    });
+                }
+                Sent::Tunnelled
+            }
+            SuperOutbound::Reply(reply) => {
+                node.tun.push(reply.to_vec());
+                Sent::Answered
+            }
+            SuperOutbound::Drop { reason, .. } => Sent::Dropped(reason),
         }
     }
 
@@ -512,6 +554,113 @@ fn every_drop_reason_is_provoked_and_counted() {
             // The reason's name is what /metrics will show.
             assert!(!reason.name().is_empty());
         }
+    }
+}
+
+/// A TCP super-packet of `payload` as a TUN with TSO hands it over: the checksum field holds
+/// the pseudo-header sum, and the virtio header asks for `mss`-byte segments.
+fn super_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8], mss: u16) -> (VirtioNetHdr, Vec<u8>) {
+    let mut p = tcp(src, dst, payload);
+    let seed = checksum::fold(checksum::pseudo_header(
+        src.into(),
+        dst.into(),
+        6,
+        (p.len() - 20) as u16,
+    ));
+    p[36..38].copy_from_slice(&seed.to_be_bytes());
+    let hdr = VirtioNetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_TCPV4,
+        hdr_len: 40,
+        gso_size: mss,
+        csum_start: 20,
+        csum_offset: 16,
+    };
+    (hdr, p)
+}
+
+/// One coalescer output (virtio header, headers, payloads) as one buffer.
+fn gather(slices: &[std::io::IoSlice<'_>]) -> Vec<u8> {
+    slices.iter().flat_map(|s| s.iter().copied()).collect()
+}
+
+#[test]
+fn tcp_over_the_mss_is_segmented_on_the_way_out_and_coalesced_on_the_way_in() {
+    let payload: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    let mss = MTU - 40;
+    for encap in both_encaps() {
+        let mut sim = Sim::new(encap, 3);
+        let (hdr, packet) = super_packet(pod(1, 2), pod(3, 9), &payload, mss);
+        assert_eq!(
+            sim.send_super(1, &hdr, &packet),
+            Sent::Tunnelled,
+            "{encap:?}"
+        );
+        let segments = 10_000usize.div_ceil(usize::from(mss));
+        assert_eq!(sim.wire.len(), segments, "{encap:?}");
+        assert_eq!(sim.run(), [], "{encap:?}");
+        let delivered = sim.take_tun(3);
+        assert_eq!(delivered.len(), segments, "{encap:?}");
+        // Every segment is a wire-sized packet with valid checksums.
+        for seg in &delivered {
+            assert!(
+                seg.len() <= usize::from(MTU),
+                "{encap:?}: {} bytes",
+                seg.len()
+            );
+            let ip = Ipv4Slice::from_slice(seg).unwrap();
+            let t = TcpSlice::from_slice(ip.payload().payload).unwrap();
+            let want = t
+                .to_header()
+                .calc_checksum_ipv4_raw(
+                    ip.header().source(),
+                    ip.header().destination(),
+                    t.payload(),
+                )
+                .unwrap();
+            assert_eq!(t.checksum(), want, "{encap:?}");
+        }
+        let counters = sim.counters(1).snapshot();
+        assert_eq!(counters.tx.packets, segments as u64, "{encap:?}");
+        // The receiver's coalescer makes them one GSO write carrying the whole payload.
+        let mut c = Coalescer::new();
+        let mut out = Vec::new();
+        for (i, seg) in delivered.iter().enumerate() {
+            c.push(&delivered, Span::whole(i, seg.len()), |s| {
+                out.push(gather(s))
+            });
+        }
+        c.flush(&delivered, |s| out.push(gather(s)));
+        assert_eq!(out.len(), 1, "{encap:?}: one write");
+        let write = &out[0];
+        let v = VirtioNetHdr::parse(write).unwrap();
+        assert_eq!((v.gso_type, v.gso_size), (GSO_TCPV4, mss), "{encap:?}");
+        assert_eq!(&write[virtio::HEADER_LEN + 40..], &payload[..], "{encap:?}");
+    }
+}
+
+#[test]
+fn an_unroutable_super_packet_is_answered_with_icmp_and_counted() {
+    for encap in both_encaps() {
+        let mut sim = Sim::new(encap, 2);
+        let (hdr, packet) = super_packet(pod(1, 2), pod(99, 1), &[7; 5000], MTU - 40);
+        assert_eq!(
+            sim.send_super(1, &hdr, &packet),
+            Sent::Answered,
+            "{encap:?}"
+        );
+        assert!(sim.wire.is_empty());
+        let reply = sim.take_tun(1).pop().unwrap();
+        check_icmp_error(&reply, &packet, DestUnreachableHeader::Host);
+        assert_eq!(sim.counters(1).drops(DropReason::NoRoute), 1, "{encap:?}");
+        // A virtio header the segmenter refuses (GSO size 0) is dropped as malformed.
+        let (mut bad, packet) = super_packet(pod(1, 2), pod(2, 3), &[7; 5000], 0);
+        bad.gso_size = 0;
+        assert_eq!(
+            sim.send_super(1, &bad, &packet),
+            Sent::Dropped(DropReason::Malformed),
+            "{encap:?}"
+        );
     }
 }
 
