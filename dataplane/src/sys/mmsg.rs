@@ -10,6 +10,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+#[cfg(test)]
 use super::{wait_readable, Stop};
 
 /// Most datagrams moved by one `recv_batch` or `sendmmsg` call; larger requests are cut.
@@ -83,30 +84,27 @@ pub struct BatchSent {
 /// Receives up to `min(bufs.len(), meta.len(), MAX_BATCH)` datagrams.
 ///
 /// Blocks until at least one datagram is there; returns `Ok(0)` once `stop` is raised.
+#[cfg(test)] // The data path reads without blocking; tests wait with this.
 pub(crate) fn recv_batch<B: AsMut<[u8]>>(
     fd: RawFd,
     bufs: &mut [B],
     meta: &mut [RecvMeta],
     stop: &Stop,
 ) -> io::Result<usize> {
-    recv(fd, bufs, meta, Some(stop))
+    loop {
+        let n = try_recv_batch(fd, bufs, meta)?;
+        if n > 0 || !wait_readable(fd, stop)? {
+            return Ok(n);
+        }
+    }
 }
 
-/// Like [`recv_batch`] but never blocks: `Ok(0)` when nothing is queued.
+/// Receives up to `min(bufs.len(), meta.len(), MAX_BATCH)` datagrams without blocking: `Ok(0)`
+/// when nothing is queued.
 pub(crate) fn try_recv_batch<B: AsMut<[u8]>>(
     fd: RawFd,
     bufs: &mut [B],
     meta: &mut [RecvMeta],
-) -> io::Result<usize> {
-    recv(fd, bufs, meta, None)
-}
-
-/// Receives a batch; with `wait`, blocks until data or stop, else returns `Ok(0)` at once.
-fn recv<B: AsMut<[u8]>>(
-    fd: RawFd,
-    bufs: &mut [B],
-    meta: &mut [RecvMeta],
-    wait: Option<&Stop>,
 ) -> io::Result<usize> {
     let n = bufs.len().min(meta.len()).min(MAX_BATCH);
     if n == 0 {
@@ -150,15 +148,7 @@ fn recv<B: AsMut<[u8]>>(
         if rc < 0 {
             let err = io::Error::last_os_error();
             match err.kind() {
-                io::ErrorKind::WouldBlock => {
-                    let Some(stop) = wait else {
-                        return Ok(0);
-                    };
-                    if !wait_readable(fd, stop)? {
-                        return Ok(0);
-                    }
-                    continue;
-                }
+                io::ErrorKind::WouldBlock => return Ok(0),
                 io::ErrorKind::Interrupted => continue,
                 _ => return Err(err),
             }

@@ -93,6 +93,7 @@ impl AsFd for Stop {
 }
 
 /// Blocks until `fd` is readable (`Ok(true)`) or `stop` is raised (`Ok(false)`).
+#[cfg(test)] // The data path reads without blocking; tests wait with this.
 pub(crate) fn wait_readable(fd: RawFd, stop: &Stop) -> io::Result<bool> {
     loop {
         let mut pfds = [

@@ -15,8 +15,8 @@
 //! says why.
 //!
 //! The fd is non-blocking: the data path reads with [`Tun::try_read`] when its epoll set says
-//! the queue is readable ([`Tun::read`], which waits for a packet or a [`Stop`], serves the
-//! tests). A deleted device leaves the fd detached until [`Tun::reattach`].
+//! the queue is readable (a waiting `read` exists for the tests only). A deleted device leaves
+//! the fd detached until [`Tun::reattach`].
 
 use std::ffi::CString;
 use std::io::{self, IoSlice};
@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
 use tun_rs::{DeviceBuilder, SyncDevice};
 
+#[cfg(test)]
 use super::{wait_readable, Stop};
 
 /// Whether `e`, from a read or write of a queue, means the device is gone (`ip link del`): the
@@ -343,6 +344,7 @@ impl Tun {
     /// Reads one packet (with its `virtio_net_hdr` in offload mode) into `buf`, blocking until
     /// one is there. Returns its length, or `Ok(0)` once `stop` is raised. A packet longer than
     /// `buf` is cut; use [`MAX_READ`]-sized buffers in offload mode.
+    #[cfg(test)] // The data path reads without blocking; tests wait with this.
     pub fn read(&self, buf: &mut [u8], stop: &Stop) -> io::Result<usize> {
         loop {
             match self.dev.recv(buf) {
