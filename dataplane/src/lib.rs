@@ -4,6 +4,7 @@
 //! counters) and thin OS shells under `sys/` (TUN, underlay sockets, netlink host setup).
 //! Unsafe code is allowed only inside `sys/`.
 pub mod admin;
+pub mod admin_client;
 pub mod agent;
 pub mod batch;
 pub mod bucket;

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use podnet_dataplane::admin::{self, DropsBody};
+use podnet_dataplane::admin::DropsBody;
+use podnet_dataplane::admin_client;
 use podnet_dataplane::cli::{ApiArgs, Cli, Command, DropsArgs};
 use podnet_dataplane::why;
 
@@ -22,8 +23,8 @@ fn main() -> ExitCode {
             .validate()
             .map_err(|e| e.to_string())
             .and_then(|cfg| podnet_dataplane::agent::run(cfg).map_err(|e| e.to_string())),
-        Command::Status(a) => query(&a, "/status", admin::format_status),
-        Command::Routes(a) => query(&a, "/routes", admin::format_routes),
+        Command::Status(a) => query(&a, "/status", admin_client::format_status),
+        Command::Routes(a) => query(&a, "/routes", admin_client::format_routes),
         Command::Why(w) => {
             query(
                 &w.api,
@@ -51,7 +52,7 @@ fn query(a: &ApiArgs, path: &str, format: fn(&serde_json::Value) -> String) -> R
         .build()
         .map_err(|e| e.to_string())?;
     let v = rt
-        .block_on(admin::fetch(a.api, path))
+        .block_on(admin_client::fetch(a.api, path))
         .map_err(|e| e.to_string())?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -69,7 +70,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 async fn fetch_drops(a: &ApiArgs, since: u64) -> Result<DropsBody, String> {
-    let v = admin::fetch(a.api, &format!("/drops?since={since}"))
+    let v = admin_client::fetch(a.api, &format!("/drops?since={since}"))
         .await
         .map_err(|e| e.to_string())?;
     serde_json::from_value(v).map_err(|e| format!("unexpected answer from the agent: {e}"))
@@ -89,7 +90,7 @@ fn drops(d: &DropsArgs) -> Result<(), String> {
                 );
             } else {
                 for row in &first.samples {
-                    println!("{}", admin::format_drop(row));
+                    println!("{}", admin_client::format_drop(row));
                 }
                 println!(
                     "{} drops counted, {} sampled; {} packets dropped by the kernel at full \
@@ -124,7 +125,7 @@ fn drops(d: &DropsArgs) -> Result<(), String> {
                 if d.api.json {
                     println!("{}", serde_json::to_string(row).unwrap_or_default());
                 } else {
-                    println!("{}", admin::format_drop(row));
+                    println!("{}", admin_client::format_drop(row));
                 }
             }
             // Drops that the rate limit (or a full ring) kept out of the samples.

@@ -1,0 +1,298 @@
+//! The client side of the agent's admin API: the `status`, `routes`, `why` and `drops`
+//! commands fetch its JSON and print it for people. Used by `main.rs` only; the server side is
+//! [`crate::admin`].
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use crate::admin::DropRow;
+
+/// Errors of the `status` / `routes` commands.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("cannot reach the agent's admin API at {addr}: {reason}; is podnet-agent running in this network namespace (ip netns exec ...) and is --api right?")]
+    Unreachable { addr: SocketAddr, reason: String },
+    #[error("unexpected answer from {addr}: {reason}")]
+    Protocol { addr: SocketAddr, reason: String },
+}
+
+/// GETs `path` from the admin API at `addr`.
+pub async fn fetch(addr: SocketAddr, path: &str) -> Result<serde_json::Value, QueryError> {
+    let url = format!("http://{addr}{path}");
+    let resp = reqwest::Client::new()
+        .get(&url)
+        .timeout(std::time::Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| QueryError::Unreachable {
+            addr,
+            reason: e.to_string(),
+        })?;
+    if !resp.status().is_success() {
+        return Err(QueryError::Protocol {
+            addr,
+            reason: format!("HTTP {}", resp.status()),
+        });
+    }
+    resp.json().await.map_err(|e| QueryError::Protocol {
+        addr,
+        reason: e.to_string(),
+    })
+}
+
+/// Human-readable `podnet-agent status`.
+pub fn format_status(v: &serde_json::Value) -> String {
+    let s = |k: &str| v.get(k).map(display).unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(out, "node:        {}", s("node"));
+    let _ = writeln!(
+        out,
+        "underlay:    {} on {} (VTEP MAC {})",
+        s("underlay_ip"),
+        s("underlay_dev"),
+        s("vtep_mac")
+    );
+    let _ = writeln!(
+        out,
+        "pod CIDR:    {} (cluster {})",
+        s("pod_cidr"),
+        s("cluster_cidr")
+    );
+    let vni = v
+        .get("vni")
+        .filter(|x| !x.is_null())
+        .map(|x| format!(" vni {x}"))
+        .unwrap_or_default();
+    let queues = v
+        .get("tun_queues")
+        .and_then(|q| q.as_u64())
+        .filter(|&q| q > 1)
+        .map(|q| format!(" ({q} queues)"))
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "encap:       {}{vni}, MTU {} on {}{queues}",
+        s("encap"),
+        s("mtu"),
+        s("tun")
+    );
+    match v.get("routing").and_then(|r| r.as_str()) {
+        Some("direct") => {
+            let _ = writeln!(
+                out,
+                "routing:     direct routes to the peers on {} (no tunnel)",
+                s("underlay_net")
+            );
+        }
+        Some("cross-subnet") => {
+            let _ = writeln!(
+                out,
+                "routing:     cross-subnet: direct routes on {}, the tunnel beyond",
+                s("underlay_net")
+            );
+        }
+        _ => {}
+    }
+    if let Some(n) = v.get("receive_sockets").and_then(|n| n.as_u64()) {
+        let what = match v.get("encap").and_then(|e| e.as_str()) {
+            Some("vxlan") if n > 1 => "UDP sockets on port 4789 (SO_REUSEPORT group, read in turn)",
+            Some("vxlan") => "UDP socket on port 4789",
+            _ => "raw IP-in-IP socket",
+        };
+        let _ = writeln!(out, "receive:     {n} {what}");
+    }
+    if let Some(ports) = v.get("source_ports").and_then(|p| p.as_array()) {
+        let ports: Vec<u64> = ports.iter().filter_map(|p| p.as_u64()).collect();
+        if let (Some(lo), Some(hi)) = (ports.iter().min(), ports.iter().max()) {
+            let _ = writeln!(
+                out,
+                "src ports:   {} outer UDP source ports ({lo}-{hi}), one per flow by inner hash",
+                ports.len()
+            );
+        }
+    }
+    if let Some(o) = v.get("offloads").and_then(|o| o.as_object()) {
+        let on: Vec<&str> = o
+            .iter()
+            .filter(|(_, v)| v.as_bool() == Some(true))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        let _ = writeln!(
+            out,
+            "offloads:    {}",
+            if on.is_empty() {
+                "none".into()
+            } else {
+                on.join(", ")
+            }
+        );
+    }
+    let control = match v.get("control").and_then(|c| c.as_str()) {
+        Some(url) => format!(
+            "control {url} ({})",
+            if v.get("control_connected").and_then(|c| c.as_bool()) == Some(true) {
+                "connected"
+            } else {
+                "disconnected"
+            }
+        ),
+        None => "static".into(),
+    };
+    let _ = writeln!(
+        out,
+        "membership:  {control}, table revision {}",
+        s("table_revision")
+    );
+    let _ = writeln!(out, "uptime:      {}s", s("uptime_s"));
+    if let Some(lock) = v.get("lock").and_then(|l| l.as_str()) {
+        let _ = writeln!(
+            out,
+            "lock:        {lock} held by PID {} (the only agent of this network namespace)",
+            s("pid")
+        );
+    }
+    if let Some(r) = v.get("repairs").and_then(|r| r.as_object()) {
+        let made: Vec<String> = r
+            .iter()
+            .filter_map(|(k, n)| n.as_u64().filter(|&n| n > 0).map(|n| format!("{k} {n}")))
+            .collect();
+        let _ = writeln!(
+            out,
+            "repairs:     {}",
+            if made.is_empty() {
+                "none (host state as installed)".to_string()
+            } else {
+                made.join(", ")
+            }
+        );
+    }
+    let c = &v["counters"];
+    let _ = writeln!(
+        out,
+        "traffic:     tx {} pkts / {} B, rx {} pkts / {} B, icmp sent {}",
+        c["tx"]["packets"], c["tx"]["bytes"], c["rx"]["packets"], c["rx"]["bytes"], c["icmp_sent"]
+    );
+    let _ = writeln!(
+        out,
+        "\nPEER                 UNDERLAY         POD CIDR            TX PKTS      RX PKTS  ENCAP"
+    );
+    for p in v["peers"].as_array().into_iter().flatten() {
+        let unreachable = p["unreachable"]
+            .as_str()
+            .map(|why| format!(" (unreachable: {why})"))
+            .unwrap_or_default();
+        let direct = if p["path"] == "direct" {
+            " (direct route)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "{:<20} {:<16} {:<18} {:>8} {:>12}  {}{direct}{unreachable}",
+            display(&p["node"]),
+            display(&p["underlay_ip"]),
+            display(&p["pod_cidr"]),
+            display(&p["tx_packets"]),
+            display(&p["rx_packets"]),
+            display(&p["encap"])
+        );
+    }
+    let peer_drops: Vec<String> = v["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| {
+            let node = display(&p["node"]);
+            p["drops"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+                .map(move |(r, n)| format!("  {node:<20} {r:<18} {n}"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if !peer_drops.is_empty() {
+        let _ = writeln!(out, "\nDROPS BY PEER");
+        for line in peer_drops {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    let _ = writeln!(out, "\nDROPS");
+    if let Some(d) = c["drops"].as_object() {
+        for (reason, n) in d {
+            let _ = writeln!(out, "  {reason:<18} {n}");
+        }
+    }
+    if let Some(n) = v.get("receive_overflow").and_then(|n| n.as_u64()) {
+        let _ = writeln!(
+            out,
+            "  {:<18} {n} (by the kernel: receive sockets full, never read)",
+            "receive_overflow"
+        );
+    }
+    out
+}
+
+/// Human-readable `podnet-agent routes`.
+pub fn format_routes(v: &serde_json::Value) -> String {
+    let mut out = format!("revision {}\n", display(&v["revision"]));
+    let _ = writeln!(
+        out,
+        "{:<20} {:<6} {:<20} {:<16} {:<17}  ENCAP",
+        "CIDR", "KIND", "NODE", "UNDERLAY", "VTEP MAC"
+    );
+    for r in v["routes"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<6} {:<20} {:<16} {:<17}  {}",
+            display(&r["cidr"]),
+            display(&r["kind"]),
+            display(&r["node"]),
+            display(&r["underlay_ip"]),
+            display(&r["vtep_mac"]),
+            match r["path"].as_str() {
+                Some("direct") => "direct route".to_string(),
+                _ => display(&r["encap"]),
+            }
+        );
+    }
+    out
+}
+
+/// One line of `podnet-agent drops`: UTC time, reason, direction, addresses, peer.
+pub fn format_drop(row: &DropRow) -> String {
+    let s = &row.sample;
+    let ms = s.time_ms % 86_400_000;
+    let time = format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    );
+    let inner = match (s.inner_src, s.inner_dst) {
+        (Some(src), Some(dst)) => format!(
+            "{src} -> {dst} proto {}",
+            s.protocol.map(|p| p.to_string()).unwrap_or_default()
+        ),
+        _ => "(no inner IPv4 header)".into(),
+    };
+    let from = match (s.outer_src, &row.peer) {
+        (Some(ip), Some(peer)) => format!(" from {peer} ({ip})"),
+        (Some(ip), None) => format!(" from {ip} (not a peer)"),
+        _ => String::new(),
+    };
+    format!(
+        "{time} #{:<5} {:<16} {}{from} {inner} len {}",
+        s.seq, s.reason, s.direction, s.len
+    )
+}
+
+fn display(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
