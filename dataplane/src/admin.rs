@@ -8,9 +8,9 @@
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::header;
@@ -21,10 +21,10 @@ use ipnet::Ipv4Net;
 use podnet_proto::ethernet::MacAddr;
 use serde::{Deserialize, Serialize};
 
-use crate::agent::{Agent, NodeInfo};
 use crate::drops::{CountersSnapshot, DropReason, PeerStats};
 use crate::dropwatch::DropSample;
 use crate::routing::PeerPath;
+use crate::state::{unix_ms, Agent, Histogram, NodeInfo};
 use crate::why::{self, Answer};
 
 /// One peer in `/status`.
@@ -110,14 +110,6 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/why", get(why_handler))
         .route("/drops", get(drops_handler))
         .with_state(agent)
-}
-
-/// Wall-clock Unix time in milliseconds (0 if the clock is before 1970).
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Every 100 ms: advances the drop sampler's clock (refilling its buckets), and logs each
@@ -279,54 +271,16 @@ async fn drops_handler(
     })
 }
 
-/// Buckets of [`Histogram`], in seconds (upper bounds; `+Inf` is implied).
-pub const CONVERGENCE_BUCKETS: [f64; 12] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-
-/// A lock-free Prometheus histogram over [`CONVERGENCE_BUCKETS`] (durations in seconds).
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Non-cumulative count per bucket; the last slot is `+Inf`.
-    buckets: [AtomicU64; CONVERGENCE_BUCKETS.len() + 1],
-    sum_us: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one duration.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = CONVERGENCE_BUCKETS
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(CONVERGENCE_BUCKETS.len());
-        self.buckets[i].fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
-        self.count.fetch_add(1, Relaxed);
+/// Appends the `_bucket`, `_sum` and `_count` lines of histogram family `name`.
+fn render_histogram(h: &Histogram, out: &mut Exposition, name: &str, help: &str) {
+    let _ = writeln!(out.0, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let (buckets, sum) = h.cumulative();
+    for (le, n) in buckets {
+        let le = le.map(|b| b.to_string()).unwrap_or_else(|| "+Inf".into());
+        let _ = writeln!(out.0, "{name}_bucket{{le=\"{le}\"}} {n}");
     }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.count.load(Relaxed)
-    }
-
-    /// Appends the `_bucket`, `_sum` and `_count` lines of family `name`.
-    fn render(&self, out: &mut Exposition, name: &str, help: &str) {
-        let _ = writeln!(out.0, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (i, n) in self.buckets.iter().enumerate() {
-            cumulative += n.load(Relaxed);
-            let le = CONVERGENCE_BUCKETS
-                .get(i)
-                .map(|b| b.to_string())
-                .unwrap_or_else(|| "+Inf".into());
-            let _ = writeln!(out.0, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-        }
-        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(out.0, "{name}_sum {sum}");
-        let _ = writeln!(out.0, "{name}_count {}", self.count());
-    }
+    let _ = writeln!(out.0, "{name}_sum {sum}");
+    let _ = writeln!(out.0, "{name}_count {}", h.count());
 }
 
 fn peers(agent: &Agent) -> Vec<PeerStatus> {
@@ -651,7 +605,8 @@ pub fn render_metrics(agent: &Agent) -> String {
             "Node-table changes applied from the control service.",
             one(agent.membership.table_updates.load(Relaxed)),
         );
-        agent.membership.convergence.render(
+        render_histogram(
+            &agent.membership.convergence,
             &mut m,
             "podnet_agent_route_convergence_seconds",
             "Time from a node's registration with podnet-control to its route being installed here.",

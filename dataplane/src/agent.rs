@@ -5,10 +5,9 @@
 //! anything is changed on the host, and whatever was installed is removed again on every exit
 //! path after that (SIGINT/SIGTERM, or a setup step failing half way).
 
-use std::fmt::Write as _;
 use std::io;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,15 +15,16 @@ use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::vxlan::{self, Vni};
-use serde::Serialize;
 
 use crate::cli::{EncapArg, Membership, MtuArg, RunConfig, DEFAULT_STATE_DIR};
 use crate::datapath::{self, IoErrors, Shared, Underlay};
 use crate::drops::Counters;
+use crate::files::{write_subnet_env, StateDirError};
 use crate::forward::{Encap, Forwarder, NodeConfig, SendPaths};
-use crate::host::{self, Desired, DirectRoutes, Host, HostError, Repairs};
+use crate::host::{self, Desired, Host, HostError, Repairs};
 use crate::membership;
 use crate::routing::{self, PeerPath, Routing};
+use crate::state::{warn_unreachable_peers, Agent, MembershipStatus, NodeInfo, OffloadInfo};
 use crate::sys::caps::{self, Capability};
 use crate::sys::lock::{self, AgentLock, LockError, AGENT_LOCK};
 use crate::sys::netlink::{Netlink, NetlinkError};
@@ -34,7 +34,7 @@ use crate::sys::udp::{
     UdpConfig, UdpError, VxlanSocket, DEFAULT_BUFFER_BYTES, DEFAULT_SOURCE_PORTS,
 };
 use crate::sys::{sysctl, Stop};
-use crate::table::{Peer, RouteTable, TableError};
+use crate::table::{RouteTable, TableError};
 
 /// Why the agent could not start (or had to stop).
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +78,8 @@ pub enum AgentError {
         encap: &'static str,
         overhead: usize,
     },
-    #[error("cannot write {path}: {source}; pass a writable --state-dir")]
-    StateDir { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    StateDir(#[from] StateDirError),
     #[error("cannot serve the admin API on {addr}: {source}; pass another --api address")]
     Api {
         addr: std::net::SocketAddr,
@@ -91,104 +91,6 @@ pub enum AgentError {
     DataPath(io::Error),
     #[error("cannot start the async runtime: {0}")]
     Runtime(io::Error),
-}
-
-/// What `/status` shows that does not change while the agent runs.
-#[derive(Clone, Debug, Serialize)]
-pub struct NodeInfo {
-    pub node: String,
-    pub underlay_ip: Ipv4Addr,
-    pub underlay_dev: String,
-    pub vtep_mac: MacAddr,
-    pub pod_cidr: Ipv4Net,
-    pub cluster_cidr: Ipv4Net,
-    pub encap: &'static str,
-    pub vni: Option<u32>,
-    /// VXLAN: the outer UDP source ports sent from, one per lane, chosen by inner flow hash
-    /// (empty for IP-in-IP).
-    pub source_ports: Vec<u16>,
-    pub mtu: u16,
-    pub tun: String,
-    /// TUN queues the data path reads in turn.
-    pub tun_queues: usize,
-    /// Underlay sockets packets arrive on: the VXLAN `SO_REUSEPORT` group (one per
-    /// `--tun-queues`), or the one IP-in-IP raw socket.
-    pub receive_sockets: usize,
-    pub offloads: OffloadInfo,
-    pub membership: &'static str,
-    pub control: Option<String>,
-    /// This agent's PID, and the lock that makes it the only agent of its network namespace.
-    pub pid: u32,
-    pub lock: String,
-    /// How peers are reached (`tunnel`, `cross-subnet`, `direct`), and the underlay subnet
-    /// that decides which are on-link.
-    pub routing: routing::Mode,
-    pub underlay_net: Ipv4Net,
-}
-
-/// Which offloads are in use (what the kernel accepted at start).
-#[derive(Clone, Copy, Debug, Serialize)]
-pub struct OffloadInfo {
-    pub tun_vnet_hdr: bool,
-    pub tun_tso: bool,
-    pub tun_csum: bool,
-    pub udp_gso: bool,
-    pub udp_gro: bool,
-}
-
-/// State the admin API and the membership task read while the agent runs.
-pub struct Agent {
-    pub info: NodeInfo,
-    pub shared: Arc<Shared>,
-    pub started: Instant,
-    pub membership: membership::Status,
-    pub state_dir: PathBuf,
-    /// Repairs of the host state made since start (crate::host).
-    pub repairs: Arc<Repairs>,
-    /// Which peers are reached by direct routes, and those routes (read by the host watch).
-    pub routing: Routing,
-    pub direct: Arc<ArcSwap<DirectRoutes>>,
-    /// The control service client in control mode (for the graceful leave at shutdown).
-    pub control: Option<podnet_control::client::Client>,
-}
-
-impl Agent {
-    /// Swaps in a new peer table built from `peers` at `revision`, keeping counters of peers
-    /// that stay. The data path never waits: it keeps the old table until its next batch.
-    pub fn apply_peers(&self, revision: u64, peers: Vec<Peer>) -> Result<(), TableError> {
-        let old = self.shared.table.load();
-        let new = old.rebuild(revision, peers)?;
-        warn_unreachable_peers(self, Some(&old), &new);
-        self.direct
-            .store(Arc::new(self.routing.direct_routes(&new)));
-        self.shared.table.store(Arc::new(new));
-        Ok(())
-    }
-}
-
-/// Logs, once per peer (again only if its encapsulation changes), each peer of `new` that this
-/// node cannot send to: packets for it get ICMP host unreachable and the drop reason
-/// `peer_encap`.
-fn warn_unreachable_peers(agent: &Agent, old: Option<&RouteTable>, new: &RouteTable) {
-    let config = agent.shared.forwarder.config();
-    for p in new.peers() {
-        let why = match (agent.routing.path(p), config.mtu_to(&p.encap)) {
-            (PeerPath::Direct, _) | (PeerPath::Tunnel, Ok(_)) => continue,
-            (PeerPath::Refused(why), _) => why,
-            (PeerPath::Tunnel, Err(why)) => why.to_string(),
-        };
-        let known = old.is_some_and(|t| {
-            t.peers()
-                .iter()
-                .any(|q| q.node == p.node && q.encap == p.encap)
-        });
-        if !known {
-            tracing::warn!(peer = %p.node, encap = p.encap.name(),
-                "peer {} receives {}, which this node cannot send ({why}): packets to {} get \
-                 ICMP host unreachable (drop reason peer_encap)",
-                p.node, p.encap.name(), p.pod_cidr);
-        }
-    }
 }
 
 fn encap_of(cfg: &RunConfig) -> Encap {
@@ -450,7 +352,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             info,
             shared: Arc::clone(&shared),
             started: Instant::now(),
-            membership: membership::Status::default(),
+            membership: MembershipStatus::default(),
             state_dir: cfg.state_dir.clone(),
             repairs: Arc::clone(&repairs),
             routing,
@@ -564,81 +466,5 @@ async fn wait_for_stop(stop: &Stop) -> &'static str {
             _ = int.recv() => return "SIGINT",
             _ = tick.tick() => if stop.is_stopped() { return "data path stopped" },
         }
-    }
-}
-
-/// Writes `<state-dir>/subnet.env` for pod setup (DESIGN: POD_NETWORK, POD_SUBNET, POD_MTU,
-/// POD_GATEWAY), atomically so a pod script never reads half a file.
-pub fn write_subnet_env(
-    dir: &Path,
-    cluster: Ipv4Net,
-    pod: Ipv4Net,
-    mtu: u16,
-) -> Result<(), AgentError> {
-    let gateway = Ipv4Addr::from(u32::from(pod.network()) + 1);
-    let mut body = String::new();
-    let _ = writeln!(body, "POD_NETWORK={cluster}");
-    let _ = writeln!(body, "POD_SUBNET={pod}");
-    let _ = writeln!(body, "POD_MTU={mtu}");
-    let _ = writeln!(body, "POD_GATEWAY={gateway}");
-    write_atomic(&dir.join("subnet.env"), body.as_bytes())
-}
-
-/// Write to a temp file, fsync, rename, fsync the directory: readers see the old or the new
-/// file, never a torn one, and the rename itself survives a crash (as the control service's
-/// store does it).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
-    use std::io::Write;
-    let err = |source| AgentError::StateDir {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn subnet_env_has_the_design_keys() {
-        let dir = tempfile::tempdir().unwrap();
-        write_subnet_env(
-            dir.path(),
-            "10.244.0.0/16".parse().unwrap(),
-            "10.244.3.0/24".parse().unwrap(),
-            1450,
-        )
-        .unwrap();
-        let s = std::fs::read_to_string(dir.path().join("subnet.env")).unwrap();
-        assert_eq!(
-            s,
-            "POD_NETWORK=10.244.0.0/16\nPOD_SUBNET=10.244.3.0/24\nPOD_MTU=1450\nPOD_GATEWAY=10.244.3.1\n"
-        );
-    }
-
-    #[test]
-    fn state_dir_errors_name_the_flag() {
-        let e = write_subnet_env(
-            Path::new("/proc/podnet-nope"),
-            "10.244.0.0/16".parse().unwrap(),
-            "10.244.3.0/24".parse().unwrap(),
-            1450,
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("--state-dir"), "{e}");
     }
 }

@@ -12,12 +12,14 @@ pub mod cli;
 pub mod datapath;
 pub mod drops;
 pub mod dropwatch;
+pub mod files;
 pub mod forward;
 pub mod host;
 pub mod lpm;
 pub mod membership;
 pub mod reason;
 pub mod routing;
+pub mod state;
 #[allow(unsafe_code)] // OS shells: the only unsafe in podnet; every block has a SAFETY comment.
 pub mod sys;
 pub mod table;

@@ -8,7 +8,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,9 +19,10 @@ use podnet_proto::ethernet::MacAddr;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::agent::{write_atomic, Agent};
 use crate::cli::{Membership, RunConfig};
+use crate::files::write_atomic;
 use crate::forward::Encap;
+use crate::state::{unix_ms, Agent};
 use crate::table::{Peer, PeerEncap};
 
 /// How long `run` waits for the control service at start before falling back to the last
@@ -40,16 +41,6 @@ pub enum MembershipError {
     ClusterMismatch { pod: Ipv4Net, cluster: Ipv4Net },
     #[error("saved state {path} is unreadable: {reason}; delete it to start fresh")]
     BadState { path: PathBuf, reason: String },
-}
-
-/// Live state of the membership task, for `/status` and `/metrics`.
-#[derive(Debug, Default)]
-pub struct Status {
-    /// Control-plane revision of the table in use.
-    pub revision: AtomicU64,
-    pub table_updates: AtomicU64,
-    /// Registration (the `added` event's `last_heartbeat`) to route installed here.
-    pub convergence: crate::admin::Histogram,
 }
 
 /// The result of joining: enough to build the first route table.
@@ -268,9 +259,7 @@ pub async fn run(session: Session, agent: Arc<Agent>) {
                 agent.membership.revision.store(applied, Relaxed);
                 agent.membership.table_updates.fetch_add(1, Relaxed);
                 // On the service's clock, like the heartbeat times (ours if it cannot say).
-                let now_ms = client
-                    .server_time_ms()
-                    .unwrap_or_else(crate::admin::unix_ms);
+                let now_ms = client.server_time_ms().unwrap_or_else(unix_ms);
                 for n in new_names.iter().filter(|n| !old_names.contains(n)) {
                     if let Some(node) = table.nodes.get(n) {
                         // An `added` node carries its registration time as last_heartbeat.

@@ -1,0 +1,184 @@
+//! The running agent's shared state: what `/status` and `/metrics` show, what the membership
+//! task updates, and the table swap both go through. The shells around it (the run function,
+//! the admin API, the membership task) import this module and not each other.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use ipnet::Ipv4Net;
+use podnet_proto::ethernet::MacAddr;
+use serde::Serialize;
+
+use crate::datapath::Shared;
+use crate::host::{DirectRoutes, Repairs};
+use crate::routing::{self, PeerPath, Routing};
+use crate::table::{Peer, RouteTable, TableError};
+
+/// What `/status` shows that does not change while the agent runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeInfo {
+    pub node: String,
+    pub underlay_ip: Ipv4Addr,
+    pub underlay_dev: String,
+    pub vtep_mac: MacAddr,
+    pub pod_cidr: Ipv4Net,
+    pub cluster_cidr: Ipv4Net,
+    pub encap: &'static str,
+    pub vni: Option<u32>,
+    /// VXLAN: the outer UDP source ports sent from, one per lane, chosen by inner flow hash
+    /// (empty for IP-in-IP).
+    pub source_ports: Vec<u16>,
+    pub mtu: u16,
+    pub tun: String,
+    /// TUN queues the data path reads in turn.
+    pub tun_queues: usize,
+    /// Underlay sockets packets arrive on: the VXLAN `SO_REUSEPORT` group (one per
+    /// `--tun-queues`), or the one IP-in-IP raw socket.
+    pub receive_sockets: usize,
+    pub offloads: OffloadInfo,
+    pub membership: &'static str,
+    pub control: Option<String>,
+    /// This agent's PID, and the lock that makes it the only agent of its network namespace.
+    pub pid: u32,
+    pub lock: String,
+    /// How peers are reached (`tunnel`, `cross-subnet`, `direct`), and the underlay subnet
+    /// that decides which are on-link.
+    pub routing: routing::Mode,
+    pub underlay_net: Ipv4Net,
+}
+
+/// Which offloads are in use (what the kernel accepted at start).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct OffloadInfo {
+    pub tun_vnet_hdr: bool,
+    pub tun_tso: bool,
+    pub tun_csum: bool,
+    pub udp_gso: bool,
+    pub udp_gro: bool,
+}
+
+/// State the admin API and the membership task read while the agent runs.
+pub struct Agent {
+    pub info: NodeInfo,
+    pub shared: Arc<Shared>,
+    pub started: Instant,
+    pub membership: MembershipStatus,
+    pub state_dir: PathBuf,
+    /// Repairs of the host state made since start (crate::host).
+    pub repairs: Arc<Repairs>,
+    /// Which peers are reached by direct routes, and those routes (read by the host watch).
+    pub routing: Routing,
+    pub direct: Arc<ArcSwap<DirectRoutes>>,
+    /// The control service client in control mode (for the graceful leave at shutdown).
+    pub control: Option<podnet_control::client::Client>,
+}
+
+impl Agent {
+    /// Swaps in a new peer table built from `peers` at `revision`, keeping counters of peers
+    /// that stay. The data path never waits: it keeps the old table until its next batch.
+    pub fn apply_peers(&self, revision: u64, peers: Vec<Peer>) -> Result<(), TableError> {
+        let old = self.shared.table.load();
+        let new = old.rebuild(revision, peers)?;
+        warn_unreachable_peers(self, Some(&old), &new);
+        self.direct
+            .store(Arc::new(self.routing.direct_routes(&new)));
+        self.shared.table.store(Arc::new(new));
+        Ok(())
+    }
+}
+
+/// Logs, once per peer (again only if its encapsulation changes), each peer of `new` that this
+/// node cannot send to: packets for it get ICMP host unreachable and the drop reason
+/// `peer_encap`.
+pub(crate) fn warn_unreachable_peers(agent: &Agent, old: Option<&RouteTable>, new: &RouteTable) {
+    let config = agent.shared.forwarder.config();
+    for p in new.peers() {
+        let why = match (agent.routing.path(p), config.mtu_to(&p.encap)) {
+            (PeerPath::Direct, _) | (PeerPath::Tunnel, Ok(_)) => continue,
+            (PeerPath::Refused(why), _) => why,
+            (PeerPath::Tunnel, Err(why)) => why.to_string(),
+        };
+        let known = old.is_some_and(|t| {
+            t.peers()
+                .iter()
+                .any(|q| q.node == p.node && q.encap == p.encap)
+        });
+        if !known {
+            tracing::warn!(peer = %p.node, encap = p.encap.name(),
+                "peer {} receives {}, which this node cannot send ({why}): packets to {} get \
+                 ICMP host unreachable (drop reason peer_encap)",
+                p.node, p.encap.name(), p.pod_cidr);
+        }
+    }
+}
+
+/// Live state of the membership task, for `/status` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct MembershipStatus {
+    /// Control-plane revision of the table in use.
+    pub revision: AtomicU64,
+    pub table_updates: AtomicU64,
+    /// Registration (the `added` event's `last_heartbeat`) to route installed here.
+    pub convergence: Histogram,
+}
+
+/// Buckets of [`Histogram`], in seconds (upper bounds; `+Inf` is implied).
+pub const CONVERGENCE_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A lock-free Prometheus histogram over [`CONVERGENCE_BUCKETS`] (durations in seconds).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Non-cumulative count per bucket; the last slot is `+Inf`.
+    buckets: [AtomicU64; CONVERGENCE_BUCKETS.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = CONVERGENCE_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(CONVERGENCE_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// `(upper bound, cumulative count)` per bucket, `None` for `+Inf`; then the sum of
+    /// the observations in seconds.
+    pub fn cumulative(&self) -> (Vec<(Option<f64>, u64)>, f64) {
+        let mut cumulative = 0;
+        let buckets = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                cumulative += n.load(Relaxed);
+                (CONVERGENCE_BUCKETS.get(i).copied(), cumulative)
+            })
+            .collect();
+        (buckets, self.sum_us.load(Relaxed) as f64 / 1e6)
+    }
+}
+
+/// Wall-clock Unix time in milliseconds (0 if the clock is before 1970).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
