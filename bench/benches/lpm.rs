@@ -4,7 +4,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use podnet_bench::{lookup_addrs, routes};
-use podnet_dataplane::lpm::Lpm;
+use podnet_dataplane::core::lpm::Lpm;
 
 /// Lookups per iteration: a batch the size of a receive batch times a few.
 const LOOKUPS: usize = 1024;

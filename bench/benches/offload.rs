@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use podnet_bench::{flow_segments, super_packet, MAX_TSO_PAYLOAD, NODE_A, NODE_B, VXLAN_MSS};
-use podnet_dataplane::drops::Counters;
-use podnet_dataplane::forward::{Encap, Forwarder, Inbound, NodeConfig, RxTally, SendPaths};
-use podnet_dataplane::table::{Peer, PeerEncap, RouteTable};
+use podnet_dataplane::core::drops::Counters;
+use podnet_dataplane::core::forward::{Encap, Forwarder, Inbound, NodeConfig, RxTally, SendPaths};
+use podnet_dataplane::core::table::{Peer, PeerEncap, RouteTable};
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::gro::{Coalescer, Span};
 use podnet_proto::gso;

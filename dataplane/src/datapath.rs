@@ -27,17 +27,17 @@ use podnet_proto::gro::{Coalescer, Span};
 use podnet_proto::virtio::{self, VirtioNetHdr, GSO_NONE};
 use podnet_proto::{gro, gso, ipv4, vxlan};
 
-use crate::batch::TxBatch;
-use crate::drops::DropReason;
-use crate::dropwatch::DropContext;
-use crate::forward::{
+use crate::core::batch::TxBatch;
+use crate::core::drops::DropReason;
+use crate::core::dropwatch::DropContext;
+use crate::core::forward::{
     Encap, Forwarder, Inbound, Outbound, RxTally, SuperOutbound, HEADROOM, SCRATCH_LEN,
 };
+use crate::core::table::{Peer, PeerEncap, RouteTable};
 use crate::sys::raw::IpipSocket;
 use crate::sys::tun::{self, Tun, MAX_READ};
 use crate::sys::udp::{VxlanSocket, GRO_BUFFER_BYTES};
 use crate::sys::{self, Readiness, RecvMeta, Stop, Transmit, MAX_BATCH};
-use crate::table::{Peer, PeerEncap, RouteTable};
 
 /// The underlay sockets. This node receives its own encapsulation only, on that
 /// encapsulation's socket(s); peers are sent what they receive, so the other encapsulation has
@@ -60,7 +60,7 @@ enum Own {
 
 /// The lane of IP-in-IP sends in a [`TxBatch`] (VXLAN lanes are its outer source ports,
 /// numbered from 0; there are far fewer of them).
-const IPIP_LANE: usize = crate::batch::MAX_LANES - 1;
+const IPIP_LANE: usize = crate::core::batch::MAX_LANES - 1;
 
 impl Underlay {
     /// A VXLAN node's sockets; `ipip` sends to IP-in-IP peers.
@@ -326,7 +326,7 @@ pub fn run(shared: &Shared) -> io::Result<()> {
                 let read = match shared.queue(q).try_read(tx.read_buf()) {
                     Ok(read) => read,
                     // The agent's host watch rebuilds the device on these descriptors
-                    // (crate::host); until then the queue has nothing to read.
+                    // (crate::agent::host); until then the queue has nothing to read.
                     Err(e) if tun::is_detached(&e) => {
                         detached = true;
                         None

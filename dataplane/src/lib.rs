@@ -1,26 +1,19 @@
-//! The podnet forwarder.
+//! The podnet forwarder, in three layers:
 //!
-//! A sans-IO core (LPM table, peer table, outbound/inbound decisions, drop reasons and
-//! counters) and thin OS shells under `sys/` (TUN, underlay sockets, netlink host setup).
-//! Unsafe code is allowed only inside `sys/`.
-pub mod admin;
-pub mod admin_client;
+//! - [`core`]: the sans-IO forwarding core. Route table and LPM, the outbound and inbound
+//!   decisions, encapsulation, drop reasons and counters, the drop sampler, the routing-mode
+//!   choice and `why`. Pure functions over byte buffers and atomics: no clock (time is passed
+//!   in), no lock, no system call (`tests/pure_core.rs` checks).
+//! - [`datapath`] and [`sys`]: the loop that moves packets between the TUN queues and the
+//!   underlay sockets through the core, and the thin OS shells it uses (TUN, sockets, netlink,
+//!   sysctls, the agent lock). Unsafe code is allowed only inside `sys/`.
+//! - [`agent`]: `podnet-agent run` around them: host state, membership with the control
+//!   service, the admin API and its client, the state files.
+//!
+//! No module imports one that imports it back (`tests/module_graph.rs` checks).
 pub mod agent;
-pub mod batch;
-pub mod bucket;
 pub mod cli;
+pub mod core;
 pub mod datapath;
-pub mod drops;
-pub mod dropwatch;
-pub mod files;
-pub mod forward;
-pub mod host;
-pub mod lpm;
-pub mod membership;
-pub mod reason;
-pub mod routing;
-pub mod state;
 #[allow(unsafe_code)] // OS shells: the only unsafe in podnet; every block has a SAFETY comment.
 pub mod sys;
-pub mod table;
-pub mod why;

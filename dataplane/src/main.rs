@@ -3,10 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use podnet_dataplane::admin::DropsBody;
-use podnet_dataplane::admin_client;
+use podnet_dataplane::agent::admin::DropsBody;
+use podnet_dataplane::agent::admin_client;
 use podnet_dataplane::cli::{ApiArgs, Cli, Command, DropsArgs};
-use podnet_dataplane::why;
+use podnet_dataplane::core::why;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -111,7 +111,7 @@ fn drops(d: &DropsArgs) -> Result<(), String> {
             println!(
                 "watching drops on {} (sampled, at most {} per reason per second)",
                 d.api.api,
-                podnet_dataplane::dropwatch::RATE_PER_S
+                podnet_dataplane::core::dropwatch::RATE_PER_S
             );
         }
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));

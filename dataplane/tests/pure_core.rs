@@ -6,7 +6,8 @@
 use std::path::Path;
 
 /// The modules of the core: every forwarding decision and what it counts.
-const CORE: [&str; 10] = [
+const CORE: [&str; 11] = [
+    "mod.rs",
     "forward.rs",
     "table.rs",
     "lpm.rs",
@@ -62,7 +63,7 @@ fn violations(name: &str, text: &str) -> Vec<String> {
 
 #[test]
 fn the_core_reads_no_clock_takes_no_lock_and_makes_no_system_call() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/core");
     let mut found = Vec::new();
     for name in CORE {
         let text =

@@ -18,12 +18,12 @@ use etherparse::{
     PacketBuilder, PacketHeaders, SlicedPacket, TcpSlice, TransportHeader,
 };
 use ipnet::Ipv4Net;
-use podnet_dataplane::drops::{Counters, DropReason};
-use podnet_dataplane::forward::{
+use podnet_dataplane::core::drops::{Counters, DropReason};
+use podnet_dataplane::core::forward::{
     Encap, Forwarder, Inbound, NodeConfig, Outbound, SendPaths, SuperOutbound, HEADROOM,
     SCRATCH_LEN,
 };
-use podnet_dataplane::table::{Peer, PeerEncap, RouteTable};
+use podnet_dataplane::core::table::{Peer, PeerEncap, RouteTable};
 use podnet_proto::checksum;
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::gro::{Coalescer, Span};

@@ -8,11 +8,11 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use ipnet::Ipv4Net;
-use podnet_dataplane::drops::{Counters, DropReason};
-use podnet_dataplane::forward::{
+use podnet_dataplane::core::drops::{Counters, DropReason};
+use podnet_dataplane::core::forward::{
     Encap, Forwarder, Inbound, NodeConfig, Outbound, SendPaths, HEADROOM, SCRATCH_LEN,
 };
-use podnet_dataplane::table::{Peer, PeerEncap, RouteTable};
+use podnet_dataplane::core::table::{Peer, PeerEncap, RouteTable};
 use podnet_proto::api::{validate_node_name, RegisterRequest, WatchEvent, MAX_NODE_NAME_LEN};
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::gro::{Coalescer, Span};

@@ -253,7 +253,7 @@ fn dropwatch_burst_plus_rate(secs: usize) -> usize {
     podnet_dataplane_limits::BURST + podnet_dataplane_limits::RATE_PER_S * secs
 }
 
-/// The sampler limits of `podnet_dataplane::dropwatch` (the tests crate does not link the
+/// The sampler limits of `podnet_dataplane::core::dropwatch` (the tests crate does not link the
 /// dataplane; keep in sync).
 mod podnet_dataplane_limits {
     pub const BURST: usize = 20;

@@ -15,8 +15,8 @@ use ipnet::Ipv4Net;
 use podnet_proto::ethernet::MacAddr;
 use serde::{Deserialize, Serialize};
 
-use crate::drops::PeerCounters;
-use crate::lpm::{Lpm, U32Map};
+use crate::core::drops::PeerCounters;
+use crate::core::lpm::{Lpm, U32Map};
 
 /// The encapsulation a peer receives, as it advertises it (its node record, or the static
 /// peer's flag): what this node must send it.

@@ -12,8 +12,8 @@ use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 use serde::Serialize;
 
-use crate::bucket::TokenBucket;
-use crate::reason::DropReason;
+use crate::core::bucket::TokenBucket;
+use crate::core::reason::DropReason;
 
 /// Samples kept; older ones are overwritten.
 pub const RING_LEN: usize = 256;

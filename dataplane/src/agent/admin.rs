@@ -1,6 +1,6 @@
 //! The agent's local admin API, server side: `/status`, `/routes`, `/metrics`, `/why`,
 //! `/drops` and the types they answer with. The commands that read it are in
-//! [`crate::admin_client`].
+//! [`crate::agent::admin_client`].
 //!
 //! Handlers only read atomics and the current route table (`ArcSwap::load`), so scraping never
 //! slows the data path. Metric names follow the Prometheus conventions (`podnet_agent_` prefix,
@@ -21,11 +21,11 @@ use ipnet::Ipv4Net;
 use podnet_proto::ethernet::MacAddr;
 use serde::{Deserialize, Serialize};
 
-use crate::drops::{CountersSnapshot, DropReason, PeerStats};
-use crate::dropwatch::DropSample;
-use crate::routing::PeerPath;
-use crate::state::{unix_ms, Agent, Histogram, NodeInfo};
-use crate::why::{self, Answer};
+use crate::agent::state::{unix_ms, Agent, Histogram, NodeInfo};
+use crate::core::drops::{CountersSnapshot, DropReason, PeerStats};
+use crate::core::dropwatch::DropSample;
+use crate::core::routing::PeerPath;
+use crate::core::why::{self, Answer};
 
 /// One peer in `/status`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -62,7 +62,7 @@ pub struct StatusBody<'a> {
     /// Underlay datagrams the kernel dropped because the receive sockets were full (never read,
     /// so under no drop reason).
     pub receive_overflow: u64,
-    /// Host state put back since start, by kind (crate::host::REPAIR_KINDS).
+    /// Host state put back since start, by kind (crate::agent::host::REPAIR_KINDS).
     pub repairs: std::collections::BTreeMap<&'static str, u64>,
 }
 
@@ -208,8 +208,8 @@ impl From<DropSample> for DropSampleBody {
             time_ms: s.time_ms,
             reason: s.reason.name().into(),
             direction: match s.direction {
-                crate::dropwatch::Direction::Tx => "tx".into(),
-                crate::dropwatch::Direction::Rx => "rx".into(),
+                crate::core::dropwatch::Direction::Tx => "tx".into(),
+                crate::core::dropwatch::Direction::Rx => "rx".into(),
             },
             outer_src: s.outer_src,
             inner_src: s.inner_src,

@@ -5,7 +5,7 @@
 //! and act on the result ([`Outbound::Send`]: put these bytes on the underlay to that peer,
 //! [`Outbound::Reply`] / [`Inbound::Deliver`]: write these bytes into `tunl0`, `Drop`: count
 //! and forget). Results borrow the caller's buffers; nothing is allocated per packet. Every drop
-//! is counted in [`Counters`] and per-peer traffic in the table's [`PeerCounters`](crate::drops::PeerCounters).
+//! is counted in [`Counters`] and per-peer traffic in the table's [`PeerCounters`](crate::core::drops::PeerCounters).
 //!
 //! TTL: the kernel already decremented the TTL when it routed the packet into `tunl0` (and the
 //! receiving kernel decrements it again when it routes from its `tunl0` to the pod), so the
@@ -31,10 +31,10 @@ use podnet_proto::virtio::VirtioNetHdr;
 use podnet_proto::vxlan::{self, Vni};
 use podnet_proto::{ipip, WireError};
 
-use crate::bucket::TokenBucket;
-use crate::drops::{Counters, DropReason};
-use crate::dropwatch::DropContext;
-use crate::table::{Peer, PeerEncap, RouteTable};
+use crate::core::bucket::TokenBucket;
+use crate::core::drops::{Counters, DropReason};
+use crate::core::dropwatch::DropContext;
+use crate::core::table::{Peer, PeerEncap, RouteTable};
 
 /// Bytes the caller must reserve in front of an outbound packet: room for the largest
 /// prefix we write (VXLAN header + inner Ethernet; IP-in-IP needs 20).
@@ -51,7 +51,7 @@ pub enum Encap {
     /// VXLAN on UDP port 4789 with this VNI.
     Vxlan { vni: Vni },
     /// No tunnel (`--encap none`): peers route plain packets to this node's pod CIDR, and it
-    /// reaches only peers on its underlay subnet, by direct routes ([`crate::routing`]).
+    /// reaches only peers on its underlay subnet, by direct routes ([`crate::core::routing`]).
     None,
 }
 
@@ -862,7 +862,7 @@ mod tests {
         s.parse().unwrap()
     }
 
-    use crate::table::test_peer as peer;
+    use crate::core::table::test_peer as peer;
 
     fn table() -> RouteTable {
         table_of(vxlan1())

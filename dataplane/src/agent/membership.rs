@@ -19,11 +19,11 @@ use podnet_proto::ethernet::MacAddr;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::agent::files::write_atomic;
+use crate::agent::state::{unix_ms, Agent};
 use crate::cli::{Membership, RunConfig};
-use crate::files::write_atomic;
-use crate::forward::Encap;
-use crate::state::{unix_ms, Agent};
-use crate::table::{Peer, PeerEncap};
+use crate::core::forward::Encap;
+use crate::core::table::{Peer, PeerEncap};
 
 /// How long `run` waits for the control service at start before falling back to the last
 /// persisted table (and retrying in the background).

@@ -1,11 +1,11 @@
 //! The client side of the agent's admin API: the `status`, `routes`, `why` and `drops`
 //! commands fetch its JSON and print it for people. Used by `main.rs` only; the server side is
-//! [`crate::admin`].
+//! [`crate::agent::admin`].
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use crate::admin::DropRow;
+use crate::agent::admin::DropRow;
 
 /// Errors of the `status` / `routes` commands.
 #[derive(Debug, thiserror::Error)]

@@ -14,10 +14,10 @@ use podnet_proto::ethernet::MacAddr;
 use podnet_proto::icmp;
 use serde::{Deserialize, Serialize};
 
-use crate::drops::DropReason;
-use crate::forward::{self, Encap, NodeConfig, Route};
-use crate::routing::{PeerPath, Routing};
-use crate::table::{Peer, PeerEncap, RouteTable};
+use crate::core::drops::DropReason;
+use crate::core::forward::{self, Encap, NodeConfig, Route};
+use crate::core::routing::{PeerPath, Routing};
+use crate::core::table::{Peer, PeerEncap, RouteTable};
 
 /// What happens to a packet for the address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -336,10 +336,10 @@ mod tests {
     use podnet_proto::vxlan::Vni;
 
     use super::*;
-    use crate::drops::Counters;
-    use crate::forward::Forwarder;
+    use crate::core::drops::Counters;
+    use crate::core::forward::Forwarder;
 
-    use crate::table::test_peer as peer;
+    use crate::core::table::test_peer as peer;
 
     fn config() -> NodeConfig {
         let underlay_ip = Ipv4Addr::new(198, 18, 0, 1);
@@ -354,14 +354,14 @@ mod tests {
             },
             vni: Vni::new(7).unwrap(),
             mtu: 1450,
-            send: crate::forward::SendPaths::all(1450, 1500),
+            send: crate::core::forward::SendPaths::all(1450, 1500),
             icmp_source: "10.244.1.0".parse().unwrap(),
         }
     }
 
     fn tunnel() -> Routing {
         Routing {
-            mode: crate::routing::Mode::Tunnel,
+            mode: crate::core::routing::Mode::Tunnel,
             underlay_net: "198.18.0.0/24".parse().unwrap(),
         }
     }
@@ -372,7 +372,7 @@ mod tests {
         far.underlay_ip = "198.18.1.3".parse().unwrap();
         let t = RouteTable::build(1, vec![peer("h2", 2), far]).unwrap();
         let mut routing = tunnel();
-        routing.mode = crate::routing::Mode::CrossSubnet;
+        routing.mode = crate::core::routing::Mode::CrossSubnet;
         let a = explain(
             &config(),
             &routing,
@@ -399,11 +399,11 @@ mod tests {
         let mut none = config();
         none.encap = Encap::None;
         let why = "this node runs --encap none".to_string();
-        none.send = crate::forward::SendPaths {
+        none.send = crate::core::forward::SendPaths {
             ipip: Err(why.clone()),
             vxlan: Err(why),
         };
-        routing.mode = crate::routing::Mode::Direct;
+        routing.mode = crate::core::routing::Mode::Direct;
         let a = explain(&none, &routing, &t, "10.244.3.9".parse().unwrap(), false);
         assert_eq!(a.reason.as_deref(), Some("peer_encap"));
         assert!(

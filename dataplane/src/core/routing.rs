@@ -5,7 +5,7 @@
 //! A direct route (`peer pod CIDR via peer underlay IP dev <underlay dev>`) is more specific
 //! than the cluster route into `tunl0`, so the kernel forwards those packets itself and none
 //! passes through the userspace data path. The routes are host state the agent owns
-//! ([`crate::host`]): installed, reconciled and removed like the rest.
+//! ([`crate::agent::host`]): installed, reconciled and removed like the rest.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
-use crate::table::{Peer, PeerEncap, RouteTable};
+use crate::core::table::{Peer, PeerEncap, RouteTable};
 
 /// Route protocol number marking the agent's direct routes (`ip route` shows `proto 222`), so
 /// a restarted agent recognises the routes a crashed one left and nothing else.
@@ -100,7 +100,7 @@ impl Routing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::test_peer;
+    use crate::core::table::test_peer;
 
     fn peer(n: u8, subnet: u8, encap: PeerEncap) -> Peer {
         Peer {

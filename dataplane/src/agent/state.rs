@@ -13,10 +13,10 @@ use ipnet::Ipv4Net;
 use podnet_proto::ethernet::MacAddr;
 use serde::Serialize;
 
+use crate::agent::host::{DirectRoutes, Repairs};
+use crate::core::routing::{self, PeerPath, Routing};
+use crate::core::table::{Peer, RouteTable, TableError};
 use crate::datapath::Shared;
-use crate::host::{DirectRoutes, Repairs};
-use crate::routing::{self, PeerPath, Routing};
-use crate::table::{Peer, RouteTable, TableError};
 
 /// What `/status` shows that does not change while the agent runs.
 #[derive(Clone, Debug, Serialize)]
@@ -68,7 +68,7 @@ pub struct Agent {
     pub started: Instant,
     pub membership: MembershipStatus,
     pub state_dir: PathBuf,
-    /// Repairs of the host state made since start (crate::host).
+    /// Repairs of the host state made since start (crate::agent::host).
     pub repairs: Arc<Repairs>,
     /// Which peers are reached by direct routes, and those routes (read by the host watch).
     pub routing: Routing,

@@ -17,7 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
 
-use crate::routing::ROUTE_PROTO;
+use crate::core::routing::ROUTE_PROTO;
 
 use crate::sys::netlink::{Changes, Installed, Netlink, NetlinkError, TunnelSetup};
 use crate::sys::tun::Tun;
@@ -41,7 +41,7 @@ pub struct Desired {
     pub cluster_cidr: Ipv4Net,
     pub tx_queue_len: u32,
     /// Direct routes (pod CIDR -> peer underlay IP) on the underlay device
-    /// ([`crate::routing`]); the agent swaps in a new set whenever its peers change.
+    /// ([`crate::core::routing`]); the agent swaps in a new set whenever its peers change.
     pub direct: Arc<ArcSwap<DirectRoutes>>,
     pub underlay_index: u32,
 }

@@ -1,6 +1,6 @@
 //! The drop reasons: one enum with a stable snake_case name per reason, used as the Prometheus
 //! label, so renaming a variant never changes a metric. Its own module so that both the
-//! counters ([`crate::drops`]) and the drop sampler ([`crate::dropwatch`]) can use it without
+//! counters ([`crate::core::drops`]) and the drop sampler ([`crate::core::dropwatch`]) can use it without
 //! importing each other.
 
 use std::fmt;

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde::Serialize;
 
-use crate::dropwatch::{DropContext, DropWatch};
-pub use crate::reason::DropReason;
+use crate::core::dropwatch::{DropContext, DropWatch};
+pub use crate::core::reason::DropReason;
 
 /// A packet and byte counter pair, alone on its cache line so the TUN-reading thread (tx) and
 /// the underlay-reading thread (rx) do not bounce one line between cores.

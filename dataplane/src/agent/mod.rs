@@ -5,6 +5,13 @@
 //! anything is changed on the host, and whatever was installed is removed again on every exit
 //! path after that (SIGINT/SIGTERM, or a setup step failing half way).
 
+pub mod admin;
+pub mod admin_client;
+pub mod files;
+pub mod host;
+pub mod membership;
+pub mod state;
+
 use std::io;
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -17,14 +24,11 @@ use podnet_proto::ethernet::MacAddr;
 use podnet_proto::vxlan::{self, Vni};
 
 use crate::cli::{EncapArg, Membership, MtuArg, RunConfig, DEFAULT_STATE_DIR};
+use crate::core::drops::Counters;
+use crate::core::forward::{Encap, Forwarder, NodeConfig, SendPaths};
+use crate::core::routing::{self, PeerPath, Routing};
+use crate::core::table::{RouteTable, TableError};
 use crate::datapath::{self, IoErrors, Shared, Underlay};
-use crate::drops::Counters;
-use crate::files::{write_subnet_env, StateDirError};
-use crate::forward::{Encap, Forwarder, NodeConfig, SendPaths};
-use crate::host::{self, Desired, Host, HostError, Repairs};
-use crate::membership;
-use crate::routing::{self, PeerPath, Routing};
-use crate::state::{warn_unreachable_peers, Agent, MembershipStatus, NodeInfo, OffloadInfo};
 use crate::sys::caps::{self, Capability};
 use crate::sys::lock::{self, AgentLock, LockError, AGENT_LOCK};
 use crate::sys::netlink::{Netlink, NetlinkError};
@@ -34,7 +38,9 @@ use crate::sys::udp::{
     UdpConfig, UdpError, VxlanSocket, DEFAULT_BUFFER_BYTES, DEFAULT_SOURCE_PORTS,
 };
 use crate::sys::{sysctl, Stop};
-use crate::table::{RouteTable, TableError};
+use files::{write_subnet_env, StateDirError};
+use host::{Desired, Host, HostError, Repairs};
+use state::{warn_unreachable_peers, Agent, MembershipStatus, NodeInfo, OffloadInfo};
 
 /// Why the agent could not start (or had to stop).
 #[derive(Debug, thiserror::Error)]
@@ -433,7 +439,7 @@ async fn serve(
             addr: cfg.api,
             source,
         })?;
-    let app = crate::admin::router(Arc::clone(&agent));
+    let app = crate::agent::admin::router(Arc::clone(&agent));
     let admin = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "admin API stopped");
