@@ -291,18 +291,19 @@ fn peers(agent: &Agent) -> Vec<PeerStatus> {
         .map(|(p, c)| {
             let stats = c.snapshot();
             let PeerStats { tx, rx, .. } = stats;
+            let path = agent.routing.path(p);
             PeerStatus {
                 node: p.node.clone(),
                 underlay_ip: p.underlay_ip,
                 vtep_mac: p.vtep_mac,
                 pod_cidr: p.pod_cidr,
                 encap: p.encap.name().to_string(),
-                unreachable: match agent.routing.path(p) {
+                path: path.name().to_string(),
+                unreachable: match path {
                     PeerPath::Refused(why) => Some(why),
                     PeerPath::Direct => None,
                     PeerPath::Tunnel => config.mtu_to(&p.encap).err().map(str::to_string),
                 },
-                path: agent.routing.path(p).name().to_string(),
                 tx_packets: tx.packets,
                 tx_bytes: tx.bytes,
                 rx_packets: rx.packets,
