@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod ipam;
+pub mod metrics;
 pub mod server;
 pub mod state;
 pub mod store;

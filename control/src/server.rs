@@ -5,12 +5,11 @@
 //! and acknowledged. Watch streams are NDJSON, resumable from a revision while the history
 //! still holds it (410 Gone otherwise, so the client lists again).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
@@ -25,6 +24,9 @@ use podnet_proto::api::{
     validate_node_name, Encap, ErrorBody, EventType, NodeList, RegisterRequest, RegisterResponse,
     WatchEvent,
 };
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -154,19 +156,116 @@ struct Core {
     history: History,
 }
 
-#[derive(Default)]
+/// One label pair with a fixed key and value.
+type Fixed = [(&'static str, &'static str); 1];
+
+/// The service's metrics, in prometheus-client's types, registered once in `registry`.
+/// The node counts, the revision and the capacity are set from the core at each scrape.
 struct Metrics {
-    added: AtomicU64,
-    modified: AtomicU64,
-    renewed: AtomicU64,
-    lapsed: AtomicU64,
-    store_errors: AtomicU64,
-    watchers: AtomicU64,
-    watchers_refused: AtomicU64,
-    connections: AtomicU64,
-    connections_refused: AtomicU64,
-    connections_timed_out: AtomicU64,
-    requests: Mutex<BTreeMap<u16, u64>>,
+    registry: prometheus_client::registry::Registry,
+    nodes: Family<Fixed, Gauge>,
+    revision: Gauge,
+    capacity: Gauge,
+    registrations: Family<Fixed, Counter>,
+    lapsed: Counter,
+    store_errors: Counter,
+    watchers: Gauge,
+    watchers_refused: Counter,
+    connections: Gauge,
+    connections_closed: Family<Fixed, Counter>,
+    requests: Family<[(&'static str, u16); 1], Counter>,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut m = Metrics {
+            registry: Default::default(),
+            nodes: Default::default(),
+            revision: Default::default(),
+            capacity: Default::default(),
+            registrations: Default::default(),
+            lapsed: Default::default(),
+            store_errors: Default::default(),
+            watchers: Default::default(),
+            watchers_refused: Default::default(),
+            connections: Default::default(),
+            connections_closed: Default::default(),
+            requests: Default::default(),
+        };
+        // Every labelled sample is there from the start, at 0, so a rate() over a restart
+        // sees the series begin rather than appear.
+        for state in ["up", "down"] {
+            m.nodes.get_or_create(&[("state", state)]).set(0);
+        }
+        for result in ["added", "modified", "renewed"] {
+            m.registrations
+                .get_or_create(&[("result", result)])
+                .inc_by(0);
+        }
+        for reason in ["limit", "timeout"] {
+            m.connections_closed
+                .get_or_create(&[("reason", reason)])
+                .inc_by(0);
+        }
+        let r = &mut m.registry;
+        // prometheus-client appends "_total" to counters and a "." to each help text.
+        r.register(
+            "podnet_control_nodes",
+            "Nodes known to the control service, by state",
+            m.nodes.clone(),
+        );
+        r.register(
+            "podnet_control_revision",
+            "Revision of the node table",
+            m.revision.clone(),
+        );
+        r.register(
+            "podnet_control_pod_cidr_capacity",
+            "Nodes the cluster CIDR fits",
+            m.capacity.clone(),
+        );
+        r.register(
+            "podnet_control_registrations",
+            "Accepted registrations by outcome",
+            m.registrations.clone(),
+        );
+        r.register(
+            "podnet_control_lease_lapses",
+            "Nodes withdrawn because their lease lapsed",
+            m.lapsed.clone(),
+        );
+        r.register(
+            "podnet_control_store_errors",
+            "Failed writes of the state store",
+            m.store_errors.clone(),
+        );
+        r.register(
+            "podnet_control_watchers",
+            "Open watch streams",
+            m.watchers.clone(),
+        );
+        r.register(
+            "podnet_control_watchers_refused",
+            "Watch requests refused at the limit",
+            m.watchers_refused.clone(),
+        );
+        r.register(
+            "podnet_control_connections",
+            "Open connections",
+            m.connections.clone(),
+        );
+        r.register(
+            "podnet_control_connections_closed",
+            "Connections closed by a limit",
+            m.connections_closed.clone(),
+        );
+        r.register(
+            "podnet_control_http_requests",
+            "HTTP requests by status code",
+            m.requests.clone(),
+        );
+        m
+    }
 }
 
 struct Shared {
@@ -237,7 +336,7 @@ impl Server {
                 core: tokio::sync::Mutex::new(Core { registry, history }),
                 events,
                 store,
-                metrics: Metrics::default(),
+                metrics: Metrics::new(),
                 stopping,
             }),
         })
@@ -332,11 +431,11 @@ async fn sweep(shared: Arc<Shared>) {
         let lapsed = events.len() as u64;
         if let Err(e) = commit(&shared, &mut core, next, true, events).await {
             // Not committed: the next sweep tries again.
-            shared.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.store_errors.inc();
             tracing::error!("{e}");
             continue;
         }
-        shared.metrics.lapsed.fetch_add(lapsed, Ordering::Relaxed);
+        shared.metrics.lapsed.inc_by(lapsed);
     }
 }
 
@@ -389,7 +488,7 @@ fn bad_request(detail: impl Into<String>) -> Response {
 }
 
 fn store_failed(shared: &Shared, e: StoreError) -> Response {
-    shared.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.store_errors.inc();
     tracing::error!("{e}");
     error(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -437,13 +536,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn count_requests(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
     let code = resp.status().as_u16();
-    *shared
+    shared
         .metrics
         .requests
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(code)
-        .or_default() += 1;
+        .get_or_create(&[("code", code)])
+        .inc();
     resp
 }
 
@@ -603,18 +700,22 @@ async fn put_node(
     if let Err(e) = commit(&shared, &mut core, next, done.changed(), done.event.clone()).await {
         return store_failed(&shared, e);
     }
-    let counter = match &done.event {
-        None => &shared.metrics.renewed,
+    let result = match &done.event {
+        None => "renewed",
         Some(ev) => {
             tracing::info!(node = %name, underlay_ip = %ev.node.underlay_ip, pod_cidr = %ev.node.pod_cidr,
                 revision = ev.revision, "node {}", ev.kind);
             match ev.kind {
-                EventType::Added => &shared.metrics.added,
-                _ => &shared.metrics.modified,
+                EventType::Added => "added",
+                _ => "modified",
             }
         }
     };
-    counter.fetch_add(1, Ordering::Relaxed);
+    shared
+        .metrics
+        .registrations
+        .get_or_create(&[("result", result)])
+        .inc();
     let ttl = core.registry.timing().lease_ttl_ms;
     Json(RegisterResponse {
         node: done.node.name,
@@ -710,11 +811,7 @@ async fn list_or_watch(
     }
 
     let Ok(slot) = shared.watch_slots.clone().try_acquire_owned() else {
-        let refused = shared
-            .metrics
-            .watchers_refused
-            .fetch_add(1, Ordering::Relaxed)
-            + 1;
+        let refused = shared.metrics.watchers_refused.inc() + 1;
         if refused.is_power_of_two() {
             tracing::warn!(
                 refused,
@@ -790,7 +887,7 @@ async fn feed_watch(
     tx: mpsc::Sender<Bytes>,
     _slot: OwnedSemaphorePermit,
 ) {
-    shared.metrics.watchers.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.watchers.inc();
     let _gauge = Decrement(&shared.metrics.watchers);
     for ev in backlog {
         last = last.max(ev.revision);
@@ -822,126 +919,30 @@ async fn feed_watch(
     }
 }
 
-struct Decrement<'a>(&'a AtomicU64);
+struct Decrement<'a>(&'a Gauge);
 
 impl Drop for Decrement<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    use std::fmt::Write;
-    let (up, down, revision, capacity) = {
+    let m = &shared.metrics;
+    {
         let core = shared.core.lock().await;
         let (up, down) = core.registry.counts();
-        (
-            up,
-            down,
-            core.registry.revision(),
-            core.registry.ipam().capacity(),
-        )
-    };
-    let m = &shared.metrics;
-    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP podnet_control_nodes Nodes known to the control service, by state."
-    );
-    let _ = writeln!(out, "# TYPE podnet_control_nodes gauge");
-    let _ = writeln!(out, "podnet_control_nodes{{state=\"up\"}} {up}");
-    let _ = writeln!(out, "podnet_control_nodes{{state=\"down\"}} {down}");
-    let _ = writeln!(
-        out,
-        "# HELP podnet_control_revision Revision of the node table."
-    );
-    let _ = writeln!(out, "# TYPE podnet_control_revision gauge");
-    let _ = writeln!(out, "podnet_control_revision {revision}");
-    let _ = writeln!(
-        out,
-        "# HELP podnet_control_pod_cidr_capacity Nodes the cluster CIDR fits."
-    );
-    let _ = writeln!(out, "# TYPE podnet_control_pod_cidr_capacity gauge");
-    let _ = writeln!(out, "podnet_control_pod_cidr_capacity {capacity}");
-    let _ = writeln!(
-        out,
-        "# HELP podnet_control_registrations_total Accepted registrations by outcome."
-    );
-    let _ = writeln!(out, "# TYPE podnet_control_registrations_total counter");
-    for (result, counter) in [
-        ("added", &m.added),
-        ("modified", &m.modified),
-        ("renewed", &m.renewed),
-    ] {
-        let _ = writeln!(
-            out,
-            "podnet_control_registrations_total{{result=\"{result}\"}} {}",
-            load(counter)
-        );
+        m.nodes.get_or_create(&[("state", "up")]).set(up as i64);
+        m.nodes.get_or_create(&[("state", "down")]).set(down as i64);
+        m.revision.set(core.registry.revision() as i64);
+        m.capacity
+            .set(i64::try_from(core.registry.ipam().capacity()).unwrap_or(i64::MAX));
     }
-    let _ = writeln!(
-        out,
-        "# HELP podnet_control_lease_lapses_total Nodes withdrawn because their lease lapsed."
-    );
-    let _ = writeln!(out, "# TYPE podnet_control_lease_lapses_total counter");
-    let _ = writeln!(out, "podnet_control_lease_lapses_total {}", load(&m.lapsed));
-    let _ = writeln!(
-        out,
-        "# HELP podnet_control_store_errors_total Failed writes of the state store."
-    );
-    let _ = writeln!(out, "# TYPE podnet_control_store_errors_total counter");
-    let _ = writeln!(
-        out,
-        "podnet_control_store_errors_total {}",
-        load(&m.store_errors)
-    );
-    let _ = writeln!(out, "# HELP podnet_control_watchers Open watch streams.");
-    let _ = writeln!(out, "# TYPE podnet_control_watchers gauge");
-    let _ = writeln!(out, "podnet_control_watchers {}", load(&m.watchers));
-    let _ = writeln!(
-        out,
-        "# HELP podnet_control_watchers_refused_total Watch requests refused at the limit."
-    );
-    let _ = writeln!(out, "# TYPE podnet_control_watchers_refused_total counter");
-    let _ = writeln!(
-        out,
-        "podnet_control_watchers_refused_total {}",
-        load(&m.watchers_refused)
-    );
-    let _ = writeln!(out, "# HELP podnet_control_connections Open connections.");
-    let _ = writeln!(out, "# TYPE podnet_control_connections gauge");
-    let _ = writeln!(out, "podnet_control_connections {}", load(&m.connections));
-    let _ = writeln!(
-        out,
-        "# HELP podnet_control_connections_closed_total Connections closed by a limit."
-    );
-    let _ = writeln!(
-        out,
-        "# TYPE podnet_control_connections_closed_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "podnet_control_connections_closed_total{{reason=\"limit\"}} {}",
-        load(&m.connections_refused)
-    );
-    let _ = writeln!(
-        out,
-        "podnet_control_connections_closed_total{{reason=\"timeout\"}} {}",
-        load(&m.connections_timed_out)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP podnet_control_http_requests_total HTTP requests by status code."
-    );
-    let _ = writeln!(out, "# TYPE podnet_control_http_requests_total counter");
-    for (code, n) in m.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-        let _ = writeln!(
-            out,
-            "podnet_control_http_requests_total{{code=\"{code}\"}} {n}"
-        );
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        crate::metrics::render(&m.registry),
+    )
+        .into_response()
 }
 
 /// Connection limits below HTTP, which `axum::serve` has no settings for: a cap on open
@@ -952,7 +953,6 @@ mod guard {
     use std::io;
     use std::net::SocketAddr;
     use std::pin::Pin;
-    use std::sync::atomic::Ordering;
     use std::sync::Arc;
     use std::task::{Context, Poll};
     use std::time::Duration;
@@ -1008,15 +1008,18 @@ connection: close\r\nretry-after: 5\r\ncontent-length: 88\r\n\r\n\
                 let metrics = &self.shared.metrics;
                 match self.slots.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        metrics.connections.fetch_add(1, Ordering::Relaxed);
+                        metrics.connections.inc();
                         return (
                             GuardedStream::new(stream, permit, self.shared.clone()),
                             addr,
                         );
                     }
                     Err(_) => {
-                        let refused =
-                            metrics.connections_refused.fetch_add(1, Ordering::Relaxed) + 1;
+                        let refused = metrics
+                            .connections_closed
+                            .get_or_create(&[("reason", "limit")])
+                            .inc()
+                            + 1;
                         if refused.is_power_of_two() {
                             tracing::warn!(
                                 refused,
@@ -1084,8 +1087,9 @@ connection: close\r\nretry-after: 5\r\ncontent-length: 88\r\n\r\n\
         fn timed_out(&self, what: &str) -> io::Error {
             self.shared
                 .metrics
-                .connections_timed_out
-                .fetch_add(1, Ordering::Relaxed);
+                .connections_closed
+                .get_or_create(&[("reason", "timeout")])
+                .inc();
             tracing::debug!("closing connection: {what}");
             io::Error::new(io::ErrorKind::TimedOut, what.to_string())
         }
@@ -1203,10 +1207,7 @@ connection: close\r\nretry-after: 5\r\ncontent-length: 88\r\n\r\n\
 
     impl Drop for GuardedStream {
         fn drop(&mut self) {
-            self.shared
-                .metrics
-                .connections
-                .fetch_sub(1, Ordering::Relaxed);
+            self.shared.metrics.connections.dec();
         }
     }
 }

@@ -587,3 +587,131 @@ fn troubleshooting_guide_commands_print_what_the_guide_shows() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Parses Prometheus text with the official Python client's parser (Debian
+/// `python3-prometheus-client`) and prints, per family, its name, type and each sample's name
+/// with its label keys: `[[family, type, [[sample, [keys...]], ...]], ...]`.
+const PROMETHEUS_PARSE: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for f in text_string_to_metric_families(sys.stdin.read()):
+    out.append([f.name, f.type, [[s.name, sorted(s.labels)] for s in f.samples]])
+print(json.dumps(out))
+"#;
+
+/// The system's Python, where Debian installs the parser (a pyenv or venv `python3` first on
+/// PATH would not see it).
+const PYTHON: &str = "/usr/bin/python3";
+
+/// Family name, type, and each sample's name with its label keys.
+type ParsedFamily = (String, String, Vec<(String, Vec<String>)>);
+
+/// `(sample name, label keys)` of every sample, after the official parser has read `text`.
+fn parsed_series(tb: &Testbed, text: &str) -> std::collections::BTreeSet<(String, String)> {
+    let script = tb.path("parse_metrics.py");
+    let input = tb.path("metrics.txt");
+    std::fs::write(&script, PROMETHEUS_PARSE).expect("write parser");
+    std::fs::write(&input, text).expect("write metrics");
+    let cmd = format!("{PYTHON} {} < {}", script.display(), input.display());
+    let out = run(None, &["sh", "-c", &cmd], Duration::from_secs(30)).expect("python3");
+    assert!(
+        out.success(),
+        "the Prometheus parser rejected the exposition ({}):\n{text}",
+        out.combined()
+    );
+    let families: Vec<ParsedFamily> = serde_json::from_str(&out.stdout).expect("parser output");
+    families
+        .into_iter()
+        .flat_map(|(_, _, samples)| samples)
+        .map(|(name, keys)| (name, keys.join(",")))
+        .collect()
+}
+
+fn series(list: &[(&str, &str)]) -> std::collections::BTreeSet<(String, String)> {
+    list.iter()
+        .map(|(n, k)| (n.to_string(), k.to_string()))
+        .collect()
+}
+
+#[test]
+fn metrics_parse_with_the_prometheus_parser_and_keep_their_names() {
+    if !e2e_ready() {
+        return;
+    }
+    require_tools(&["curl"]);
+    let probe = run(
+        None,
+        &[PYTHON, "-c", "import prometheus_client.parser"],
+        Duration::from_secs(30),
+    )
+    .expect("python3");
+    assert!(
+        probe.success(),
+        "this test parses /metrics with the official Prometheus Python client: apt-get install \
+         python3-prometheus-client (`.ci/run` does it): {}",
+        probe.combined()
+    );
+    let tb = testbed("promparse");
+    // Every series name and label set the hand-written expositions served before they moved
+    // to prometheus-client (a 3-host VXLAN testbed through podnet-control).
+    let agent_series = series(&[
+        ("podnet_agent_info", "encap,node,pod_cidr,tun"),
+        ("podnet_agent_drops_total", "reason"),
+        ("podnet_agent_packets_total", "direction"),
+        ("podnet_agent_bytes_total", "direction"),
+        ("podnet_agent_peer_packets_total", "direction,peer"),
+        ("podnet_agent_peer_bytes_total", "direction,peer"),
+        ("podnet_agent_peer_drops_total", "peer,reason"),
+        ("podnet_agent_drop_samples_total", ""),
+        ("podnet_agent_icmp_sent_total", ""),
+        ("podnet_agent_icmp_ratelimited_total", ""),
+        ("podnet_agent_io_errors_total", "op"),
+        ("podnet_agent_repairs_total", "what"),
+        ("podnet_agent_receive_overflow_total", ""),
+        ("podnet_agent_routes", ""),
+        ("podnet_agent_table_revision", ""),
+        ("podnet_agent_overlay_mtu_bytes", ""),
+        ("podnet_agent_uptime_seconds", ""),
+        ("podnet_agent_offload_enabled", "offload"),
+        ("podnet_agent_control_connected", ""),
+        ("podnet_agent_control_watch_connects_total", ""),
+        ("podnet_agent_lease_renewals_total", "result"),
+        ("podnet_agent_table_updates_total", ""),
+        ("podnet_agent_route_convergence_seconds_bucket", "le"),
+        ("podnet_agent_route_convergence_seconds_sum", ""),
+        ("podnet_agent_route_convergence_seconds_count", ""),
+    ]);
+    let url = format!("http://{}/metrics", podnet_tests::testbed::ADMIN_API);
+    let out = run(
+        Some(&tb.host(1).ns),
+        &["curl", "-sSf", &url],
+        Duration::from_secs(30),
+    )
+    .expect("curl");
+    assert!(out.success(), "curl {url}: {}", out.combined());
+    assert_eq!(parsed_series(&tb, &out.stdout), agent_series);
+
+    let control_series = series(&[
+        ("podnet_control_nodes", "state"),
+        ("podnet_control_revision", ""),
+        ("podnet_control_pod_cidr_capacity", ""),
+        ("podnet_control_registrations_total", "result"),
+        ("podnet_control_lease_lapses_total", ""),
+        ("podnet_control_store_errors_total", ""),
+        ("podnet_control_watchers", ""),
+        ("podnet_control_watchers_refused_total", ""),
+        ("podnet_control_connections", ""),
+        ("podnet_control_connections_closed_total", "reason"),
+        ("podnet_control_http_requests_total", "code"),
+    ]);
+    let url = format!("{}/metrics", tb.control_url());
+    let out = run(
+        Some(&tb.host(2).ns),
+        &["curl", "-sSf", &url],
+        Duration::from_secs(30),
+    )
+    .expect("curl");
+    assert!(out.success(), "curl {url}: {}", out.combined());
+    assert_eq!(parsed_series(&tb, &out.stdout), control_series);
+}

@@ -6,7 +6,6 @@
 //! slows the data path. Metric names follow the Prometheus conventions (`podnet_agent_` prefix,
 //! `_total` for counters, base units).
 
-use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
@@ -21,7 +20,12 @@ use ipnet::Ipv4Net;
 use podnet_proto::ethernet::MacAddr;
 use serde::{Deserialize, Serialize};
 
-use crate::agent::state::{unix_ms, Agent, Histogram, NodeInfo};
+use podnet_control::metrics::{self, label, one, Families, Labels};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Registry;
+
+use crate::agent::state::{unix_ms, Agent, NodeInfo};
 use crate::core::drops::{CountersSnapshot, DropReason, PeerStats};
 use crate::core::dropwatch::DropSample;
 use crate::core::routing::PeerPath;
@@ -271,18 +275,6 @@ async fn drops_handler(
     })
 }
 
-/// Appends the `_bucket`, `_sum` and `_count` lines of histogram family `name`.
-fn render_histogram(h: &Histogram, out: &mut Exposition, name: &str, help: &str) {
-    let _ = writeln!(out.0, "# HELP {name} {help}\n# TYPE {name} histogram");
-    let (buckets, sum) = h.cumulative();
-    for (le, n) in buckets {
-        let le = le.map(|b| b.to_string()).unwrap_or_else(|| "+Inf".into());
-        let _ = writeln!(out.0, "{name}_bucket{{le=\"{le}\"}} {n}");
-    }
-    let _ = writeln!(out.0, "{name}_sum {sum}");
-    let _ = writeln!(out.0, "{name}_count {}", h.count());
-}
-
 fn peers(agent: &Agent) -> Vec<PeerStatus> {
     let table = agent.shared.table.load();
     let config = agent.shared.forwarder.config();
@@ -372,27 +364,6 @@ async fn routes(State(agent): State<Arc<Agent>>) -> Json<RoutesBody> {
     Json(route_rows(&agent))
 }
 
-/// Prometheus text format: each family's HELP and TYPE lines followed by its samples.
-#[derive(Default)]
-struct Exposition(String);
-
-impl Exposition {
-    /// One metric family; `samples` are (label set without braces, value).
-    fn family<I>(&mut self, name: &str, kind: &str, help: &str, samples: I)
-    where
-        I: IntoIterator<Item = (String, u64)>,
-    {
-        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            if labels.is_empty() {
-                let _ = writeln!(self.0, "{name} {value}");
-            } else {
-                let _ = writeln!(self.0, "{name}{{{labels}}} {value}");
-            }
-        }
-    }
-}
-
 /// Drop reasons that can be charged to a known sending peer.
 const PEER_REASONS: [DropReason; 5] = [
     DropReason::Malformed,
@@ -402,223 +373,217 @@ const PEER_REASONS: [DropReason; 5] = [
     DropReason::Spoofed,
 ];
 
-fn c_watch_sampled(agent: &Agent) -> u64 {
-    agent.shared.forwarder.counters().watch.sampled()
+/// Reads the agent's counters at each scrape: they live in the data path's atomics, which the
+/// core keeps free of any metrics library.
+struct AgentMetrics(Arc<Agent>);
+
+impl std::fmt::Debug for AgentMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AgentMetrics")
+            .field(&self.0.info.node)
+            .finish()
+    }
 }
 
-fn one(value: u64) -> [(String, u64); 1] {
-    [(String::new(), value)]
+fn dirs(tx: u64, rx: u64) -> [(Labels, u64); 2] {
+    [
+        (label("direction", "tx"), tx),
+        (label("direction", "rx"), rx),
+    ]
 }
 
-/// Prometheus text exposition of the agent's counters.
-pub fn render_metrics(agent: &Agent) -> String {
-    let mut m = Exposition::default();
-    let c = agent.shared.forwarder.counters().snapshot();
-    let info = &agent.info;
-    m.family(
-        "podnet_agent_info",
-        "gauge",
-        "Static facts about this agent (value is always 1).",
-        [(
-            format!(
-                "node=\"{}\",encap=\"{}\",pod_cidr=\"{}\",tun=\"{}\"",
-                info.node, info.encap, info.pod_cidr, info.tun
-            ),
-            1,
-        )],
-    );
-    m.family(
-        "podnet_agent_drops_total",
-        "counter",
-        "Packets dropped, by reason.",
-        c.drops
-            .iter()
-            .map(|(r, n)| (format!("reason=\"{}\"", r.name()), *n)),
-    );
-    let dirs = |tx: u64, rx: u64| {
-        [
-            ("direction=\"tx\"".to_string(), tx),
-            ("direction=\"rx\"".to_string(), rx),
-        ]
-    };
-    m.family(
-        "podnet_agent_packets_total",
-        "counter",
-        "Inner packets carried (tx: encapsulated towards peers, rx: delivered to the TUN).",
-        dirs(c.tx.packets, c.rx.packets),
-    );
-    m.family(
-        "podnet_agent_bytes_total",
-        "counter",
-        "Inner packet bytes carried, by direction.",
-        dirs(c.tx.bytes, c.rx.bytes),
-    );
-    let peers = peers(agent);
-    let per_peer = |f: fn(&PeerStatus) -> (u64, u64)| {
-        peers
-            .iter()
-            .flat_map(move |p| {
-                let (tx, rx) = f(p);
-                [
-                    (format!("peer=\"{}\",direction=\"tx\"", p.node), tx),
-                    (format!("peer=\"{}\",direction=\"rx\"", p.node), rx),
-                ]
-            })
-            .collect::<Vec<_>>()
-    };
-    m.family(
-        "podnet_agent_peer_packets_total",
-        "counter",
-        "Inner packets exchanged with each peer, by direction.",
-        per_peer(|p| (p.tx_packets, p.rx_packets)),
-    );
-    m.family(
-        "podnet_agent_peer_bytes_total",
-        "counter",
-        "Inner packet bytes exchanged with each peer, by direction.",
-        per_peer(|p| (p.tx_bytes, p.rx_bytes)),
-    );
-    m.family(
-        "podnet_agent_peer_drops_total",
-        "counter",
-        "Packets from each peer dropped by the inbound checks, by reason.",
-        peers
-            .iter()
-            .flat_map(|p| {
+fn peer_dir(p: &PeerStatus, tx: u64, rx: u64) -> [(Labels, u64); 2] {
+    dirs(tx, rx).map(|(mut l, n)| {
+        l.insert(0, ("peer", p.node.clone()));
+        (l, n)
+    })
+}
+
+fn gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Collector for AgentMetrics {
+    fn encode(&self, encoder: DescriptorEncoder) -> std::fmt::Result {
+        let agent = &*self.0;
+        let mut m = Families(encoder);
+        let c = agent.shared.forwarder.counters().snapshot();
+        let info = &agent.info;
+        m.gauge(
+            "podnet_agent_info",
+            "Static facts about this agent (value is always 1).",
+            [(
+                vec![
+                    ("node", info.node.clone()),
+                    ("encap", info.encap.to_string()),
+                    ("pod_cidr", info.pod_cidr.to_string()),
+                    ("tun", info.tun.clone()),
+                ],
+                1,
+            )],
+        )?;
+        m.counter(
+            "podnet_agent_drops",
+            "Packets dropped, by reason.",
+            c.drops.iter().map(|(r, n)| (label("reason", r.name()), *n)),
+        )?;
+        m.counter(
+            "podnet_agent_packets",
+            "Inner packets carried (tx: encapsulated towards peers, rx: delivered to the TUN).",
+            dirs(c.tx.packets, c.rx.packets),
+        )?;
+        m.counter(
+            "podnet_agent_bytes",
+            "Inner packet bytes carried, by direction.",
+            dirs(c.tx.bytes, c.rx.bytes),
+        )?;
+        let peers = peers(agent);
+        m.counter(
+            "podnet_agent_peer_packets",
+            "Inner packets exchanged with each peer, by direction.",
+            peers
+                .iter()
+                .flat_map(|p| peer_dir(p, p.tx_packets, p.rx_packets)),
+        )?;
+        m.counter(
+            "podnet_agent_peer_bytes",
+            "Inner packet bytes exchanged with each peer, by direction.",
+            peers
+                .iter()
+                .flat_map(|p| peer_dir(p, p.tx_bytes, p.rx_bytes)),
+        )?;
+        m.counter(
+            "podnet_agent_peer_drops",
+            "Packets from each peer dropped by the inbound checks, by reason.",
+            peers.iter().flat_map(|p| {
                 PEER_REASONS.iter().map(move |r| {
                     (
-                        format!("peer=\"{}\",reason=\"{}\"", p.node, r.name()),
+                        vec![("peer", p.node.clone()), ("reason", r.name().to_string())],
                         p.drops.get(r.name()).copied().unwrap_or(0),
                     )
                 })
-            })
-            .collect::<Vec<_>>(),
-    );
-    m.family(
-        "podnet_agent_drop_samples_total",
-        "counter",
-        "Drops recorded for `podnet-agent drops --watch` (rate-limited per reason).",
-        one(c_watch_sampled(agent)),
-    );
-    m.family(
-        "podnet_agent_icmp_sent_total",
-        "counter",
-        "ICMP errors written back into the TUN device.",
-        one(c.icmp_sent),
-    );
-    m.family(
-        "podnet_agent_icmp_ratelimited_total",
-        "counter",
-        "ICMP errors not sent because of the rate limit (1000/s, bursts of 50).",
-        one(c.icmp_ratelimited),
-    );
-    let io = &agent.shared.io_errors;
-    m.family(
-        "podnet_agent_io_errors_total",
-        "counter",
-        "Operating-system errors on the data path, by operation.",
-        [
-            ("op=\"send\"".to_string(), io.send.load(Relaxed)),
-            ("op=\"tun_write\"".to_string(), io.tun_write.load(Relaxed)),
-            ("op=\"offload\"".to_string(), io.offload.load(Relaxed)),
-        ],
-    );
-    m.family(
-        "podnet_agent_repairs_total",
-        "counter",
-        "Host state another process changed and the agent put back, by what it was.",
-        agent
-            .repairs
-            .snapshot()
-            .into_iter()
-            .map(|(what, n)| (format!("what=\"{what}\""), n)),
-    );
-    m.family(
-        "podnet_agent_receive_overflow_total",
-        "counter",
-        "Underlay datagrams the kernel dropped because the agent's receive sockets were full.",
-        one(agent.shared.underlay.receive_drops()),
-    );
-    let table = agent.shared.table.load();
-    m.family(
-        "podnet_agent_routes",
-        "gauge",
-        "Peer routes in the forwarding table.",
-        one(table.len() as u64),
-    );
-    m.family(
-        "podnet_agent_table_revision",
-        "gauge",
-        "Control-plane revision of the forwarding table.",
-        one(table.revision()),
-    );
-    m.family(
-        "podnet_agent_overlay_mtu_bytes",
-        "gauge",
-        "MTU of the TUN device: the largest pod packet carried without ICMP fragmentation-needed.",
-        one(u64::from(info.mtu)),
-    );
-    m.family(
-        "podnet_agent_uptime_seconds",
-        "gauge",
-        "Seconds since the agent started.",
-        one(agent.started.elapsed().as_secs()),
-    );
-    let o = info.offloads;
-    m.family(
-        "podnet_agent_offload_enabled",
-        "gauge",
-        "Offloads in use (1) or not (0).",
-        [
-            ("tun_tso", o.tun_tso),
-            ("tun_csum", o.tun_csum),
-            ("udp_gso", o.udp_gso),
-            ("udp_gro", o.udp_gro),
-        ]
-        .map(|(name, on)| (format!("offload=\"{name}\""), u64::from(on))),
-    );
-    if let Some(client) = &agent.control {
-        let stats = client.stats();
-        m.family(
-            "podnet_agent_control_connected",
-            "gauge",
-            "Whether the watch on podnet-control is established.",
-            one(u64::from(stats.watching)),
-        );
-        m.family(
-            "podnet_agent_control_watch_connects_total",
-            "counter",
-            "Watch connections opened to podnet-control (reconnects included).",
-            one(stats.watch_connects),
-        );
-        m.family(
-            "podnet_agent_lease_renewals_total",
-            "counter",
-            "Lease renewals, by result.",
+            }),
+        )?;
+        m.counter(
+            "podnet_agent_drop_samples",
+            "Drops recorded for `podnet-agent drops --watch` (rate-limited per reason).",
+            one(agent.shared.forwarder.counters().watch.sampled()),
+        )?;
+        m.counter(
+            "podnet_agent_icmp_sent",
+            "ICMP errors written back into the TUN device.",
+            one(c.icmp_sent),
+        )?;
+        m.counter(
+            "podnet_agent_icmp_ratelimited",
+            "ICMP errors not sent because of the rate limit (1000/s, bursts of 50).",
+            one(c.icmp_ratelimited),
+        )?;
+        let io = &agent.shared.io_errors;
+        m.counter(
+            "podnet_agent_io_errors",
+            "Operating-system errors on the data path, by operation.",
             [
-                ("result=\"ok\"".to_string(), stats.renewals),
-                ("result=\"failed\"".to_string(), stats.renew_failures),
+                (label("op", "send"), io.send.load(Relaxed)),
+                (label("op", "tun_write"), io.tun_write.load(Relaxed)),
+                (label("op", "offload"), io.offload.load(Relaxed)),
             ],
-        );
-        m.family(
-            "podnet_agent_table_updates_total",
-            "counter",
-            "Node-table changes applied from the control service.",
-            one(agent.membership.table_updates.load(Relaxed)),
-        );
-        render_histogram(
-            &agent.membership.convergence,
-            &mut m,
+        )?;
+        m.counter(
+            "podnet_agent_repairs",
+            "Host state another process changed and the agent put back, by what it was.",
+            agent
+                .repairs
+                .snapshot()
+                .into_iter()
+                .map(|(what, n)| (label("what", what), n)),
+        )?;
+        m.counter(
+            "podnet_agent_receive_overflow",
+            "Underlay datagrams the kernel dropped because the agent's receive sockets were full.",
+            one(agent.shared.underlay.receive_drops()),
+        )?;
+        let table = agent.shared.table.load();
+        m.gauge(
+            "podnet_agent_routes",
+            "Peer routes in the forwarding table.",
+            one(gauge(table.len() as u64)),
+        )?;
+        m.gauge(
+            "podnet_agent_table_revision",
+            "Control-plane revision of the forwarding table.",
+            one(gauge(table.revision())),
+        )?;
+        m.gauge(
+            "podnet_agent_overlay_mtu_bytes",
+            "MTU of the TUN device: the largest pod packet carried without ICMP fragmentation-needed.",
+            one(i64::from(info.mtu)),
+        )?;
+        m.gauge(
+            "podnet_agent_uptime_seconds",
+            "Seconds since the agent started.",
+            one(gauge(agent.started.elapsed().as_secs())),
+        )?;
+        let o = info.offloads;
+        m.gauge(
+            "podnet_agent_offload_enabled",
+            "Offloads in use (1) or not (0).",
+            [
+                ("tun_tso", o.tun_tso),
+                ("tun_csum", o.tun_csum),
+                ("udp_gso", o.udp_gso),
+                ("udp_gro", o.udp_gro),
+            ]
+            .map(|(name, on)| (label("offload", name), i64::from(on))),
+        )?;
+        if let Some(client) = &agent.control {
+            let stats = client.stats();
+            m.gauge(
+                "podnet_agent_control_connected",
+                "Whether the watch on podnet-control is established.",
+                one(i64::from(stats.watching)),
+            )?;
+            m.counter(
+                "podnet_agent_control_watch_connects",
+                "Watch connections opened to podnet-control (reconnects included).",
+                one(stats.watch_connects),
+            )?;
+            m.counter(
+                "podnet_agent_lease_renewals",
+                "Lease renewals, by result.",
+                [
+                    (label("result", "ok"), stats.renewals),
+                    (label("result", "failed"), stats.renew_failures),
+                ],
+            )?;
+            m.counter(
+                "podnet_agent_table_updates",
+                "Node-table changes applied from the control service.",
+                one(agent.membership.table_updates.load(Relaxed)),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Prometheus text exposition of the agent's metrics.
+pub fn render_metrics(agent: &Arc<Agent>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(AgentMetrics(agent.clone())));
+    if agent.control.is_some() {
+        // prometheus-client appends the "." itself.
+        registry.register(
             "podnet_agent_route_convergence_seconds",
-            "Time from a node's registration with podnet-control to its route being installed here.",
+            "Time from a node's registration with podnet-control to its route being installed here",
+            agent.membership.convergence.clone(),
         );
     }
-    m.0
+    metrics::render(&registry)
 }
 
 async fn metrics(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
         render_metrics(&agent),
     )
 }

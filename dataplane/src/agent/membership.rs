@@ -265,7 +265,7 @@ pub async fn run(session: Session, agent: Arc<Agent>) {
                         // An `added` node carries its registration time as last_heartbeat.
                         let took =
                             Duration::from_millis(now_ms.saturating_sub(node.last_heartbeat));
-                        agent.membership.convergence.observe(took);
+                        agent.membership.convergence.observe(took.as_secs_f64());
                         tracing::info!(node = %n, pod_cidr = %node.pod_cidr, underlay_ip = %node.underlay_ip, revision = applied, convergence_ms = took.as_millis() as u64, "route added");
                     }
                 }

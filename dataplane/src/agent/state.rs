@@ -4,13 +4,14 @@
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
 use podnet_proto::ethernet::MacAddr;
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 
 use crate::agent::host::{DirectRoutes, Repairs};
@@ -117,63 +118,29 @@ pub(crate) fn warn_unreachable_peers(agent: &Agent, old: Option<&RouteTable>, ne
 }
 
 /// Live state of the membership task, for `/status` and `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MembershipStatus {
     /// Control-plane revision of the table in use.
     pub revision: AtomicU64,
     pub table_updates: AtomicU64,
-    /// Registration (the `added` event's `last_heartbeat`) to route installed here.
+    /// Registration (the `added` event's `last_heartbeat`) to route installed here, in seconds.
     pub convergence: Histogram,
 }
 
-/// Buckets of [`Histogram`], in seconds (upper bounds; `+Inf` is implied).
+impl Default for MembershipStatus {
+    fn default() -> MembershipStatus {
+        MembershipStatus {
+            revision: AtomicU64::new(0),
+            table_updates: AtomicU64::new(0),
+            convergence: Histogram::new(CONVERGENCE_BUCKETS),
+        }
+    }
+}
+
+/// Buckets of the convergence histogram, in seconds (upper bounds; `+Inf` is implied).
 pub const CONVERGENCE_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
-
-/// A lock-free Prometheus histogram over [`CONVERGENCE_BUCKETS`] (durations in seconds).
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Non-cumulative count per bucket; the last slot is `+Inf`.
-    buckets: [AtomicU64; CONVERGENCE_BUCKETS.len() + 1],
-    sum_us: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one duration.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = CONVERGENCE_BUCKETS
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(CONVERGENCE_BUCKETS.len());
-        self.buckets[i].fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
-        self.count.fetch_add(1, Relaxed);
-    }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.count.load(Relaxed)
-    }
-
-    /// `(upper bound, cumulative count)` per bucket, `None` for `+Inf`; then the sum of
-    /// the observations in seconds.
-    pub fn cumulative(&self) -> (Vec<(Option<f64>, u64)>, f64) {
-        let mut cumulative = 0;
-        let buckets = self
-            .buckets
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                cumulative += n.load(Relaxed);
-                (CONVERGENCE_BUCKETS.get(i).copied(), cumulative)
-            })
-            .collect();
-        (buckets, self.sum_us.load(Relaxed) as f64 / 1e6)
-    }
-}
 
 /// Wall-clock Unix time in milliseconds (0 if the clock is before 1970).
 pub fn unix_ms() -> u64 {
