@@ -5,14 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// The code of a source file without its `#[cfg(test)] mod tests` and comment lines.
-fn code(text: &str) -> String {
-    let body = text.split("#[cfg(test)]\nmod tests").next().unwrap_or(text);
-    body.lines()
-        .filter(|l| !l.trim_start().starts_with("//"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
+mod common;
+use common::code;
 
 /// The modules `code` names with `crate::` paths: `core::x` and `agent::x` for the layers'
 /// modules, the first segment for the rest (`datapath`, `cli`, `sys`, or `agent` itself when
