@@ -165,7 +165,7 @@ pub fn lookup_addrs(routes: &[(Ipv4Net, u32)], n: usize) -> Vec<Ipv4Addr> {
     (0..n)
         .map(|_| {
             let r = rng.next_u32();
-            if r % 4 != 0 && !routes.is_empty() {
+            if !r.is_multiple_of(4) && !routes.is_empty() {
                 let (net, _) = routes[(rng.next_u32() as usize) % routes.len()];
                 let host = rng.next_u32() & !u32::from(net.netmask());
                 Ipv4Addr::from(u32::from(net.network()) | host)

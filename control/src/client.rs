@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::tls::ClientFiles;
 use ipnet::Ipv4Net;
 use podnet_proto::api::{
     validate_node_name, ErrorBody, Node, NodeList, NodeTable, RegisterRequest, RegisterResponse,
@@ -37,6 +38,8 @@ pub enum ClientError {
     BadUrl { url: String, reason: String },
     #[error("invalid node name {name:?}: {reason}")]
     BadName { name: String, reason: String },
+    #[error("control-plane TLS: {0}")]
+    Tls(String),
     #[error("cannot read token file {path}: {reason}")]
     TokenFile { path: String, reason: String },
     #[error("cannot reach the control service at {url}: {reason}")]
@@ -176,25 +179,49 @@ pub fn read_token_file(path: &Path) -> Result<String, ClientError> {
 }
 
 impl Client {
-    /// `server` is a base URL such as `http://198.18.0.1:7800`.
+    /// A plain-HTTP client; `server` is a base URL such as `http://198.18.0.1:7800`.
     pub fn new(server: &str, token: Option<String>) -> Result<Client, ClientError> {
+        Client::with_tls(server, token, None)
+    }
+
+    /// A client of `https://HOST:PORT` with `tls` (the CA it trusts, and the certificate it
+    /// presents, reread at each new connection after it changed on disk), or of
+    /// `http://HOST:PORT` without.
+    pub fn with_tls(
+        server: &str,
+        token: Option<String>,
+        tls: Option<&ClientFiles>,
+    ) -> Result<Client, ClientError> {
         let bad = |reason: &str| ClientError::BadUrl {
             url: server.to_string(),
             reason: reason.to_string(),
         };
         let base = server.trim_end_matches('/');
-        let Some(rest) = base.strip_prefix("http://") else {
-            return Err(bad(
-                "expected http://HOST:PORT (this build speaks plain HTTP only)",
-            ));
+        let rest = match (base.split_once("://"), tls) {
+            (Some(("http", rest)), None) | (Some(("https", rest)), Some(_)) => rest,
+            (Some(("https", _)), None) => {
+                return Err(bad(
+                    "https:// needs --tls-ca (the cluster CA) and, for mTLS, --tls-cert and \
+                     --tls-key",
+                ))
+            }
+            (Some(("http", _)), Some(_)) => {
+                return Err(bad(
+                    "TLS files were given for a plain http:// URL: use https://",
+                ))
+            }
+            _ => return Err(bad("expected https://HOST:PORT or http://HOST:PORT")),
         };
         if rest.is_empty() || rest.contains('/') {
-            return Err(bad("expected http://HOST:PORT without a path"));
+            return Err(bad("expected a URL without a path"));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .map_err(|e| bad(&e.to_string()))?;
+        let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+        if let Some(files) = tls {
+            let config =
+                crate::tls::client_config(files).map_err(|e| ClientError::Tls(e.to_string()))?;
+            builder = builder.use_preconfigured_tls(config);
+        }
+        let http = builder.build().map_err(|e| bad(&e.to_string()))?;
         Ok(Client {
             inner: Arc::new(Inner {
                 base: base.to_string(),
@@ -580,7 +607,8 @@ impl EventStream {
     }
 }
 
-/// An error with its causes, e.g. "error sending request: ...: Connection refused".
+/// An error with its causes, e.g. "error sending request: ...: Connection refused", and
+/// what to do when a TLS check failed.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
@@ -591,6 +619,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
             out.push_str(&text);
         }
         source = cause.source();
+    }
+    if let Some(advice) = crate::tls::advice(&out) {
+        out.push_str(". ");
+        out.push_str(advice);
     }
     out
 }

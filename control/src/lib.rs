@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod tls;
 
 pub use client::{Backoff, Client, ClientError, ClientStats, EventStream};
 pub use podnet_proto::api;

@@ -1,4 +1,5 @@
-//! `podnet-control`: run the control service (`serve`) or show its node table (`nodes`).
+//! `podnet-control`: run the control service (`serve`), show its node table (`nodes`), or
+//! manage the cluster CA (`ca init|issue`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use ipnet::Ipv4Net;
 use podnet_control::api::{Node, NodeList};
 use podnet_control::client::read_token_file;
 use podnet_control::server::{now_ms, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_WATCHERS};
+use podnet_control::tls::{self, ClientArgs, Subject};
 use podnet_control::{Client, FileStore, Server, ServerConfig};
 
 #[derive(Parser)]
@@ -57,6 +59,8 @@ enum Command {
         /// closed. The open-file limit is raised to fit at start.
         #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = limit_parser())]
         max_connections: usize,
+        #[command(flatten)]
+        tls: ServeTls,
     },
     /// Print the node table.
     Nodes {
@@ -70,6 +74,69 @@ enum Command {
         /// Bearer token file.
         #[arg(long)]
         token_file: Option<PathBuf>,
+        #[command(flatten)]
+        tls: ClientArgs,
+    },
+    /// The cluster CA: make it, and issue node, operator and server certificates.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeTls {
+    /// The service's certificate (`ca issue --server --ip ADDR`).
+    #[arg(long, requires_all = ["tls_key", "client_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (mode 0600).
+    #[arg(long, requires_all = ["tls_cert", "client_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA whose certificates clients present (mTLS): a node may then write only its own
+    /// record, an operator any.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    client_ca: Option<PathBuf>,
+    /// Serve plain HTTP: anyone who reaches the port can register nodes and read the topology.
+    /// For tests and trusted networks only; logged as a warning and exported as
+    /// podnet_control_insecure.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "client_ca"])]
+    insecure: bool,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Make a cluster CA in DIR (ca.pem, ca-key.pem); never overwrites one.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a certificate signed by the CA in DIR (replacing an earlier one of the same
+    /// subject: that is a rotation).
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A node certificate for NAME (node-NAME.pem): it may register, renew and delete
+        /// node NAME only.
+        #[arg(long, group = "subject")]
+        node: Option<String>,
+        /// An operator certificate (operator-NAME.pem): may delete any node and read all.
+        #[arg(long, group = "subject")]
+        operator: Option<String>,
+        /// The service's certificate (server.pem), for the addresses in --ip and --dns.
+        #[arg(long, group = "subject")]
+        server: bool,
+        /// An address clients dial (with --server; repeatable).
+        #[arg(long, requires = "server")]
+        ip: Vec<std::net::IpAddr>,
+        /// A DNS name clients dial (with --server; repeatable).
+        #[arg(long, requires = "server")]
+        dns: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
 }
 
@@ -93,6 +160,49 @@ enum CliError {
     },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] podnet_control::tls::TlsError),
+    #[error(
+        "serve needs --tls-cert, --tls-key and --client-ca (make them with `podnet-control ca \
+         init --dir D` and `ca issue --dir D --server --ip ADDR`), or --insecure to serve \
+         plain HTTP that anyone on the network can use"
+    )]
+    NoTls,
+}
+
+fn ca(command: CaCommand) -> Result<(), CliError> {
+    let (cert, key) = match command {
+        CaCommand::Init { dir, days } => tls::ca_init(&dir, days)?,
+        CaCommand::Issue {
+            dir,
+            node,
+            operator,
+            server,
+            ip,
+            dns,
+            days,
+        } => {
+            let subject = match (node, operator, server) {
+                (Some(n), _, _) => {
+                    podnet_control::api::validate_node_name(&n)
+                        .map_err(|e| tls::TlsError::Config(format!("--node {n:?}: {e}")))?;
+                    Subject::Node(n)
+                }
+                (_, Some(o), _) => Subject::Operator(o),
+                (_, _, true) => Subject::Server { ips: ip, dns },
+                _ => {
+                    return Err(tls::TlsError::Config(
+                        "say what to issue: --node NAME, --operator NAME or --server --ip ADDR"
+                            .into(),
+                    )
+                    .into())
+                }
+            };
+            tls::issue(&dir, &subject, days)?
+        }
+    };
+    println!("{}\n{}", cert.display(), key.display());
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -116,6 +226,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve {
+                tls,
                 listen,
                 cluster_cidr,
                 node_prefix,
@@ -127,7 +238,15 @@ fn main() -> ExitCode {
                 max_connections,
             } => {
                 let token = token_file.as_deref().map(read_token_file).transpose()?;
+                let tls = match (tls.tls_cert, tls.tls_key, tls.client_ca, tls.insecure) {
+                    (Some(cert), Some(key), Some(ca), false) => {
+                        Some(tls::server_config(&cert, &key, &ca)?)
+                    }
+                    (None, None, None, true) => None,
+                    _ => return Err(CliError::NoTls),
+                };
                 let config = ServerConfig {
+                    tls,
                     cluster_cidr,
                     node_prefix,
                     lease_ttl,
@@ -139,12 +258,20 @@ fn main() -> ExitCode {
                 };
                 serve(listen, config, &state).await
             }
-            Command::Nodes { server, token_file } => {
+            Command::Nodes {
+                server,
+                token_file,
+                tls,
+            } => {
                 let token = token_file.as_deref().map(read_token_file).transpose()?;
-                let list = Client::new(&server, token)?.list().await?;
+                let files = tls.files()?;
+                let list = Client::with_tls(&server, token, files.as_ref())?
+                    .list()
+                    .await?;
                 print!("{}", render_table(&list, now_ms()));
                 Ok(())
             }
+            Command::Ca { command } => ca(command),
         }
     });
     match result {
@@ -166,6 +293,7 @@ async fn serve(listen: SocketAddr, config: ServerConfig, state: &Path) -> Result
         })?;
     }
     let cluster = config.cluster_cidr;
+    let tls = config.tls.is_some();
     fit_open_file_limit(config.max_connections);
     let store = FileStore::new(state).lock()?;
     let server = Server::open(config, Arc::new(store)).await?;
@@ -176,7 +304,13 @@ async fn serve(listen: SocketAddr, config: ServerConfig, state: &Path) -> Result
             source,
         })?;
     let listen = listener.local_addr().unwrap_or(listen);
-    tracing::info!(%listen, %cluster, state = %state.display(), "podnet-control serving");
+    if tls {
+        tracing::info!(%listen, %cluster, state = %state.display(), "podnet-control serving (mTLS)");
+    } else {
+        tracing::warn!(%listen, %cluster, state = %state.display(),
+            "podnet-control serving plain HTTP (--insecure): anyone who reaches {listen} can \
+             register nodes and read the topology");
+    }
     server.run(listener, shutdown_signal()).await?;
     tracing::info!("podnet-control stopped");
     Ok(())

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -34,6 +34,7 @@ use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use crate::ipam::{Ipam, IpamError};
 use crate::state::{Gone, History, RegisterError, Registry, RestoreError, Timing};
 use crate::store::{Store, StoreError};
+use crate::tls::{Identity, Role};
 
 /// Settings of `podnet-control serve`.
 #[derive(Clone, Debug)]
@@ -65,6 +66,8 @@ pub struct ServerConfig {
     /// A write that makes no progress for this long (a client that stopped reading) closes
     /// the connection.
     pub write_stall_timeout: Duration,
+    /// TLS with client certificates (mTLS); `None` serves plain HTTP (`--insecure`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Default of [`ServerConfig::max_watchers`] (`--max-watchers`).
@@ -88,6 +91,7 @@ impl Default for ServerConfig {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             write_stall_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -174,6 +178,7 @@ struct Metrics {
     connections: Gauge,
     connections_closed: Family<Fixed, Counter>,
     requests: Family<[(&'static str, u16); 1], Counter>,
+    insecure: Gauge,
 }
 
 impl Metrics {
@@ -191,6 +196,7 @@ impl Metrics {
             connections: Default::default(),
             connections_closed: Default::default(),
             requests: Default::default(),
+            insecure: Default::default(),
         };
         // Every labelled sample is there from the start, at 0, so a rate() over a restart
         // sees the series begin rather than appear.
@@ -264,6 +270,11 @@ impl Metrics {
             "HTTP requests by status code",
             m.requests.clone(),
         );
+        r.register(
+            "podnet_control_insecure",
+            "1 while the service serves plain HTTP (--insecure), 0 under mTLS",
+            m.insecure.clone(),
+        );
         m
     }
 }
@@ -328,6 +339,8 @@ impl Server {
         let (events, _) = broadcast::channel(config.history_len.max(16));
         let (stopping, _) = watch::channel(false);
         let watch_slots = Arc::new(Semaphore::new(config.max_watchers));
+        let metrics = Metrics::new();
+        metrics.insecure.set(i64::from(config.tls.is_none()));
         Ok(Server {
             shared: Arc::new(Shared {
                 watch_slots,
@@ -336,7 +349,7 @@ impl Server {
                 core: tokio::sync::Mutex::new(Core { registry, history }),
                 events,
                 store,
-                metrics: Metrics::new(),
+                metrics,
                 stopping,
             }),
         })
@@ -387,12 +400,15 @@ impl Server {
         let stopping = self.shared.stopping.clone();
         let router = self.router();
         let listener = guard::Guarded::new(listener, self.shared.clone());
-        let result = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                stopping.send_replace(true);
-            })
-            .await;
+        let result = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<guard::Peer>(),
+        )
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stopping.send_replace(true);
+        })
+        .await;
         self.shared.stopping.send_replace(true);
         sweeper.abort();
         result.map_err(ServerError::from)
@@ -498,27 +514,91 @@ fn store_failed(shared: &Shared, e: StoreError) -> Response {
 }
 
 async fn authenticate(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
-    let Some(token) = &shared.config.token else {
-        return next.run(req).await;
-    };
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
+    let token_ok = match (&shared.config.token, presented) {
+        (Some(token), Some(p)) => constant_time_eq(p.trim().as_bytes(), token.as_bytes()),
+        _ => false,
+    };
+    if shared.config.tls.is_some() {
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<guard::Peer>>()
+            .map(|c| c.0.clone());
+        let identity = peer.as_ref().and_then(|p| p.identity.clone());
+        return match mtls_refusal(&req, identity.as_deref(), token_ok) {
+            None => next.run(req).await,
+            Some(refusal) => {
+                if let Some(p) = peer {
+                    tracing::warn!(client = %p.addr, identity = ?identity.as_deref().map(|i| i.to_string()),
+                        method = %req.method(), path = req.uri().path(), status = refusal.status().as_u16(),
+                        "request refused");
+                }
+                refusal
+            }
+        };
+    }
+    let Some(_) = &shared.config.token else {
+        return next.run(req).await;
+    };
     let detail = match presented {
-        Some(p) if constant_time_eq(p.trim().as_bytes(), token.as_bytes()) => {
-            return next.run(req).await
-        }
+        Some(_) if token_ok => return next.run(req).await,
         Some(_) => "wrong bearer token; use the token in the server's --token-file",
         None => {
             "missing bearer token; send `Authorization: Bearer <token>` (clients: --token-file)"
         }
     };
+    unauthorized(detail)
+}
+
+fn unauthorized(detail: &str) -> Response {
     let mut resp = error(StatusCode::UNAUTHORIZED, "unauthorized", detail);
     resp.headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     resp
+}
+
+/// Under mTLS: any certificate of the cluster CA (or the bearer token) may read; a node may
+/// write only its own record; an operator may write any. `None`: allowed.
+fn mtls_refusal(req: &Request, identity: Option<&Identity>, token_ok: bool) -> Option<Response> {
+    let write = !matches!(*req.method(), Method::GET | Method::HEAD);
+    let Some(id) = identity else {
+        if token_ok && !write {
+            return None;
+        }
+        return Some(unauthorized(
+            "no client certificate: this service uses mTLS. Agents take --tls-ca, --tls-cert and \
+             --tls-key (`podnet-control ca issue --node NAME` makes a node's); a bearer token \
+             (--token-file) allows reads only",
+        ));
+    };
+    if !write || id.role == Role::Operator {
+        return None;
+    }
+    let target = req
+        .uri()
+        .path()
+        .strip_prefix("/v1/nodes/")
+        .unwrap_or_default();
+    if id.role == Role::Node && id.name == target {
+        return None;
+    }
+    let what = match *req.method() {
+        Method::DELETE => "delete",
+        _ => "register or renew",
+    };
+    Some(error(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!(
+            "the client certificate is for {id}, which may not {what} node {target:?}: a node \
+             speaks only for the name in its certificate (an operator certificate, `ca issue \
+             --operator`, may change any node)"
+        ),
+    ))
 }
 
 /// Compares without an early exit, so response time does not tell how much of a guess matched.
@@ -957,12 +1037,15 @@ mod guard {
     use std::task::{Context, Poll};
     use std::time::Duration;
 
+    use axum::extract::connect_info::Connected;
+    use axum::serve::IncomingStream;
     use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
     use tokio::net::{TcpListener, TcpStream};
-    use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+    use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
     use tokio::time::{sleep, Instant, Sleep};
 
     use super::Shared;
+    use crate::tls::Identity;
 
     /// End of an HTTP/1 header block.
     const HEADERS_END: &[u8; 4] = b"\r\n\r\n";
@@ -973,76 +1056,222 @@ mod guard {
 connection: close\r\nretry-after: 5\r\ncontent-length: 88\r\n\r\n\
 {\"error\":\"too_many_connections\",\"detail\":\"the server has reached its connection limit\"}\n";
 
+    /// A connection as the router sees it: the client's address and, under mTLS, who its
+    /// certificate names.
+    #[derive(Clone, Debug)]
+    pub(super) struct Peer {
+        pub(super) addr: SocketAddr,
+        pub(super) identity: Option<Arc<Identity>>,
+    }
+
+    impl Connected<IncomingStream<'_, Guarded>> for Peer {
+        fn connect_info(stream: IncomingStream<'_, Guarded>) -> Peer {
+            stream.remote_addr().clone()
+        }
+    }
+
+    /// Connections ready for HTTP: counted against the limit and, under TLS, past their
+    /// handshake. Accepting and handshaking run in tasks of their own, so a slow handshake
+    /// never holds up the next client.
     pub(super) struct Guarded {
-        inner: TcpListener,
-        slots: Arc<Semaphore>,
-        shared: Arc<Shared>,
+        ready: mpsc::Receiver<(GuardedStream, Peer)>,
+        local: SocketAddr,
+        acceptor: tokio::task::JoinHandle<()>,
     }
 
     impl Guarded {
         pub(super) fn new(inner: TcpListener, shared: Arc<Shared>) -> Guarded {
+            let local = inner
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+            let (tx, ready) = mpsc::channel(64);
+            let slots = Arc::new(Semaphore::new(shared.config.max_connections));
+            let acceptor = tokio::spawn(accept_loop(inner, slots, shared, tx));
             Guarded {
-                inner,
-                slots: Arc::new(Semaphore::new(shared.config.max_connections)),
-                shared,
+                ready,
+                local,
+                acceptor,
             }
         }
     }
 
+    impl Drop for Guarded {
+        fn drop(&mut self) {
+            self.acceptor.abort();
+        }
+    }
+
+    async fn accept_loop(
+        inner: TcpListener,
+        slots: Arc<Semaphore>,
+        shared: Arc<Shared>,
+        ready: mpsc::Sender<(GuardedStream, Peer)>,
+    ) {
+        loop {
+            let (stream, addr) = match inner.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning; the kernel keeps
+                    // the backlog meanwhile.
+                    tracing::warn!("accept failed: {e}");
+                    sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let metrics = &shared.metrics;
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                let refused = metrics
+                    .connections_closed
+                    .get_or_create(&[("reason", "limit")])
+                    .inc()
+                    + 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(
+                        refused,
+                        limit = shared.config.max_connections,
+                        "connection refused: the connection limit is reached; raise \
+                         --max-connections if these are agents"
+                    );
+                }
+                tokio::spawn(answer_and_close(stream, FULL));
+                continue;
+            };
+            metrics.connections.inc();
+            let shared = shared.clone();
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                let Some((io, identity)) = handshake(stream, addr, &shared).await else {
+                    shared.metrics.connections.dec();
+                    return;
+                };
+                let conn = GuardedStream::new(io, permit, shared);
+                let _ = ready.send((conn, Peer { addr, identity })).await;
+            });
+        }
+    }
+
+    /// Writes a whole answer to a connection that will not be served, and closes it.
+    async fn answer_and_close(mut stream: TcpStream, answer: &'static [u8]) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = stream.write_all(answer).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    }
+
+    /// The TLS handshake, if the service speaks TLS, within the header timeout. A client that
+    /// speaks plain HTTP to it gets a plain-HTTP answer that says to use https.
+    async fn handshake(
+        stream: TcpStream,
+        addr: SocketAddr,
+        shared: &Shared,
+    ) -> Option<(Conn, Option<Arc<Identity>>)> {
+        let Some(config) = &shared.config.tls else {
+            return Some((Conn::Plain(stream), None));
+        };
+        let deadline = shared.config.header_timeout;
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
+            Ok(Ok(1)) => {
+                tracing::debug!(%addr, "plain HTTP on the TLS port: answered 400");
+                answer_and_close(stream, PLAIN_ON_TLS).await;
+                return None;
+            }
+            _ => return None,
+        }
+        let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+        let tls = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let e = e.to_string();
+                let advice = crate::tls::advice(&e).unwrap_or("");
+                tracing::warn!(%addr, "TLS handshake refused: {e}. {advice}");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        let identity = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(crate::tls::identity)
+            .map(Arc::new);
+        Some((Conn::Tls(Box::new(tls)), identity))
+    }
+
+    /// First byte of a TLS handshake record.
+    const TLS_HANDSHAKE: u8 = 0x16;
+
+    /// What a plain-HTTP client on the TLS port is told.
+    const PLAIN_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
+connection: close\r\ncontent-length: 114\r\n\r\n\
+{\"error\":\"tls_required\",\"detail\":\"this service speaks HTTPS with client certificates: use https:// and --tls-ca\"}\n";
+
     impl axum::serve::Listener for Guarded {
         type Io = GuardedStream;
-        type Addr = SocketAddr;
+        type Addr = Peer;
 
-        async fn accept(&mut self) -> (GuardedStream, SocketAddr) {
-            loop {
-                let (stream, addr) = match self.inner.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning; the kernel keeps
-                        // the backlog meanwhile.
-                        tracing::warn!("accept failed: {e}");
-                        sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let metrics = &self.shared.metrics;
-                match self.slots.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        metrics.connections.inc();
-                        return (
-                            GuardedStream::new(stream, permit, self.shared.clone()),
-                            addr,
-                        );
-                    }
-                    Err(_) => {
-                        let refused = metrics
-                            .connections_closed
-                            .get_or_create(&[("reason", "limit")])
-                            .inc()
-                            + 1;
-                        if refused.is_power_of_two() {
-                            tracing::warn!(
-                                refused,
-                                limit = self.shared.config.max_connections,
-                                "connection refused: the connection limit is reached; raise \
-                                 --max-connections if these are agents"
-                            );
-                        }
-                        tokio::spawn(async move {
-                            let mut stream = stream;
-                            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                                let _ = stream.write_all(FULL).await;
-                                let _ = stream.shutdown().await;
-                            })
-                            .await;
-                        });
-                    }
-                }
+        async fn accept(&mut self) -> (GuardedStream, Peer) {
+            match self.ready.recv().await {
+                Some(conn) => conn,
+                // The accept task only ends with the listener.
+                None => std::future::pending().await,
             }
         }
 
-        fn local_addr(&self) -> io::Result<SocketAddr> {
-            self.inner.local_addr()
+        fn local_addr(&self) -> io::Result<Peer> {
+            Ok(Peer {
+                addr: self.local,
+                identity: None,
+            })
+        }
+    }
+
+    /// The bytes under HTTP: plain TCP, or TLS over it.
+    pub(super) enum Conn {
+        Plain(TcpStream),
+        Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    }
+
+    impl AsyncRead for Conn {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.get_mut() {
+                Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+                Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            }
+        }
+    }
+
+    impl AsyncWrite for Conn {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            match self.get_mut() {
+                Conn::Plain(s) => Pin::new(s).poll_write(cx, data),
+                Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+            }
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            match self.get_mut() {
+                Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+                Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            }
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            match self.get_mut() {
+                Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+                Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            }
         }
     }
 
@@ -1057,7 +1286,7 @@ connection: close\r\nretry-after: 5\r\ncontent-length: 88\r\n\r\n\
     }
 
     pub(super) struct GuardedStream {
-        io: TcpStream,
+        io: Conn,
         _permit: OwnedSemaphorePermit,
         shared: Arc<Shared>,
         phase: Phase,
@@ -1068,7 +1297,7 @@ connection: close\r\nretry-after: 5\r\ncontent-length: 88\r\n\r\n\
     }
 
     impl GuardedStream {
-        fn new(io: TcpStream, permit: OwnedSemaphorePermit, shared: Arc<Shared>) -> Self {
+        fn new(io: Conn, permit: OwnedSemaphorePermit, shared: Arc<Shared>) -> Self {
             let deadline = Box::pin(sleep(shared.config.header_timeout));
             GuardedStream {
                 io,

@@ -29,7 +29,7 @@ impl Serve {
     /// appended to it (e.g. a shell that first lowers a limit, then `exec`s).
     fn spawn(mut launcher: Command, state: &Path, extra: &[&str]) -> Serve {
         let mut child = launcher
-            .args(["serve", "--listen", "127.0.0.1:0", "--state"])
+            .args(["serve", "--insecure", "--listen", "127.0.0.1:0", "--state"])
             .arg(state)
             .args(extra)
             .env("RUST_LOG", "info")
@@ -196,7 +196,7 @@ async fn nodes_prints_a_table_and_sigterm_stops_cleanly() {
 /// Runs `serve` on `state`, expecting it to refuse to start; returns its stderr.
 fn serve_refused(state: &Path) -> String {
     let out = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--state"])
+        .args(["serve", "--insecure", "--listen", "127.0.0.1:0", "--state"])
         .arg(state)
         .output()
         .unwrap();
@@ -375,7 +375,7 @@ async fn max_watchers_caps_watch_streams_and_says_which_flag_to_raise() {
         &["--max-connections", "1000001"],
     ] {
         let out = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--state"])
+            .args(["serve", "--insecure", "--listen", "127.0.0.1:0", "--state"])
             .arg(dir.path().join("never.json"))
             .args(bad)
             .output()

@@ -198,6 +198,8 @@ pub struct RunArgs {
     /// File holding the bearer token for podnet-control.
     #[arg(long, requires = "control")]
     pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: podnet_control::tls::ClientArgs,
     /// Static mode: this node's pod CIDR.
     #[arg(long)]
     pub pod_cidr: Option<Ipv4Net>,
@@ -242,12 +244,16 @@ pub enum Membership {
     Control {
         url: String,
         token_file: Option<PathBuf>,
+        /// The CA and certificate for an https:// URL.
+        tls: Option<podnet_control::tls::ClientFiles>,
     },
 }
 
 /// Why `run` flags cannot work together.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    #[error("{0}")]
+    Tls(String),
     #[error("--node-name '{0}' is not a valid node name: use 1-63 characters a-z, 0-9 and '-', not starting or ending with '-'")]
     NodeName(String),
     #[error("--pod-cidr {pod} is outside --cluster-cidr {cluster}: pick a pod CIDR inside the cluster CIDR")]
@@ -333,10 +339,20 @@ impl RunArgs {
         if self.cross_subnet && self.encap == EncapArg::None {
             return Err(ConfigError::CrossSubnetWithoutTunnel);
         }
+        let tls = self
+            .tls
+            .files()
+            .map_err(|e| ConfigError::Tls(e.to_string()))?;
+        if tls.is_some() && self.control.is_none() {
+            return Err(ConfigError::Tls(
+                "--tls-ca, --tls-cert and --tls-key are for --control https://...".into(),
+            ));
+        }
         let membership = match (self.control, self.pod_cidr) {
             (Some(url), _) => Membership::Control {
                 url,
                 token_file: self.token_file,
+                tls,
             },
             (None, Some(pod)) => {
                 validate_static(pod, &self.static_peer, self.cluster_cidr, self.underlay_ip)?;

@@ -100,6 +100,7 @@ pub struct TestbedBuilder {
     control_args: Vec<String>,
     wait_mesh: bool,
     subnets: u8,
+    mtls: bool,
 }
 
 impl TestbedBuilder {
@@ -116,7 +117,16 @@ impl TestbedBuilder {
             control_args: Vec::new(),
             wait_mesh: true,
             subnets: 1,
+            mtls: false,
         }
+    }
+
+    /// Runs podnet-control with mTLS: a cluster CA in `<dir>/pki` (`podnet-control ca`), a
+    /// server certificate for 198.18.0.1, a node certificate per host, and an operator one
+    /// (`operator-admin`). Without it the service runs `--insecure`.
+    pub fn mtls(mut self) -> Self {
+        self.mtls = true;
+        self
     }
 
     /// Puts the hosts on 1 or 2 underlay subnets: with 2, the first half of the hosts is on
@@ -199,6 +209,7 @@ impl TestbedBuilder {
             namespaces: Vec::new(),
             procs: BTreeMap::new(),
             peers: self.peers,
+            mtls: self.mtls,
             agent_args: self.agent_args,
             control_args: self.control_args,
             pods_per_host: self.pods,
@@ -236,6 +247,9 @@ impl TestbedBuilder {
                 .iter()
                 .any(|h| matches!(h.mode, HostMode::Podnet(_) | HostMode::PodnetDirect));
         if podnet_control {
+            if tb.mtls {
+                tb.make_pki(self.hosts);
+            }
             tb.start_control(&[]);
         }
         for n in 1..=self.hosts {
@@ -291,6 +305,7 @@ pub struct Testbed {
     namespaces: Vec<String>,
     procs: BTreeMap<String, Background>,
     peers: Peers,
+    mtls: bool,
     agent_args: Vec<String>,
     control_args: Vec<String>,
     pods_per_host: u8,
@@ -623,6 +638,22 @@ impl Testbed {
             Peers::Control => {
                 a.push("--control".into());
                 a.push(self.control_url());
+                if self.mtls {
+                    let pki = self.pki();
+                    if !pki.join(format!("node-h{n}.pem")).exists() {
+                        // A host added after the testbed was built.
+                        let dir = pki.to_str().expect("utf-8 path");
+                        self.ca(&["issue", "--dir", dir, "--node", &format!("h{n}")]);
+                    }
+                    for (flag, file) in [
+                        ("--tls-ca", "ca.pem".to_string()),
+                        ("--tls-cert", format!("node-h{n}.pem")),
+                        ("--tls-key", format!("node-h{n}-key.pem")),
+                    ] {
+                        a.push(flag.into());
+                        a.push(pki.join(file).to_str().expect("utf-8 path").into());
+                    }
+                }
             }
         }
         a.extend(self.agent_args.iter().cloned());
@@ -630,7 +661,57 @@ impl Testbed {
     }
 
     pub fn control_url(&self) -> String {
-        format!("http://{}:{CONTROL_PORT}", underlay_ip(1))
+        let scheme = if self.mtls { "https" } else { "http" };
+        format!("{scheme}://{}:{CONTROL_PORT}", underlay_ip(1))
+    }
+
+    /// The cluster CA and certificates of an mTLS testbed.
+    pub fn pki(&self) -> PathBuf {
+        self.path("pki")
+    }
+
+    /// `podnet-control ca ARGS`; panics unless it succeeds.
+    pub fn ca(&self, args: &[&str]) -> String {
+        let bin = crate::podnet_bin("podnet-control");
+        let mut argv = vec![bin.to_str().expect("utf-8 path"), "ca"];
+        argv.extend_from_slice(args);
+        let out = crate::run(None, &argv, Duration::from_secs(30)).expect("podnet-control ca");
+        assert!(
+            out.success(),
+            "podnet-control ca {args:?}: {}",
+            out.combined()
+        );
+        out.stdout
+    }
+
+    fn make_pki(&self, hosts: u8) {
+        let pki = self.pki();
+        let dir = pki.to_str().expect("utf-8 path");
+        self.ca(&["init", "--dir", dir]);
+        let server_ip = underlay_ip(1).to_string();
+        self.ca(&["issue", "--dir", dir, "--server", "--ip", &server_ip]);
+        self.ca(&["issue", "--dir", dir, "--operator", "admin"]);
+        for n in 1..=hosts {
+            self.ca(&["issue", "--dir", dir, "--node", &format!("h{n}")]);
+        }
+    }
+
+    /// `curl` arguments that reach the service as the operator (`-sS --cacert .. --cert ..
+    /// --key ..`), or plain `-sS` without mTLS.
+    pub fn operator_curl(&self) -> Vec<String> {
+        let mut a = vec!["curl".to_string(), "-sS".to_string()];
+        if self.mtls {
+            let pki = self.pki();
+            for (flag, file) in [
+                ("--cacert", "ca.pem"),
+                ("--cert", "operator-admin.pem"),
+                ("--key", "operator-admin-key.pem"),
+            ] {
+                a.push(flag.into());
+                a.push(pki.join(file).to_str().expect("utf-8 path").into());
+            }
+        }
+        a
     }
 
     pub fn control_addr(&self) -> SocketAddr {
@@ -661,6 +742,19 @@ impl Testbed {
             "--state".into(),
             state.to_str().expect("utf-8 path").to_owned(),
         ];
+        if self.mtls {
+            let pki = self.pki();
+            for (flag, file) in [
+                ("--tls-cert", "server.pem"),
+                ("--tls-key", "server-key.pem"),
+                ("--client-ca", "ca.pem"),
+            ] {
+                argv.push(flag.into());
+                argv.push(pki.join(file).to_str().expect("utf-8 path").into());
+            }
+        } else {
+            argv.push("--insecure".into());
+        }
         argv.extend(self.control_args.iter().cloned());
         argv.extend(extra.iter().map(|s| s.to_string()));
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
@@ -670,6 +764,16 @@ impl Testbed {
         let r = wait_for("podnet-control /healthz", Duration::from_secs(20), || {
             if let Some(status) = self.procs.get_mut("control").and_then(|p| p.try_exit()) {
                 return Ok(Err(format!("podnet-control exited ({status})")));
+            }
+            if self.mtls {
+                let mut curl = self.operator_curl();
+                curl.extend(["-f".into(), format!("{}/healthz", self.control_url())]);
+                let curl: Vec<&str> = curl.iter().map(String::as_str).collect();
+                return match crate::run(Some(&ns), &curl, Duration::from_secs(5)) {
+                    Ok(o) if o.success() => Ok(Ok(())),
+                    Ok(o) => Err(o.combined()),
+                    Err(e) => Err(e),
+                };
             }
             match http::get(&ns, addr, "/healthz") {
                 Ok(r) if r.status == 200 => Ok(Ok(())),

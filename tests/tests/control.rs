@@ -456,6 +456,7 @@ fn control_refuses_a_corrupt_state_file() {
         &[
             bin.to_str().unwrap(),
             "serve",
+            "--insecure",
             "--listen",
             &tb.control_addr().to_string(),
             "--state",

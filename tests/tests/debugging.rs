@@ -20,6 +20,7 @@ fn testbed(name: &str) -> Testbed {
         .pods_per_host(1)
         .mode(HostMode::Podnet(Encap::Vxlan))
         .peers(Peers::Control)
+        .mtls()
         .build()
 }
 
@@ -704,14 +705,19 @@ fn metrics_parse_with_the_prometheus_parser_and_keep_their_names() {
         ("podnet_control_connections", ""),
         ("podnet_control_connections_closed_total", "reason"),
         ("podnet_control_http_requests_total", "code"),
+        // Added with mTLS (issue 23): 0 on this testbed, which runs mTLS.
+        ("podnet_control_insecure", ""),
     ]);
-    let url = format!("{}/metrics", tb.control_url());
-    let out = run(
-        Some(&tb.host(2).ns),
-        &["curl", "-sSf", &url],
-        Duration::from_secs(30),
-    )
-    .expect("curl");
+    let mut curl = tb.operator_curl();
+    curl.extend(["-f".into(), format!("{}/metrics", tb.control_url())]);
+    let curl: Vec<&str> = curl.iter().map(String::as_str).collect();
+    let out = run(Some(&tb.host(2).ns), &curl, Duration::from_secs(30)).expect("curl");
+    let url = curl[curl.len() - 1];
     assert!(out.success(), "curl {url}: {}", out.combined());
     assert_eq!(parsed_series(&tb, &out.stdout), control_series);
+    assert!(
+        out.stdout.contains("\npodnet_control_insecure 0\n"),
+        "{}",
+        out.stdout
+    );
 }

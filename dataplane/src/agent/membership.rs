@@ -93,7 +93,7 @@ pub async fn join(
     encap: Encap,
     vtep_mac: MacAddr,
 ) -> Result<Joined, MembershipError> {
-    let (url, token_file) = match &cfg.membership {
+    let (url, token_file, tls) = match &cfg.membership {
         Membership::Static { pod_cidr, peers } => {
             let peers = peers
                 .iter()
@@ -112,10 +112,14 @@ pub async fn join(
                 session: None,
             });
         }
-        Membership::Control { url, token_file } => (url, token_file),
+        Membership::Control {
+            url,
+            token_file,
+            tls,
+        } => (url, token_file, tls),
     };
     let token = token_file.as_deref().map(read_token_file).transpose()?;
-    let client = Client::new(url, token)?;
+    let client = Client::with_tls(url, token, tls.as_ref())?;
     let req = RegisterRequest {
         underlay_ip: cfg.underlay_ip,
         encap: encap.advertised(),
