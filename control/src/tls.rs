@@ -491,7 +491,10 @@ pub fn advice(error: &str) -> Option<&'static str> {
     let e = error.to_ascii_lowercase();
     Some(if e.contains("expired") {
         "a certificate has expired: issue a new one with `podnet-control ca issue`"
-    } else if e.contains("notvalidyet") || e.contains("not valid yet") {
+    } else if e.contains("notvalidyet")
+        || e.contains("not valid yet")
+        || e.contains("not yet valid")
+    {
         "a certificate is not valid yet: check the clocks of both hosts"
     } else if [
         "unknownissuer",
@@ -585,6 +588,32 @@ mod tests {
             })
             .unwrap_err();
         assert!(matches!(e, TlsError::NoServerNames), "{e}");
+    }
+
+    #[test]
+    fn tls_failures_come_with_what_to_do() {
+        for (error, says) in [
+            ("invalid peer certificate: Expired", "issue a new one"),
+            (
+                "invalid peer certificate: UnknownIssuer",
+                "not signed by the CA",
+            ),
+            (
+                "invalid peer certificate: BadSignature",
+                "not signed by the CA",
+            ),
+            ("received fatal alert: UnknownCA", "not signed by the CA"),
+            (
+                "invalid peer certificate: NotValidForName",
+                "--server --ip ADDR",
+            ),
+            ("invalid peer certificate: NotValidYet", "clocks"),
+            ("received fatal alert: CertificateRequired", "--tls-cert"),
+        ] {
+            let advice = advice(error).unwrap_or_else(|| panic!("no advice for {error}"));
+            assert!(advice.contains(says), "{error}: {advice}");
+        }
+        assert_eq!(advice("connection refused"), None);
     }
 
     #[test]
