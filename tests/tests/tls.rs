@@ -229,6 +229,67 @@ fn a_node_speaks_only_for_itself_and_bad_clients_are_refused_clearly() {
         assert!(out.stdout.contains(n), "{}", out.stdout);
     }
 
+    // A service whose certificate lacks the dialled address (the same server.pem, listening on
+    // h2's address): the client names the mismatch and the fix. And a key others may read is
+    // used, with a warning.
+    let alt = format!("{}:7901", underlay_ip(2));
+    let ns2 = tb.host(2).ns.clone();
+    let alt_state = tb.path("alt-state.json");
+    tb.start(
+        "alt",
+        &ns2,
+        &[
+            bin.to_str().unwrap(),
+            "serve",
+            "--listen",
+            &alt,
+            "--state",
+            alt_state.to_str().unwrap(),
+            "--tls-cert",
+            pki.join("server.pem").to_str().unwrap(),
+            "--tls-key",
+            pki.join("server-key.pem").to_str().unwrap(),
+            "--client-ca",
+            ca.to_str().unwrap(),
+        ],
+    );
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    let nodes_at = |server: &str| {
+        run(
+            Some(&tb.host(1).ns),
+            &[
+                bin.to_str().unwrap(),
+                "nodes",
+                "--server",
+                server,
+                "--tls-ca",
+                ca.to_str().unwrap(),
+                "--tls-cert",
+                cert.to_str().unwrap(),
+                "--tls-key",
+                key.to_str().unwrap(),
+            ],
+            Duration::from_secs(20),
+        )
+        .expect("podnet-control nodes")
+    };
+    let out = wait_for("the second service", Duration::from_secs(20), || {
+        let out = nodes_at(&format!("https://{alt}"));
+        if out.stderr.contains("not valid for name") {
+            Ok(out)
+        } else {
+            Err(out.combined())
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!out.success());
+    assert!(out.stderr.contains("--server --ip ADDR"), "{}", out.stderr);
+    assert!(out.stderr.contains("chmod 600"), "{}", out.stderr);
+    tb.stop("alt");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+
     // No certificate: the handshake completes and HTTP says what is missing.
     let mut a = vec!["--cacert".to_string(), ca.to_str().unwrap().to_string()];
     a.extend(["-w".into(), "\n%{http_code}".into(), url(&tb, "/v1/nodes")]);
