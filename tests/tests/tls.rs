@@ -61,6 +61,31 @@ fn status_and_body(out: &Output) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
+/// `podnet-control nodes` against `server`, as the testbed's operator, from host 1.
+fn operator_nodes(tb: &Testbed, server: &str) -> Output {
+    let bin = podnet_bin("podnet-control");
+    let pki = tb.pki();
+    let file = |f: &str| pki.join(f).to_str().expect("utf-8 path").to_string();
+    let (ca, cert, key) = (
+        file("ca.pem"),
+        file("operator-admin.pem"),
+        file("operator-admin-key.pem"),
+    );
+    let argv = [
+        bin.to_str().unwrap(),
+        "nodes",
+        "--server",
+        server,
+        "--tls-ca",
+        &ca,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ];
+    run(Some(&tb.host(1).ns), &argv, Duration::from_secs(20)).expect("podnet-control nodes")
+}
+
 fn ping_all(tb: &Testbed) {
     let failures = tb.mesh_failures();
     assert!(failures.is_empty(), "pod mesh: {failures:?}");
@@ -203,27 +228,8 @@ fn a_node_speaks_only_for_itself_and_bad_clients_are_refused_clearly() {
     // CLI.
     let bin = podnet_bin("podnet-control");
     let ca = pki.join("ca.pem");
-    let (cert, key) = (
-        pki.join("operator-admin.pem"),
-        pki.join("operator-admin-key.pem"),
-    );
-    let out = run(
-        Some(&tb.host(1).ns),
-        &[
-            bin.to_str().unwrap(),
-            "nodes",
-            "--server",
-            &tb.control_url(),
-            "--tls-ca",
-            ca.to_str().unwrap(),
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-        Duration::from_secs(20),
-    )
-    .expect("podnet-control nodes");
+    let key = pki.join("operator-admin-key.pem");
+    let out = operator_nodes(&tb, &tb.control_url());
     assert!(out.success(), "{}", out.combined());
     for n in ["h1", "h2", "h3"] {
         assert!(out.stdout.contains(n), "{}", out.stdout);
@@ -255,27 +261,8 @@ fn a_node_speaks_only_for_itself_and_bad_clients_are_refused_clearly() {
     );
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .expect("chmod");
-    let nodes_at = |server: &str| {
-        run(
-            Some(&tb.host(1).ns),
-            &[
-                bin.to_str().unwrap(),
-                "nodes",
-                "--server",
-                server,
-                "--tls-ca",
-                ca.to_str().unwrap(),
-                "--tls-cert",
-                cert.to_str().unwrap(),
-                "--tls-key",
-                key.to_str().unwrap(),
-            ],
-            Duration::from_secs(20),
-        )
-        .expect("podnet-control nodes")
-    };
     let out = wait_for("the second service", Duration::from_secs(20), || {
-        let out = nodes_at(&format!("https://{alt}"));
+        let out = operator_nodes(&tb, &format!("https://{alt}"));
         if out.stderr.contains("not valid for name") {
             Ok(out)
         } else {
