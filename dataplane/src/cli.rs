@@ -222,6 +222,13 @@ pub struct RunArgs {
     /// Disable TUN/UDP offloads (TSO, GSO, GRO) and use the plain per-packet path.
     #[arg(long)]
     pub no_offload: bool,
+    /// Source-NAT pod traffic to destinations outside --cluster-cidr (the nftables table
+    /// `ip podnet`), so pods reach the underlay and beyond. The default.
+    #[arg(long, overrides_with = "no_masquerade")]
+    pub masquerade: bool,
+    /// No pod egress: pods reach only the cluster, and leave no table behind.
+    #[arg(long, overrides_with = "masquerade")]
+    pub no_masquerade: bool,
     /// How long the data path keeps polling after its last packet before it sleeps: cuts the
     /// wake-ups that dominate round-trip time, at the price of CPU while traffic trickles
     /// (an idle agent sleeps). 0 turns polling off.
@@ -298,6 +305,8 @@ pub struct RunConfig {
     pub state_dir: PathBuf,
     pub api: SocketAddr,
     pub offload: bool,
+    /// Pod egress through the nftables table `ip podnet`.
+    pub masquerade: bool,
     pub busy_poll: Duration,
     pub tun_queues: u8,
 }
@@ -378,6 +387,7 @@ impl RunArgs {
             state_dir: self.state_dir,
             api: self.api,
             offload: !self.no_offload,
+            masquerade: !self.no_masquerade,
             busy_poll: self.busy_poll,
             tun_queues: self.tun_queues,
         })

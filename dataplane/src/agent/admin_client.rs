@@ -93,6 +93,9 @@ pub fn format_status(v: &serde_json::Value) -> String {
         }
         _ => {}
     }
+    if let Some(egress) = v.get("egress").and_then(|e| e.as_str()) {
+        let _ = writeln!(out, "egress:      {egress}");
+    }
     if let Some(n) = v.get("receive_sockets").and_then(|n| n.as_u64()) {
         let what = match v.get("encap").and_then(|e| e.as_str()) {
             Some("vxlan") if n > 1 => "UDP sockets on port 4789 (SO_REUSEPORT group, read in turn)",

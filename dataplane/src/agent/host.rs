@@ -1,5 +1,6 @@
 //! The host state the agent owns, kept as desired: the TUN device (present, its MTU, up), its
-//! /32 address, the cluster route into it and the sysctls the data path needs.
+//! /32 address, the cluster route into it, the sysctls the data path needs, the direct routes
+//! and the pod egress table ([`crate::agent::egress`]).
 //!
 //! [`Host::install`] applies it at start and records what this process added. While the agent
 //! runs, [`watch`] re-checks it whenever rtnetlink reports a link, address or route change in
@@ -12,11 +13,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
 
+use crate::agent::egress::{EgressError, Masquerade, TABLE};
 use crate::core::routing::ROUTE_PROTO;
 
 use crate::sys::netlink::{Changes, Installed, Netlink, NetlinkError, TunnelSetup};
@@ -44,14 +46,20 @@ pub struct Desired {
     /// ([`crate::core::routing`]); the agent swaps in a new set whenever its peers change.
     pub direct: Arc<ArcSwap<DirectRoutes>>,
     pub underlay_index: u32,
+    /// Pod egress (`--masquerade`); `None` also removes a table an earlier agent left.
+    pub masquerade: Option<Masquerade>,
 }
+
+/// How often the egress table is compared with what it should be: each check runs `nft`, and
+/// nftables changes raise no rtnetlink notification.
+const EGRESS_CHECK_PERIOD: Duration = Duration::from_secs(2);
 
 /// Pod CIDR -> the peer's underlay IP.
 pub type DirectRoutes = BTreeMap<Ipv4Net, Ipv4Addr>;
 
 /// Kinds of repair, in the order [`Host::reconcile`] checks them (also the `what` label of
 /// `podnet_agent_repairs_total`).
-pub const REPAIR_KINDS: [&str; 7] = [
+pub const REPAIR_KINDS: [&str; 8] = [
     "device",
     "mtu",
     "link_up",
@@ -59,6 +67,7 @@ pub const REPAIR_KINDS: [&str; 7] = [
     "route",
     "ip_forward",
     "direct_route",
+    "masquerade",
 ];
 
 /// Repairs made, by kind ([`REPAIR_KINDS`]).
@@ -91,6 +100,8 @@ pub enum HostError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Sysctl(#[from] sysctl::SysctlError),
+    #[error(transparent)]
+    Egress(#[from] EgressError),
     #[error("cannot rebuild TUN device {name}: {source}")]
     Reattach {
         name: String,
@@ -108,6 +119,8 @@ pub struct Host {
     direct: DirectRoutes,
     /// Direct routes another route is in the way of (logged once each).
     blocked: BTreeSet<Ipv4Net>,
+    /// When the egress table was last compared.
+    egress_checked: Instant,
 }
 
 impl Host {
@@ -124,11 +137,21 @@ impl Host {
             },
             direct: DirectRoutes::new(),
             blocked: BTreeSet::new(),
+            egress_checked: Instant::now(),
         };
         // On error `host` is dropped, which removes what this call added. The direct routes
-        // pass also removes those a crashed agent left.
+        // pass also removes those a crashed agent left, and the egress table replaces theirs.
         host.apply_device(index)?;
         host.reconcile_direct(&mut Vec::new())?;
+        match &host.desired.masquerade {
+            Some(m) => m.apply()?,
+            None => {
+                // A table an earlier agent of this namespace left (without nft there is none).
+                if let Err(e) = Masquerade::remove() {
+                    tracing::debug!("no egress table to remove: {e}");
+                }
+            }
+        }
         Ok(host)
     }
 
@@ -231,6 +254,22 @@ impl Host {
             ));
         }
         self.reconcile_direct(&mut done)?;
+        if let Some(m) = self.desired.masquerade {
+            if self.egress_checked.elapsed() >= EGRESS_CHECK_PERIOD {
+                self.egress_checked = Instant::now();
+                if !m.present()? {
+                    m.apply()?;
+                    done.push((
+                        "masquerade",
+                        format!(
+                            "the nftables table ip {TABLE} was removed or changed; replaced \
+                             (masquerade {} to outside {})",
+                            m.pod_cidr, m.cluster_cidr
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(done)
     }
 
@@ -291,6 +330,11 @@ impl Host {
         for (dst, _) in direct {
             if let Err(e) = self.netlink.del_route_via(dst, ROUTE_PROTO) {
                 tracing::warn!(error = %e, "could not remove the direct route to {dst}");
+            }
+        }
+        if self.desired.masquerade.is_some() {
+            if let Err(e) = Masquerade::remove() {
+                tracing::warn!(error = %e, "could not remove the egress table ip {TABLE}");
             }
         }
     }
@@ -378,6 +422,7 @@ mod tests {
             tx_queue_len: 1000,
             direct: Arc::default(),
             underlay_index: 0,
+            masquerade: None,
         }
     }
 

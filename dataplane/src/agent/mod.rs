@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod egress;
 pub mod files;
 pub mod host;
 pub mod membership;
@@ -38,6 +39,7 @@ use crate::sys::udp::{
     UdpConfig, UdpError, VxlanSocket, DEFAULT_BUFFER_BYTES, DEFAULT_SOURCE_PORTS,
 };
 use crate::sys::{sysctl, Stop};
+use egress::Masquerade;
 use files::{write_subnet_env, StateDirError};
 use host::{Desired, Host, HostError, Repairs};
 use state::{warn_unreachable_peers, Agent, MembershipStatus, NodeInfo, OffloadInfo};
@@ -223,6 +225,10 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             tx_queue_len: DEFAULT_TX_QUEUE_LEN,
             direct: Arc::clone(&direct),
             underlay_index: underlay.index,
+            masquerade: cfg.masquerade.then_some(Masquerade {
+                pod_cidr,
+                cluster_cidr: cfg.cluster_cidr,
+            }),
         },
         tun.index(),
     )?);
@@ -320,6 +326,15 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             lock: lock.name(),
             routing: routing.mode,
             underlay_net: routing.underlay_net,
+            egress: if cfg.masquerade {
+                format!(
+                    "masquerade {pod_cidr} to outside {} (nftables table ip {})",
+                    cfg.cluster_cidr,
+                    egress::TABLE
+                )
+            } else {
+                "off (--no-masquerade): pods reach only the cluster".to_string()
+            },
         };
         tracing::info!(
             node = %info.node, pod_cidr = %pod_cidr, encap = info.encap, mtu,

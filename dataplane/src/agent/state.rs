@@ -50,6 +50,8 @@ pub struct NodeInfo {
     /// that decides which are on-link.
     pub routing: routing::Mode,
     pub underlay_net: Ipv4Net,
+    /// Pod egress, as `status` shows it.
+    pub egress: String,
 }
 
 /// Which offloads are in use (what the kernel accepted at start).
