@@ -13,6 +13,7 @@
 //! No module imports one that imports it back (`tests/module_graph.rs` checks).
 pub mod agent;
 pub mod cli;
+pub mod cni;
 pub mod core;
 pub mod datapath;
 #[allow(unsafe_code)] // OS shells: the only unsafe in podnet; every block has a SAFETY comment.

@@ -45,13 +45,28 @@ pub fn command(ns: Option<&str>, argv: &[&str]) -> Command {
 /// Runs `argv` (in netns `ns`) and waits at most `timeout`; a command still running then is
 /// killed (by its PID) and reported as an error with what it printed so far.
 pub fn run(ns: Option<&str>, argv: &[&str], timeout: Duration) -> Result<Output, String> {
+    run_with_stdin(ns, argv, &[], timeout)
+}
+
+/// [`run`] with `input` written to the command's stdin (then closed).
+pub fn run_with_stdin(
+    ns: Option<&str>,
+    argv: &[&str],
+    input: &[u8],
+    timeout: Duration,
+) -> Result<Output, String> {
     let what = describe(ns, argv);
     let mut child = command(ns, argv)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("{what}: cannot start: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write as _;
+        // A command that does not read its input closes the pipe early: not an error.
+        let _ = stdin.write_all(input);
+    }
     let out = reader(&mut child, true);
     let err = reader(&mut child, false);
     let start = Instant::now();

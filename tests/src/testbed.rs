@@ -101,6 +101,7 @@ pub struct TestbedBuilder {
     wait_mesh: bool,
     subnets: u8,
     mtls: bool,
+    cni: bool,
 }
 
 impl TestbedBuilder {
@@ -118,7 +119,16 @@ impl TestbedBuilder {
             wait_mesh: true,
             subnets: 1,
             mtls: false,
+            cni: false,
         }
+    }
+
+    /// Makes the pods through the podnet CNI plugin, as a runtime would (control mode only: the
+    /// plugin reads the agent's `subnet.env`): `podnet-cni` ADD in the host's namespace, the
+    /// pod's namespace as `CNI_NETNS`, allocations in `<dir>/hN-cni`.
+    pub fn cni(mut self) -> Self {
+        self.cni = true;
+        self
     }
 
     /// Runs podnet-control with mTLS: a cluster CA in `<dir>/pki` (`podnet-control ca`), a
@@ -210,6 +220,7 @@ impl TestbedBuilder {
             procs: BTreeMap::new(),
             peers: self.peers,
             mtls: self.mtls,
+            cni: self.cni,
             agent_args: self.agent_args,
             control_args: self.control_args,
             pods_per_host: self.pods,
@@ -306,6 +317,7 @@ pub struct Testbed {
     procs: BTreeMap<String, Background>,
     peers: Peers,
     mtls: bool,
+    cni: bool,
     agent_args: Vec<String>,
     control_args: Vec<String>,
     pods_per_host: u8,
@@ -426,6 +438,33 @@ impl Testbed {
     /// Host n's `cni0` bridge (gateway = first address of `cidr`) and its pods; pods keep MTU
     /// 1500 so they can send more than the overlay MTU (for the frag-needed checks).
     pub fn add_pods(&mut self, n: u8, cidr: Ipv4Net) {
+        if self.cni {
+            let mut pods = Vec::new();
+            for m in 1..=self.pods_per_host {
+                let pns = self.add_netns(&format!("h{n}-p{m}"));
+                let out = self.cni_call(n, "ADD", &pns, "eth0", None);
+                assert!(
+                    out.success(),
+                    "podnet-cni ADD for {pns}: {}",
+                    out.combined()
+                );
+                let result: serde_json::Value =
+                    serde_json::from_str(&out.stdout).expect("ADD result JSON");
+                let ip: Ipv4Net = result["ips"][0]["address"]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or_else(|| panic!("no address in {result}"));
+                pods.push(Pod {
+                    ns: pns,
+                    ip: ip.addr(),
+                    host: n,
+                });
+            }
+            let host = self.host_mut(n);
+            host.pod_cidr = Some(cidr);
+            host.pods = pods;
+            return;
+        }
         let hns = self.host(n).ns.clone();
         let base = u32::from(cidr.network());
         let gw = Ipv4Addr::from(base + 1);
@@ -663,6 +702,48 @@ impl Testbed {
     pub fn control_url(&self) -> String {
         let scheme = if self.mtls { "https" } else { "http" };
         format!("{scheme}://{}:{CONTROL_PORT}", underlay_ip(1))
+    }
+
+    /// The network config a runtime hands `podnet-cni` on host n (`conf` replaces it).
+    pub fn cni_config(&self, n: u8) -> serde_json::Value {
+        serde_json::json!({
+            "cniVersion": "1.1.0",
+            "name": "podnet",
+            "type": "podnet",
+            "subnetFile": self.path(&format!("h{n}/subnet.env")),
+            "dataDir": self.path(&format!("h{n}-cni")),
+        })
+    }
+
+    /// Runs `podnet-cni` in host n's namespace as a runtime would: `verb`, the pod's namespace
+    /// `pod_ns` (by name, under /run/netns), `ifname`, and `conf` (default [`Self::cni_config`])
+    /// on stdin.
+    pub fn cni_call(
+        &self,
+        n: u8,
+        verb: &str,
+        pod_ns: &str,
+        ifname: &str,
+        conf: Option<&serde_json::Value>,
+    ) -> crate::Output {
+        let conf = conf.cloned().unwrap_or_else(|| self.cni_config(n));
+        let bin = crate::podnet_bin("podnet-cni");
+        let netns = format!("/run/netns/{pod_ns}");
+        crate::cmd::run_with_stdin(
+            Some(&self.host(n).ns),
+            &[
+                "env",
+                &format!("CNI_COMMAND={verb}"),
+                &format!("CNI_CONTAINERID={pod_ns}"),
+                &format!("CNI_NETNS={netns}"),
+                &format!("CNI_IFNAME={ifname}"),
+                "CNI_PATH=/usr/lib/cni",
+                bin.to_str().expect("utf-8 path"),
+            ],
+            conf.to_string().as_bytes(),
+            Duration::from_secs(30),
+        )
+        .expect("podnet-cni")
     }
 
     /// The cluster CA and certificates of an mTLS testbed.

@@ -15,6 +15,7 @@ pub mod caps;
 pub mod lock;
 mod mmsg;
 pub mod netlink;
+pub mod netns;
 pub mod raw;
 pub mod sysctl;
 pub mod tun;

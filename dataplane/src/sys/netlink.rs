@@ -9,6 +9,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::RawFd;
 
 use futures_util::TryStreamExt;
 use ipnet::Ipv4Net;
@@ -32,6 +33,8 @@ pub struct Link {
     pub up: bool,
     /// `IFLA_INFO_KIND` (`"tun"`, `"bridge"`, `"veth"`, ...) when the driver reports one.
     pub kind: Option<String>,
+    /// The hardware address, `aa:bb:...` (empty for devices without one, like TUN).
+    pub mac: String,
 }
 
 /// Why a netlink operation failed.
@@ -430,6 +433,90 @@ impl Netlink {
         }
     }
 
+    /// Creates bridge `name` (up, with `mtu`) unless it exists; returns it either way.
+    pub fn ensure_bridge(&self, name: &str, mtu: u32) -> Result<Link, NetlinkError> {
+        if let Some(link) = self.link_by_name(name)? {
+            return Ok(link);
+        }
+        let msg = rtnetlink::LinkBridge::new(name).mtu(mtu).up().build();
+        match self.rt.block_on(self.handle.link().add(msg).execute()) {
+            Ok(()) => {}
+            // Created meanwhile by a parallel ADD.
+            Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+            Err(e) => return Err(Self::req(format!("creating bridge {name}"))(e)),
+        }
+        self.link_by_name(name)?
+            .ok_or_else(|| NetlinkError::NoSuchLink(name.to_string()))
+    }
+
+    /// Creates the veth pair `name` <-> `peer` (both down) in this namespace.
+    pub fn add_veth(&self, name: &str, peer: &str) -> Result<(), NetlinkError> {
+        let msg = rtnetlink::LinkVeth::new(name, peer).build();
+        self.rt
+            .block_on(self.handle.link().add(msg).execute())
+            .map_err(Self::req(format!("creating veth pair {name}/{peer}")))
+    }
+
+    /// Moves device `index` into the network namespace open as `netns_fd`.
+    pub fn move_to_netns(&self, index: u32, netns_fd: RawFd) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index)
+            .setns_by_fd(netns_fd)
+            .build();
+        self.rt
+            .block_on(self.handle.link().set(msg).execute())
+            .map_err(Self::req(format!(
+                "moving ifindex {index} to another namespace"
+            )))
+    }
+
+    /// Attaches device `index` to bridge `bridge`, sets its MTU and brings it up.
+    pub fn attach_up(&self, index: u32, bridge: u32, mtu: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index)
+            .controller(bridge)
+            .mtu(mtu)
+            .up()
+            .build();
+        self.rt
+            .block_on(self.handle.link().set(msg).execute())
+            .map_err(Self::req(format!(
+                "attaching ifindex {index} to the bridge"
+            )))
+    }
+
+    /// Renames device `index` to `name`, sets its MTU and brings it up.
+    pub fn rename_up(&self, index: u32, name: &str, mtu: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index)
+            .name(name)
+            .mtu(mtu)
+            .up()
+            .build();
+        self.rt
+            .block_on(self.handle.link().set(msg).execute())
+            .map_err(Self::req(format!("renaming ifindex {index} to {name}")))
+    }
+
+    /// Deletes device `index`; `Ok(false)` if it was already gone.
+    pub fn del_link(&self, index: u32) -> Result<bool, NetlinkError> {
+        match self.rt.block_on(self.handle.link().del(index).execute()) {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(Self::req(format!("deleting ifindex {index}"))(e)),
+        }
+    }
+
+    /// Adds the default route via `gw` on device `index`.
+    pub fn add_default_route(&self, gw: Ipv4Addr, index: u32) -> Result<(), NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gw)
+            .output_interface(index)
+            .build();
+        match self.rt.block_on(self.handle.route().add(msg).execute()) {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(Self::req(format!("adding the default route via {gw}"))(e)),
+        }
+    }
+
     /// Configures the TUN device: MTU and up, the /32 address, the cluster route. Records what
     /// it added so [`Netlink::uninstall`] can take exactly that away again.
     pub fn install(&self, setup: &TunnelSetup) -> Result<Installed, NetlinkError> {
@@ -538,10 +625,18 @@ fn link_from(m: LinkMessage) -> Link {
         mtu: 0,
         up: m.header.flags.contains(LinkFlags::Up),
         kind: None,
+        mac: String::new(),
     };
     for a in m.attributes {
         match a {
             LinkAttribute::IfName(n) => link.name = n,
+            LinkAttribute::Address(bytes) => {
+                link.mac = bytes
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            }
             LinkAttribute::Mtu(mtu) => link.mtu = mtu,
             LinkAttribute::LinkInfo(infos) => {
                 link.kind = infos.iter().find_map(|i| match i {

@@ -1,0 +1,247 @@
+//! Issue 16 (CNI): pods made by `podnet-cni`, called as a runtime calls it (CNI_* variables,
+//! the config on stdin), on testbeds whose agents get their pod CIDRs from podnet-control.
+//!
+//! CNI-made pods reach every pod over VXLAN and IP-in-IP and the outside through the node's
+//! masquerade; the plugin's IPAM gives 50 parallel ADDs 50 addresses, keeps them across agent
+//! restarts, frees them on DEL (twice is fine) and GC, and says how many a full subnet holds;
+//! bad input gets the spec's codes and leaves nothing behind.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use podnet_tests::{e2e_ready, run, Encap, HostMode, Peers, Testbed, TestbedBuilder};
+use serde_json::{json, Value};
+
+fn cni_testbed(name: &str, encap: Encap, hosts: u8) -> Testbed {
+    TestbedBuilder::new(name)
+        .hosts(hosts)
+        .pods_per_host(2)
+        .mode(HostMode::Podnet(encap))
+        .peers(Peers::Control)
+        .cni()
+        .build()
+}
+
+fn code(out: &podnet_tests::Output) -> u64 {
+    let v: Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("error JSON on stdout ({e}): {}", out.combined()));
+    v["code"].as_u64().unwrap_or(0)
+}
+
+/// Links in host n's namespace (names).
+fn links(tb: &Testbed, n: u8) -> Vec<String> {
+    let out = run(
+        Some(&tb.host(n).ns),
+        &["ip", "-o", "link", "show"],
+        Duration::from_secs(10),
+    )
+    .expect("ip link");
+    out.stdout
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .collect()
+}
+
+/// Files of the plugin's IPAM store on host n (one per allocated address).
+fn allocations(tb: &Testbed, n: u8) -> Vec<Ipv4Addr> {
+    let dir = tb.path(&format!("h{n}-cni/podnet"));
+    std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn cni_made_pods_reach_every_pod_and_the_outside_over_vxlan() {
+    if !e2e_ready() {
+        return;
+    }
+    // The builder waits for the full mesh: every CNI-made pod pings every other.
+    let mut tb = cni_testbed("cnivxlan", Encap::Vxlan, 3);
+    let outside: Ipv4Addr = "198.18.0.200".parse().unwrap();
+    tb.add_underlay_node("out", outside);
+    let p = tb.pod(1, 1).clone();
+    assert!(tb.ping(&p, outside, 2).success(), "pod -> outside");
+    assert!(
+        tb.ping(&p, podnet_tests::testbed::underlay_ip(3), 2)
+            .success(),
+        "pod -> another node's underlay"
+    );
+    // The result a runtime gets: the pod's interface in its sandbox, the address, the route.
+    let pns = tb.add_netns("h1-px");
+    let out = tb.cni_call(1, "ADD", &pns, "eth0", None);
+    assert!(out.success(), "{}", out.combined());
+    let r: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(r["cniVersion"], json!("1.1.0"));
+    assert_eq!(r["interfaces"][2]["name"], json!("eth0"));
+    assert_eq!(
+        r["interfaces"][2]["sandbox"],
+        json!(format!("/run/netns/{pns}"))
+    );
+    assert_eq!(r["ips"][0]["interface"], json!(2));
+    assert_eq!(r["routes"][0]["dst"], json!("0.0.0.0/0"));
+    let check = tb.cni_call(1, "CHECK", &pns, "eth0", None);
+    assert!(check.success(), "CHECK: {}", check.combined());
+    // 0.4.0 still gets the version field in its ips.
+    let mut old = tb.cni_config(1);
+    old["cniVersion"] = json!("0.4.0");
+    let pns4 = tb.add_netns("h1-p4");
+    let out = tb.cni_call(1, "ADD", &pns4, "eth0", Some(&old));
+    assert!(out.success(), "{}", out.combined());
+    let r: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(r["ips"][0]["version"], json!("4"));
+}
+
+#[test]
+fn cni_made_pods_reach_every_pod_over_ipip() {
+    if !e2e_ready() {
+        return;
+    }
+    let tb = cni_testbed("cniipip", Encap::Ipip, 3);
+    assert!(tb.mesh_failures().is_empty());
+}
+
+#[test]
+fn ipam_parallel_adds_del_gc_restart_and_exhaustion() {
+    if !e2e_ready() {
+        return;
+    }
+    let mut tb = cni_testbed("cniipam", Encap::Vxlan, 2);
+    let before = allocations(&tb, 1).len();
+    assert_eq!(before, 2, "the two testbed pods");
+    // 50 ADDs at once, each its own plugin process, as parallel pod starts run them.
+    let names: Vec<String> = (0..50).map(|i| tb.add_netns(&format!("h1-c{i}"))).collect();
+    let results: Vec<podnet_tests::Output> = std::thread::scope(|s| {
+        let tb = &tb;
+        let handles: Vec<_> = names
+            .iter()
+            .map(|ns| s.spawn(move || tb.cni_call(1, "ADD", ns, "eth0", None)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ips = std::collections::BTreeSet::new();
+    for (out, ns) in results.iter().zip(&names) {
+        assert!(out.success(), "ADD {ns}: {}", out.combined());
+        let r: Value = serde_json::from_str(&out.stdout).unwrap();
+        ips.insert(r["ips"][0]["address"].as_str().unwrap().to_string());
+    }
+    assert_eq!(ips.len(), 50, "{ips:?}");
+    assert_eq!(allocations(&tb, 1).len(), 52);
+
+    // DEL, then DEL again (and DEL of a container never added): all succeed.
+    for _ in 0..2 {
+        let out = tb.cni_call(1, "DEL", &names[0], "eth0", None);
+        assert!(out.success(), "DEL: {}", out.combined());
+    }
+    let out = tb.cni_call(1, "DEL", "never-added", "eth0", None);
+    assert!(out.success(), "DEL unknown: {}", out.combined());
+    assert_eq!(allocations(&tb, 1).len(), 51);
+
+    // The agent restarts: allocations stay and CHECK passes for a pod made before.
+    tb.stop("agent-h1");
+    tb.restart_agent(1, HostMode::Podnet(Encap::Vxlan));
+    assert_eq!(allocations(&tb, 1).len(), 51);
+    let check = tb.cni_call(1, "CHECK", &names[1], "eth0", None);
+    assert!(check.success(), "CHECK after restart: {}", check.combined());
+
+    // GC: only the testbed's pods and c1 stay valid.
+    let mut conf = tb.cni_config(1);
+    let mut keep: Vec<Value> = tb
+        .host(1)
+        .pods
+        .iter()
+        .map(|p| json!({"containerID": p.ns, "ifname": "eth0"}))
+        .collect();
+    keep.push(json!({"containerID": names[1], "ifname": "eth0"}));
+    conf["cni.dev/valid-attachments"] = Value::Array(keep);
+    let out = tb.cni_call(1, "GC", "unused", "eth0", Some(&conf));
+    assert!(out.success(), "GC: {}", out.combined());
+    assert_eq!(allocations(&tb, 1).len(), 3);
+    assert!(tb.mesh_failures().is_empty(), "GC broke a kept pod");
+
+    // A full subnet says how many addresses it holds.
+    let small = tb.path("small-subnet.env");
+    std::fs::write(&small, "POD_SUBNET=10.244.200.0/29\nPOD_MTU=1450\n").unwrap();
+    let mut conf = tb.cni_config(1);
+    conf["subnetFile"] = json!(small);
+    conf["dataDir"] = json!(tb.path("small-cni"));
+    conf["bridge"] = json!("cni9");
+    for i in 0..5 {
+        let ns = tb.add_netns(&format!("h1-s{i}"));
+        let out = tb.cni_call(1, "ADD", &ns, "eth0", Some(&conf));
+        assert!(out.success(), "ADD {i}: {}", out.combined());
+    }
+    let ns = tb.add_netns("h1-s5");
+    let out = tb.cni_call(1, "ADD", &ns, "eth0", Some(&conf));
+    assert!(!out.success());
+    assert_eq!(code(&out), 100, "{}", out.stdout);
+    assert!(out.stdout.contains("all 5 addresses"), "{}", out.stdout);
+    // ... and left no half-made pair behind.
+    let inside = run(Some(&ns), &["ip", "-o", "link"], Duration::from_secs(10)).unwrap();
+    assert!(!inside.stdout.contains("eth0"), "{}", inside.stdout);
+}
+
+#[test]
+fn bad_input_gets_the_spec_codes_and_leaves_nothing() {
+    if !e2e_ready() {
+        return;
+    }
+    let mut tb = cni_testbed("cnibad", Encap::Vxlan, 1);
+    let pns = tb.add_netns("h1-bad");
+    let links_before = links(&tb, 1);
+    let allocated_before = allocations(&tb, 1);
+    let bin = podnet_tests::podnet_bin("podnet-cni");
+    let call = |env: &[&str], stdin: &str| {
+        let mut argv = vec!["env"];
+        argv.extend_from_slice(env);
+        argv.push(bin.to_str().unwrap());
+        podnet_tests::cmd::run_with_stdin(
+            Some(&tb.host(1).ns),
+            &argv,
+            stdin.as_bytes(),
+            Duration::from_secs(20),
+        )
+        .unwrap()
+    };
+    let netns = format!("CNI_NETNS=/run/netns/{pns}");
+    let good = tb.cni_config(1).to_string();
+    let add = ["CNI_COMMAND=ADD", "CNI_CONTAINERID=bad", "CNI_IFNAME=eth0"];
+
+    let out = call(&[add[0], add[1], add[2], &netns], "{\"cniVersion\": ");
+    assert_eq!(code(&out), 6, "malformed JSON: {}", out.stdout);
+    let out = call(&add, &good);
+    assert_eq!(code(&out), 4, "no CNI_NETNS: {}", out.stdout);
+    assert!(out.stdout.contains("CNI_NETNS"), "{}", out.stdout);
+    let mut old = tb.cni_config(1);
+    old["cniVersion"] = json!("0.3.1");
+    let out = call(&[add[0], add[1], add[2], &netns], &old.to_string());
+    assert_eq!(code(&out), 1, "unsupported version: {}", out.stdout);
+    let mut missing = tb.cni_config(1);
+    missing["subnetFile"] = json!("/nonexistent/subnet.env");
+    let out = call(&[add[0], add[1], add[2], &netns], &missing.to_string());
+    assert_eq!(code(&out), 11, "missing subnet file: {}", out.stdout);
+    assert!(out.stdout.contains("podnet-agent"), "{}", out.stdout);
+    let out = call(&["CNI_COMMAND=STATUS"], &missing.to_string());
+    assert_eq!(code(&out), 50, "STATUS: {}", out.stdout);
+    let out = call(&["CNI_COMMAND=STATUS"], &good);
+    assert!(
+        out.success(),
+        "STATUS with the agent up: {}",
+        out.combined()
+    );
+    let out = call(&["CNI_COMMAND=VERSION"], "");
+    assert!(out.stdout.contains("\"1.1.0\""), "{}", out.stdout);
+
+    assert_eq!(links(&tb, 1), links_before, "a failed ADD left a device");
+    assert_eq!(
+        allocations(&tb, 1),
+        allocated_before,
+        "a failed ADD kept an address"
+    );
+    let inside = run(Some(&pns), &["ip", "-o", "link"], Duration::from_secs(10)).unwrap();
+    assert!(!inside.stdout.contains("eth0"), "{}", inside.stdout);
+}
