@@ -355,3 +355,109 @@ fn assert_hops_reported(text: &str, count: usize) {
         "{prefix} left behind"
     );
 }
+
+#[test]
+fn containerd_containers_attach_through_the_podnet_cni_plugin() {
+    if !e2e_ready() {
+        return;
+    }
+    podnet_tests::require_tools(&["containerd", "ctr", "runc", "busybox", "nsenter", "unshare"]);
+    assert!(
+        Path::new("/usr/lib/cni/loopback").exists(),
+        "ctr --cni needs the reference plugins: apt-get install containernetworking-plugins"
+    );
+    let s = Script::new("scctr");
+    s.up(&[
+        "--hosts",
+        "3",
+        "--pods-per-host",
+        "1",
+        "--runtime",
+        "containerd",
+    ]);
+    let listed = std::fs::read_to_string(s.run_dir.join(&s.prefix).join("containers"))
+        .expect("RUN/containers");
+    // "hN ID IP" per container.
+    let addr = |host: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(&format!("{host} ")))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or_else(|| panic!("no container on {host}: {listed}"))
+            .to_string()
+    };
+    let (c1, c2) = (addr("h1"), addr("h2"));
+    let ctr = |host: &str, args: &[&str]| {
+        let mut all = vec!["ctr", "--prefix", &s.prefix, host];
+        all.extend_from_slice(args);
+        s.call(&all)
+    };
+    let pods = std::fs::read_to_string(s.run_dir.join(&s.prefix).join("pods")).unwrap();
+    let pod3 = pods
+        .lines()
+        .find(|l| l.starts_with(&s.ns("h3-p1")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no pod on h3: {pods}"))
+        .to_string();
+    for (host, id, peer) in [
+        ("h1", "ctr-h1", c2.as_str()),
+        ("h2", "ctr-h2", c1.as_str()),
+        ("h1", "ctr-h1", pod3.as_str()),
+        ("h2", "ctr-h2", pod3.as_str()),
+    ] {
+        let exec_id = format!("ping-{}", peer.replace('.', "-"));
+        let (out, text) = ctr(
+            host,
+            &[
+                "task",
+                "exec",
+                "--exec-id",
+                &exec_id,
+                id,
+                "/bin/ping",
+                "-c",
+                "2",
+                "-W",
+                "5",
+                peer,
+            ],
+        );
+        assert!(out.status.success(), "{id} -> {peer}: {text}");
+        assert!(text.contains("2 packets received"), "{text}");
+    }
+    // iperf3 between the two containers (the host's /usr is theirs, read-only).
+    let (out, text) = ctr(
+        "h2",
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "iperf-s",
+            "ctr-h2",
+            "/usr/bin/iperf3",
+            "-s",
+            "-1",
+            "-D",
+        ],
+    );
+    assert!(out.status.success(), "{text}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (out, text) = ctr(
+        "h1",
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "iperf-c",
+            "ctr-h1",
+            "/usr/bin/iperf3",
+            "-c",
+            &c2,
+            "-t",
+            "2",
+        ],
+    );
+    assert!(out.status.success() && text.contains("receiver"), "{text}");
+    s.down();
+    assert!(!netns_exists(&s.ns("h1")));
+}
