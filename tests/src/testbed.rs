@@ -728,6 +728,21 @@ impl Testbed {
     ) -> crate::Output {
         let conf = conf.cloned().unwrap_or_else(|| self.cni_config(n));
         let bin = crate::podnet_bin("podnet-cni");
+        self.cni_exec(n, &bin, verb, pod_ns, ifname, &conf)
+    }
+
+    /// Runs CNI plugin `plugin` (podnet's or a reference plugin) in host n's namespace as a
+    /// runtime would, `conf` on stdin.
+    pub fn cni_exec(
+        &self,
+        n: u8,
+        plugin: &std::path::Path,
+        verb: &str,
+        pod_ns: &str,
+        ifname: &str,
+        conf: &serde_json::Value,
+    ) -> crate::Output {
+        let bin = plugin;
         let netns = format!("/run/netns/{pod_ns}");
         crate::cmd::run_with_stdin(
             Some(&self.host(n).ns),

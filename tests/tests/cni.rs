@@ -245,3 +245,62 @@ fn bad_input_gets_the_spec_codes_and_leaves_nothing() {
     let inside = run(Some(&pns), &["ip", "-o", "link"], Duration::from_secs(10)).unwrap();
     assert!(!inside.stdout.contains("eth0"), "{}", inside.stdout);
 }
+
+#[test]
+fn portmap_chained_after_podnet_publishes_a_host_port() {
+    if !e2e_ready() {
+        return;
+    }
+    podnet_tests::require_tools(&["iptables", "iperf3"]);
+    let portmap = std::path::Path::new("/usr/lib/cni/portmap");
+    assert!(
+        portmap.exists(),
+        "apt-get install containernetworking-plugins (portmap)"
+    );
+    let mut tb = cni_testbed("cniportmap", Encap::Vxlan, 2);
+    let pns = tb.add_netns("h1-web");
+    // The conflist [podnet, portmap], run as a runtime runs it: each plugin gets the one
+    // before it's result as prevResult.
+    let mut conf = tb.cni_config(1);
+    conf["cniVersion"] = json!("1.0.0");
+    let out = tb.cni_call(1, "ADD", &pns, "eth0", Some(&conf));
+    assert!(out.success(), "podnet ADD: {}", out.combined());
+    let prev: Value = serde_json::from_str(&out.stdout).unwrap();
+    let pm = json!({
+        "cniVersion": "1.0.0",
+        "name": "podnet",
+        "type": "portmap",
+        "capabilities": {"portMappings": true},
+        "runtimeConfig": {"portMappings": [
+            {"hostPort": 8080, "containerPort": 5201, "protocol": "tcp"}
+        ]},
+        "prevResult": prev,
+    });
+    let out = tb.cni_exec(1, portmap, "ADD", &pns, "eth0", &pm);
+    assert!(out.success(), "portmap ADD: {}", out.combined());
+    let chained: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        chained["ips"], prev["ips"],
+        "portmap passed our result through"
+    );
+
+    tb.start_iperf_server("web", &pns).unwrap();
+    let host1 = podnet_tests::testbed::underlay_ip(1).to_string();
+    let out = run(
+        Some(&tb.host(2).ns),
+        &["iperf3", "-c", &host1, "-p", "8080", "-t", "1"],
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    assert!(
+        out.success() && out.stdout.contains("receiver"),
+        "h2 -> h1:8080 -> the pod's 5201: {}",
+        out.combined()
+    );
+
+    // DEL in reverse order, as runtimes do.
+    let out = tb.cni_exec(1, portmap, "DEL", &pns, "eth0", &pm);
+    assert!(out.success(), "portmap DEL: {}", out.combined());
+    let out = tb.cni_call(1, "DEL", &pns, "eth0", Some(&conf));
+    assert!(out.success(), "podnet DEL: {}", out.combined());
+}

@@ -1,6 +1,6 @@
 //! Issue 16 (egress): pods reach what is outside the cluster CIDR through the agent's nftables
-//! masquerade, on a 3-host VXLAN testbed through podnet-control, with an "outside" host on the
-//! underlay that has no route to any pod CIDR.
+//! masquerade, on a 3-host VXLAN testbed through podnet-control whose pods the podnet CNI
+//! plugin made, with an "outside" host on the underlay that has no route to any pod CIDR.
 //!
 //! The outside host sees the node's underlay address, a pod reaches another node's underlay
 //! address, pod-to-pod packets keep their pod addresses; the table is there while the agent
@@ -25,6 +25,7 @@ fn testbed(name: &str, agent_args: &[&str]) -> (Testbed, Pod) {
         .pods_per_host(1)
         .mode(MODE)
         .peers(Peers::Control)
+        .cni()
         .agent_args(agent_args)
         .build();
     let ns = tb.add_underlay_node("out", OUTSIDE);
