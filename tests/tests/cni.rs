@@ -304,3 +304,66 @@ fn portmap_chained_after_podnet_publishes_a_host_port() {
     let out = tb.cni_call(1, "DEL", &pns, "eth0", Some(&conf));
     assert!(out.success(), "podnet DEL: {}", out.combined());
 }
+
+#[test]
+fn delegated_ipam_and_del_after_the_netns_is_gone() {
+    if !e2e_ready() {
+        return;
+    }
+    let host_local = std::path::Path::new("/usr/lib/cni/host-local");
+    assert!(
+        host_local.exists(),
+        "apt-get install containernetworking-plugins (host-local)"
+    );
+    let mut tb = cni_testbed("cniipamdel", Encap::Vxlan, 2);
+    let cidr = tb.host(1).pod_cidr.expect("h1's pod CIDR");
+    let base = u32::from(cidr.network());
+    let start = Ipv4Addr::from(base + 100);
+    let mut conf = tb.cni_config(1);
+    // Debian's host-local speaks up to 1.0.0.
+    conf["cniVersion"] = json!("1.0.0");
+    conf["ipam"] = json!({
+        "type": "host-local",
+        "ranges": [[{"subnet": cidr.to_string(), "rangeStart": start.to_string(),
+                     "gateway": Ipv4Addr::from(base + 1).to_string()}]],
+        "dataDir": tb.path("host-local"),
+    });
+    let pns = tb.add_netns("h1-hl");
+    let out = tb.cni_call(1, "ADD", &pns, "eth0", Some(&conf));
+    assert!(out.success(), "ADD with host-local: {}", out.combined());
+    let r: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        r["ips"][0]["address"],
+        json!(format!("{start}/{}", cidr.prefix_len())),
+        "host-local's address"
+    );
+    let pod = podnet_tests::Pod {
+        ns: pns.clone(),
+        ip: start,
+        host: 1,
+    };
+    let peer = tb.pod(2, 1).ip;
+    assert!(
+        tb.ping(&pod, peer, 2).success(),
+        "the host-local pod reaches h2's"
+    );
+    assert_eq!(
+        allocations(&tb, 1).len(),
+        2,
+        "podnet's own IPAM was not used"
+    );
+    let out = tb.cni_call(1, "DEL", &pns, "eth0", Some(&conf));
+    assert!(out.success(), "DEL with host-local: {}", out.combined());
+    let held = tb.path("host-local/podnet").join(start.to_string());
+    assert!(!held.exists(), "host-local still holds {start}");
+
+    // DEL after the pod's namespace is gone succeeds and frees the address.
+    let gone = tb.add_netns("h1-gone");
+    let out = tb.cni_call(1, "ADD", &gone, "eth0", None);
+    assert!(out.success(), "{}", out.combined());
+    assert_eq!(allocations(&tb, 1).len(), 3);
+    podnet_tests::must(None, &["ip", "netns", "del", &gone]);
+    let out = tb.cni_call(1, "DEL", &gone, "eth0", None);
+    assert!(out.success(), "DEL with the netns gone: {}", out.combined());
+    assert_eq!(allocations(&tb, 1).len(), 2);
+}
