@@ -259,16 +259,17 @@ fn store(conf: &NetConf) -> Result<Store, CniError> {
     Ok(Store::open(&dir, &conf.name)?)
 }
 
-/// The host end's name: stable per attachment, so DEL and CHECK find it.
+/// The host end's name: `veth` and 8 hex digits of an FNV-1a hash of container ID and interface,
+/// the same in every version of the plugin, so a DEL or GC after an upgrade finds it.
 fn host_veth(who: &Attachment) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    who.hash_str().hash(&mut h);
-    format!("veth{:08x}", h.finish() as u32)
+    let hash = who.key().bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("veth{hash:08x}")
 }
 
 impl Attachment {
-    fn hash_str(&self) -> String {
+    fn key(&self) -> String {
         format!("{}/{}", self.container_id, self.ifname)
     }
 }
@@ -538,7 +539,7 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
         Some(store(conf)?.find(&who)?.ok_or_else(|| {
             CniError::new(
                 code::INVALID_CONFIG,
-                format!("no address is allocated to {}", who.hash_str()),
+                format!("no address is allocated to {}", who.key()),
                 "",
             )
         })?)
@@ -627,6 +628,17 @@ mod tests {
         assert_eq!(e.code, code::NOT_AVAILABLE);
         let (_, e) = run(&env("FROB"), conf).unwrap_err();
         assert_eq!(e.code, code::BAD_ENV);
+    }
+
+    #[test]
+    fn host_end_names_are_stable_and_fit_ifnamsiz() {
+        let who = Attachment {
+            container_id: "abc".into(),
+            ifname: "eth0".into(),
+        };
+        // FNV-1a of "abc/eth0" (computed independently), so a new build names an old veth alike.
+        assert_eq!(host_veth(&who), "veth2d0e111d");
+        assert!(host_veth(&who).len() <= 15);
     }
 
     #[test]
