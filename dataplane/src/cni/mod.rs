@@ -221,6 +221,27 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, (String, CniError)>
             "",
         )));
     }
+    // The spec's network name (it also names the IPAM directory: no `/`, no `..`).
+    let valid_name = conf
+        .name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && conf
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !valid_name {
+        return Err(fail(CniError::new(
+            code::INVALID_CONFIG,
+            format!(
+                "network name {:?} is invalid: use letters, digits, '_', '.' and '-', starting \
+                 with a letter or digit",
+                conf.name
+            ),
+            "",
+        )));
+    }
     let subnet_file = conf
         .subnet_file
         .clone()
@@ -628,6 +649,8 @@ mod tests {
         assert_eq!(e.code, code::NOT_AVAILABLE);
         let (_, e) = run(&env("FROB"), conf).unwrap_err();
         assert_eq!(e.code, code::BAD_ENV);
+        let (_, e) = run(&env("ADD"), br#"{"cniVersion":"1.0.0","name":"../../etc"}"#).unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG);
     }
 
     #[test]
