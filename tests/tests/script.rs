@@ -441,23 +441,30 @@ fn containerd_containers_attach_through_the_podnet_cni_plugin() {
         ],
     );
     assert!(out.status.success(), "{text}");
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let (out, text) = ctr(
-        "h1",
-        &[
-            "task",
-            "exec",
-            "--exec-id",
-            "iperf-c",
-            "ctr-h1",
-            "/usr/bin/iperf3",
-            "-c",
-            &c2,
-            "-t",
-            "2",
-        ],
-    );
-    assert!(out.status.success() && text.contains("receiver"), "{text}");
+    // The daemonized server may take a moment to listen: a bounded number of tries.
+    let mut last = String::new();
+    let ok = (0..20).any(|i| {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let exec_id = format!("iperf-c{i}");
+        let (out, text) = ctr(
+            "h1",
+            &[
+                "task",
+                "exec",
+                "--exec-id",
+                &exec_id,
+                "ctr-h1",
+                "/usr/bin/iperf3",
+                "-c",
+                &c2,
+                "-t",
+                "2",
+            ],
+        );
+        last = text;
+        out.status.success() && last.contains("receiver")
+    });
+    assert!(ok, "iperf3 ctr-h1 -> ctr-h2: {last}");
     s.down();
     assert!(!netns_exists(&s.ns("h1")));
 }
