@@ -497,24 +497,16 @@ fn setup(
         .ok_or_else(|| NetlinkError::NoSuchLink(host_name.clone()))?;
     nl.attach_up(host.index, bridge.index, mtu)?;
     let ifname = who.ifname.clone();
-    let pod = netns
-        .run(move || -> Result<Link, NetlinkError> {
-            let nl = Netlink::new()?;
-            let link = nl
-                .link_by_name(&temp)?
-                .ok_or_else(|| NetlinkError::NoSuchLink(temp.clone()))?;
-            nl.rename_up(link.index, &ifname, mtu)?;
-            nl.add_address(link.index, ip)?;
-            nl.add_default_route(gw, link.index)?;
-            nl.link_by_index(link.index)
-        })
-        .map_err(|e| {
-            CniError::new(
-                code::NETLINK,
-                "cannot enter the pod's namespace",
-                e.to_string(),
-            )
-        })??;
+    let pod = in_pod(netns, move || {
+        let nl = Netlink::new()?;
+        let link = nl
+            .link_by_name(&temp)?
+            .ok_or_else(|| NetlinkError::NoSuchLink(temp.clone()))?;
+        nl.rename_up(link.index, &ifname, mtu)?;
+        nl.add_address(link.index, ip)?;
+        nl.add_default_route(gw, link.index)?;
+        nl.link_by_index(link.index)
+    })?;
     let host = nl.link_by_index(host.index)?;
     Ok((bridge, host, pod))
 }
@@ -551,6 +543,21 @@ fn del(inv: &Invocation) -> Result<(), CniError> {
     release(inv, &who)
 }
 
+/// Runs `f` (netlink work) on a thread inside the pod's namespace.
+fn in_pod<T: Send>(
+    netns: &NetNs,
+    f: impl FnOnce() -> Result<T, NetlinkError> + Send,
+) -> Result<T, CniError> {
+    let done = netns.run(f).map_err(|e| {
+        CniError::new(
+            code::NETLINK,
+            "cannot enter the pod's namespace",
+            e.to_string(),
+        )
+    })?;
+    Ok(done?)
+}
+
 fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     let who = env.attachment()?;
     let netns = open_netns(env)?;
@@ -566,21 +573,13 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
         })?)
     };
     let ifname = who.ifname.clone();
-    let addrs = netns
-        .run(move || -> Result<Option<Vec<Ipv4Net>>, NetlinkError> {
-            let nl = Netlink::new()?;
-            match nl.link_by_name(&ifname)? {
-                Some(l) => nl.addresses(l.index).map(Some),
-                None => Ok(None),
-            }
-        })
-        .map_err(|e| {
-            CniError::new(
-                code::NETLINK,
-                "cannot enter the pod's namespace",
-                e.to_string(),
-            )
-        })??;
+    let addrs = in_pod(&netns, move || {
+        let nl = Netlink::new()?;
+        match nl.link_by_name(&ifname)? {
+            Some(l) => nl.addresses(l.index).map(Some),
+            None => Ok(None),
+        }
+    })?;
     let Some(addrs) = addrs else {
         return Err(CniError::new(
             code::INVALID_CONFIG,
