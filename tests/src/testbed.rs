@@ -742,7 +742,6 @@ impl Testbed {
         ifname: &str,
         conf: &serde_json::Value,
     ) -> crate::Output {
-        let bin = plugin;
         let netns = format!("/run/netns/{pod_ns}");
         crate::cmd::run_with_stdin(
             Some(&self.host(n).ns),
@@ -753,7 +752,7 @@ impl Testbed {
                 &format!("CNI_NETNS={netns}"),
                 &format!("CNI_IFNAME={ifname}"),
                 "CNI_PATH=/usr/lib/cni",
-                bin.to_str().expect("utf-8 path"),
+                plugin.to_str().expect("utf-8 path"),
             ],
             conf.to_string().as_bytes(),
             Duration::from_secs(30),

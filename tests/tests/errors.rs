@@ -6,8 +6,15 @@ use std::time::Duration;
 use podnet_tests::{e2e_ready, must, podnet_bin, run, HostMode, TestbedBuilder};
 
 fn agent_run(ns: &str, extra: &[&str]) -> podnet_tests::Output {
+    agent_run_env(ns, &[], extra)
+}
+
+/// [`agent_run`] with `env` (`NAME=VALUE`) set for the agent.
+fn agent_run_env(ns: &str, env: &[&str], extra: &[&str]) -> podnet_tests::Output {
     let bin = podnet_bin("podnet-agent");
-    let mut argv = vec![
+    let mut argv = vec!["env"];
+    argv.extend_from_slice(env);
+    argv.extend([
         bin.to_str().unwrap(),
         "run",
         "--node-name",
@@ -16,7 +23,7 @@ fn agent_run(ns: &str, extra: &[&str]) -> podnet_tests::Output {
         "198.18.0.1",
         "--encap",
         "ipip",
-    ];
+    ]);
     argv.extend_from_slice(extra);
     run(Some(ns), &argv, Duration::from_secs(15))
         .unwrap_or_else(|e| panic!("the agent must exit on a setup error: {e}"))
@@ -135,4 +142,46 @@ fn agent_refuses_overlapping_static_peers() {
     // Nothing was created.
     let links = must(Some(&ns), &["ip", "link", "show"]).stdout;
     assert!(!links.contains("tunl0"), "{links}");
+}
+
+#[test]
+fn a_missing_nft_stops_the_start_and_names_the_way_out() {
+    if !e2e_ready() {
+        return;
+    }
+    let tb = TestbedBuilder::new("egressnonft")
+        .hosts(1)
+        .pods_per_host(1)
+        .mode(HostMode::Bare)
+        .no_wait()
+        .build();
+    let ns = tb.host(1).ns.clone();
+    let state = tb.path("h1");
+    // nft lives in /usr/sbin: a PATH without it is a host without nftables.
+    let out = agent_run_env(
+        &ns,
+        &["PATH=/usr/bin:/bin"],
+        &[
+            "--underlay-dev",
+            "eth0",
+            "--pod-cidr",
+            "10.244.1.0/24",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.success(), "started without nft: {}", out.combined());
+    assert!(
+        out.stderr.contains("apt-get install nftables") && out.stderr.contains("--no-masquerade"),
+        "{}",
+        out.stderr
+    );
+    // Nothing left behind: the failed start removed its device.
+    let links = run(
+        Some(&ns),
+        &["ip", "-o", "link", "show"],
+        Duration::from_secs(10),
+    )
+    .expect("ip link");
+    assert!(!links.stdout.contains("tunl0"), "{}", links.stdout);
 }
