@@ -239,6 +239,10 @@ pub struct RunArgs {
     #[arg(long, default_value_t = crate::datapath::DEFAULT_TUN_QUEUES,
           value_parser = clap::value_parser!(u8).range(1..=8))]
     pub tun_queues: u8,
+    /// Data-path threads, each with its own TUN queues and receive sockets; a flow stays on
+    /// one. Default: the CPUs this process may run on, at most --tun-queues. 1 to 8.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub workers: Option<u8>,
 }
 
 /// Where the node's pod CIDR and peers come from.
@@ -287,6 +291,8 @@ pub enum ConfigError {
     PodCidrTooSmall(Ipv4Net),
     #[error("--cross-subnet goes with --encap vxlan or ipip (the tunnel for peers on other subnets); --encap none routes only to peers on the underlay subnet")]
     CrossSubnetWithoutTunnel,
+    #[error("--workers {workers} needs as many TUN queues, and --tun-queues is {queues}: each worker reads queues of its own; raise --tun-queues or lower --workers")]
+    WorkersOverQueues { workers: u8, queues: u8 },
 }
 
 /// `run` flags after validation.
@@ -309,6 +315,15 @@ pub struct RunConfig {
     pub masquerade: bool,
     pub busy_poll: Duration,
     pub tun_queues: u8,
+    /// `--workers`; `None`: one per usable CPU (see [`default_workers`]).
+    pub workers: Option<u8>,
+}
+
+/// The data-path workers when `--workers` is not given: the CPUs this process may run on (its
+/// affinity mask and CPU quota, as the standard library reads them), at most `queues`.
+pub fn default_workers(queues: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    cpus.clamp(1, queues.max(1))
 }
 
 fn valid_ifname(name: &str) -> bool {
@@ -347,6 +362,12 @@ impl RunArgs {
         }
         if self.cross_subnet && self.encap == EncapArg::None {
             return Err(ConfigError::CrossSubnetWithoutTunnel);
+        }
+        if let Some(workers) = self.workers.filter(|w| *w > self.tun_queues) {
+            return Err(ConfigError::WorkersOverQueues {
+                workers,
+                queues: self.tun_queues,
+            });
         }
         let tls = self
             .tls
@@ -390,6 +411,7 @@ impl RunArgs {
             masquerade: !self.no_masquerade,
             busy_poll: self.busy_poll,
             tun_queues: self.tun_queues,
+            workers: self.workers,
         })
     }
 }
@@ -623,6 +645,31 @@ mod tests {
             let err = ok(bad).unwrap_err();
             assert!(err.contains("--tun-queues"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn workers_are_one_to_eight_and_no_more_than_the_tun_queues() {
+        let run = |args: &[&'static str]| {
+            let mut a = vec!["--pod-cidr", "10.244.1.0/24"];
+            a.extend_from_slice(args);
+            with(&a)
+        };
+        assert_eq!(run(&[]).unwrap().workers, None);
+        assert_eq!(run(&["--workers", "2"]).unwrap().workers, Some(2));
+        for bad in ["0", "9", "many"] {
+            let err = run(&["--workers", bad]).unwrap_err();
+            assert!(err.contains("--workers"), "{bad}: {err}");
+        }
+        let err = run(&["--workers", "4", "--tun-queues", "2"]).unwrap_err();
+        assert!(
+            err.contains("--workers 4") && err.contains("raise --tun-queues"),
+            "{err}"
+        );
+        // The default never exceeds the queues, and is at least one.
+        assert_eq!(default_workers(1), 1);
+        assert!((1..=8).contains(&default_workers(8)));
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(default_workers(8), cpus.min(8));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use podnet_proto::virtio::{self, VirtioNetHdr, GSO_NONE};
 use podnet_proto::{gro, gso, ipv4, vxlan};
 
 use crate::core::batch::TxBatch;
-use crate::core::drops::DropReason;
+use crate::core::drops::{CountersSnapshot, DropReason};
 use crate::core::dropwatch::DropContext;
 use crate::core::forward::{
     Encap, Forwarder, Inbound, Outbound, RxTally, SuperOutbound, HEADROOM, SCRATCH_LEN,
@@ -53,7 +53,8 @@ pub struct Underlay {
 #[derive(Debug)]
 enum Own {
     Vxlan(VxlanSocket),
-    Ipip(IpipSocket),
+    /// One per worker ([`IpipSocket::bind_share`]); the first also sends.
+    Ipip(Vec<IpipSocket>),
     /// `--encap none`: nothing arrives through a tunnel, and nothing is sent through one.
     None,
 }
@@ -72,8 +73,10 @@ impl Underlay {
         }
     }
 
-    /// An IP-in-IP node's sockets; `vxlan` sends to VXLAN peers.
-    pub fn ipip(own: IpipSocket, vxlan: Option<VxlanSocket>) -> Underlay {
+    /// An IP-in-IP node's sockets (one receive socket per worker, at least one); `vxlan`
+    /// sends to VXLAN peers.
+    pub fn ipip(own: Vec<IpipSocket>, vxlan: Option<VxlanSocket>) -> Underlay {
+        assert!(!own.is_empty(), "an IP-in-IP node needs its socket");
         Underlay {
             own: Own::Ipip(own),
             other_vxlan: vxlan,
@@ -101,7 +104,7 @@ impl Underlay {
     /// The socket IP-in-IP goes out from.
     fn ipip_socket(&self) -> Option<&IpipSocket> {
         match &self.own {
-            Own::Ipip(s) => Some(s),
+            Own::Ipip(s) => s.first(),
             Own::Vxlan(_) | Own::None => self.other_ipip.as_ref(),
         }
     }
@@ -111,7 +114,7 @@ impl Underlay {
     pub fn receive_drops(&self) -> u64 {
         match &self.own {
             Own::Vxlan(s) => s.receive_drops(),
-            Own::Ipip(s) => s.receive_drops(),
+            Own::Ipip(s) => s.iter().map(IpipSocket::receive_drops).sum(),
             Own::None => 0,
         }
     }
@@ -164,17 +167,18 @@ impl Underlay {
     ) -> io::Result<usize> {
         match &self.own {
             Own::Vxlan(s) => s.try_recv_batch(i, bufs, meta),
-            Own::Ipip(s) => s.try_recv_batch(bufs, meta),
+            Own::Ipip(s) => s[i].try_recv_batch(bufs, meta),
             Own::None => Ok(0),
         }
     }
 
-    /// Receive sockets: VXLAN may have several (one `SO_REUSEPORT` group); IP-in-IP has one
-    /// (every raw socket would get a copy of every packet); `--encap none` none.
+    /// Receive sockets: VXLAN may have several (one `SO_REUSEPORT` group, where the kernel
+    /// keeps each outer 4-tuple, and so each inner flow, on one socket); IP-in-IP one per
+    /// worker (each with a filter for its share); `--encap none` none.
     pub fn receiver_count(&self) -> usize {
         match &self.own {
             Own::Vxlan(s) => s.receiver_count(),
-            Own::Ipip(_) => 1,
+            Own::Ipip(s) => s.len(),
             Own::None => 0,
         }
     }
@@ -183,7 +187,7 @@ impl Underlay {
     fn receivers(&self) -> Vec<BorrowedFd<'_>> {
         match &self.own {
             Own::Vxlan(s) => (0..s.receiver_count()).map(|i| s.receiver(i)).collect(),
-            Own::Ipip(s) => vec![s.as_fd()],
+            Own::Ipip(s) => s.iter().map(AsFd::as_fd).collect(),
             Own::None => Vec::new(),
         }
     }
@@ -198,9 +202,11 @@ pub struct IoErrors {
     pub offload: AtomicU64,
 }
 
-/// Everything both loops share.
+/// Everything the workers share.
 pub struct Shared {
-    pub forwarder: Forwarder,
+    /// One per worker ([`Forwarder::for_worker`]): the node's forwarder, each with its own
+    /// counters.
+    pub forwarders: Vec<Forwarder>,
     pub table: ArcSwap<RouteTable>,
     /// The TUN device (its first queue).
     pub tun: Tun,
@@ -211,9 +217,35 @@ pub struct Shared {
     pub io_errors: IoErrors,
     /// How long [`run`] keeps polling after its last packet before it sleeps (`--busy-poll`).
     pub busy_poll: Duration,
+    /// The forwarders' clock (they never read one themselves): one for every worker, so
+    /// the ICMP rate limit they share is refilled on one time line.
+    pub epoch: Instant,
 }
 
 impl Shared {
+    /// The node's forwarder (worker 0's): its configuration, and the drop samples all share.
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.forwarders[0]
+    }
+
+    /// How many data-path workers there are.
+    pub fn workers(&self) -> usize {
+        self.forwarders.len()
+    }
+
+    /// The node's counters: the sum of the workers'.
+    pub fn counters(&self) -> CountersSnapshot {
+        CountersSnapshot::sum(&self.worker_counters())
+    }
+
+    /// Each worker's counters.
+    pub fn worker_counters(&self) -> Vec<CountersSnapshot> {
+        self.forwarders
+            .iter()
+            .map(|f| f.counters().snapshot())
+            .collect()
+    }
+
     /// How many TUN queues there are.
     pub fn queue_count(&self) -> usize {
         1 + self.tun_queues.len()
@@ -226,15 +258,53 @@ impl Shared {
             _ => &self.tun_queues[i - 1],
         }
     }
+}
 
-    /// The TUN queue to write inner packet `ip` (IPv4 header first) on: one per flow, by a
-    /// hash that is the same in both directions. The kernel steers a flow's outgoing packets
-    /// to the queue its incoming ones were last written on, so each flow is read from one
-    /// queue and different flows from different ones (see [`run`]).
-    fn queue_for(&self, ip: &[u8]) -> &Tun {
-        match self.tun_queues.len() {
-            0 => &self.tun,
-            n => self.queue(ipv4::flow_hash_symmetric(ip) as usize % (n + 1)),
+/// What one data-path worker serves: its forwarder, its TUN queues and its receive sockets.
+/// Worker `w` of `n` takes the queues and sockets whose index is `w` modulo `n`.
+pub struct Worker<'a> {
+    shared: &'a Shared,
+    fwd: &'a Forwarder,
+    /// Indexes of its TUN queues (at least one).
+    queues: Vec<usize>,
+    /// Indexes of its receive sockets (none with `--encap none`).
+    receivers: Vec<usize>,
+}
+
+impl<'a> Worker<'a> {
+    /// Worker `index` of `shared.workers()`.
+    ///
+    /// # Panics
+    /// When `index` is not below the worker count, or there are more workers than TUN queues:
+    /// the agent sizes both.
+    pub fn new(shared: &'a Shared, index: usize) -> Worker<'a> {
+        let n = shared.workers();
+        assert!(
+            index < n && n <= shared.queue_count(),
+            "worker {index} of {n}"
+        );
+        let mine = |count: usize| (index..count).step_by(n).collect::<Vec<_>>();
+        Worker {
+            shared,
+            fwd: &shared.forwarders[index],
+            queues: mine(shared.queue_count()),
+            receivers: mine(shared.underlay.receiver_count()),
+        }
+    }
+
+    fn queue(&self, i: usize) -> &'a Tun {
+        self.shared.queue(self.queues[i])
+    }
+
+    /// The TUN queue to write inner packet `ip` (IPv4 header first) on: one of this worker's,
+    /// by a flow hash that is the same in both directions. The kernel steers a flow's
+    /// outgoing packets to the queue its incoming ones were last written on, so a flow that
+    /// arrives on this worker is also read by it (both directions on one thread, in order),
+    /// and different flows go to different queues (see [`run`]).
+    fn queue_for(&self, ip: &[u8]) -> &'a Tun {
+        match self.queues.len() {
+            1 => self.queue(0),
+            n => self.queue(ipv4::flow_hash_symmetric(ip) as usize % n),
         }
     }
 }
@@ -279,7 +349,7 @@ fn rx_batch(receivers: usize, mean: usize) -> usize {
     }
 }
 
-/// Both directions on one thread, until `shared.stop` is raised.
+/// Worker `index`: both directions of its flows on one thread, until `shared.stop` is raised.
 ///
 /// On a machine with few cores this moves the same bytes with fewer context switches than a
 /// reader thread per direction (bench/RESULTS.md): the TCP ACKs and ping replies that a TUN write
@@ -288,9 +358,10 @@ fn rx_batch(receivers: usize, mean: usize) -> usize {
 /// peer are picked up between data reads. Work per turn is bounded (`TX_BUDGET_BYTES` of
 /// TUN reads, one receive batch per ready socket, `RX_BUDGET_BYTES` each when there are
 /// several) so neither direction starves the other.
-pub fn run(shared: &Shared) -> io::Result<()> {
-    let queues = shared.queue_count();
-    let receivers = shared.underlay.receiver_count();
+pub fn run(shared: &Shared, index: usize) -> io::Result<()> {
+    let w = Worker::new(shared, index);
+    let queues = w.queues.len();
+    let receivers = w.receivers.len();
     // Bits of `ready`: one per TUN queue, then one per receive socket.
     let tun_bits: u32 = (1 << queues) - 1;
     let rx_bits: u32 = ((1 << receivers) - 1) << queues;
@@ -298,18 +369,17 @@ pub fn run(shared: &Shared) -> io::Result<()> {
     let mut rx_mean = vec![0usize; receivers];
     let mut tx = TxPath::new(shared);
     let mut rx = RxPath::new();
-    let mut fds: Vec<BorrowedFd<'_>> = (0..queues).map(|q| shared.queue(q).as_fd()).collect();
-    fds.extend(shared.underlay.receivers());
+    let mut fds: Vec<BorrowedFd<'_>> = (0..queues).map(|q| w.queue(q).as_fd()).collect();
+    let sockets = shared.underlay.receivers();
+    fds.extend(w.receivers.iter().map(|&r| sockets[r]));
     let watch = sys::Watch::new(&fds, &shared.stop)?;
     let spin = shared.busy_poll;
     let mut idle_since: Option<Instant> = None;
     // Which descriptors to read on this turn: all after traffic with one queue and one
     // socket, else what the watch reported.
     let mut ready = tun_bits | rx_bits;
-    // The forwarder's clock (it never reads one itself): milliseconds since the loop began.
-    let epoch = Instant::now();
     loop {
-        shared.forwarder.tick(epoch.elapsed().as_millis() as u64);
+        w.fwd.tick(shared.epoch.elapsed().as_millis() as u64);
         let mut busy = false;
         // A queue whose device was deleted: epoll reports it ready until it is rebuilt.
         let mut detached = false;
@@ -323,7 +393,7 @@ pub fn run(shared: &Shared) -> io::Result<()> {
                 if pending & (1 << q) == 0 {
                     continue;
                 }
-                let read = match shared.queue(q).try_read(tx.read_buf()) {
+                let read = match w.queue(q).try_read(tx.read_buf()) {
                     Ok(read) => read,
                     // The agent's host watch rebuilds the device on these descriptors
                     // (crate::agent::host); until then the queue has nothing to read.
@@ -338,7 +408,7 @@ pub fn run(shared: &Shared) -> io::Result<()> {
                     Some(n) => {
                         busy = true;
                         reads += 1;
-                        tx.handle(shared, n);
+                        tx.handle(&w, n);
                         budget = budget.saturating_sub(n.max(1500));
                         if budget == 0 || reads == MAX_BATCH {
                             break 'reads;
@@ -354,13 +424,13 @@ pub fn run(shared: &Shared) -> io::Result<()> {
             }
             let want = rx_batch(receivers, *mean);
             let (bufs, meta) = (&mut rx.bufs[..want], &mut rx.meta[..want]);
-            let n = shared.underlay.try_recv_batch(r, bufs, meta)?;
+            let n = shared.underlay.try_recv_batch(w.receivers[r], bufs, meta)?;
             if n == 0 {
                 continue;
             }
             busy = true;
             *mean = meta[..n].iter().map(|m| m.len).sum::<usize>() / n;
-            rx.handle(shared, n);
+            rx.handle(&w, n);
         }
         if busy {
             idle_since = None;
@@ -466,8 +536,8 @@ impl TxPath {
     }
 
     /// Forwards the `n` bytes just read into [`TxPath::read_buf`].
-    fn handle(&mut self, shared: &Shared, n: usize) {
-        let fwd = &shared.forwarder;
+    fn handle(&mut self, w: &Worker<'_>, n: usize) {
+        let (shared, fwd) = (w.shared, w.fwd);
         let vnet = self.vnet;
         let rx = &mut self.rx;
         if n <= vnet {
@@ -513,7 +583,7 @@ impl TxPath {
                 Outbound::Reply(bytes) => {
                     let len = bytes.len();
                     write_tun(
-                        shared,
+                        w,
                         &reply[virtio::HEADER_LEN - reply_hdr_len..virtio::HEADER_LEN + len],
                         reply_hdr_len,
                     );
@@ -536,7 +606,7 @@ impl TxPath {
                 SuperOutbound::Reply(b) => {
                     let len = b.len();
                     write_tun(
-                        shared,
+                        w,
                         &reply[virtio::HEADER_LEN - reply_hdr_len..virtio::HEADER_LEN + len],
                         reply_hdr_len,
                     );
@@ -607,16 +677,16 @@ fn drop_malformed(fwd: &Forwarder, src: Ipv4Addr, bytes: &[u8]) {
 
 /// Writes one packet whose IPv4 header starts at `ip_at` (after the virtio header, if any) on
 /// its flow's queue.
-fn write_tun(shared: &Shared, bytes: &[u8], ip_at: usize) {
-    let queue = shared.queue_for(bytes.get(ip_at..).unwrap_or_default());
+fn write_tun(w: &Worker<'_>, bytes: &[u8], ip_at: usize) {
+    let queue = w.queue_for(bytes.get(ip_at..).unwrap_or_default());
     if queue.write(bytes).is_err() {
-        shared.io_errors.tun_write.fetch_add(1, Relaxed);
+        w.shared.io_errors.tun_write.fetch_add(1, Relaxed);
     }
 }
 
 /// Writes one coalescer output (a virtio header, the packet's headers, the payloads, in place
 /// in the receive buffers) on its flow's queue.
-fn write_tun_vectored(shared: &Shared, parts: &[IoSlice<'_>]) {
+fn write_tun_vectored(w: &Worker<'_>, parts: &[IoSlice<'_>]) {
     // The coalescer puts the headers in the first part, right after the virtio header, or a
     // whole packet in the second part after a bare virtio header.
     let ip = match parts {
@@ -624,8 +694,8 @@ fn write_tun_vectored(shared: &Shared, parts: &[IoSlice<'_>]) {
         [_, second, ..] => second,
         _ => &[],
     };
-    if shared.queue_for(ip).write_vectored(parts).is_err() {
-        shared.io_errors.tun_write.fetch_add(1, Relaxed);
+    if w.queue_for(ip).write_vectored(parts).is_err() {
+        w.shared.io_errors.tun_write.fetch_add(1, Relaxed);
     }
 }
 
@@ -674,8 +744,8 @@ impl RxPath {
     }
 
     /// Forwards the `n` messages just received into `bufs`/`meta`.
-    fn handle(&mut self, shared: &Shared, n: usize) {
-        let fwd = &shared.forwarder;
+    fn handle(&mut self, w: &Worker<'_>, n: usize) {
+        let (shared, fwd) = (w.shared, w.fwd);
         let vnet = shared.tun.vnet_hdr_len();
         let coalescer = &mut self.coalescer;
         let rewrite = &mut self.rewrite;
@@ -710,22 +780,22 @@ impl RxPath {
                     // header, which the coalescer adds itself.
                     if inner.len() > mtu {
                         // Whatever the coalescer holds arrived first.
-                        coalescer.flush(bufs, |out| write_tun_vectored(shared, out));
-                        rewrite.deliver(shared, *m.src.ip(), inner);
+                        coalescer.flush(bufs, |out| write_tun_vectored(w, out));
+                        rewrite.deliver(w, *m.src.ip(), inner);
                     } else if vnet > 0 {
                         let at = span_in(k, buf, inner);
-                        coalescer.push(bufs, at, |out| write_tun_vectored(shared, out));
+                        coalescer.push(bufs, at, |out| write_tun_vectored(w, out));
                     } else if let Some(hdr) = gso::partial_checksum(inner) {
-                        rewrite.complete(shared, *m.src.ip(), inner, &hdr);
+                        rewrite.complete(w, *m.src.ip(), inner, &hdr);
                     } else {
-                        write_tun(shared, inner, 0);
+                        write_tun(w, inner, 0);
                     }
                 }
             }
         }
         tally.commit(fwd, &table);
         if vnet > 0 {
-            coalescer.flush(bufs, |out| write_tun_vectored(shared, out));
+            coalescer.flush(bufs, |out| write_tun_vectored(w, out));
         }
     }
 }
@@ -734,13 +804,13 @@ impl RewritePath {
     /// Writes `inner` with the checksum a sender's offload left partial (`hdr`, from
     /// [`gso::partial_checksum`]) computed, for a TUN without virtio header: the kernel takes
     /// what it reads from such a TUN as checksummed, and the pod would drop the packet.
-    fn complete(&mut self, shared: &Shared, src: Ipv4Addr, inner: &[u8], hdr: &VirtioNetHdr) {
+    fn complete(&mut self, w: &Worker<'_>, src: Ipv4Addr, inner: &[u8], hdr: &VirtioNetHdr) {
         let packet = &mut self.out[..inner.len()];
         packet.copy_from_slice(inner);
         match gso::complete_checksum(hdr, packet) {
-            Ok(()) => write_tun(shared, packet, 0),
+            Ok(()) => write_tun(w, packet, 0),
             // partial_checksum found the field inside the packet.
-            Err(_) => drop_malformed(&shared.forwarder, src, inner),
+            Err(_) => drop_malformed(w.fwd, src, inner),
         }
     }
 
@@ -748,8 +818,8 @@ impl RewritePath {
     /// GRO merged before our raw socket saw them ([`gro::offload_merged`]). With TUN offload
     /// it is one GSO write; without, it is cut back into MTU-sized segments here. A packet
     /// that does not verify is dropped as `malformed`.
-    fn deliver(&mut self, shared: &Shared, src: Ipv4Addr, inner: &[u8]) {
-        let fwd = &shared.forwarder;
+    fn deliver(&mut self, w: &Worker<'_>, src: Ipv4Addr, inner: &[u8]) {
+        let (shared, fwd) = (w.shared, w.fwd);
         let h = virtio::HEADER_LEN;
         let packet = &mut self.out[h..h + inner.len()];
         packet.copy_from_slice(inner);
@@ -759,13 +829,13 @@ impl RewritePath {
         let vnet = shared.tun.vnet_hdr_len();
         if vnet > 0 {
             self.out[..h].copy_from_slice(&hdr.to_bytes());
-            write_tun(shared, &self.out[h - vnet..h + inner.len()], vnet);
+            write_tun(w, &self.out[h - vnet..h + inner.len()], vnet);
             return;
         }
         match gso::segment(&hdr, packet, 0, &mut self.segbuf, |_, _| {}) {
             Ok(segs) => {
                 for range in segs.iter() {
-                    write_tun(shared, &self.segbuf[range], 0);
+                    write_tun(w, &self.segbuf[range], 0);
                 }
             }
             // Only an MTU so small that the segments outgrow the buffer gets here.

@@ -325,6 +325,27 @@ pub struct Testbed {
     second_subnet_from: u8,
 }
 
+/// `PODNET_TEST_WORKERS=N`: every agent the harness starts runs `--workers N` (scripts/test
+/// runs the end-to-end suites once with the default and once with 1).
+pub fn workers_override() -> Option<u8> {
+    let v = std::env::var("PODNET_TEST_WORKERS").ok()?;
+    Some(
+        v.parse()
+            .unwrap_or_else(|_| panic!("PODNET_TEST_WORKERS={v}: give a number from 1 to 8")),
+    )
+}
+
+/// The data-path workers an agent with `queues` TUN queues runs in this test run: the
+/// override, or the agent's default (the CPUs it may use, at most the queues).
+pub fn expected_workers(queues: usize) -> usize {
+    match workers_override() {
+        Some(w) => usize::from(w).min(queues),
+        None => std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(queues),
+    }
+}
+
 pub fn underlay_ip(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, n)
 }
@@ -694,6 +715,10 @@ impl Testbed {
                     }
                 }
             }
+        }
+        if let Some(w) = workers_override() {
+            a.push("--workers".into());
+            a.push(w.to_string());
         }
         a.extend(self.agent_args.iter().cloned());
         a

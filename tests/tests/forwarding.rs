@@ -9,7 +9,8 @@ use podnet_tests::capture::{self, Capture};
 use podnet_tests::parse::{frag_needed_mtu, metric_sum, ping_summary};
 use podnet_tests::wait::wait_for;
 use podnet_tests::{
-    e2e_ready, must, require_tools, run, Encap, HostMode, Peers, Testbed, TestbedBuilder,
+    e2e_ready, expected_workers, must, require_tools, run, Encap, HostMode, Peers, Testbed,
+    TestbedBuilder,
 };
 
 /// Which data path the agents use.
@@ -51,7 +52,14 @@ fn podnet(name: &str, encap: Encap, path: Path) -> Testbed {
             "h{n}: {}",
             v["tun_queues"]
         );
-        let receivers = if encap == Encap::Vxlan { queues } else { 1 };
+        let workers = expected_workers(queues as usize) as u64;
+        assert_eq!(v["workers"].as_u64(), Some(workers), "h{n}: workers");
+        // VXLAN: one socket per queue; IP-in-IP: one per worker, each filtered to its flows.
+        let receivers = if encap == Encap::Vxlan {
+            queues
+        } else {
+            workers
+        };
         assert_eq!(
             v["receive_sockets"].as_u64(),
             Some(receivers),

@@ -26,7 +26,7 @@ use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
 
 use crate::agent::state::{unix_ms, Agent, NodeInfo};
-use crate::core::drops::{CountersSnapshot, DropReason, PeerStats};
+use crate::core::drops::{CountersSnapshot, DropReason, PeerStats, TrafficSnapshot};
 use crate::core::dropwatch::DropSample;
 use crate::core::routing::PeerPath;
 use crate::core::why::{self, Answer};
@@ -61,13 +61,34 @@ pub struct StatusBody<'a> {
     pub table_revision: u64,
     pub control_connected: Option<bool>,
     pub peers: Vec<PeerStatus>,
+    /// The node's counters: the sum of `worker_counters`.
     pub counters: CountersSnapshot,
+    /// What each data-path worker carried and dropped.
+    pub worker_counters: Vec<WorkerTraffic>,
     pub io_errors: IoErrorsBody,
     /// Underlay datagrams the kernel dropped because the receive sockets were full (never read,
     /// so under no drop reason).
     pub receive_overflow: u64,
     /// Host state put back since start, by kind (crate::agent::host::REPAIR_KINDS).
     pub repairs: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// One worker's share of the node's counters, in `/status`.
+#[derive(Debug, Serialize)]
+pub struct WorkerTraffic {
+    pub tx: TrafficSnapshot,
+    pub rx: TrafficSnapshot,
+    pub drops: u64,
+}
+
+impl From<&CountersSnapshot> for WorkerTraffic {
+    fn from(c: &CountersSnapshot) -> Self {
+        WorkerTraffic {
+            tx: c.tx,
+            rx: c.rx,
+            drops: c.total_drops(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -126,7 +147,7 @@ async fn housekeeping(agent: Weak<Agent>) {
         let Some(agent) = agent.upgrade() else {
             return;
         };
-        agent.shared.forwarder.counters().watch.tick(unix_ms());
+        agent.shared.forwarder().counters().watch.tick(unix_ms());
         if let Some(client) = &agent.control {
             let stats = client.stats();
             let now = stats.watching;
@@ -164,7 +185,7 @@ async fn why_handler(State(agent): State<Arc<Agent>>, Query(q): Query<WhyQuery>)
     let answer = {
         let table = agent.shared.table.load();
         why::explain(
-            agent.shared.forwarder.config(),
+            agent.shared.forwarder().config(),
             &agent.routing,
             &table,
             q.ip,
@@ -251,8 +272,7 @@ async fn drops_handler(
     State(agent): State<Arc<Agent>>,
     Query(q): Query<DropsQuery>,
 ) -> Json<DropsBody> {
-    let counters = agent.shared.forwarder.counters();
-    let watch = &counters.watch;
+    let watch = &agent.shared.forwarder().counters().watch;
     let sampled_total = watch.sampled();
     let table = agent.shared.table.load();
     let samples = watch
@@ -268,7 +288,7 @@ async fn drops_handler(
         .collect();
     Json(DropsBody {
         last_seq: sampled_total,
-        drops_total: counters.total_drops(),
+        drops_total: agent.shared.counters().total_drops(),
         sampled_total,
         samples,
         receive_overflow: agent.shared.underlay.receive_drops(),
@@ -277,7 +297,7 @@ async fn drops_handler(
 
 fn peers(agent: &Agent) -> Vec<PeerStatus> {
     let table = agent.shared.table.load();
-    let config = agent.shared.forwarder.config();
+    let config = agent.shared.forwarder().config();
     table
         .iter()
         .map(|(p, c)| {
@@ -311,13 +331,15 @@ fn peers(agent: &Agent) -> Vec<PeerStatus> {
 
 async fn status(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
     let io = &agent.shared.io_errors;
+    let workers = agent.shared.worker_counters();
     let body = StatusBody {
         info: &agent.info,
         uptime_s: agent.started.elapsed().as_secs(),
         table_revision: agent.shared.table.load().revision(),
         control_connected: agent.control.as_ref().map(|c| c.stats().watching),
         peers: peers(&agent),
-        counters: agent.shared.forwarder.counters().snapshot(),
+        counters: CountersSnapshot::sum(&workers),
+        worker_counters: workers.iter().map(WorkerTraffic::from).collect(),
         io_errors: IoErrorsBody {
             send: io.send.load(Relaxed),
             tun_write: io.tun_write.load(Relaxed),
@@ -407,7 +429,8 @@ impl Collector for AgentMetrics {
     fn encode(&self, encoder: DescriptorEncoder) -> std::fmt::Result {
         let agent = &*self.0;
         let mut m = Families(encoder);
-        let c = agent.shared.forwarder.counters().snapshot();
+        let workers = agent.shared.worker_counters();
+        let c = CountersSnapshot::sum(&workers);
         let info = &agent.info;
         m.gauge(
             "podnet_agent_info",
@@ -436,6 +459,16 @@ impl Collector for AgentMetrics {
             "podnet_agent_bytes",
             "Inner packet bytes carried, by direction.",
             dirs(c.tx.bytes, c.rx.bytes),
+        )?;
+        m.counter(
+            "podnet_agent_worker_packets",
+            "Inner packets carried by each data-path worker, by direction.",
+            workers.iter().enumerate().flat_map(|(i, w)| {
+                dirs(w.tx.packets, w.rx.packets).map(|(mut l, n)| {
+                    l.insert(0, ("worker", i.to_string()));
+                    (l, n)
+                })
+            }),
         )?;
         let peers = peers(agent);
         m.counter(
@@ -467,7 +500,7 @@ impl Collector for AgentMetrics {
         m.counter(
             "podnet_agent_drop_samples",
             "Drops recorded for `podnet-agent drops --watch` (rate-limited per reason).",
-            one(agent.shared.forwarder.counters().watch.sampled()),
+            one(agent.shared.forwarder().counters().watch.sampled()),
         )?;
         m.counter(
             "podnet_agent_icmp_sent",

@@ -96,10 +96,28 @@ pub fn format_status(v: &serde_json::Value) -> String {
     if let Some(egress) = v.get("egress").and_then(|e| e.as_str()) {
         let _ = writeln!(out, "egress:      {egress}");
     }
+    if let Some(n) = v.get("workers").and_then(|n| n.as_u64()) {
+        let carried: Vec<String> = v
+            .get("worker_counters")
+            .and_then(|w| w.as_array())
+            .into_iter()
+            .flatten()
+            .map(|w| {
+                let n = |d: &str| w[d]["packets"].as_u64().unwrap_or(0);
+                format!("{}/{}", n("tx"), n("rx"))
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "workers:     {n} data-path threads, packets tx/rx each: {}",
+            carried.join(", ")
+        );
+    }
     if let Some(n) = v.get("receive_sockets").and_then(|n| n.as_u64()) {
         let what = match v.get("encap").and_then(|e| e.as_str()) {
             Some("vxlan") if n > 1 => "UDP sockets on port 4789 (SO_REUSEPORT group, read in turn)",
             Some("vxlan") => "UDP socket on port 4789",
+            _ if n > 1 => "raw IP-in-IP sockets (one per worker, each filtered to its flows)",
             _ => "raw IP-in-IP socket",
         };
         let _ = writeln!(out, "receive:     {n} {what}");

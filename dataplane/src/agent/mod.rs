@@ -207,6 +207,19 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             }
         }
     }
+    let queues = 1 + tun_queues.len();
+    let workers = match cfg.workers {
+        Some(w) if usize::from(w) > queues => {
+            tracing::warn!(
+                workers = w,
+                queues,
+                "fewer TUN queues than workers; one worker per queue"
+            );
+            queues
+        }
+        Some(w) => usize::from(w),
+        None => crate::cli::default_workers(queues),
+    };
     let offloads: Offloads = tun.offloads();
     if let Some(e) = tun.offload_refusal() {
         tracing::warn!(error = %e, "TUN offload refused by the kernel; using the per-packet path");
@@ -254,7 +267,11 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
                 Underlay::vxlan(own, ipip)
             }
             Encap::Ipip => {
-                let own = IpipSocket::bind(cfg.underlay_ip, DEFAULT_BUFFER_BYTES)?;
+                let own = (0..workers)
+                    .map(|w| {
+                        IpipSocket::bind_share(cfg.underlay_ip, DEFAULT_BUFFER_BYTES, w, workers)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
                 // Bound to an ephemeral port, not 4789: it only sends.
                 let vxlan = VxlanSocket::bind(&UdpConfig {
                     gro: false,
@@ -307,6 +324,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             tun: cfg.tun_name.clone(),
             tun_queues: 1 + tun_queues.len(),
             receive_sockets,
+            workers,
             offloads: OffloadInfo {
                 tun_vnet_hdr: offloads.vnet_hdr,
                 tun_tso: offloads.tso4,
@@ -341,7 +359,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             tun = %info.tun, underlay = %info.underlay_dev,
             tun_tso = offloads.tso4, tun_csum = offloads.csum, udp_gso, udp_gro,
             peers = table.len(), source_ports = info.source_ports.len(),
-            tun_queues = info.tun_queues, receive_sockets,
+            tun_queues = info.tun_queues, receive_sockets, workers,
             "podnet-agent up"
         );
         let forwarder = Forwarder::new(
@@ -359,8 +377,11 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             },
             Arc::new(Counters::new()),
         );
+        let forwarders = std::iter::successors(Some(forwarder), |f| Some(f.for_worker()))
+            .take(workers)
+            .collect();
         let shared = Arc::new(Shared {
-            forwarder,
+            forwarders,
             table: ArcSwap::from_pointee(table),
             tun,
             tun_queues,
@@ -368,6 +389,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             stop: Stop::new().map_err(AgentError::DataPath)?,
             io_errors: IoErrors::default(),
             busy_poll: cfg.busy_poll,
+            epoch: Instant::now(),
         });
         let agent = Arc::new(Agent {
             info,
@@ -381,14 +403,16 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             control: joined.session.as_ref().map(|s| s.client.clone()),
         });
         warn_unreachable_peers(&agent, None, &shared.table.load());
-        let thread = spawn_data_path(&shared)?;
+        let threads = spawn_data_path(&shared)?;
         let watcher = spawn_host_watch(host.take(), &shared, &repairs)?;
         let served = runtime.block_on(serve(&cfg, Arc::clone(&agent), joined.session));
         shared.stop.stop();
-        match thread.join() {
-            Ok(Err(e)) => tracing::error!(error = %e, "data path thread failed"),
-            Err(_) => tracing::error!("data path thread panicked"),
-            Ok(Ok(())) => {}
+        for (i, thread) in threads.into_iter().enumerate() {
+            match thread.join() {
+                Ok(Err(e)) => tracing::error!(worker = i, error = %e, "data path worker failed"),
+                Err(_) => tracing::error!(worker = i, "data path worker panicked"),
+                Ok(Ok(())) => {}
+            }
         }
         // The watcher tears the host down as it ends, also when it panics (unwinding).
         if watcher.join().is_err() {
@@ -422,24 +446,37 @@ fn spawn_host_watch(
         .map_err(AgentError::DataPath)
 }
 
+/// Starts the data-path workers, one thread each. A worker serves both directions of its
+/// flows (datapath::run): on a 2-core host that carries the same bytes with fewer context
+/// switches than a tx and an rx thread (bench/RESULTS.md).
 fn spawn_data_path(
     shared: &Arc<Shared>,
-) -> Result<std::thread::JoinHandle<io::Result<()>>, AgentError> {
-    // One thread serves both directions (datapath::run): on a 2-core host it carries the same
-    // bytes with fewer context switches than a tx and an rx thread (bench/RESULTS.md).
-    let s = Arc::clone(shared);
-    std::thread::Builder::new()
-        .name("podnet-dp".into())
-        .spawn(move || {
-            let r = datapath::run(&s);
-            if let Err(e) = &r {
-                tracing::error!(error = %e, "data path stopped");
-                // Stop the agent rather than keep a node up that no longer forwards.
-                s.stop.stop();
+) -> Result<Vec<std::thread::JoinHandle<io::Result<()>>>, AgentError> {
+    let mut threads = Vec::new();
+    for i in 0..shared.workers() {
+        let s = Arc::clone(shared);
+        let spawned = std::thread::Builder::new()
+            .name(format!("podnet-dp{i}"))
+            .spawn(move || {
+                let r = datapath::run(&s, i);
+                if let Err(e) = &r {
+                    tracing::error!(worker = i, error = %e, "data path stopped");
+                    // Stop the agent rather than keep a node up that forwards only part of
+                    // its flows.
+                    s.stop.stop();
+                }
+                r
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                // The ones already running stop with the agent.
+                shared.stop.stop();
+                return Err(AgentError::DataPath(e));
             }
-            r
-        })
-        .map_err(AgentError::DataPath)
+        }
+    }
+    Ok(threads)
 }
 
 /// Runs the admin API and the membership task until a signal (or the data path) stops us.

@@ -38,8 +38,10 @@ pub struct NodeInfo {
     /// TUN queues the data path reads in turn.
     pub tun_queues: usize,
     /// Underlay sockets packets arrive on: the VXLAN `SO_REUSEPORT` group (one per
-    /// `--tun-queues`), or the one IP-in-IP raw socket.
+    /// `--tun-queues`), or one IP-in-IP raw socket per worker.
     pub receive_sockets: usize,
+    /// Data-path threads (`--workers`).
+    pub workers: usize,
     pub offloads: OffloadInfo,
     pub membership: &'static str,
     pub control: Option<String>,
@@ -98,7 +100,7 @@ impl Agent {
 /// node cannot send to: packets for it get ICMP host unreachable and the drop reason
 /// `peer_encap`.
 pub(crate) fn warn_unreachable_peers(agent: &Agent, old: Option<&RouteTable>, new: &RouteTable) {
-    let config = agent.shared.forwarder.config();
+    let config = agent.shared.forwarder().config();
     for p in new.peers() {
         let why = match (agent.routing.path(p), config.mtu_to(&p.encap)) {
             (PeerPath::Direct, _) | (PeerPath::Tunnel, Ok(_)) => continue,

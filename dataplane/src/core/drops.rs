@@ -11,6 +11,7 @@
 //! the rate-limited [`DropWatch`] behind `podnet-agent drops --watch`.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -56,6 +57,13 @@ pub struct TrafficSnapshot {
     pub bytes: u64,
 }
 
+impl TrafficSnapshot {
+    fn add(&mut self, other: &TrafficSnapshot) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+    }
+}
+
 /// Node-wide counters. Bytes are inner (pod) IPv4 packet bytes, without tunnel overhead.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -69,14 +77,23 @@ pub struct Counters {
     /// ICMP errors not sent because of the rate limit (the packet is still dropped and counted
     /// under its reason).
     pub icmp_ratelimited: AtomicU64,
-    /// Samples of recent drops.
-    pub watch: DropWatch,
+    /// Samples of recent drops: one ring for the node, shared by the workers' counters
+    /// ([`Counters::sharing_watch`]), so `drops --watch` shows them in one sequence.
+    pub watch: Arc<DropWatch>,
 }
 
 impl Counters {
     /// Fresh counters, all zero.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Fresh counters for another data-path worker: all zero, with this one's drop samples.
+    pub fn sharing_watch(&self) -> Self {
+        Self {
+            watch: Arc::clone(&self.watch),
+            ..Self::default()
+        }
     }
 
     /// Counts one dropped packet.
@@ -147,6 +164,34 @@ pub struct CountersSnapshot {
     pub icmp_ratelimited: u64,
     #[serde(serialize_with = "drops_as_map")]
     pub drops: Vec<(DropReason, u64)>,
+}
+
+impl CountersSnapshot {
+    /// Sum over all drop reasons.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().map(|(_, n)| n).sum()
+    }
+
+    /// The sum of the workers' counters: what the node as a whole carried and dropped.
+    pub fn sum<'a>(parts: impl IntoIterator<Item = &'a CountersSnapshot>) -> CountersSnapshot {
+        let mut total = CountersSnapshot {
+            tx: TrafficSnapshot::default(),
+            rx: TrafficSnapshot::default(),
+            icmp_sent: 0,
+            icmp_ratelimited: 0,
+            drops: DropReason::ALL.iter().map(|r| (*r, 0)).collect(),
+        };
+        for p in parts {
+            total.tx.add(&p.tx);
+            total.rx.add(&p.rx);
+            total.icmp_sent += p.icmp_sent;
+            total.icmp_ratelimited += p.icmp_ratelimited;
+            for ((_, sum), (_, n)) in total.drops.iter_mut().zip(&p.drops) {
+                *sum += n;
+            }
+        }
+        total
+    }
 }
 
 fn drops_as_map<S: serde::Serializer>(
@@ -309,6 +354,44 @@ mod tests {
         assert_eq!(samples.len(), 2);
         assert_eq!(samples[1].reason, DropReason::UnknownPeer);
         assert_eq!(samples[1].outer_src, Some(from));
+    }
+
+    #[test]
+    fn workers_count_apart_and_sum_to_the_node_with_one_sample_ring() {
+        let a = Counters::new();
+        let b = a.sharing_watch();
+        a.tx.add_many(3, 300);
+        b.tx.add_many(4, 40);
+        b.rx.add(1000);
+        a.count_drop(DropReason::NoRoute);
+        b.record_drop(
+            DropReason::NoRoute,
+            None,
+            &DropContext::rx(std::net::Ipv4Addr::new(198, 18, 0, 2), &[]),
+        );
+        b.icmp_sent.fetch_add(2, Relaxed);
+        assert_eq!(a.tx.snapshot().packets, 3, "each worker counts its own");
+        let sum = CountersSnapshot::sum(&[a.snapshot(), b.snapshot()]);
+        assert_eq!(
+            sum.tx,
+            TrafficSnapshot {
+                packets: 7,
+                bytes: 340
+            }
+        );
+        assert_eq!(
+            sum.rx,
+            TrafficSnapshot {
+                packets: 1,
+                bytes: 1000
+            }
+        );
+        assert_eq!(sum.icmp_sent, 2);
+        let no_route = sum.drops.iter().find(|(r, _)| *r == DropReason::NoRoute);
+        assert_eq!(no_route, Some(&(DropReason::NoRoute, 2)));
+        assert_eq!(sum.drops.len(), DropReason::ALL.len());
+        // b's sample is in the ring both hold.
+        assert_eq!(a.watch.since(0).len(), 1);
     }
 
     #[test]

@@ -258,10 +258,11 @@ pub struct Forwarder {
     counters: Arc<Counters>,
     /// IPv4 identification for outer IP-in-IP headers (RFC 6864: unique per source,
     /// destination and protocol while a datagram may be fragmented; a wrapping counter is enough).
-    ident: AtomicU16,
+    /// Shared by the workers' forwarders ([`Forwarder::for_worker`]).
+    ident: Arc<AtomicU16>,
     /// ICMP errors still allowed ([`ICMP_RATE`], [`ICMP_BURST`]); refilled by
-    /// [`Forwarder::tick`].
-    icmp_limit: TokenBucket,
+    /// [`Forwarder::tick`]. One bucket for the node, whichever worker sends the error.
+    icmp_limit: Arc<TokenBucket>,
 }
 
 /// ICMP errors per second the agent writes back at most, and the burst it allows: the
@@ -277,8 +278,20 @@ impl Forwarder {
         Self {
             config,
             counters,
-            ident: AtomicU16::new(0),
-            icmp_limit: TokenBucket::new(ICMP_RATE, ICMP_BURST),
+            ident: Arc::new(AtomicU16::new(0)),
+            icmp_limit: Arc::new(TokenBucket::new(ICMP_RATE, ICMP_BURST)),
+        }
+    }
+
+    /// The forwarder of another data-path worker: the same node, IP-in-IP identifications,
+    /// ICMP rate limit and drop samples, and counters of its own (no cache line shared per
+    /// packet; `/status` sums them).
+    pub fn for_worker(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            counters: Arc::new(self.counters.sharing_watch()),
+            ident: Arc::clone(&self.ident),
+            icmp_limit: Arc::clone(&self.icmp_limit),
         }
     }
 

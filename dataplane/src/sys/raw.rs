@@ -15,7 +15,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::AtomicBool;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockFilter, Socket, Type};
 
 use super::mmsg;
 #[cfg(test)]
@@ -32,6 +32,8 @@ pub enum RawError {
     Create(#[source] io::Error),
     #[error("cannot set IP_HDRINCL on the IP-in-IP raw socket: {0}")]
     HdrIncl(#[source] io::Error),
+    #[error("cannot attach the packet filter that shares IP-in-IP between data-path workers: {0} (run with --workers 1)")]
+    Filter(#[source] io::Error),
     #[error("cannot bind the IP-in-IP raw socket to {addr}: {source} (is {addr} on a device in this network namespace?)")]
     Bind {
         addr: Ipv4Addr,
@@ -62,6 +64,25 @@ impl IpipSocket {
     /// Opens the socket bound to `local` with buffers of about `buffer_bytes`.
     pub fn bind(local: Ipv4Addr, buffer_bytes: usize) -> Result<IpipSocket, RawError> {
         IpipSocket::open(IPPROTO_IPIP, local, buffer_bytes)
+    }
+
+    /// One of `workers` receive sockets, which together get each IP-in-IP packet once: every
+    /// raw socket of a protocol is handed a copy of every packet, so each carries a classic BPF
+    /// filter ([`share_filter`]) that keeps the packets whose inner address pair hashes to
+    /// `worker`. A flow's packets all go to one worker, in order.
+    pub fn bind_share(
+        local: Ipv4Addr,
+        buffer_bytes: usize,
+        worker: usize,
+        workers: usize,
+    ) -> Result<IpipSocket, RawError> {
+        let sock = IpipSocket::open(IPPROTO_IPIP, local, buffer_bytes)?;
+        if workers > 1 {
+            sock.sock
+                .attach_filter(&share_filter(worker, workers))
+                .map_err(RawError::Filter)?;
+        }
+        Ok(sock)
     }
 
     /// A socket that only sends IP-in-IP (for a node that receives another encapsulation and
@@ -148,6 +169,73 @@ impl IpipSocket {
     }
 }
 
+/// The classic BPF program of [`IpipSocket::bind_share`]: accepts a packet (the filter sees it
+/// from the outer IPv4 header on) when the hash of its inner flow, modulo `workers`, is
+/// `worker`. The hash is the XOR of the inner addresses and, for TCP and UDP, of the ports,
+/// folded to 16 bits, so it is the same in both directions and a flow's packets stay on one
+/// worker. A packet too short to hold an inner header goes to worker 0, whose forwarder counts
+/// it as malformed: exactly one socket gets every packet.
+fn share_filter(worker: usize, workers: usize) -> Vec<SockFilter> {
+    use libc::{
+        BPF_ADD, BPF_ALU, BPF_AND, BPF_B, BPF_IND, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_K, BPF_LD,
+        BPF_LDX, BPF_LEN, BPF_LSH, BPF_MEM, BPF_MISC, BPF_MOD, BPF_MSH, BPF_RET, BPF_RSH, BPF_ST,
+        BPF_STX, BPF_SUB, BPF_TAX, BPF_W, BPF_X, BPF_XOR,
+    };
+    let op = |code: u32, k: u32| SockFilter::new(code as u16, 0, 0, k);
+    // Jumps count instructions after the next one.
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| SockFilter::new(code as u16, jt, jf, k);
+    let (accept, refuse) = (u32::MAX, 0);
+    let short = if worker == 0 { accept } else { refuse };
+    // Scratch memory: M[0] the hash so far, M[1] the outer header length.
+    vec![
+        /* 0 */
+        op(BPF_LDX | BPF_B | BPF_MSH, 0), // X = outer header length (checked by IP)
+        /* 1 */ op(BPF_STX, 1),
+        /* 2 */ op(BPF_LD | BPF_W | BPF_LEN, 0),
+        /* 3 */ op(BPF_ALU | BPF_SUB | BPF_K, 20),
+        /* 4 */ jump(BPF_JMP | BPF_JGE | BPF_X, 0, 1, 0), // room for an inner header?
+        /* 5 */ op(BPF_RET | BPF_K, short),
+        /* 6 */ op(BPF_LD | BPF_W | BPF_IND, 12), // inner source
+        /* 7 */ op(BPF_ST, 0),
+        /* 8 */ op(BPF_LD | BPF_W | BPF_IND, 16), // inner destination
+        /* 9 */ op(BPF_LDX | BPF_W | BPF_MEM, 0),
+        /* 10 */ op(BPF_ALU | BPF_XOR | BPF_X, 0),
+        /* 11 */ op(BPF_ST, 0),
+        /* 12 */ op(BPF_LDX | BPF_W | BPF_MEM, 1),
+        /* 13 */ op(BPF_LD | BPF_B | BPF_IND, 9), // inner protocol
+        /* 14 */ jump(BPF_JMP | BPF_JEQ | BPF_K, libc::IPPROTO_TCP as u32, 1, 0),
+        /* 15 */
+        jump(BPF_JMP | BPF_JEQ | BPF_K, libc::IPPROTO_UDP as u32, 0, 12), // to 28
+        /* 16 */ op(BPF_LD | BPF_B | BPF_IND, 0), // inner version and header length
+        /* 17 */ op(BPF_ALU | BPF_AND | BPF_K, 0xf),
+        /* 18 */ op(BPF_ALU | BPF_LSH | BPF_K, 2),
+        /* 19 */ op(BPF_ALU | BPF_ADD | BPF_X, 0),
+        /* 20 */ op(BPF_MISC | BPF_TAX, 0), // X = where the inner ports are
+        /* 21 */ op(BPF_LD | BPF_W | BPF_LEN, 0),
+        /* 22 */ op(BPF_ALU | BPF_SUB | BPF_K, 4),
+        /* 23 */ jump(BPF_JMP | BPF_JGE | BPF_X, 0, 0, 4), // no ports: to 28
+        /* 24 */ op(BPF_LD | BPF_W | BPF_IND, 0), // source and destination port
+        /* 25 */ op(BPF_LDX | BPF_W | BPF_MEM, 0),
+        /* 26 */ op(BPF_ALU | BPF_XOR | BPF_X, 0),
+        /* 27 */ op(BPF_ST, 0),
+        /* 28 */
+        op(BPF_LD | BPF_MEM, 0), // fold to 16 bits: the halves swap with direction
+        /* 29 */ op(BPF_ALU | BPF_RSH | BPF_K, 16),
+        /* 30 */ op(BPF_LDX | BPF_W | BPF_MEM, 0),
+        /* 31 */ op(BPF_ALU | BPF_XOR | BPF_X, 0),
+        /* 32 */ op(BPF_ALU | BPF_AND | BPF_K, 0xffff),
+        /* 33 */ op(BPF_ST, 0),
+        /* 34 */
+        op(BPF_ALU | BPF_RSH | BPF_K, 8), // and mix the high byte into the low one
+        /* 35 */ op(BPF_LDX | BPF_W | BPF_MEM, 0),
+        /* 36 */ op(BPF_ALU | BPF_XOR | BPF_X, 0),
+        /* 37 */ op(BPF_ALU | BPF_MOD | BPF_K, workers as u32),
+        /* 38 */ jump(BPF_JMP | BPF_JEQ | BPF_K, worker as u32, 0, 1),
+        /* 39 */ op(BPF_RET | BPF_K, accept),
+        /* 40 */ op(BPF_RET | BPF_K, refuse),
+    ]
+}
+
 impl AsRawFd for IpipSocket {
     fn as_raw_fd(&self) -> RawFd {
         self.sock.as_raw_fd()
@@ -173,6 +261,10 @@ mod tests {
             .udp(1000, 2000)
             .write(&mut inner, inner_payload)
             .unwrap();
+        outer_around(src, dst, &inner)
+    }
+
+    fn outer_around(src: Ipv4Addr, dst: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
         let mut outer = etherparse::Ipv4Header::new(
             inner.len() as u16,
             64,
@@ -183,8 +275,96 @@ mod tests {
         .unwrap();
         outer.header_checksum = outer.calc_header_checksum();
         let mut pkt = outer.to_bytes().to_vec();
-        pkt.extend_from_slice(&inner);
+        pkt.extend_from_slice(inner);
         pkt
+    }
+
+    #[test]
+    fn worker_sockets_share_the_packets_each_once_by_inner_address_pair() {
+        in_netns("raw-share", || {
+            run("ip link set lo up");
+            let lo = Ipv4Addr::LOCALHOST;
+            let shares: Vec<IpipSocket> = (0..2)
+                .map(|w| IpipSocket::bind_share(lo, 1 << 20, w, 2).unwrap())
+                .collect();
+            let sender = IpipSocket::send_only(lo, 1 << 20).unwrap();
+            let send = |pkt: &[u8]| {
+                let item = Transmit {
+                    dst: SocketAddrV4::new(lo, 0),
+                    data: pkt,
+                    segment_size: None,
+                };
+                assert_eq!(sender.send_batch(&[item]).sent, 1);
+            };
+            // 32 flows, each one way and back: UDP and TCP between one pair of pods (only the
+            // ports tell them apart), and ICMP between pairs of pods. Then a packet too short
+            // for an inner header.
+            let mut flows = Vec::new();
+            for i in 0..32u16 {
+                let (a, b) = ([10, 244, 1, 2], [10, 244, 2, 40]);
+                let (a, b) = match i % 3 {
+                    2 => ([10, 244, 1, 2 + i as u8], [10, 244, 2, 40 + 2 * i as u8]),
+                    _ => (a, b),
+                };
+                let (pa, pb) = (40000 + 7 * i, 5201);
+                for ((src, sp), (dst, dp)) in [((a, pa), (b, pb)), ((b, pb), (a, pa))] {
+                    let builder = PacketBuilder::ipv4(src, dst, 64);
+                    let mut inner = Vec::new();
+                    match i % 3 {
+                        0 => builder.udp(sp, dp).write(&mut inner, &[1; 16]),
+                        1 => builder.tcp(sp, dp, 1, 1000).write(&mut inner, &[2; 16]),
+                        _ => builder
+                            .icmpv4_echo_request(1, i)
+                            .write(&mut inner, &[3; 16]),
+                    }
+                    .unwrap();
+                    send(&outer_around(lo, lo, &inner));
+                    flows.push(inner[12..24].to_vec());
+                }
+            }
+            send(&outer_around(lo, lo, &[0x45, 0, 0, 20, 0, 0]));
+            let mut bufs = vec![vec![0u8; 2048]; 64];
+            let mut meta = [RecvMeta::default(); 64];
+            let mut got: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 2];
+            let mut short = vec![0; 2];
+            for (w, sock) in shares.iter().enumerate() {
+                let n = sock.try_recv_batch(&mut bufs, &mut meta).unwrap();
+                for (b, m) in bufs.iter().zip(&meta).take(n) {
+                    let p = &b[..m.len];
+                    if p.len() < 40 {
+                        short[w] += 1;
+                        continue;
+                    }
+                    // Inner addresses and ports (or ICMP header).
+                    got[w].push(p[32..44].to_vec());
+                }
+            }
+            assert_eq!(short, [1, 0], "a short packet goes to worker 0 only");
+            assert_eq!(got[0].len() + got[1].len(), flows.len(), "each packet once");
+            for kind in 0..3 {
+                // UDP and TCP flows between the same two pods spread by their ports.
+                let on = |w: usize| {
+                    flows
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, f)| (i / 2) % 3 == kind && got[w].contains(f))
+                        .count()
+                };
+                assert!(
+                    on(0) > 0 && on(1) > 0,
+                    "kind {kind}: {} and {}",
+                    on(0),
+                    on(1)
+                );
+            }
+            for pair in flows.chunks(2) {
+                let w = usize::from(!got[0].contains(&pair[0]));
+                assert!(
+                    got[w].contains(&pair[1]),
+                    "{pair:?} on one worker both ways"
+                );
+            }
+        });
     }
 
     #[test]
