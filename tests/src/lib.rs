@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 
 pub use cmd::{must, run, Output};
 pub use process::Background;
-pub use testbed::{expected_workers, Encap, HostMode, Peers, Pod, Testbed, TestbedBuilder};
+pub use testbed::{
+    expected_workers, workers_override, Encap, HostMode, Peers, Pod, Testbed, TestbedBuilder,
+};
 pub use wait::wait_for;
 
 /// Checks that this process can build testbeds: root, `/dev/net/tun`, the `ip` command.

@@ -716,7 +716,10 @@ impl Testbed {
                 }
             }
         }
-        if let Some(w) = workers_override() {
+        // A test that picks its own worker count keeps it.
+        if let Some(w) =
+            workers_override().filter(|_| !self.agent_args.iter().any(|a| a == "--workers"))
+        {
             a.push("--workers".into());
             a.push(w.to_string());
         }

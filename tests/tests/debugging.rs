@@ -317,6 +317,17 @@ fn metrics_move_with_iperf3_traffic() {
     }
     assert_eq!(metric(&after, "podnet_agent_control_connected"), Some(1.0));
     assert_eq!(metric(&after, "podnet_agent_routes"), Some(2.0));
+    // The workers' packets sum to the node's, in each direction.
+    for dir in ["tx", "rx"] {
+        let label = format!("direction=\"{dir}\"");
+        let by_worker: f64 = after
+            .lines()
+            .filter(|l| l.starts_with("podnet_agent_worker_packets_total{") && l.contains(&label))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum();
+        let total = format!("podnet_agent_packets_total{{{label}}}");
+        assert_eq!(Some(by_worker), metric(&after, &total), "{dir}: {after}");
+    }
 }
 
 #[test]
@@ -661,6 +672,7 @@ fn metrics_parse_with_the_prometheus_parser_and_keep_their_names() {
         ("podnet_agent_drops_total", "reason"),
         ("podnet_agent_packets_total", "direction"),
         ("podnet_agent_bytes_total", "direction"),
+        ("podnet_agent_worker_packets_total", "direction,worker"),
         ("podnet_agent_peer_packets_total", "direction,peer"),
         ("podnet_agent_peer_bytes_total", "direction,peer"),
         ("podnet_agent_peer_drops_total", "peer,reason"),

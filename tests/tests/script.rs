@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use podnet_tests::{e2e_ready, podnet_bin};
+use podnet_tests::{e2e_ready, podnet_bin, workers_override};
 
 fn netns_exists(name: &str) -> bool {
     Path::new("/run/netns").join(name).exists()
@@ -38,6 +38,12 @@ impl Script {
     fn up(&self, args: &[&str]) -> String {
         let mut all = vec!["up", "--prefix", &self.prefix];
         all.extend_from_slice(args);
+        // The agents run PODNET_TEST_WORKERS workers, as in every other suite, unless the test
+        // picks its own.
+        let workers = workers_override().map(|w| w.to_string());
+        if let Some(w) = workers.as_deref().filter(|_| !args.contains(&"--workers")) {
+            all.extend(["--workers", w]);
+        }
         let (out, text) = self.call(&all);
         assert!(out.status.success(), "{text}");
         text
@@ -131,10 +137,23 @@ fn testbed_script_runs_podnet_ipip_with_static_peers() {
         "--encap",
         "ipip",
         "--static",
+        "--workers",
+        "2",
     ]);
     assert!(text.contains("encapsulation ipip (static peers)"), "{text}");
     let (ping, text) = s.exec("h1-p1", &["ping", "-c2", "-W2", "10.244.2.2"]);
     assert!(ping.status.success(), "{text}");
+    // --workers reaches every agent.
+    let (status, text) = s.call(&["status", "--prefix", &s.prefix]);
+    assert!(status.status.success(), "{text}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.trim_start().starts_with("workers:")
+                && l.contains(" 2 data-path threads"))
+            .count(),
+        2,
+        "{text}"
+    );
     let (link, text) = s.exec("h1", &["ip", "link", "show", "tunl0"]);
     assert!(link.status.success() && text.contains("mtu 1480"), "{text}");
 }
@@ -229,6 +248,11 @@ fn testbed_script_runs_routing_modes_on_two_subnets() {
         !out.status.success() && text.contains("--cross-subnet goes with"),
         "{text}"
     );
+    let (out, text) = bad.call(&["up", "--prefix", &bad.prefix, "--workers", "9"]);
+    assert!(
+        !out.status.success() && text.contains("--workers must be 1..8"),
+        "{text}"
+    );
     assert!(!netns_exists(&bad.ns("ul")));
 }
 
@@ -277,6 +301,13 @@ fn bench_iperf_explains_itself_and_refuses_bad_flags() {
     assert!(!ok && text.contains("--reps must be 1..20"), "{text}");
     let (ok, text) = run(&["--fast"]);
     assert!(!ok && text.contains("unknown option '--fast'"), "{text}");
+    let (ok, text) = run(&["--workers", "1,0"]);
+    assert!(
+        !ok && text.contains("--workers takes counts from 1 to 8, not '0'"),
+        "{text}"
+    );
+    let (ok, text) = run(&["--modes", "kernel-vxlan,vxlan-w9"]);
+    assert!(!ok && text.contains("unknown mode 'vxlan-w9'"), "{text}");
 }
 
 /// `scripts/ping-hops` splits real round trips into hops from four captures, idle and under an

@@ -1207,6 +1207,39 @@ mod tests {
     }
 
     #[test]
+    fn workers_count_apart_but_share_one_icmp_rate_limit() {
+        // Two workers' forwarders: each counts its own drops, and a flood spread over both
+        // gets one burst of ICMP errors between them, the node's limit, not one each.
+        let (fwd, t) = pair(1, Encap::Ipip);
+        let other = fwd.for_worker();
+        fwd.tick(1_000);
+        other.tick(1_000);
+        let mut p = INNER;
+        p[16..20].copy_from_slice(&[10, 244, 77, 1]);
+        fix_checksum(&mut p);
+        let mut buf = [0u8; 2048];
+        let mut scratch = [0u8; SCRATCH_LEN];
+        let mut replies = 0;
+        for i in 0..200 {
+            let f = if i % 2 == 0 { &fwd } else { &other };
+            buf[HEADROOM..HEADROOM + p.len()].copy_from_slice(&p);
+            if let Outbound::Reply(_) = f.outbound(&t, &mut buf, HEADROOM, p.len(), &mut scratch) {
+                replies += 1;
+            }
+        }
+        assert_eq!(replies, 50, "one burst for the node");
+        for f in [&fwd, &other] {
+            let c = f.counters();
+            assert_eq!(c.drops(DropReason::NoRoute), 100);
+            assert_eq!(c.icmp_sent() + c.icmp_ratelimited(), 100);
+        }
+        assert_eq!(
+            fwd.counters().icmp_sent() + other.counters().icmp_sent(),
+            50
+        );
+    }
+
+    #[test]
     fn icmp_errors_are_never_answered() {
         let (fwd, t) = pair(1, Encap::Ipip);
         // An ICMP destination-unreachable to an unknown node: counted, not answered.
