@@ -68,7 +68,7 @@ impl IpipSocket {
 
     /// One of `workers` receive sockets, which together get each IP-in-IP packet once: every
     /// raw socket of a protocol is handed a copy of every packet, so each carries a classic BPF
-    /// filter ([`share_filter`]) that keeps the packets whose inner address pair hashes to
+    /// filter (`share_filter`) that keeps the packets whose inner address pair hashes to
     /// `worker`. A flow's packets all go to one worker, in order.
     pub fn bind_share(
         local: Ipv4Addr,
