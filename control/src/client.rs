@@ -10,7 +10,7 @@
 
 use std::convert::Infallible;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -147,7 +147,9 @@ struct Counters {
 }
 
 struct Inner {
-    base: String,
+    /// The replicas' base URLs; calls go to `bases[current]` until it fails.
+    bases: Vec<String>,
+    current: AtomicUsize,
     token: Option<String>,
     http: reqwest::Client,
     counters: Counters,
@@ -158,7 +160,8 @@ struct Inner {
 
 const UNKNOWN_OFFSET: i64 = i64::MIN;
 
-/// A handle on one control service; cheap to clone.
+/// A handle on the control service (one URL, or several replicas to fail over between);
+/// cheap to clone.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -186,26 +189,91 @@ impl Client {
 
     /// A client of `https://HOST:PORT` with `tls` (the CA it trusts, and the certificate it
     /// presents, reread at each new connection after it changed on disk), or of
-    /// `http://HOST:PORT` without.
+    /// `http://HOST:PORT` without. `servers` may list several replicas, comma-separated: a
+    /// call that cannot reach one (or that it answers 502, 503 or 504) moves the client on to
+    /// the next, and retries back off as with one.
     pub fn with_tls(
-        server: &str,
+        servers: &str,
         token: Option<String>,
         tls: Option<&ClientFiles>,
     ) -> Result<Client, ClientError> {
+        let bases = servers
+            .split(',')
+            .map(|url| check_base(url.trim(), tls.is_some()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+        if let Some(files) = tls {
+            let config =
+                crate::tls::client_config(files).map_err(|e| ClientError::Tls(e.to_string()))?;
+            builder = builder.use_preconfigured_tls(config);
+        }
+        let http = builder.build().map_err(|e| ClientError::BadUrl {
+            url: servers.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                bases,
+                current: AtomicUsize::new(0),
+                token,
+                http,
+                counters: Counters::default(),
+                server_offset_ms: AtomicI64::new(UNKNOWN_OFFSET),
+            }),
+        })
+    }
+
+    /// The replica calls go to now.
+    pub fn server(&self) -> &str {
+        let i = self.inner.current.load(Ordering::Relaxed);
+        &self.inner.bases[i % self.inner.bases.len()]
+    }
+
+    /// Every replica the client knows.
+    pub fn servers(&self) -> &[String] {
+        &self.inner.bases
+    }
+
+    /// Moves on to the next replica after a call to `failed_url` failed, unless another
+    /// call already did.
+    fn fail_over(&self, failed_url: &str, why: &str) {
+        let bases = &self.inner.bases;
+        if bases.len() < 2 {
+            return;
+        }
+        let i = self.inner.current.load(Ordering::Relaxed) % bases.len();
+        if !failed_url.starts_with(&bases[i]) {
+            return;
+        }
+        let next = (i + 1) % bases.len();
+        if self
+            .inner
+            .current
+            .compare_exchange(i, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::warn!(from = %bases[i], to = %bases[next], "control replica failed ({why}), failing over");
+        }
+    }
+}
+
+/// Checks one base URL: a scheme that fits the TLS settings, a host and port, no path.
+fn check_base(server: &str, tls: bool) -> Result<String, ClientError> {
+    {
         let bad = |reason: &str| ClientError::BadUrl {
             url: server.to_string(),
             reason: reason.to_string(),
         };
         let base = server.trim_end_matches('/');
         let rest = match (base.split_once("://"), tls) {
-            (Some(("http", rest)), None) | (Some(("https", rest)), Some(_)) => rest,
-            (Some(("https", _)), None) => {
+            (Some(("http", rest)), false) | (Some(("https", rest)), true) => rest,
+            (Some(("https", _)), false) => {
                 return Err(bad(
                     "https:// needs --tls-ca (the cluster CA) and, for mTLS, --tls-cert and \
                      --tls-key",
                 ))
             }
-            (Some(("http", _)), Some(_)) => {
+            (Some(("http", _)), true) => {
                 return Err(bad(
                     "TLS files were given for a plain http:// URL: use https://",
                 ))
@@ -215,28 +283,11 @@ impl Client {
         if rest.is_empty() || rest.contains('/') {
             return Err(bad("expected a URL without a path"));
         }
-        let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
-        if let Some(files) = tls {
-            let config =
-                crate::tls::client_config(files).map_err(|e| ClientError::Tls(e.to_string()))?;
-            builder = builder.use_preconfigured_tls(config);
-        }
-        let http = builder.build().map_err(|e| bad(&e.to_string()))?;
-        Ok(Client {
-            inner: Arc::new(Inner {
-                base: base.to_string(),
-                token,
-                http,
-                counters: Counters::default(),
-                server_offset_ms: AtomicI64::new(UNKNOWN_OFFSET),
-            }),
-        })
+        Ok(base.to_string())
     }
+}
 
-    pub fn server(&self) -> &str {
-        &self.inner.base
-    }
-
+impl Client {
     pub fn stats(&self) -> ClientStats {
         let c = &self.inner.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -251,7 +302,7 @@ impl Client {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{}", self.inner.base, path)
+        format!("{}{}", self.server(), path)
     }
 
     fn node_url(&self, name: &str) -> Result<String, ClientError> {
@@ -276,13 +327,20 @@ impl Client {
         url: &str,
         builder: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ClientError> {
-        let resp = builder.send().await.map_err(|e| ClientError::Unreachable {
-            url: url.to_string(),
-            reason: error_chain(&e),
+        let resp = builder.send().await.map_err(|e| {
+            let reason = error_chain(&e);
+            self.fail_over(url, &reason);
+            ClientError::Unreachable {
+                url: url.to_string(),
+                reason,
+            }
         })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
+        }
+        if matches!(status.as_u16(), 502..=504) {
+            self.fail_over(url, status.as_str());
         }
         let text = resp.text().await.unwrap_or_default();
         let body = serde_json::from_str::<ErrorBody>(&text).unwrap_or_else(|_| ErrorBody {
@@ -413,9 +471,13 @@ impl Client {
         let builder = self.request(reqwest::Method::GET, &url);
         let resp = tokio::time::timeout(CALL_TIMEOUT, self.send(&url, builder))
             .await
-            .map_err(|_| ClientError::Unreachable {
-                url: url.clone(),
-                reason: format!("no answer within {CALL_TIMEOUT:?}"),
+            .map_err(|_| {
+                let reason = format!("no answer within {CALL_TIMEOUT:?}");
+                self.fail_over(&url, &reason);
+                ClientError::Unreachable {
+                    url: url.clone(),
+                    reason,
+                }
             })??;
         Ok(EventStream {
             url,
@@ -523,10 +585,12 @@ impl Client {
                             }
                             Ok(None) => {
                                 tracing::info!("control service closed the watch, reconnecting");
+                                self.fail_over(&stream.url, "watch closed");
                                 break;
                             }
                             Err(e) => {
                                 tracing::debug!("watch interrupted: {e}");
+                                self.fail_over(&stream.url, "watch interrupted");
                                 break;
                             }
                         }

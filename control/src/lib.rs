@@ -6,14 +6,17 @@
 //! node table. The wire types live in `podnet_proto::api`.
 
 pub mod client;
+pub mod etcd;
 pub mod ipam;
 pub mod metrics;
+mod replica;
 pub mod server;
 pub mod state;
 pub mod store;
 pub mod tls;
 
 pub use client::{Backoff, Client, ClientError, ClientStats, EventStream};
+pub use etcd::{Etcd, EtcdError};
 pub use podnet_proto::api;
 pub use server::{Server, ServerConfig, ServerError};
 pub use store::{FileStore, MemoryStore, Store, StoreError};

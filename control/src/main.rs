@@ -2,7 +2,7 @@
 //! manage the cluster CA (`ca init|issue`).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use podnet_control::api::{Node, NodeList};
 use podnet_control::client::read_token_file;
 use podnet_control::server::{now_ms, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_WATCHERS};
 use podnet_control::tls::{self, ClientArgs, Subject};
-use podnet_control::{Client, FileStore, Server, ServerConfig};
+use podnet_control::{Client, Etcd, FileStore, Server, ServerConfig};
 
 #[derive(Parser)]
 #[command(
@@ -39,9 +39,19 @@ enum Command {
         /// Prefix length of each node's pod CIDR.
         #[arg(long, default_value_t = 24)]
         node_prefix: u8,
-        /// State file (written atomically; refuses to start over a corrupt one).
+        /// Where the node table is kept: `file` (one process, --state) or `etcd` (any number
+        /// of replicas over --etcd-endpoints).
+        #[arg(long, value_enum, default_value_t = StoreKind::File)]
+        store: StoreKind,
+        /// State file of the file store (written atomically; refuses to start over a corrupt one).
         #[arg(long, default_value = "/var/lib/podnet/control-state.json")]
         state: PathBuf,
+        /// etcd client URLs, comma-separated (with --store etcd).
+        #[arg(long, value_delimiter = ',', required_if_eq("store", "etcd"))]
+        etcd_endpoints: Vec<String>,
+        /// Key prefix of this cluster in etcd (with --store etcd).
+        #[arg(long, default_value = "/podnet")]
+        etcd_prefix: String,
         /// A node that does not renew within this is marked down and withdrawn.
         #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
         lease_ttl: Duration,
@@ -82,6 +92,12 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    File,
+    Etcd,
 }
 
 #[derive(clap::Args)]
@@ -230,7 +246,10 @@ fn main() -> ExitCode {
                 listen,
                 cluster_cidr,
                 node_prefix,
+                store,
                 state,
+                etcd_endpoints,
+                etcd_prefix,
                 lease_ttl,
                 reclaim_after,
                 token_file,
@@ -256,7 +275,14 @@ fn main() -> ExitCode {
                     max_connections,
                     ..ServerConfig::default()
                 };
-                serve(listen, config, &state).await
+                let store = match store {
+                    StoreKind::File => Backing::File(state),
+                    StoreKind::Etcd => Backing::Etcd {
+                        endpoints: etcd_endpoints,
+                        prefix: etcd_prefix,
+                    },
+                };
+                serve(listen, config, store).await
             }
             Command::Nodes {
                 server,
@@ -285,18 +311,39 @@ fn fail(e: CliError) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn serve(listen: SocketAddr, config: ServerConfig, state: &Path) -> Result<(), CliError> {
-    if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| CliError::StateDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-    }
+/// Where `serve` keeps the node table.
+enum Backing {
+    File(PathBuf),
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
+}
+
+async fn serve(listen: SocketAddr, config: ServerConfig, store: Backing) -> Result<(), CliError> {
     let cluster = config.cluster_cidr;
     let tls = config.tls.is_some();
     fit_open_file_limit(config.max_connections);
-    let store = FileStore::new(state).lock()?;
-    let server = Server::open(config, Arc::new(store)).await?;
+    let (server, state) = match store {
+        Backing::File(state) => {
+            if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|source| CliError::StateDir {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            }
+            let store = FileStore::new(&state).lock()?;
+            let server = Server::open(config, Arc::new(store)).await?;
+            (server, state.display().to_string())
+        }
+        Backing::Etcd { endpoints, prefix } => {
+            let etcd = Etcd::connect(&endpoints, &prefix, config.lease_ttl)
+                .await
+                .map_err(podnet_control::ServerError::from)?;
+            let server = Server::open_etcd(config, etcd).await?;
+            (server, format!("etcd {} {prefix}", endpoints.join(",")))
+        }
+    };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| CliError::Listen {
@@ -305,9 +352,9 @@ async fn serve(listen: SocketAddr, config: ServerConfig, state: &Path) -> Result
         })?;
     let listen = listener.local_addr().unwrap_or(listen);
     if tls {
-        tracing::info!(%listen, %cluster, state = %state.display(), "podnet-control serving (mTLS)");
+        tracing::info!(%listen, %cluster, %state, "podnet-control serving (mTLS)");
     } else {
-        tracing::warn!(%listen, %cluster, state = %state.display(),
+        tracing::warn!(%listen, %cluster, %state,
             "podnet-control serving plain HTTP (--insecure): anyone who reaches {listen} can \
              register nodes and read the topology");
     }

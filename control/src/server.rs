@@ -21,8 +21,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use ipnet::Ipv4Net;
 use podnet_proto::api::{
-    validate_node_name, Encap, ErrorBody, EventType, NodeList, RegisterRequest, RegisterResponse,
-    WatchEvent,
+    validate_node_name, Encap, ErrorBody, EventType, Node, NodeList, RegisterRequest,
+    RegisterResponse, WatchEvent,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -31,7 +31,9 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::etcd::{Etcd, EtcdError, Mirror};
 use crate::ipam::{Ipam, IpamError};
+use crate::replica;
 use crate::state::{Gone, History, RegisterError, Registry, RestoreError, Timing};
 use crate::store::{Store, StoreError};
 use crate::tls::{Identity, Role};
@@ -104,6 +106,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("state file does not fit this configuration: {0}")]
     Restore(#[from] RestoreError),
+    #[error("{0}")]
+    Etcd(#[from] EtcdError),
     #[error("--lease-ttl must be at least 10ms")]
     LeaseTtl,
     #[error(
@@ -155,9 +159,19 @@ impl LeaseClock {
     }
 }
 
-struct Core {
-    registry: Registry,
-    history: History,
+pub(crate) struct Core {
+    pub(crate) registry: Registry,
+    pub(crate) history: History,
+    /// With the etcd store: the key revisions and leases behind `registry`.
+    pub(crate) mirror: Mirror,
+}
+
+/// Where changes are written.
+pub(crate) enum Backend {
+    /// One process owns the state (the embedded file store, or memory in tests).
+    File(Arc<dyn Store>),
+    /// Replicas share etcd; `registry` is this replica's mirror of it.
+    Etcd(Box<Etcd>),
 }
 
 /// One label pair with a fixed key and value.
@@ -165,14 +179,14 @@ type Fixed = [(&'static str, &'static str); 1];
 
 /// The service's metrics, in prometheus-client's types, registered once in `registry`.
 /// The node counts, the revision and the capacity are set from the core at each scrape.
-struct Metrics {
+pub(crate) struct Metrics {
     registry: prometheus_client::registry::Registry,
     nodes: Family<Fixed, Gauge>,
     revision: Gauge,
     capacity: Gauge,
-    registrations: Family<Fixed, Counter>,
-    lapsed: Counter,
-    store_errors: Counter,
+    pub(crate) registrations: Family<Fixed, Counter>,
+    pub(crate) lapsed: Counter,
+    pub(crate) store_errors: Counter,
     watchers: Gauge,
     watchers_refused: Counter,
     connections: Gauge,
@@ -279,17 +293,23 @@ impl Metrics {
     }
 }
 
-struct Shared {
-    config: ServerConfig,
-    core: tokio::sync::Mutex<Core>,
-    events: broadcast::Sender<WatchEvent>,
-    store: Arc<dyn Store>,
-    metrics: Metrics,
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
+    pub(crate) core: tokio::sync::Mutex<Core>,
+    pub(crate) events: broadcast::Sender<WatchEvent>,
+    pub(crate) backend: Backend,
+    pub(crate) metrics: Metrics,
     /// Flips to true on shutdown so watch streams end and the server can drain.
-    stopping: watch::Sender<bool>,
+    pub(crate) stopping: watch::Sender<bool>,
     /// One permit per open watch stream.
     watch_slots: Arc<Semaphore>,
-    clock: LeaseClock,
+    pub(crate) clock: LeaseClock,
+    /// With the etcd store: the revision the mirror has caught up with, and why etcd cannot
+    /// take writes right now (`None` while it can).
+    pub(crate) mirror_revision: watch::Sender<u64>,
+    pub(crate) etcd_down: std::sync::Mutex<Option<String>>,
+    /// Wakes the sweep when the mirror saw a lease lapse.
+    pub(crate) sweep_now: tokio::sync::Notify,
 }
 
 /// A loaded control service, ready to serve.
@@ -298,24 +318,30 @@ pub struct Server {
     shared: Arc<Shared>,
 }
 
+/// Checks the settings both stores share and makes the IPAM and lease timing from them.
+fn check(config: &ServerConfig) -> Result<(Ipam, Timing), ServerError> {
+    if config.lease_ttl < Duration::from_millis(10) {
+        return Err(ServerError::LeaseTtl);
+    }
+    if config.idle_timeout <= config.watch_keepalive {
+        return Err(ServerError::IdleTimeout {
+            idle: config.idle_timeout,
+            keepalive: config.watch_keepalive,
+        });
+    }
+    let ipam = Ipam::new(config.cluster_cidr, config.node_prefix)?;
+    let timing = Timing {
+        lease_ttl_ms: config.lease_ttl.as_millis() as u64,
+        reclaim_after_ms: config.reclaim_after.as_millis() as u64,
+    };
+    Ok((ipam, timing))
+}
+
 impl Server {
     /// Loads the state from `store` (a fresh state is saved at once, so an unwritable store
     /// fails here rather than at the first registration).
     pub async fn open(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server, ServerError> {
-        if config.lease_ttl < Duration::from_millis(10) {
-            return Err(ServerError::LeaseTtl);
-        }
-        if config.idle_timeout <= config.watch_keepalive {
-            return Err(ServerError::IdleTimeout {
-                idle: config.idle_timeout,
-                keepalive: config.watch_keepalive,
-            });
-        }
-        let ipam = Ipam::new(config.cluster_cidr, config.node_prefix)?;
-        let timing = Timing {
-            lease_ttl_ms: config.lease_ttl.as_millis() as u64,
-            reclaim_after_ms: config.reclaim_after.as_millis() as u64,
-        };
+        let (ipam, timing) = check(&config)?;
         let clock = LeaseClock::starting_at(now_ms());
         let loader = store.clone();
         let stored = tokio::task::spawn_blocking(move || loader.load())
@@ -335,24 +361,73 @@ impl Server {
                 registry
             }
         };
+        Ok(Server::build(
+            config,
+            registry,
+            Mirror::default(),
+            Backend::File(store),
+            clock,
+        ))
+    }
+
+    /// A replica over etcd: stores the cluster layout or checks it against the stored one,
+    /// then reads every node into its mirror. Fails when etcd cannot be read.
+    pub async fn open_etcd(config: ServerConfig, etcd: Etcd) -> Result<Server, ServerError> {
+        let (ipam, timing) = check(&config)?;
+        let clock = LeaseClock::starting_at(now_ms());
+        let (registry, mirror, revision) = etcd
+            .load(ipam, timing, clock.now_ms() + timing.lease_ttl_ms)
+            .await?;
+        let (up, down) = registry.counts();
+        tracing::info!(
+            revision,
+            up,
+            down,
+            endpoints = etcd.endpoints(),
+            "etcd state loaded"
+        );
+        Ok(Server::build(
+            config,
+            registry,
+            mirror,
+            Backend::Etcd(Box::new(etcd)),
+            clock,
+        ))
+    }
+
+    fn build(
+        config: ServerConfig,
+        registry: Registry,
+        mirror: Mirror,
+        backend: Backend,
+        clock: LeaseClock,
+    ) -> Server {
         let history = History::new(registry.revision(), config.history_len);
+        let (mirror_revision, _) = watch::channel(registry.revision());
         let (events, _) = broadcast::channel(config.history_len.max(16));
         let (stopping, _) = watch::channel(false);
         let watch_slots = Arc::new(Semaphore::new(config.max_watchers));
         let metrics = Metrics::new();
         metrics.insecure.set(i64::from(config.tls.is_none()));
-        Ok(Server {
+        Server {
             shared: Arc::new(Shared {
                 watch_slots,
                 clock,
                 config,
-                core: tokio::sync::Mutex::new(Core { registry, history }),
+                core: tokio::sync::Mutex::new(Core {
+                    registry,
+                    history,
+                    mirror,
+                }),
                 events,
-                store,
+                backend,
                 metrics,
                 stopping,
+                mirror_revision,
+                etcd_down: std::sync::Mutex::new(None),
+                sweep_now: tokio::sync::Notify::new(),
             }),
-        })
+        }
     }
 
     /// The routes, with authentication, body limit and request counting.
@@ -367,7 +442,7 @@ impl Server {
             .route("/metrics", get(metrics))
             .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
         Router::new()
-            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/healthz", get(healthz))
             .merge(api)
             .fallback(|| async {
                 error(
@@ -396,7 +471,10 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
-        let sweeper = tokio::spawn(sweep(self.shared.clone()));
+        let tasks = match &self.shared.backend {
+            Backend::File(_) => vec![tokio::spawn(sweep(self.shared.clone()))],
+            Backend::Etcd(etcd) => replica::spawn(&self.shared, etcd),
+        };
         let stopping = self.shared.stopping.clone();
         let router = self.router();
         let listener = guard::Guarded::new(listener, self.shared.clone());
@@ -410,7 +488,9 @@ impl Server {
         })
         .await;
         self.shared.stopping.send_replace(true);
-        sweeper.abort();
+        for task in tasks {
+            task.abort();
+        }
         result.map_err(ServerError::from)
     }
 }
@@ -466,7 +546,10 @@ async fn commit(
     events: impl IntoIterator<Item = WatchEvent>,
 ) -> Result<(), StoreError> {
     if persist {
-        save(&shared.store, &next).await?;
+        let Backend::File(store) = &shared.backend else {
+            unreachable!("replicas over etcd write through replica.rs, never commit()");
+        };
+        save(store, &next).await?;
     }
     core.registry = next;
     for ev in events {
@@ -478,7 +561,7 @@ async fn commit(
 }
 
 /// Status and short kind of a refused registration.
-fn refusal(e: &RegisterError) -> (StatusCode, &'static str) {
+pub(crate) fn refusal(e: &RegisterError) -> (StatusCode, &'static str) {
     match e {
         RegisterError::BadName { .. }
         | RegisterError::BadVtepMac(_)
@@ -491,7 +574,7 @@ fn refusal(e: &RegisterError) -> (StatusCode, &'static str) {
 }
 
 /// An error answer: status plus `{error, detail}`.
-fn error(status: StatusCode, kind: &str, detail: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, kind: &str, detail: impl Into<String>) -> Response {
     let body = ErrorBody {
         error: kind.to_string(),
         detail: Some(detail.into()),
@@ -767,6 +850,9 @@ async fn put_node(
         Ok(req) => req,
         Err(detail) => return bad_request(detail),
     };
+    if let Backend::Etcd(etcd) = &shared.backend {
+        return replica::put_node(&shared, etcd, &name, &req).await;
+    }
     let mut core = shared.core.lock().await;
     let mut next = core.registry.clone();
     let done = match next.register(&name, &req, shared.clock.now_ms()) {
@@ -791,19 +877,24 @@ async fn put_node(
             }
         }
     };
+    register_answer(&shared, &done.node, result)
+}
+
+/// The answer to an accepted registration; `result` is "added", "modified" or "renewed".
+pub(crate) fn register_answer(shared: &Shared, node: &Node, result: &'static str) -> Response {
     shared
         .metrics
         .registrations
         .get_or_create(&[("result", result)])
         .inc();
-    let ttl = core.registry.timing().lease_ttl_ms;
+    let ttl = shared.config.lease_ttl.as_millis() as u64;
     Json(RegisterResponse {
-        node: done.node.name,
-        pod_cidr: done.node.pod_cidr,
-        cluster_cidr: core.registry.ipam().cluster(),
+        node: node.name.clone(),
+        pod_cidr: node.pod_cidr,
+        cluster_cidr: shared.config.cluster_cidr,
         lease_ttl_s: ttl.div_ceil(1000),
         lease_ttl_ms: ttl,
-        revision: done.node.revision,
+        revision: node.revision,
         server_time_ms: Some(shared.clock.now_ms()),
     })
     .into_response()
@@ -836,6 +927,9 @@ async fn delete_node(
         Ok(p) => p,
         Err(detail) => return bad_request(detail),
     };
+    if let Backend::Etcd(etcd) = &shared.backend {
+        return replica::delete_node(&shared, etcd, &name, purge).await;
+    }
     let mut core = shared.core.lock().await;
     let mut next = core.registry.clone();
     let Some(event) = next.remove(&name, purge) else {
@@ -981,7 +1075,9 @@ async fn feed_watch(
     loop {
         let line = tokio::select! {
             received = feed.recv() => match received {
-                Ok(ev) if ev.revision <= last => continue,
+                // Older than what was sent. Equal is new: with the etcd store one revision can
+                // carry several events (a compaction's re-read), published together.
+                Ok(ev) if ev.revision < last => continue,
                 Ok(ev) => {
                     last = ev.revision;
                     ndjson(&ev)
@@ -1023,6 +1119,18 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         crate::metrics::render(&m.registry),
     )
         .into_response()
+}
+
+/// `ok`; with the etcd store, `degraded` while etcd cannot take writes (reads and watches are
+/// still served from the last state, so the status stays 200).
+async fn healthz(State(shared): State<Arc<Shared>>) -> String {
+    match &*shared.etcd_down.lock().unwrap_or_else(|e| e.into_inner()) {
+        None => "ok\n".to_string(),
+        Some(why) => format!(
+            "degraded: serving reads and watches from the last state; writes fail until etcd is \
+             back: {why}\n"
+        ),
+    }
 }
 
 /// Connection limits below HTTP, which `axum::serve` has no settings for: a cap on open

@@ -415,6 +415,47 @@ impl Registry {
         (events, changed)
     }
 
+    /// Every node, live and down, by name.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values().map(|e| &e.node)
+    }
+
+    /// Whether a registration of `name` with `req` would only renew a live lease (no change to
+    /// record), checked without the copy a full [`Registry::register`] needs.
+    pub fn is_renewal(&self, name: &str, req: &RegisterRequest) -> bool {
+        let mac = req
+            .vtep_mac
+            .unwrap_or_else(|| MacAddr::vtep_for(req.underlay_ip));
+        self.node(name).is_some_and(|n| {
+            n.state == NodeState::Up
+                && n.underlay_ip == req.underlay_ip
+                && n.encap == req.encap
+                && n.vtep_mac == mac
+        })
+    }
+
+    /// Sets a node as a replicated store holds it (the etcd store's local mirror): its lease
+    /// is the store's, so `lease_expires` here only feeds the "lease ends in" of a refusal.
+    pub fn mirror_put(&mut self, node: Node, lease_expires: u64) {
+        self.nodes.insert(
+            node.name.clone(),
+            Entry {
+                node,
+                lease_expires,
+            },
+        );
+    }
+
+    /// Forgets a node the replicated store no longer holds.
+    pub fn mirror_remove(&mut self, name: &str) {
+        self.nodes.remove(name);
+    }
+
+    /// The replicated store's revision this mirror has caught up with.
+    pub fn set_revision(&mut self, revision: u64) {
+        self.revision = revision;
+    }
+
     /// When the next lease runs out, for a sweeper that wants to sleep exactly that long.
     pub fn next_expiry(&self) -> Option<u64> {
         self.nodes
@@ -472,6 +513,12 @@ impl History {
             }
         }
         self.events.push_back(event);
+    }
+
+    /// The store moved on to `revision` without an event for watchers (a change to other
+    /// keys): a watch may resume from there.
+    pub fn advance_to(&mut self, revision: u64) {
+        self.current = self.current.max(revision);
     }
 
     /// The events after `revision`, or [`Gone`] when they are no longer all retained.

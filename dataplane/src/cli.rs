@@ -192,7 +192,8 @@ pub struct RunArgs {
     /// Overlay MTU, or 'auto' = underlay MTU minus the encapsulation overhead.
     #[arg(long, default_value = "auto")]
     pub mtu: MtuArg,
-    /// URL of podnet-control; the node's pod CIDR and peers come from it.
+    /// URL of podnet-control, or the URLs of several replicas, comma-separated (calls fail
+    /// over from one to the next); the node's pod CIDR and peers come from it.
     #[arg(long, conflicts_with_all = ["pod_cidr", "static_peer"])]
     pub control: Option<String>,
     /// File holding the bearer token for podnet-control.

@@ -22,6 +22,8 @@ use crate::wait::wait_for;
 
 /// Port of podnet-control on host 1's underlay address.
 pub const CONTROL_PORT: u16 = 7800;
+/// Members of the etcd cluster of an HA testbed.
+pub const ETCD_MEMBERS: u8 = 3;
 /// The agent's admin API inside each host namespace (DESIGN.md default).
 pub const ADMIN_API: &str = "127.0.0.1:7801";
 
@@ -102,6 +104,7 @@ pub struct TestbedBuilder {
     subnets: u8,
     mtls: bool,
     cni: bool,
+    replicas: u8,
 }
 
 impl TestbedBuilder {
@@ -120,7 +123,18 @@ impl TestbedBuilder {
             subnets: 1,
             mtls: false,
             cni: false,
+            replicas: 0,
         }
+    }
+
+    /// The HA control plane instead of one file-store service: a 3-member etcd cluster
+    /// (members `etcd1..3`, each in its own namespace at 198.18.0.201-203) and `replicas`
+    /// podnet-control replicas over it (`control1..`, at 198.18.0.211-213). Agents get every
+    /// replica's URL.
+    pub fn ha(mut self, replicas: u8) -> Self {
+        assert!((1..=3).contains(&replicas));
+        self.replicas = replicas;
+        self
     }
 
     /// Makes the pods through the podnet CNI plugin, as a runtime would (control mode only: the
@@ -195,6 +209,10 @@ impl TestbedBuilder {
     }
 
     pub fn build(self) -> Testbed {
+        assert!(
+            !(self.mtls && self.replicas > 0),
+            "HA testbeds serve plain HTTP; mTLS is tested on the file store"
+        );
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         static REAP: std::sync::Once = std::sync::Once::new();
         REAP.call_once(reap_stale_namespaces);
@@ -220,6 +238,7 @@ impl TestbedBuilder {
             procs: BTreeMap::new(),
             peers: self.peers,
             mtls: self.mtls,
+            replicas: self.replicas,
             cni: self.cni,
             agent_args: self.agent_args,
             control_args: self.control_args,
@@ -261,7 +280,14 @@ impl TestbedBuilder {
             if tb.mtls {
                 tb.make_pki(self.hosts);
             }
-            tb.start_control(&[]);
+            if tb.replicas == 0 {
+                tb.start_control(&[]);
+            } else {
+                tb.start_etcd_cluster();
+                for r in 1..=tb.replicas {
+                    tb.start_replica(r);
+                }
+            }
         }
         for n in 1..=self.hosts {
             tb.setup_dataplane(n);
@@ -317,6 +343,8 @@ pub struct Testbed {
     procs: BTreeMap<String, Background>,
     peers: Peers,
     mtls: bool,
+    /// podnet-control replicas over etcd (0: one file-store service in host 1).
+    replicas: u8,
     cni: bool,
     agent_args: Vec<String>,
     control_args: Vec<String>,
@@ -727,9 +755,180 @@ impl Testbed {
         a
     }
 
+    /// The control service's URL, or every replica's, comma-separated, as agents get them.
     pub fn control_url(&self) -> String {
         let scheme = if self.mtls { "https" } else { "http" };
-        format!("{scheme}://{}:{CONTROL_PORT}", underlay_ip(1))
+        if self.replicas == 0 {
+            return format!("{scheme}://{}:{CONTROL_PORT}", underlay_ip(1));
+        }
+        (1..=self.replicas)
+            .map(|r| format!("{scheme}://{}", self.replica_addr(r)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Where etcd member i (1-3) listens for clients.
+    pub fn etcd_ip(i: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 0, 200 + i)
+    }
+
+    /// The etcd client URLs, comma-separated.
+    pub fn etcd_endpoints(&self) -> String {
+        (1..=ETCD_MEMBERS)
+            .map(|i| format!("http://{}:2379", Testbed::etcd_ip(i)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Replica r's address.
+    pub fn replica_addr(&self, r: u8) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::new(198, 18, 0, 210 + r), CONTROL_PORT))
+    }
+
+    /// Namespace of replica r.
+    pub fn replica_ns(&self, r: u8) -> String {
+        format!("{}-c{r}", self.prefix)
+    }
+
+    /// Namespace of etcd member i.
+    pub fn etcd_ns(&self, i: u8) -> String {
+        format!("{}-etcd{i}", self.prefix)
+    }
+
+    /// Starts the 3-member etcd cluster and waits until it is healthy.
+    pub fn start_etcd_cluster(&mut self) {
+        crate::require_tools(&["etcd", "etcdctl"]);
+        for i in 1..=ETCD_MEMBERS {
+            self.add_underlay_node(&format!("etcd{i}"), Testbed::etcd_ip(i));
+        }
+        for i in 1..=ETCD_MEMBERS {
+            self.start_etcd(i);
+        }
+        let ns = self.etcd_ns(1);
+        let endpoints = self.etcd_endpoints();
+        let healthy = wait_for("etcd cluster healthy", Duration::from_secs(30), || {
+            let out = crate::run(
+                Some(&ns),
+                &["etcdctl", "--endpoints", &endpoints, "endpoint", "health"],
+                Duration::from_secs(10),
+            )?;
+            if out.success() {
+                Ok(())
+            } else {
+                Err(out.combined())
+            }
+        });
+        if let Err(e) = healthy {
+            panic!("{e}; etcd1 log:\n{}", self.log("etcd1"));
+        }
+    }
+
+    /// Starts (or restarts, on its data dir) etcd member i as process `etcdI`.
+    pub fn start_etcd(&mut self, i: u8) {
+        let ip = Testbed::etcd_ip(i);
+        let cluster = (1..=ETCD_MEMBERS)
+            .map(|k| format!("e{k}=http://{}:2380", Testbed::etcd_ip(k)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let data = self.path(&format!("etcd{i}.data"));
+        let client = format!("http://{ip}:2379");
+        let peer = format!("http://{ip}:2380");
+        let argv = [
+            "etcd",
+            "--name",
+            &format!("e{i}"),
+            "--data-dir",
+            data.to_str().expect("utf-8 path"),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &cluster,
+            "--initial-cluster-token",
+            &self.prefix.clone(),
+            "--initial-cluster-state",
+            "new",
+        ];
+        let ns = self.etcd_ns(i);
+        self.start(&format!("etcd{i}"), &ns, &argv);
+    }
+
+    /// The etcd member (1-3) that leads now, from `etcdctl endpoint status`.
+    pub fn etcd_leader(&self) -> Result<u8, String> {
+        let out = crate::run(
+            Some(&self.etcd_ns(1)),
+            &[
+                "etcdctl",
+                "--endpoints",
+                &self.etcd_endpoints(),
+                "endpoint",
+                "status",
+                "-w",
+                "json",
+            ],
+            Duration::from_secs(10),
+        )?;
+        let status: serde_json::Value =
+            serde_json::from_str(&out.stdout).map_err(|e| format!("{e}: {}", out.combined()))?;
+        for (i, member) in status.as_array().into_iter().flatten().enumerate() {
+            let s = &member["Status"];
+            if s["header"]["member_id"] == s["leader"] && !s["leader"].is_null() {
+                return Ok(i as u8 + 1);
+            }
+        }
+        Err(format!("no leader in {}", out.stdout))
+    }
+
+    /// Starts podnet-control replica r over the etcd cluster as process `controlR` and waits
+    /// for its /healthz (`extra` flags added).
+    pub fn start_replica(&mut self, r: u8) {
+        let ns = self.replica_ns(r);
+        let addr = self.replica_addr(r);
+        if !self.namespaces.contains(&ns) {
+            let SocketAddr::V4(v4) = addr else {
+                unreachable!("replica addresses are IPv4")
+            };
+            self.add_underlay_node(&format!("c{r}"), *v4.ip());
+        }
+        let bin = crate::podnet_bin("podnet-control");
+        let mut argv: Vec<String> = [
+            bin.to_str().expect("utf-8 path"),
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &self.etcd_endpoints(),
+            "--etcd-prefix",
+            "/podnet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.push("--insecure".into());
+        argv.extend(self.control_args.iter().cloned());
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let name = format!("control{r}");
+        self.start(&name, &ns, &argv);
+        let r = wait_for(&format!("{name} /healthz"), Duration::from_secs(20), || {
+            if let Some(status) = self.procs.get_mut(&name).and_then(|p| p.try_exit()) {
+                return Ok(Err(format!("{name} exited ({status})")));
+            }
+            match http::get(&ns, addr, "/healthz") {
+                Ok(r) if r.status == 200 => Ok(Ok(())),
+                Ok(r) => Err(format!("status {}", r.status)),
+                Err(e) => Err(e),
+            }
+        });
+        if let Err(e) | Ok(Err(e)) = r {
+            panic!("{e}; log:\n{}", self.log(&name));
+        }
     }
 
     /// The network config a runtime hands `podnet-cni` on host n (`conf` replaces it).
@@ -837,7 +1036,11 @@ impl Testbed {
         a
     }
 
+    /// The control service's address (replica 1's on an HA testbed).
     pub fn control_addr(&self) -> SocketAddr {
+        if self.replicas > 0 {
+            return self.replica_addr(1);
+        }
         SocketAddr::from((underlay_ip(1), CONTROL_PORT))
     }
 

@@ -60,6 +60,8 @@ pub struct StatusBody<'a> {
     pub uptime_s: u64,
     pub table_revision: u64,
     pub control_connected: Option<bool>,
+    /// The control replica the agent talks to now (of those given to `--control`).
+    pub control_server: Option<String>,
     pub peers: Vec<PeerStatus>,
     /// The node's counters: the sum of `worker_counters`.
     pub counters: CountersSnapshot,
@@ -337,6 +339,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
         uptime_s: agent.started.elapsed().as_secs(),
         table_revision: agent.shared.table.load().revision(),
         control_connected: agent.control.as_ref().map(|c| c.stats().watching),
+        control_server: agent.control.as_ref().map(|c| c.server().to_string()),
         peers: peers(&agent),
         counters: CountersSnapshot::sum(&workers),
         worker_counters: workers.iter().map(WorkerTraffic::from).collect(),

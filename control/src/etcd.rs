@@ -1,0 +1,976 @@
+//! The etcd store (`serve --store etcd`): any number of replicas serve one etcd cluster.
+//!
+//! Keys under the prefix (`--etcd-prefix`, default `/podnet`):
+//! - `config`: the cluster layout, written once. A replica started with another layout refuses
+//!   to start and names the value that differs.
+//! - `nodes/NAME`: the node record (the API's `Node` as JSON). Its etcd mod revision is the
+//!   record's revision, so the revisions agents see are etcd revisions.
+//! - `cidrs/A.B.C.D-LEN`: the name holding that pod CIDR. A new claim is written in the same
+//!   transaction as the node record, on `create_revision == 0`, so two replicas racing can
+//!   never hand one CIDR to two nodes.
+//! - `alive/NAME`: bound to the node's etcd lease (TTL `--lease-ttl`, in whole seconds).
+//!   A renewal keeps the lease alive. When it lapses, etcd deletes the key, every replica sees
+//!   that in its watch, and the first one to write marks the node down.
+//!
+//! Each replica keeps a mirror of these keys ([`Mirror`] plus the [`Registry`]), fed by one
+//! etcd watch. Lists, node reads and watch streams are served from the mirror, so they keep
+//! working while etcd is unreachable. A change is planned on a copy of the registry with the
+//! same rules as the file store ([`plan`]). It is then written as one transaction that
+//! compares every key it read at the revision it was read. If another replica got there
+//! first, the mirror catches up and the change is planned again.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use etcd_client::{
+    Compare, CompareOp, ConnectOptions, EventType as KvEvent, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions, WatchStream,
+};
+use ipnet::Ipv4Net;
+use podnet_proto::api::{EventType, Node, NodeState, WatchEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::ipam::Ipam;
+use crate::state::{Registry, Timing, STATE_FORMAT};
+
+/// A single etcd call may take this long; then the write is answered 503.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// etcd refuses transactions with more operations than its `--max-txn-ops` (128 by default):
+/// a sweep writes at most this many nodes per transaction (three operations each).
+pub const SWEEP_BATCH: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd unavailable at {endpoints}: {reason}")]
+    Unavailable { endpoints: String, reason: String },
+    #[error(
+        "etcd prefix {prefix} holds a cluster with {what} {stored}, but this replica was started \
+         with {ours}: every replica of one cluster takes the same --cluster-cidr and \
+         --node-prefix (or give this one another --etcd-prefix)"
+    )]
+    ConfigMismatch {
+        prefix: String,
+        what: &'static str,
+        stored: String,
+        ours: String,
+    },
+    #[error("etcd key {key} is not what podnet writes there ({reason}); was the prefix used by something else?")]
+    Corrupt { key: String, reason: String },
+    #[error("--etcd-endpoints: {0}")]
+    Endpoints(String),
+}
+
+/// The layout stored once under `config`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Layout {
+    format: u32,
+    cluster_cidr: Ipv4Net,
+    node_prefix: u8,
+}
+
+/// What a key under the prefix is.
+#[derive(Debug, PartialEq, Eq)]
+enum Key<'a> {
+    Node(&'a str),
+    Cidr(Ipv4Net),
+    Alive(&'a str),
+}
+
+/// The key names under one prefix.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
+    fn all(&self) -> String {
+        format!("{}/", self.prefix)
+    }
+
+    fn config(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    fn node(&self, name: &str) -> String {
+        format!("{}/nodes/{name}", self.prefix)
+    }
+
+    fn cidr(&self, net: Ipv4Net) -> String {
+        format!(
+            "{}/cidrs/{}-{}",
+            self.prefix,
+            net.network(),
+            net.prefix_len()
+        )
+    }
+
+    fn alive(&self, name: &str) -> String {
+        format!("{}/alive/{name}", self.prefix)
+    }
+
+    fn parse<'a>(&self, key: &'a str) -> Option<Key<'a>> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        let (kind, name) = rest.split_once('/')?;
+        match kind {
+            "nodes" => Some(Key::Node(name)),
+            "alive" => Some(Key::Alive(name)),
+            "cidrs" => {
+                let (ip, len) = name.split_once('-')?;
+                Ipv4Net::new(ip.parse().ok()?, len.parse().ok()?)
+                    .ok()
+                    .map(Key::Cidr)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What the mirror knows of etcd beyond the node records the [`Registry`] holds.
+#[derive(Clone, Debug, Default)]
+pub struct Mirror {
+    /// Mod revision of each node record, by name.
+    node_revs: HashMap<String, i64>,
+    /// Holder and mod revision of each claimed pod CIDR.
+    claims: HashMap<Ipv4Net, (String, i64)>,
+    /// The lease of each live node's `alive` key, by name.
+    leases: HashMap<String, i64>,
+}
+
+impl Mirror {
+    /// The lease keeping `name` alive, if its `alive` key exists.
+    pub fn lease(&self, name: &str) -> Option<i64> {
+        self.leases.get(name).copied()
+    }
+
+    /// Nodes the registry holds as up whose lease is gone: the sweep marks them down.
+    pub fn lapsed<'a>(&'a self, registry: &'a Registry) -> impl Iterator<Item = &'a str> {
+        registry
+            .live()
+            .filter(|n| !self.leases.contains_key(&n.name))
+            .map(|n| n.name.as_str())
+    }
+}
+
+/// One key change seen in etcd: a put (with its value) or a delete.
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub key: String,
+    /// `None` for a delete.
+    pub value: Option<Vec<u8>>,
+    pub mod_revision: i64,
+    pub lease: i64,
+}
+
+/// What a node record change means to watchers.
+fn transition(prev: Option<&Node>, next: Option<&Node>) -> Option<EventType> {
+    fn up(n: Option<&Node>) -> Option<&Node> {
+        n.filter(|n| n.state == NodeState::Up)
+    }
+    match (up(prev), up(next)) {
+        (None, Some(_)) => Some(EventType::Added),
+        (Some(_), None) => Some(EventType::Deleted),
+        (Some(a), Some(b)) if !same_route(a, b) => Some(EventType::Modified),
+        _ => None,
+    }
+}
+
+/// Whether two records route alike (what agents act on).
+fn same_route(a: &Node, b: &Node) -> bool {
+    (a.underlay_ip, a.encap, a.vtep_mac, a.pod_cidr)
+        == (b.underlay_ip, b.encap, b.vtep_mac, b.pod_cidr)
+}
+
+/// Applies changes seen in etcd to the mirror and returns the events for watchers, in order.
+/// A record podnet cannot read is logged and skipped: one bad key must not stop the mirror.
+pub fn apply(
+    keys: &Keys,
+    registry: &mut Registry,
+    mirror: &mut Mirror,
+    changes: &[Change],
+    lease_ends: u64,
+) -> Vec<WatchEvent> {
+    let mut events = Vec::new();
+    for change in changes {
+        let revision = change.mod_revision.max(0) as u64;
+        match keys.parse(&change.key) {
+            Some(Key::Node(name)) => {
+                let prev = registry.node(name).cloned();
+                let next = match &change.value {
+                    None => None,
+                    Some(value) => match serde_json::from_slice::<Node>(value) {
+                        Ok(node) if node.name == name => Some(Node { revision, ..node }),
+                        Ok(node) => {
+                            tracing::warn!(key = %change.key, "etcd node record names {:?}, skipped", node.name);
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(key = %change.key, "etcd node record unreadable, skipped: {e}");
+                            continue;
+                        }
+                    },
+                };
+                let kind = transition(prev.as_ref(), next.as_ref());
+                match next {
+                    Some(node) => {
+                        mirror
+                            .node_revs
+                            .insert(name.to_string(), change.mod_revision);
+                        registry.mirror_put(node.clone(), lease_ends);
+                        if let Some(kind) = kind {
+                            events.push(WatchEvent {
+                                kind,
+                                revision,
+                                node,
+                            });
+                        }
+                    }
+                    None => {
+                        mirror.node_revs.remove(name);
+                        registry.mirror_remove(name);
+                        if let (Some(kind), Some(prev)) = (kind, prev) {
+                            events.push(WatchEvent {
+                                kind,
+                                revision,
+                                node: Node {
+                                    state: NodeState::Down,
+                                    revision,
+                                    ..prev
+                                },
+                            });
+                        }
+                    }
+                }
+            }
+            Some(Key::Cidr(net)) => match &change.value {
+                Some(holder) => {
+                    let holder = String::from_utf8_lossy(holder).into_owned();
+                    mirror.claims.insert(net, (holder, change.mod_revision));
+                }
+                None => {
+                    mirror.claims.remove(&net);
+                }
+            },
+            Some(Key::Alive(name)) => match change.value {
+                Some(_) => {
+                    mirror.leases.insert(name.to_string(), change.lease);
+                }
+                None => {
+                    mirror.leases.remove(name);
+                }
+            },
+            None => {}
+        }
+        registry.set_revision(registry.revision().max(revision));
+    }
+    events
+}
+
+/// The events that take watchers from `old` to `new` (read afresh at `revision`).
+pub fn differences(old: &Registry, new: &Registry, revision: u64) -> Vec<WatchEvent> {
+    let names: BTreeSet<&str> = old
+        .nodes()
+        .chain(new.nodes())
+        .map(|n| n.name.as_str())
+        .collect();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let (before, after) = (old.node(name), new.node(name));
+            let kind = transition(before, after)?;
+            let node = match (kind, after) {
+                (EventType::Deleted, _) | (_, None) => Node {
+                    state: NodeState::Down,
+                    ..before?.clone()
+                },
+                (_, Some(after)) => after.clone(),
+            };
+            Some(WatchEvent {
+                kind,
+                revision,
+                node: Node { revision, ..node },
+            })
+        })
+        .collect()
+}
+
+/// What a key must look like for a transaction to go through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    Absent,
+    ModRevision(i64),
+}
+
+/// The etcd transaction that turns one registry into another.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub compares: Vec<(String, Expect)>,
+    pub puts: Vec<(String, Vec<u8>)>,
+    pub deletes: Vec<String>,
+    /// The node that goes (or must stay) up: its `alive` key is put with a fresh lease.
+    pub alive: Option<String>,
+    /// Leases of nodes that went down or away, revoked after the write.
+    pub revoke: Vec<i64>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.puts.is_empty() && self.deletes.is_empty() && self.alive.is_none()
+    }
+}
+
+/// Plans the writes that turn `prev` (the mirror) into `next`. `registering` is the node a
+/// registration is for; it gets a fresh lease when it goes up, or when its lease is gone
+/// (`dead_lease`: etcd just said so, before the mirror saw the key go). A node that goes down
+/// gets `now` as its last heartbeat: renewals are lease keepalives that write no record, so
+/// the time it was seen to lapse is the best one known, and its reservation runs from there.
+pub fn plan(
+    keys: &Keys,
+    prev: &Registry,
+    mirror: &Mirror,
+    next: &Registry,
+    registering: Option<&str>,
+    dead_lease: Option<i64>,
+    now: u64,
+) -> Plan {
+    let mut plan = Plan::default();
+    let node_expect = |name: &str| match mirror.node_revs.get(name) {
+        Some(rev) => Expect::ModRevision(*rev),
+        None => Expect::Absent,
+    };
+    let claim_expect = |net: &Ipv4Net| match mirror.claims.get(net) {
+        Some((_, rev)) => Expect::ModRevision(*rev),
+        None => Expect::Absent,
+    };
+    let held_after: HashMap<Ipv4Net, &str> = next
+        .nodes()
+        .map(|n| (n.pod_cidr, n.name.as_str()))
+        .collect();
+    let names: BTreeSet<&str> = prev
+        .nodes()
+        .chain(next.nodes())
+        .map(|n| n.name.as_str())
+        .collect();
+    for name in names {
+        let before = prev.node(name);
+        let lease = mirror.lease(name).filter(|l| Some(*l) != dead_lease);
+        match next.node(name) {
+            Some(after) => {
+                let unchanged =
+                    before.is_some_and(|b| same_route(b, after) && b.state == after.state);
+                if !unchanged {
+                    let mut record = after.clone();
+                    record.revision = 0;
+                    if after.state == NodeState::Down
+                        && before.is_some_and(|b| b.state == NodeState::Up)
+                    {
+                        record.last_heartbeat = now;
+                    }
+                    let key = keys.node(name);
+                    plan.compares.push((key.clone(), node_expect(name)));
+                    plan.puts.push((key, record_json(&record)));
+                    if before.map(|b| b.pod_cidr) != Some(after.pod_cidr) {
+                        let key = keys.cidr(after.pod_cidr);
+                        plan.compares
+                            .push((key.clone(), claim_expect(&after.pod_cidr)));
+                        plan.puts.push((key, name.as_bytes().to_vec()));
+                    }
+                }
+                let went_up = before.is_none_or(|b| b.state != NodeState::Up);
+                if after.state == NodeState::Up
+                    && registering == Some(name)
+                    && (went_up || lease.is_none())
+                {
+                    plan.alive = Some(name.to_string());
+                }
+                if after.state == NodeState::Down {
+                    if let Some(lease) = lease {
+                        plan.revoke.push(lease);
+                        plan.deletes.push(keys.alive(name));
+                    }
+                }
+            }
+            None => {
+                let key = keys.node(name);
+                plan.compares.push((key.clone(), node_expect(name)));
+                plan.deletes.push(key);
+                if let Some(before) = before {
+                    if !held_after.contains_key(&before.pod_cidr) {
+                        let key = keys.cidr(before.pod_cidr);
+                        plan.compares
+                            .push((key.clone(), claim_expect(&before.pod_cidr)));
+                        plan.deletes.push(key);
+                    }
+                }
+                if let Some(lease) = lease {
+                    plan.revoke.push(lease);
+                    plan.deletes.push(keys.alive(name));
+                }
+            }
+        }
+    }
+    plan
+}
+
+fn record_json(node: &Node) -> Vec<u8> {
+    serde_json::to_vec(node).expect("nodes always serialize")
+}
+
+/// How a planned transaction ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written at this revision.
+    Applied(u64),
+    /// A compared key had moved: another replica wrote first. The mirror must reach this
+    /// revision before planning again.
+    Conflict(u64),
+}
+
+/// A connection to the etcd cluster and the key names under the prefix.
+#[derive(Clone)]
+pub struct Etcd {
+    client: etcd_client::Client,
+    keys: Keys,
+    endpoints: String,
+    lease_ttl_s: i64,
+}
+
+impl Etcd {
+    /// Connects (lazily: an unreachable cluster fails the first call, not this one).
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        lease_ttl: Duration,
+    ) -> Result<Etcd, EtcdError> {
+        if endpoints.is_empty() {
+            return Err(EtcdError::Endpoints(
+                "no endpoint given; pass --etcd-endpoints http://HOST:2379[,...]".into(),
+            ));
+        }
+        for url in endpoints {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(EtcdError::Endpoints(format!(
+                    "{url:?} is not a URL like http://198.18.0.1:2379"
+                )));
+            }
+        }
+        if !prefix.starts_with('/') || prefix.trim_end_matches('/').is_empty() {
+            return Err(EtcdError::Endpoints(format!(
+                "--etcd-prefix {prefix:?} must be a key path like /podnet"
+            )));
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(CALL_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+            // A member that lost its leader refuses at once rather than hanging the call, and
+            // ends our watch, so the replica can tell "etcd unavailable".
+            .with_require_leader(true);
+        let joined = endpoints.join(",");
+        let client = etcd_client::Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|e| EtcdError::Unavailable {
+                endpoints: joined.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Etcd {
+            client,
+            keys: Keys::new(prefix),
+            endpoints: joined,
+            // etcd counts leases in whole seconds.
+            lease_ttl_s: lease_ttl.as_millis().div_ceil(1000).max(1) as i64,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn endpoints(&self) -> &str {
+        &self.endpoints
+    }
+
+    fn unavailable(&self, e: impl std::fmt::Display) -> EtcdError {
+        EtcdError::Unavailable {
+            endpoints: self.endpoints.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, EtcdError> {
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(t)) => Ok(t),
+            Ok(Err(e)) => Err(self.unavailable(e)),
+            Err(_) => Err(self.unavailable(format!("no answer within {CALL_TIMEOUT:?}"))),
+        }
+    }
+
+    /// Stores the cluster layout if this is the first replica, or checks it against the
+    /// stored one; then reads every key into a fresh registry and mirror. Returns them with
+    /// the etcd revision they were read at.
+    pub async fn load(
+        &self,
+        ipam: Ipam,
+        timing: Timing,
+        lease_ends: u64,
+    ) -> Result<(Registry, Mirror, u64), EtcdError> {
+        let ours = Layout {
+            format: STATE_FORMAT,
+            cluster_cidr: ipam.cluster(),
+            node_prefix: ipam.node_prefix(),
+        };
+        let key = self.keys.config();
+        let value = serde_json::to_vec(&ours).expect("layouts serialize");
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), value, None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let mut kv = self.client.kv_client();
+        let resp = self.call(kv.txn(txn)).await?;
+        if !resp.succeeded() {
+            let stored = resp
+                .op_responses()
+                .into_iter()
+                .find_map(|op| match op {
+                    etcd_client::TxnOpResponse::Get(get) => {
+                        get.kvs().first().map(|kv| kv.value().to_vec())
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let stored: Layout =
+                serde_json::from_slice(&stored).map_err(|e| EtcdError::Corrupt {
+                    key: key.clone(),
+                    reason: e.to_string(),
+                })?;
+            check_layout(&self.keys.prefix, &stored, &ours)?;
+        }
+        let resp = self
+            .call(kv.get(self.keys.all(), Some(GetOptions::new().with_prefix())))
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let changes: Vec<Change> = resp
+            .kvs()
+            .iter()
+            .map(|kv| Change {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: Some(kv.value().to_vec()),
+                mod_revision: kv.mod_revision(),
+                lease: kv.lease(),
+            })
+            .collect();
+        let mut registry = Registry::new(ipam, timing);
+        let mut mirror = Mirror::default();
+        apply(&self.keys, &mut registry, &mut mirror, &changes, lease_ends);
+        let revision = revision.max(0) as u64;
+        registry.set_revision(revision);
+        Ok((registry, mirror, revision))
+    }
+
+    /// Writes `plan` as one transaction.
+    pub async fn commit(&self, plan: &Plan) -> Result<Outcome, EtcdError> {
+        let mut ops: Vec<TxnOp> = Vec::new();
+        let mut granted = None;
+        if let Some(name) = &plan.alive {
+            let mut lease = self.client.lease_client();
+            let grant = self.call(lease.grant(self.lease_ttl_s, None)).await?;
+            granted = Some(grant.id());
+            ops.push(TxnOp::put(
+                self.keys.alive(name),
+                Vec::new(),
+                Some(PutOptions::new().with_lease(grant.id())),
+            ));
+        }
+        let compares: Vec<Compare> = plan
+            .compares
+            .iter()
+            .map(|(key, expect)| match expect {
+                Expect::Absent => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                Expect::ModRevision(rev) => {
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, *rev)
+                }
+            })
+            .collect();
+        ops.extend(
+            plan.puts
+                .iter()
+                .map(|(key, value)| TxnOp::put(key.as_str(), value.clone(), None)),
+        );
+        ops.extend(
+            plan.deletes
+                .iter()
+                .map(|key| TxnOp::delete(key.as_str(), None)),
+        );
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .call(kv.txn(Txn::new().when(compares).and_then(ops)))
+            .await;
+        let resp = match resp {
+            Ok(resp) => resp,
+            Err(e) => {
+                if let Some(id) = granted {
+                    self.revoke(id).await;
+                }
+                return Err(e);
+            }
+        };
+        let revision = resp.header().map_or(0, |h| h.revision()).max(0) as u64;
+        if !resp.succeeded() {
+            if let Some(id) = granted {
+                self.revoke(id).await;
+            }
+            return Ok(Outcome::Conflict(revision));
+        }
+        for &id in &plan.revoke {
+            self.revoke(id).await;
+        }
+        Ok(Outcome::Applied(revision))
+    }
+
+    /// Revokes a lease no key needs any more; failures only leave it to run out.
+    async fn revoke(&self, id: i64) {
+        let mut lease = self.client.lease_client();
+        if let Err(e) = self.call(lease.revoke(id)).await {
+            tracing::debug!(lease = id, "lease not revoked (it runs out by itself): {e}");
+        }
+    }
+
+    /// Renews a node's lease: `Ok(false)` when etcd no longer has it.
+    pub async fn keep_alive(&self, id: i64) -> Result<bool, EtcdError> {
+        let mut lease = self.client.lease_client();
+        match tokio::time::timeout(CALL_TIMEOUT, lease.keep_alive(id)).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) if e.contains("not found") => {
+                Ok(false)
+            }
+            Ok(Err(e)) => Err(self.unavailable(e)),
+            Err(_) => Err(self.unavailable(format!("no answer within {CALL_TIMEOUT:?}"))),
+        }
+    }
+
+    /// A linearizable read, which needs a quorum: `Ok` means etcd can take writes.
+    pub async fn probe(&self) -> Result<(), EtcdError> {
+        let mut kv = self.client.kv_client();
+        self.call(kv.get(self.keys.config(), None)).await.map(drop)
+    }
+
+    /// Watches every key under the prefix from `revision` on.
+    pub async fn watch(&self, revision: u64) -> Result<WatchStream, EtcdError> {
+        let mut watch = self.client.watch_client();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision as i64);
+        let (_watcher, stream) = self
+            .call(watch.watch(self.keys.all(), Some(options)))
+            .await?;
+        Ok(stream)
+    }
+}
+
+/// The key changes of one watch response.
+pub fn changes(resp: &etcd_client::WatchResponse) -> Vec<Change> {
+    resp.events()
+        .iter()
+        .filter_map(|ev| {
+            let kv = ev.kv()?;
+            Some(Change {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: match ev.event_type() {
+                    KvEvent::Put => Some(kv.value().to_vec()),
+                    KvEvent::Delete => None,
+                },
+                mod_revision: kv.mod_revision(),
+                lease: kv.lease(),
+            })
+        })
+        .collect()
+}
+
+fn check_layout(prefix: &str, stored: &Layout, ours: &Layout) -> Result<(), EtcdError> {
+    let mismatch = |what, stored: String, ours: String| EtcdError::ConfigMismatch {
+        prefix: prefix.to_string(),
+        what,
+        stored,
+        ours,
+    };
+    if stored.format != ours.format {
+        return Err(mismatch(
+            "state format",
+            stored.format.to_string(),
+            format!("format {} (this build)", ours.format),
+        ));
+    }
+    if stored.cluster_cidr != ours.cluster_cidr {
+        return Err(mismatch(
+            "cluster CIDR",
+            stored.cluster_cidr.to_string(),
+            format!("--cluster-cidr {}", ours.cluster_cidr),
+        ));
+    }
+    if stored.node_prefix != ours.node_prefix {
+        return Err(mismatch(
+            "node prefix",
+            format!("/{}", stored.node_prefix),
+            format!("--node-prefix {}", ours.node_prefix),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podnet_proto::api::{Encap, RegisterRequest};
+
+    fn keys() -> Keys {
+        Keys::new("/podnet/")
+    }
+
+    fn empty() -> Registry {
+        Registry::new(
+            Ipam::new("10.244.0.0/16".parse().unwrap(), 24).unwrap(),
+            Timing {
+                lease_ttl_ms: 3_000,
+                reclaim_after_ms: 60_000,
+            },
+        )
+    }
+
+    fn req(last: u8) -> RegisterRequest {
+        RegisterRequest {
+            underlay_ip: format!("198.18.0.{last}").parse().unwrap(),
+            encap: Encap::Vxlan,
+            vtep_mac: None,
+        }
+    }
+
+    fn put(key: String, value: Vec<u8>, rev: i64, lease: i64) -> Change {
+        Change {
+            key,
+            value: Some(value),
+            mod_revision: rev,
+            lease,
+        }
+    }
+
+    /// What etcd would report after `plan` was written at `rev` with lease `lease`.
+    fn written(plan: &Plan, rev: i64, lease: i64) -> Vec<Change> {
+        let k = keys();
+        let mut out: Vec<Change> = plan
+            .puts
+            .iter()
+            .map(|(key, value)| put(key.clone(), value.clone(), rev, 0))
+            .collect();
+        out.extend(plan.deletes.iter().map(|key| Change {
+            key: key.clone(),
+            value: None,
+            mod_revision: rev,
+            lease: 0,
+        }));
+        if let Some(name) = &plan.alive {
+            out.push(put(k.alive(name), Vec::new(), rev, lease));
+        }
+        out
+    }
+
+    #[test]
+    fn keys_parse_back() {
+        let k = keys();
+        assert_eq!(k.parse(&k.node("h1")), Some(Key::Node("h1")));
+        assert_eq!(k.parse(&k.alive("h1")), Some(Key::Alive("h1")));
+        let net: Ipv4Net = "10.244.7.0/24".parse().unwrap();
+        assert_eq!(k.cidr(net), "/podnet/cidrs/10.244.7.0-24");
+        assert_eq!(k.parse(&k.cidr(net)), Some(Key::Cidr(net)));
+        assert_eq!(k.parse("/podnet/config"), None);
+        assert_eq!(k.parse("/podnetx/nodes/h1"), None);
+        assert_eq!(k.parse("/other/nodes/h1"), None);
+    }
+
+    /// A join claims its CIDR only if nobody holds it (create_revision == 0), writes the
+    /// record only if it is still as read, and asks for a lease; the mirror turns what etcd
+    /// wrote into one `added` event at etcd's revision.
+    #[test]
+    fn a_join_claims_its_cidr_on_create_revision_zero_and_is_announced_at_the_etcd_revision() {
+        let k = keys();
+        let (prev, mirror) = (empty(), Mirror::default());
+        let mut next = prev.clone();
+        next.register("h1", &req(1), 1_000).unwrap();
+        let plan = plan(&k, &prev, &mirror, &next, Some("h1"), None, 1_000);
+        assert_eq!(
+            plan.compares,
+            [
+                (k.node("h1"), Expect::Absent),
+                ("/podnet/cidrs/10.244.1.0-24".to_string(), Expect::Absent),
+            ]
+        );
+        assert_eq!(plan.alive.as_deref(), Some("h1"));
+        assert!(plan.deletes.is_empty() && plan.revoke.is_empty());
+
+        let (mut reg, mut mirror) = (prev, mirror);
+        let events = apply(&k, &mut reg, &mut mirror, &written(&plan, 42, 7), 0);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].kind, EventType::Added);
+        assert_eq!(events[0].revision, 42);
+        assert_eq!(events[0].node.revision, 42);
+        assert_eq!(reg.revision(), 42);
+        assert_eq!(mirror.lease("h1"), Some(7));
+        assert!(reg.is_renewal("h1", &req(1)));
+
+        // A second replica that had not seen h1 plans the same claim: its compare on the
+        // claim fails in etcd, so it can never hand 10.244.1.0/24 to another name.
+        let mut other = empty();
+        other.register("h2", &req(2), 1_000).unwrap();
+        let raced = super::plan(
+            &k,
+            &empty(),
+            &Mirror::default(),
+            &other,
+            Some("h2"),
+            None,
+            1_000,
+        );
+        assert!(raced
+            .compares
+            .contains(&("/podnet/cidrs/10.244.1.0-24".to_string(), Expect::Absent)));
+        // Planned again on the caught-up mirror, it takes the next block and compares h1's
+        // claim nowhere.
+        let mut next = reg.clone();
+        next.register("h2", &req(2), 1_000).unwrap();
+        let again = super::plan(&k, &reg, &mirror, &next, Some("h2"), None, 1_000);
+        assert_eq!(
+            next.node("h2").unwrap().pod_cidr.to_string(),
+            "10.244.2.0/24"
+        );
+        assert!(again
+            .compares
+            .contains(&("/podnet/cidrs/10.244.2.0-24".to_string(), Expect::Absent)));
+    }
+
+    /// A lapsed lease: the sweep writes the node down (compared at the revision it read) with
+    /// the time it saw the lapse, and watchers get one `deleted` event.
+    #[test]
+    fn a_lapsed_lease_is_written_down_once_and_announced() {
+        let k = keys();
+        let (mut reg, mut mirror) = (empty(), Mirror::default());
+        let mut next = reg.clone();
+        next.register("h1", &req(1), 1_000).unwrap();
+        let joined = plan(&k, &reg, &mirror, &next, Some("h1"), None, 1_000);
+        apply(&k, &mut reg, &mut mirror, &written(&joined, 5, 9), 0);
+        // etcd deletes the alive key when the lease runs out.
+        let gone = Change {
+            key: k.alive("h1"),
+            value: None,
+            mod_revision: 6,
+            lease: 0,
+        };
+        assert!(apply(&k, &mut reg, &mut mirror, &[gone], 0).is_empty());
+        assert_eq!(mirror.lapsed(&reg).collect::<Vec<_>>(), ["h1"]);
+
+        let mut next = reg.clone();
+        next.remove("h1", false);
+        let down = plan(&k, &reg, &mirror, &next, None, None, 9_999);
+        assert_eq!(down.compares, [(k.node("h1"), Expect::ModRevision(5))]);
+        assert!(down.alive.is_none() && down.revoke.is_empty());
+        let record: Node = serde_json::from_slice(&down.puts[0].1).unwrap();
+        assert_eq!(record.state, NodeState::Down);
+        assert_eq!(record.last_heartbeat, 9_999);
+        let events = apply(&k, &mut reg, &mut mirror, &written(&down, 7, 0), 0);
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            (events[0].kind, events[0].revision, events[0].node.state),
+            (EventType::Deleted, 7, NodeState::Down)
+        );
+        assert_eq!(mirror.lapsed(&reg).count(), 0);
+    }
+
+    /// A graceful leave with purge deletes the record, the claim and the alive key, and
+    /// revokes the lease; a renewal that changes nothing plans nothing.
+    #[test]
+    fn purge_releases_everything_and_a_plain_renewal_writes_nothing() {
+        let k = keys();
+        let (mut reg, mut mirror) = (empty(), Mirror::default());
+        let mut next = reg.clone();
+        next.register("h1", &req(1), 1_000).unwrap();
+        let joined = plan(&k, &reg, &mirror, &next, Some("h1"), None, 1_000);
+        apply(&k, &mut reg, &mut mirror, &written(&joined, 5, 9), 0);
+
+        let mut renewed = reg.clone();
+        renewed.register("h1", &req(1), 2_000).unwrap();
+        assert!(plan(&k, &reg, &mirror, &renewed, Some("h1"), None, 2_000).is_empty());
+        // Unless etcd just said the lease is gone: then the alive key gets a fresh one.
+        let revived = plan(&k, &reg, &mirror, &renewed, Some("h1"), Some(9), 2_000);
+        assert_eq!(revived.alive.as_deref(), Some("h1"));
+        assert!(revived.puts.is_empty());
+
+        let mut gone = reg.clone();
+        gone.remove("h1", true);
+        let purge = plan(&k, &reg, &mirror, &gone, None, None, 3_000);
+        assert_eq!(
+            purge.deletes,
+            [
+                k.node("h1"),
+                k.cidr("10.244.1.0/24".parse().unwrap()),
+                k.alive("h1")
+            ]
+        );
+        assert_eq!(purge.revoke, [9]);
+        let events = apply(&k, &mut reg, &mut mirror, &written(&purge, 8, 0), 0);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, EventType::Deleted);
+        assert!(reg.node("h1").is_none());
+    }
+
+    #[test]
+    fn a_record_podnet_cannot_read_is_skipped_not_fatal() {
+        let k = keys();
+        let (mut reg, mut mirror) = (empty(), Mirror::default());
+        let events = apply(
+            &k,
+            &mut reg,
+            &mut mirror,
+            &[put(k.node("h1"), b"{not json".to_vec(), 3, 0)],
+            0,
+        );
+        assert!(events.is_empty());
+        assert!(reg.node("h1").is_none());
+    }
+
+    #[test]
+    fn a_different_layout_names_the_value_that_differs() {
+        let ours = Layout {
+            format: STATE_FORMAT,
+            cluster_cidr: "10.244.0.0/16".parse().unwrap(),
+            node_prefix: 24,
+        };
+        let stored = Layout {
+            node_prefix: 26,
+            ..ours.clone()
+        };
+        let err = check_layout("/podnet", &stored, &ours)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("node prefix /26") && err.contains("--node-prefix 24"),
+            "{err}"
+        );
+        let stored = Layout {
+            cluster_cidr: "10.0.0.0/8".parse().unwrap(),
+            ..ours.clone()
+        };
+        let err = check_layout("/podnet", &stored, &ours)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster CIDR 10.0.0.0/8"), "{err}");
+        assert!(check_layout("/podnet", &ours, &ours).is_ok());
+    }
+}

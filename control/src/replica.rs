@@ -1,0 +1,381 @@
+//! A replica over etcd: the writes, the mirror that follows etcd, the sweep and the health
+//! probe (the key layout and transactions are in `etcd`).
+//!
+//! Nothing here holds the core lock across an etcd call: the mirror task needs that lock to
+//! apply what etcd says, and a write waits for the mirror to catch up before it answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use podnet_proto::api::{EventType, RegisterRequest, WatchEvent};
+use tokio::task::JoinHandle;
+
+use crate::client::Backoff;
+use crate::etcd::{self, Etcd, EtcdError, Outcome, SWEEP_BATCH};
+use crate::server::{error, refusal, register_answer, Shared};
+use crate::state::History;
+
+/// A write planned on a stale mirror is planned again this often before the client is told
+/// to retry.
+const ATTEMPTS: usize = 8;
+/// How long a write waits for the mirror to show it before answering anyway.
+const CATCH_UP: Duration = Duration::from_secs(3);
+/// How often etcd is probed for a quorum.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Starts the mirror, the sweep and the health probe.
+pub(crate) fn spawn(shared: &Arc<Shared>, etcd: &Etcd) -> Vec<JoinHandle<()>> {
+    vec![
+        tokio::spawn(follow(shared.clone(), etcd.clone())),
+        tokio::spawn(sweep(shared.clone(), etcd.clone())),
+        tokio::spawn(probe(shared.clone(), etcd.clone())),
+    ]
+}
+
+fn set_health(shared: &Shared, down: Option<String>) {
+    let mut cur = shared.etcd_down.lock().unwrap_or_else(|e| e.into_inner());
+    match (&*cur, &down) {
+        (None, Some(why)) => tracing::warn!("etcd unavailable, serving the last state: {why}"),
+        (Some(_), None) => tracing::info!("etcd available again"),
+        _ => {}
+    }
+    *cur = down;
+}
+
+/// A write etcd could not take: 503 naming the endpoints and the error.
+fn unavailable(shared: &Shared, e: EtcdError) -> Response {
+    shared.metrics.store_errors.inc();
+    let detail = format!(
+        "the change was not saved: {e}. Reads and watches are served from the last state; \
+         retry when etcd has a quorum again"
+    );
+    set_health(shared, Some(e.to_string()));
+    let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, "etcd_unavailable", detail);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+fn busy() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "conflict_retry",
+        format!("other replicas changed the same keys {ATTEMPTS} times in a row; retry"),
+    )
+}
+
+/// Waits until the mirror has applied `revision` (or [`CATCH_UP`] passed).
+async fn catch_up(shared: &Shared, revision: u64) {
+    let mut seen = shared.mirror_revision.subscribe();
+    let _ = tokio::time::timeout(CATCH_UP, seen.wait_for(|r| *r >= revision)).await;
+}
+
+/// Joins a node or renews its lease.
+pub(crate) async fn put_node(
+    shared: &Arc<Shared>,
+    etcd: &Etcd,
+    name: &str,
+    req: &RegisterRequest,
+) -> Response {
+    let mut dead_lease = None;
+    for _ in 0..ATTEMPTS {
+        let renewal = {
+            let core = shared.core.lock().await;
+            core.mirror
+                .lease(name)
+                .filter(|&l| Some(l) != dead_lease && core.registry.is_renewal(name, req))
+                .map(|l| (l, core.registry.node(name).cloned()))
+        };
+        if let Some((lease, Some(node))) = renewal {
+            match etcd.keep_alive(lease).await {
+                Ok(true) => return register_answer(shared, &node, "renewed"),
+                // Lapsed just now: written again below with a fresh lease.
+                Ok(false) => dead_lease = Some(lease),
+                Err(e) => return unavailable(shared, e),
+            }
+        }
+        let now = shared.clock.now_ms();
+        let (plan, done) = {
+            let core = shared.core.lock().await;
+            let mut next = core.registry.clone();
+            let done = match next.register(name, req, now) {
+                Ok(done) => done,
+                Err(e) => {
+                    let (status, kind) = refusal(&e);
+                    tracing::warn!(node = %name, "registration refused: {e}");
+                    return error(status, kind, e.to_string());
+                }
+            };
+            let plan = etcd::plan(
+                etcd.keys(),
+                &core.registry,
+                &core.mirror,
+                &next,
+                Some(name),
+                dead_lease,
+                now,
+            );
+            (plan, done)
+        };
+        match etcd.commit(&plan).await {
+            Ok(Outcome::Applied(revision)) => {
+                set_health(shared, None);
+                catch_up(shared, revision).await;
+                let mut node = done.node.clone();
+                node.revision = revision;
+                let result = match done.event.as_ref().map(|e| e.kind) {
+                    Some(EventType::Added) => "added",
+                    Some(_) => "modified",
+                    None => "renewed",
+                };
+                if result != "renewed" {
+                    tracing::info!(node = %name, underlay_ip = %node.underlay_ip, pod_cidr = %node.pod_cidr,
+                        revision, "node {result}");
+                }
+                return register_answer(shared, &node, result);
+            }
+            Ok(Outcome::Conflict(revision)) => {
+                tracing::debug!(node = %name, revision, "another replica wrote first, planning again");
+                catch_up(shared, revision).await;
+            }
+            Err(e) => return unavailable(shared, e),
+        }
+    }
+    busy()
+}
+
+/// Graceful leave (and `purge`).
+pub(crate) async fn delete_node(
+    shared: &Arc<Shared>,
+    etcd: &Etcd,
+    name: &str,
+    purge: bool,
+) -> Response {
+    for _ in 0..ATTEMPTS {
+        let plan = {
+            let core = shared.core.lock().await;
+            let mut next = core.registry.clone();
+            if next.remove(name, purge).is_none() {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no node named {name:?}"),
+                );
+            }
+            etcd::plan(
+                etcd.keys(),
+                &core.registry,
+                &core.mirror,
+                &next,
+                None,
+                None,
+                shared.clock.now_ms(),
+            )
+        };
+        if plan.is_empty() {
+            return StatusCode::NO_CONTENT.into_response();
+        }
+        match etcd.commit(&plan).await {
+            Ok(Outcome::Applied(revision)) => {
+                catch_up(shared, revision).await;
+                tracing::info!(node = %name, purge, "node left");
+                return StatusCode::NO_CONTENT.into_response();
+            }
+            Ok(Outcome::Conflict(revision)) => catch_up(shared, revision).await,
+            Err(e) => return unavailable(shared, e),
+        }
+    }
+    busy()
+}
+
+/// Marks nodes whose lease etcd let lapse as down, and forgets down nodes whose reservation
+/// ran out. Every replica sweeps; when two write the same change, one transaction fails its
+/// compare and changes nothing.
+///
+/// A lapsed node is written in a transaction of its own, so every withdrawal has its own
+/// revision and a watch resumed from any revision misses none. Forgetting down nodes sends
+/// no event, so those go in batches.
+async fn sweep(shared: Arc<Shared>, etcd: Etcd) {
+    let period =
+        (shared.config.lease_ttl / 10).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    let reclaim_after = shared.config.reclaim_after.as_millis() as u64;
+    let mut more = false;
+    loop {
+        if !more {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = shared.sweep_now.notified() => {}
+            }
+        }
+        more = false;
+        let now = shared.clock.now_ms();
+        let (plan, lapsed) = {
+            let core = shared.core.lock().await;
+            let lapsed: Vec<String> = core
+                .mirror
+                .lapsed(&core.registry)
+                .take(1)
+                .map(str::to_string)
+                .collect();
+            let expired: Vec<String> = core
+                .registry
+                .nodes()
+                .filter(|n| {
+                    lapsed.is_empty()
+                        && n.state == podnet_proto::api::NodeState::Down
+                        && now >= n.last_heartbeat.saturating_add(reclaim_after)
+                })
+                .take(SWEEP_BATCH)
+                .map(|n| n.name.clone())
+                .collect();
+            if lapsed.is_empty() && expired.is_empty() {
+                continue;
+            }
+            let mut next = core.registry.clone();
+            for name in &lapsed {
+                next.remove(name, false);
+            }
+            for name in &expired {
+                next.remove(name, true);
+            }
+            let plan = etcd::plan(
+                etcd.keys(),
+                &core.registry,
+                &core.mirror,
+                &next,
+                None,
+                None,
+                now,
+            );
+            (plan, lapsed)
+        };
+        match etcd.commit(&plan).await {
+            Ok(Outcome::Applied(revision)) => {
+                for name in &lapsed {
+                    tracing::info!(node = %name, revision, "lease lapsed, node withdrawn");
+                }
+                shared.metrics.lapsed.inc_by(lapsed.len() as u64);
+                catch_up(&shared, revision).await;
+                more = true;
+            }
+            // Another replica marked them first, or a node renewed meanwhile.
+            Ok(Outcome::Conflict(revision)) => {
+                catch_up(&shared, revision).await;
+                more = true;
+            }
+            Err(e) => {
+                shared.metrics.store_errors.inc();
+                tracing::debug!("sweep not written: {e}");
+                tokio::time::sleep(PROBE_EVERY).await;
+            }
+        }
+    }
+}
+
+/// Tells "etcd can take writes" from "it cannot" once a second.
+async fn probe(shared: Arc<Shared>, etcd: Etcd) {
+    loop {
+        let health = etcd.probe().await.err().map(|e| e.to_string());
+        set_health(&shared, health);
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+/// Keeps the mirror equal to etcd: one watch on the prefix, resumed after the last revision
+/// applied when it breaks; read afresh when etcd compacted that revision away.
+async fn follow(shared: Arc<Shared>, etcd: Etcd) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        let from = shared.core.lock().await.registry.revision() + 1;
+        let mut stream = match etcd.watch(from).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                set_health(&shared, Some(e.to_string()));
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!("etcd watch broke: {e}");
+                    break;
+                }
+            };
+            backoff.reset();
+            if resp.compact_revision() > 0 {
+                tracing::info!(
+                    from,
+                    compacted = resp.compact_revision(),
+                    "etcd compacted the revision the mirror was at, reading everything again"
+                );
+                reload(&shared, &etcd).await;
+                break;
+            }
+            if resp.canceled() {
+                tracing::debug!(reason = resp.cancel_reason(), "etcd ended the watch");
+                break;
+            }
+            let changes = etcd::changes(&resp);
+            if changes.is_empty() {
+                continue;
+            }
+            let lease_ends = shared.clock.now_ms() + shared.config.lease_ttl.as_millis() as u64;
+            let mut core = shared.core.lock().await;
+            let core = &mut *core;
+            let events = etcd::apply(
+                etcd.keys(),
+                &mut core.registry,
+                &mut core.mirror,
+                &changes,
+                lease_ends,
+            );
+            publish(&shared, &mut core.history, events);
+            let revision = core.registry.revision();
+            core.history.advance_to(revision);
+            if core.mirror.lapsed(&core.registry).next().is_some() {
+                shared.sweep_now.notify_one();
+            }
+            shared.mirror_revision.send_replace(revision);
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+fn publish(shared: &Shared, history: &mut History, events: Vec<WatchEvent>) {
+    for ev in events {
+        history.push(ev.clone());
+        // No receivers is fine: nobody is watching.
+        let _ = shared.events.send(ev);
+    }
+}
+
+/// Reads everything again after a compaction. Watchers get an event for every node that
+/// changed meanwhile; resuming from an older revision is then answered 410, so agents list.
+async fn reload(shared: &Shared, etcd: &Etcd) {
+    let (ipam, timing) = {
+        let core = shared.core.lock().await;
+        (*core.registry.ipam(), core.registry.timing())
+    };
+    let lease_ends = shared.clock.now_ms() + timing.lease_ttl_ms;
+    let (registry, mirror, revision) = match etcd.load(ipam, timing, lease_ends).await {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            set_health(shared, Some(e.to_string()));
+            return;
+        }
+    };
+    let mut core = shared.core.lock().await;
+    let events = etcd::differences(&core.registry, &registry, revision);
+    core.registry = registry;
+    core.mirror = mirror;
+    core.history = History::new(revision, shared.config.history_len);
+    for ev in events {
+        let _ = shared.events.send(ev);
+    }
+    shared.mirror_revision.send_replace(revision);
+}

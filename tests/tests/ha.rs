@@ -1,0 +1,484 @@
+//! Issue 17, "What it must show" 1-5: podnet-control replicas over a real 3-member etcd
+//! cluster (Debian `etcd-server`), each member and replica in its own namespace on the
+//! underlay.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use podnet_tests::http::{self, Response};
+use podnet_tests::parse::ping_summary;
+use podnet_tests::{
+    e2e_ready, run, wait_for, Background, Encap, HostMode, Peers, Testbed, TestbedBuilder,
+};
+
+/// An HA testbed: `hosts` podnet hosts (VXLAN, one pod each) whose agents know `replicas`
+/// replicas.
+fn ha(name: &str, hosts: u8, replicas: u8, control_args: &[&str]) -> Testbed {
+    TestbedBuilder::new(name)
+        .hosts(hosts)
+        .pods_per_host(1)
+        .mode(HostMode::Podnet(Encap::Vxlan))
+        .peers(Peers::Control)
+        .ha(replicas)
+        .control_args(control_args)
+        .build()
+}
+
+/// Only the etcd cluster and `replicas` replicas, and one bare host to send requests from.
+fn replicas_only(name: &str, replicas: u8) -> Testbed {
+    let mut tb = TestbedBuilder::new(name)
+        .hosts(1)
+        .mode(HostMode::Bare)
+        .no_wait()
+        .build();
+    tb.start_etcd_cluster();
+    for r in 1..=replicas {
+        tb.start_replica(r);
+    }
+    tb
+}
+
+fn register_body(i: usize) -> String {
+    format!(
+        r#"{{"underlay_ip": "198.18.{}.{}", "encap": "vxlan"}}"#,
+        10 + i / 200,
+        1 + i % 200
+    )
+}
+
+/// PUT /v1/nodes/NAME, retried while the answer is a 503 or no answer (what agents do),
+/// for at most `patience`. Returns the acknowledged pod CIDR.
+fn register(
+    ns: &str,
+    addr: SocketAddr,
+    name: &str,
+    body: &str,
+    patience: Duration,
+) -> Result<String, String> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let r = http::request(
+            ns,
+            addr,
+            "PUT",
+            &format!("/v1/nodes/{name}"),
+            &[],
+            Some(body),
+            Duration::from_secs(5),
+        );
+        match r {
+            Ok(r) if r.status == 200 => {
+                let v = r.json()?;
+                return Ok(v["pod_cidr"].as_str().unwrap_or_default().to_string());
+            }
+            Ok(r) if r.status != 503 => return Err(format!("{name}: {} {}", r.status, r.body)),
+            other if Instant::now() > deadline => return Err(format!("{name}: {other:?}")),
+            _ => thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// GET /v1/nodes of one replica: name -> (pod CIDR, state).
+fn nodes_at(ns: &str, addr: SocketAddr) -> BTreeMap<String, (String, String)> {
+    let r = http::get(ns, addr, "/v1/nodes").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json().unwrap();
+    v["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes array: {v}"))
+        .iter()
+        .map(|n| {
+            let s = |k: &str| n[k].as_str().unwrap_or_default().to_owned();
+            (s("name"), (s("pod_cidr"), s("state")))
+        })
+        .collect()
+}
+
+/// The pod CIDR claims in etcd (`/podnet/cidrs/...` -> holder), read with etcdctl.
+fn etcd_claims(tb: &Testbed) -> BTreeMap<String, String> {
+    let out = run(
+        Some(&tb.etcd_ns(1)),
+        &[
+            "etcdctl",
+            "--endpoints",
+            &tb.etcd_endpoints(),
+            "get",
+            "--prefix",
+            "/podnet/cidrs/",
+        ],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(out.success(), "{}", out.combined());
+    let lines: Vec<&str> = out.stdout.lines().filter(|l| !l.is_empty()).collect();
+    lines
+        .chunks(2)
+        .map(|kv| (kv[0].to_string(), kv.get(1).unwrap_or(&"").to_string()))
+        .collect()
+}
+
+/// No pod CIDR is held by two names, neither in a replica's list nor in etcd's claims, and
+/// every claim is held by the node that has the CIDR.
+fn assert_cidrs_unique(tb: &Testbed, listed: &BTreeMap<String, (String, String)>) {
+    let mut holders: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, (cidr, _)) in listed {
+        if let Some(other) = holders.insert(cidr, name) {
+            panic!("{cidr} is held by {name} and {other}");
+        }
+    }
+    let claims = etcd_claims(tb);
+    assert_eq!(claims.len(), listed.len(), "claims {claims:?}");
+    for (key, holder) in &claims {
+        let (cidr, _) = listed
+            .get(holder)
+            .unwrap_or_else(|| panic!("{key} held by unknown {holder}"));
+        assert_eq!(key, &format!("/podnet/cidrs/{}", cidr.replace('/', "-")));
+    }
+}
+
+/// Opens a watch on a replica for `for_how_long` on a thread; returns what it delivered.
+fn watch_for(ns: &str, addr: SocketAddr, for_how_long: Duration) -> thread::JoinHandle<Response> {
+    let ns = ns.to_string();
+    thread::spawn(move || {
+        http::request(
+            &ns,
+            addr,
+            "GET",
+            "/v1/nodes?watch=true",
+            &[],
+            None,
+            for_how_long,
+        )
+        .unwrap()
+    })
+}
+
+fn added_names(watch: &Response) -> BTreeSet<String> {
+    watch
+        .body
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["type"] == "added")
+        .map(|e| e["node"]["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+// 1. Two replicas, 100 concurrent registrations split across them: 100 distinct CIDRs, every
+// acknowledged registration visible through both, and both replicas' watches deliver every
+// event.
+#[test]
+fn concurrent_registrations_on_two_replicas_get_distinct_cidrs() {
+    if !e2e_ready() {
+        return;
+    }
+    let tb = replicas_only("ha-conc", 2);
+    let ns = tb.host(1).ns.clone();
+    let watches = [1, 2].map(|r| watch_for(&ns, tb.replica_addr(r), Duration::from_secs(25)));
+    thread::sleep(Duration::from_millis(500));
+    let acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..100)
+        .map(|i| {
+            let (ns, acked) = (ns.clone(), acked.clone());
+            let addr = tb.replica_addr(1 + (i % 2) as u8);
+            thread::spawn(move || {
+                let name = format!("n{i}");
+                let cidr =
+                    register(&ns, addr, &name, &register_body(i), Duration::from_secs(20)).unwrap();
+                acked.lock().unwrap().insert(name, cidr);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a registration failed");
+    }
+    let acked = acked.lock().unwrap().clone();
+    eprintln!(
+        "100 registrations over 2 replicas in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(acked.len(), 100);
+    let distinct: BTreeSet<&String> = acked.values().collect();
+    assert_eq!(distinct.len(), 100, "CIDRs handed out twice: {acked:?}");
+    for r in [1, 2] {
+        let listed = nodes_at(&ns, tb.replica_addr(r));
+        for (name, cidr) in &acked {
+            assert_eq!(
+                listed.get(name),
+                Some(&(cidr.clone(), "up".to_string())),
+                "{name} through replica {r}"
+            );
+        }
+        assert_cidrs_unique(&tb, &listed);
+    }
+    for (r, watch) in watches.into_iter().enumerate() {
+        let seen = added_names(&watch.join().unwrap());
+        let want: BTreeSet<String> = acked.keys().cloned().collect();
+        assert_eq!(seen, want, "watch on replica {}", r + 1);
+    }
+}
+
+// 2. The etcd leader SIGKILLed during a registration burst: every acknowledged registration
+// is still there afterwards, and no CIDR is held by two names.
+#[test]
+fn killing_the_etcd_leader_mid_burst_loses_no_acknowledged_registration() {
+    if !e2e_ready() {
+        return;
+    }
+    let mut tb = replicas_only("ha-leader", 2);
+    let ns = tb.host(1).ns.clone();
+    let acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (ns, acked) = (ns.clone(), acked.clone());
+            let addr = tb.replica_addr(1 + (t % 2) as u8);
+            thread::spawn(move || {
+                for k in 0..20 {
+                    let i = t * 20 + k;
+                    let name = format!("n{i}");
+                    match register(&ns, addr, &name, &register_body(i), Duration::from_secs(30)) {
+                        Ok(cidr) => {
+                            acked.lock().unwrap().insert(name, cidr);
+                        }
+                        Err(e) => eprintln!("not acknowledged: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_for("a quarter of the burst", Duration::from_secs(30), || {
+        let n = acked.lock().unwrap().len();
+        if n >= 20 {
+            Ok(())
+        } else {
+            Err(n.to_string())
+        }
+    })
+    .unwrap();
+    let leader = tb.etcd_leader().unwrap();
+    tb.kill9(&format!("etcd{leader}"));
+    let at_kill = acked.lock().unwrap().len();
+    eprintln!("killed etcd leader e{leader} after {at_kill} acknowledged registrations");
+    for t in threads {
+        t.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > at_kill,
+        "nothing was acknowledged after the kill"
+    );
+    assert_eq!(
+        acked.len(),
+        80,
+        "registrations retried through the election all land"
+    );
+    for r in [1, 2] {
+        // The mirror catches up with the new leader within a moment.
+        let listed = wait_for(
+            &format!("replica {r} lists all"),
+            Duration::from_secs(10),
+            || {
+                let listed = nodes_at(&ns, tb.replica_addr(r));
+                if acked.keys().all(|n| listed.contains_key(n)) {
+                    Ok(listed)
+                } else {
+                    Err(listed.len().to_string())
+                }
+            },
+        )
+        .unwrap();
+        for (name, cidr) in &acked {
+            assert_eq!(&listed[name].0, cidr, "{name} through replica {r}");
+        }
+        assert_cidrs_unique(&tb, &listed);
+    }
+}
+
+/// A ping from host 1's pod to `to` at 20 per second for `secs`, in the background.
+fn ping_flood(tb: &Testbed, to: std::net::Ipv4Addr, secs: u32, log: &str) -> Background {
+    let count = (secs * 20).to_string();
+    let to = to.to_string();
+    Background::start(
+        "ping",
+        Some(&tb.pod(1, 1).ns),
+        &["ping", "-n", "-i", "0.05", "-W", "1", "-c", &count, &to],
+        &tb.path(log),
+    )
+}
+
+fn agent_status(tb: &Testbed, n: u8) -> serde_json::Value {
+    tb.admin_get(n, "/status").unwrap().json().unwrap()
+}
+
+// 3. A replica SIGKILLed: its agents fail over to another within 5 s, tables converge on every
+// host, and pods keep pinging with no loss beyond 1 s.
+#[test]
+fn agents_fail_over_when_their_replica_is_killed() {
+    if !e2e_ready() {
+        return;
+    }
+    let mut tb = ha("ha-failover", 3, 2, &[]);
+    for n in 1..=3 {
+        let st = agent_status(&tb, n);
+        assert_eq!(
+            st["control_server"],
+            format!("http://{}", tb.replica_addr(1))
+        );
+    }
+    let to = tb.pod(2, 1).ip;
+    let mut ping = ping_flood(&tb, to, 12, "ping-failover.log");
+    thread::sleep(Duration::from_secs(2));
+    tb.kill9("control1");
+    let killed = Instant::now();
+    let replica2 = format!("http://{}", tb.replica_addr(2));
+    for n in 1..=3 {
+        wait_for(
+            &format!("h{n} watching replica 2"),
+            Duration::from_secs(5).saturating_sub(killed.elapsed()),
+            || {
+                let st = agent_status(&tb, n);
+                if st["control_server"] == replica2 && st["control_connected"] == true {
+                    Ok(())
+                } else {
+                    Err(st["control_server"].to_string())
+                }
+            },
+        )
+        .unwrap();
+    }
+    eprintln!("all agents on replica 2 after {:?}", killed.elapsed());
+    // A node that joins now (its agent also starts on the dead replica's URL) reaches every
+    // host's table.
+    tb.add_host(4, HostMode::Podnet(Encap::Vxlan));
+    tb.setup_dataplane(4);
+    let cidr = tb.wait_subnet(4, Duration::from_secs(20));
+    tb.add_pods(4, cidr);
+    let joined = Instant::now();
+    for n in 1..=3 {
+        wait_for(&format!("h{n} has h4"), Duration::from_secs(5), || {
+            let st = agent_status(&tb, n);
+            let peers = st["peers"].as_array().cloned().unwrap_or_default();
+            if peers.iter().any(|p| p["node"] == "h4") {
+                Ok(())
+            } else {
+                Err(st["peers"].to_string())
+            }
+        })
+        .unwrap();
+    }
+    eprintln!("h4 in every table {:?} after it joined", joined.elapsed());
+    tb.wait_mesh(Duration::from_secs(10)).unwrap();
+    ping.wait_exit(Duration::from_secs(30));
+    let summary = ping_summary(&ping.log()).unwrap_or_else(|| panic!("{}", ping.log()));
+    eprintln!("ping through the failover: {summary:?}");
+    // 20 pings a second: no loss beyond 1 s is at most 20 lost.
+    assert!(
+        summary.transmitted - summary.received <= 20,
+        "lost {} of {}",
+        summary.transmitted - summary.received,
+        summary.transmitted
+    );
+}
+
+// 4. Two of three etcd members stopped: registrations get 503 with the message, agents keep
+// forwarding. Members back: a new node joins and is reachable from every pod within 5 s.
+#[test]
+fn losing_etcd_quorum_refuses_writes_but_keeps_forwarding() {
+    if !e2e_ready() {
+        return;
+    }
+    let mut tb = ha("ha-quorum", 2, 2, &[]);
+    let ns = tb.host(1).ns.clone();
+    tb.stop("etcd2");
+    tb.stop("etcd3");
+    let addr = tb.replica_addr(1);
+    let refused = wait_for("a 503 from etcd", Duration::from_secs(15), || {
+        let r = http::request(
+            &ns,
+            addr,
+            "PUT",
+            "/v1/nodes/late",
+            &[],
+            Some(&register_body(7)),
+            Duration::from_secs(10),
+        )
+        .map_err(|e| e.to_string())?;
+        if r.status == 503 {
+            Ok(r)
+        } else {
+            Err(format!("{} {}", r.status, r.body))
+        }
+    })
+    .unwrap();
+    assert!(
+        refused.body.contains("etcd unavailable") && refused.body.contains(&tb.etcd_endpoints()),
+        "{}",
+        refused.body
+    );
+    let health = http::get(&ns, addr, "/healthz").unwrap();
+    assert_eq!(health.status, 200);
+    assert!(health.body.starts_with("degraded"), "{}", health.body);
+    // Reads are still served, and pods still reach each other.
+    assert_eq!(nodes_at(&ns, addr).len(), 2);
+    let out = tb.ping(tb.pod(1, 1), tb.pod(2, 1).ip, 5);
+    assert!(out.success(), "{}", out.combined());
+
+    tb.start_etcd(2);
+    tb.start_etcd(3);
+    wait_for("replicas healthy again", Duration::from_secs(30), || {
+        for r in [1, 2] {
+            let h = http::get(&ns, tb.replica_addr(r), "/healthz")?;
+            if h.body != "ok\n" {
+                return Err(h.body);
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    tb.add_host(3, HostMode::Podnet(Encap::Vxlan));
+    tb.setup_dataplane(3);
+    let cidr = tb.wait_subnet(3, Duration::from_secs(20));
+    tb.add_pods(3, cidr);
+    let up = Instant::now();
+    tb.wait_mesh(Duration::from_secs(5)).unwrap();
+    eprintln!(
+        "new node reachable from every pod {:?} after it got its CIDR",
+        up.elapsed()
+    );
+}
+
+// 5. A node whose agent is killed is withdrawn on every replica within the lease TTL + 2 s.
+#[test]
+fn a_killed_agent_is_withdrawn_on_every_replica_within_the_lease_ttl() {
+    if !e2e_ready() {
+        return;
+    }
+    let mut tb = ha("ha-lease", 2, 2, &["--lease-ttl", "3s"]);
+    let ns = tb.host(1).ns.clone();
+    tb.kill9("agent-h2");
+    let killed = Instant::now();
+    for r in [1, 2] {
+        let addr = tb.replica_addr(r);
+        wait_for(
+            &format!("h2 down on replica {r}"),
+            Duration::from_secs(5).saturating_sub(killed.elapsed()),
+            || {
+                let listed = nodes_at(&ns, addr);
+                match listed.get("h2") {
+                    Some((_, state)) if state == "down" => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .unwrap();
+    }
+    eprintln!(
+        "h2 withdrawn on both replicas {:?} after the kill (TTL 3 s)",
+        killed.elapsed()
+    );
+    assert_eq!(nodes_at(&ns, tb.replica_addr(1))["h1"].1, "up");
+}
