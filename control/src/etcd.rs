@@ -570,6 +570,7 @@ impl Etcd {
             })
             .collect();
         let mut registry = Registry::new(ipam, timing);
+        registry.spread_allocations();
         let mut mirror = Mirror::default();
         apply(&self.keys, &mut registry, &mut mirror, &changes, lease_ends);
         let revision = revision.max(0) as u64;

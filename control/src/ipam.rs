@@ -83,6 +83,23 @@ impl Ipam {
         (index != 0).then_some(index)
     }
 
+    /// The first block not in `taken` at or after `start`, wrapping around: replicas that
+    /// allocate at once from different starting points rarely pick the same block.
+    pub fn free_from(&self, taken: &BTreeSet<u32>, start: u32) -> Option<u32> {
+        let start = u64::from(start).clamp(1, self.blocks() - 1);
+        let mut candidate = start;
+        for &index in taken.range(start as u32..) {
+            if u64::from(index) > candidate {
+                break;
+            }
+            candidate = u64::from(index) + 1;
+        }
+        if candidate < self.blocks() {
+            return Some(candidate as u32);
+        }
+        self.first_free(taken).filter(|&i| u64::from(i) < start)
+    }
+
     /// The lowest block not in `taken`, so allocation is deterministic and compact.
     pub fn first_free(&self, taken: &BTreeSet<u32>) -> Option<u32> {
         // Blocks are 1..blocks; walk the sorted taken set for the first gap.
@@ -103,6 +120,21 @@ mod tests {
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn free_from_wraps_and_skips_taken_blocks() {
+        let ipam = Ipam::new(net("10.244.0.0/16"), 24).unwrap();
+        let taken: BTreeSet<u32> = [1, 2, 200, 201, 255].into();
+        assert_eq!(ipam.free_from(&taken, 200), Some(202));
+        assert_eq!(
+            ipam.free_from(&taken, 255),
+            Some(3),
+            "wraps past the last block"
+        );
+        assert_eq!(ipam.free_from(&taken, 0), Some(3), "block 0 is reserved");
+        let full: BTreeSet<u32> = (1..=255).collect();
+        assert_eq!(ipam.free_from(&full, 17), None);
     }
 
     #[test]

@@ -97,8 +97,8 @@ pub(crate) async fn put_node(
             }
         }
         let now = shared.clock.now_ms();
-        let (plan, done) = {
-            let core = shared.core.lock().await;
+        let (plan, done, claim) = {
+            let mut core = shared.core.lock().await;
             let mut next = core.registry.clone();
             let done = match next.register(name, req, now) {
                 Ok(done) => done,
@@ -117,12 +117,26 @@ pub(crate) async fn put_node(
                 dead_lease,
                 now,
             );
-            (plan, done)
+            // A new block is held until the write ends, so this replica's other
+            // registrations in flight pick other blocks.
+            let claim = (core.registry.node(name).map(|n| n.pod_cidr) != Some(done.node.pod_cidr))
+                .then_some(done.node.pod_cidr);
+            if let Some(net) = claim {
+                core.registry.hold(net);
+            }
+            (plan, done, claim)
         };
-        match etcd.commit(&plan).await {
+        let outcome = etcd.commit(&plan).await;
+        // Released once the mirror shows the claim (or shows who won the block).
+        if let Ok(Outcome::Applied(revision) | Outcome::Conflict(revision)) = outcome {
+            catch_up(shared, revision).await;
+        }
+        if let Some(net) = claim {
+            shared.core.lock().await.registry.release(net);
+        }
+        match outcome {
             Ok(Outcome::Applied(revision)) => {
                 set_health(shared, None);
-                catch_up(shared, revision).await;
                 let mut node = done.node.clone();
                 node.revision = revision;
                 let result = match done.event.as_ref().map(|e| e.kind) {
@@ -138,7 +152,6 @@ pub(crate) async fn put_node(
             }
             Ok(Outcome::Conflict(revision)) => {
                 tracing::debug!(node = %name, revision, "another replica wrote first, planning again");
-                catch_up(shared, revision).await;
             }
             Err(e) => return unavailable(shared, e),
         }

@@ -854,6 +854,14 @@ async fn put_node(
         return replica::put_node(&shared, etcd, &name, &req).await;
     }
     let mut core = shared.core.lock().await;
+    // A heartbeat that changes nothing: renewed in place, without copying the registry.
+    if core.registry.is_renewal(&name, &req) {
+        if let Some(node) = core.registry.renew(&name, shared.clock.now_ms()) {
+            let node = node.clone();
+            drop(core);
+            return register_answer(&shared, &node, "renewed");
+        }
+    }
     let mut next = core.registry.clone();
     let done = match next.register(&name, &req, shared.clock.now_ms()) {
         Ok(done) => done,

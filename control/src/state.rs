@@ -136,6 +136,11 @@ pub struct Registry {
     timing: Timing,
     revision: u64,
     nodes: BTreeMap<String, Entry>,
+    /// Blocks promised to writes still in flight (the etcd store), never handed out twice.
+    held: BTreeSet<u32>,
+    /// Start each search for a free block at a point given by the node's name, instead of
+    /// at the lowest block (see [`Registry::spread_allocations`]).
+    spread: bool,
 }
 
 impl Registry {
@@ -145,6 +150,8 @@ impl Registry {
             timing,
             revision: 0,
             nodes: BTreeMap::new(),
+            held: BTreeSet::new(),
+            spread: false,
         }
     }
 
@@ -312,7 +319,7 @@ impl Registry {
             });
         }
 
-        let index = self.allocate(now)?;
+        let index = self.allocate(name, now)?;
         self.revision += 1;
         let node = Node {
             name: name.to_string(),
@@ -338,13 +345,20 @@ impl Registry {
     }
 
     /// A free block, else the block of the down node whose reservation ran out longest ago.
-    fn allocate(&mut self, now: u64) -> Result<u32, RegisterError> {
-        let taken: BTreeSet<u32> = self
+    fn allocate(&mut self, name: &str, now: u64) -> Result<u32, RegisterError> {
+        let mut taken: BTreeSet<u32> = self
             .nodes
             .values()
             .filter_map(|e| self.ipam.index_of(e.node.pod_cidr))
             .collect();
-        if let Some(index) = self.ipam.first_free(&taken) {
+        taken.extend(&self.held);
+        let free = if self.spread {
+            self.ipam
+                .free_from(&taken, spread_start(name, self.ipam.capacity()))
+        } else {
+            self.ipam.first_free(&taken)
+        };
+        if let Some(index) = free {
             return Ok(index);
         }
         let reclaimable = self
@@ -434,6 +448,37 @@ impl Registry {
         })
     }
 
+    /// Renews a live lease that [`Registry::is_renewal`] said changes nothing, in place: no
+    /// copy of the registry, no event, nothing to persist. Returns the node.
+    pub fn renew(&mut self, name: &str, now: u64) -> Option<&Node> {
+        let ttl = self.timing.lease_ttl_ms;
+        let entry = self.nodes.get_mut(name)?;
+        entry.lease_expires = now + ttl;
+        entry.node.last_heartbeat = now;
+        Some(&entry.node)
+    }
+
+    /// Lets replicas that allocate at once pick different blocks: each search for a free
+    /// block starts where the node's name hashes to. Without it the lowest free block is
+    /// taken, and every replica would race for the same one.
+    pub fn spread_allocations(&mut self) {
+        self.spread = true;
+    }
+
+    /// Keeps `net` from being handed out while a write that claims it is in flight.
+    pub fn hold(&mut self, net: Ipv4Net) {
+        if let Some(index) = self.ipam.index_of(net) {
+            self.held.insert(index);
+        }
+    }
+
+    /// The write that claimed `net` ended (written or not).
+    pub fn release(&mut self, net: Ipv4Net) {
+        if let Some(index) = self.ipam.index_of(net) {
+            self.held.remove(&index);
+        }
+    }
+
     /// Sets a node as a replicated store holds it (the etcd store's local mirror): its lease
     /// is the store's, so `lease_expires` here only feeds the "lease ends in" of a refusal.
     pub fn mirror_put(&mut self, node: Node, lease_expires: u64) {
@@ -464,6 +509,14 @@ impl Registry {
             .map(|e| e.lease_expires)
             .min()
     }
+}
+
+/// Where the search for a free block starts for `name` (1..=capacity): FNV-1a of the name.
+fn spread_start(name: &str, capacity: u64) -> u32 {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (1 + hash % capacity.max(1)) as u32
 }
 
 fn event(kind: EventType, node: &Node) -> WatchEvent {

@@ -256,6 +256,75 @@ fn testbed_script_runs_routing_modes_on_two_subnets() {
     assert!(!netns_exists(&bad.ns("ul")));
 }
 
+/// `up --ha`: 3 etcd members and 2 replicas, mTLS (the server certificate names both replica
+/// addresses), every agent given both URLs; the pods reach each other, and `down` removes it
+/// all.
+#[test]
+fn testbed_script_runs_the_ha_control_plane() {
+    if !e2e_ready() {
+        return;
+    }
+    let s = Script::new("scha");
+    let text = s.up(&["--ha", "--hosts", "2", "--pods-per-host", "1"]);
+    assert!(
+        text.contains("HA control: 2 replicas over 3 etcd members"),
+        "{text}"
+    );
+    let (status, text) = s.call(&["status", "--prefix", &s.prefix]);
+    assert!(status.status.success(), "{text}");
+    for name in [
+        "etcd1", "etcd2", "etcd3", "control1", "control2", "agent-h1", "agent-h2",
+    ] {
+        assert!(text.contains(&format!("{name}: running")), "{text}");
+    }
+    let (health, text) = s.exec(
+        "h1",
+        &[
+            "curl",
+            "-sS",
+            "--cacert",
+            &format!("{}/{}/pki/ca.pem", s.run_dir.display(), s.prefix),
+            "https://198.18.0.212:7800/healthz",
+        ],
+    );
+    assert!(health.status.success() && text.contains("ok"), "{text}");
+    for ns in ["etcd1", "etcd2", "etcd3", "c1", "c2"] {
+        assert!(netns_exists(&s.ns(ns)), "{ns} missing");
+    }
+    // `up` waited for the full mesh; the pods file says where each pod is.
+    let pods = std::fs::read_to_string(s.run_dir.join(&s.prefix).join("pods")).unwrap();
+    let to = pods
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap();
+    let (ping, text) = s.exec("h1-p1", &["ping", "-c2", "-W2", to]);
+    assert!(ping.status.success(), "{text}");
+    s.down();
+    for ns in ["etcd1", "c1", "c2", "h1", "ul"] {
+        assert!(!netns_exists(&s.ns(ns)), "{ns} left behind");
+    }
+}
+
+/// `scripts/bench-control` explains itself and refuses bad flags before touching anything
+/// (the benchmark itself is run by hand; see bench/RESULTS.md).
+#[test]
+fn bench_control_explains_itself_and_refuses_bad_flags() {
+    let run = |args: &[&str]| script_ok("bench-control", args, &[]);
+    let (ok, help) = run(&["--help"]);
+    assert!(ok && help.starts_with("Control-plane benchmark"), "{help}");
+    assert!(help.contains("fan-out latency"), "{help}");
+    let (ok, text) = run(&["--nodes", "0"]);
+    assert!(!ok && text.contains("--nodes must be 1..10000"), "{text}");
+    let (ok, text) = run(&["--configs", "file,etcd-5"]);
+    assert!(
+        !ok && text.contains("unknown configuration 'etcd-5'"),
+        "{text}"
+    );
+    let (ok, text) = run(&["--fast"]);
+    assert!(!ok && text.contains("unknown option '--fast'"), "{text}");
+}
+
 fn script_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../scripts")
