@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use podnet_tests::http::{self, Response};
 use podnet_tests::parse::ping_summary;
 use podnet_tests::{
-    e2e_ready, run, wait_for, Background, Encap, HostMode, Peers, Testbed, TestbedBuilder,
+    e2e_ready, podnet_bin, run, wait_for, Background, Encap, HostMode, Peers, Testbed,
+    TestbedBuilder,
 };
 
 /// An HA testbed: `hosts` podnet hosts (VXLAN, one pod each) whose agents know `replicas`
@@ -220,6 +221,33 @@ fn concurrent_registrations_on_two_replicas_get_distinct_cidrs() {
         let want: BTreeSet<String> = acked.keys().cloned().collect();
         assert_eq!(seen, want, "watch on replica {}", r + 1);
     }
+
+    // A third replica with another layout refuses to start and says which value differs.
+    let bin = podnet_bin("podnet-control");
+    let out = run(
+        Some(&tb.replica_ns(1)),
+        &[
+            bin.to_str().unwrap(),
+            "serve",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:7801",
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &tb.etcd_endpoints(),
+            "--node-prefix",
+            "26",
+        ],
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    assert!(!out.success(), "{}", out.combined());
+    assert!(
+        out.combined().contains("node prefix /24") && out.combined().contains("--node-prefix 26"),
+        "{}",
+        out.combined()
+    );
 }
 
 // 2. The etcd leader SIGKILLed during a registration burst: every acknowledged registration
