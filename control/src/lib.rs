@@ -1,7 +1,8 @@
 //! The podnet control service and its client library.
 //!
 //! The service hands every node a pod CIDR carved from the cluster CIDR (`ipam`), tracks
-//! membership with leases (`state`), persists it (`store`) and serves the HTTP/JSON API with
+//! membership with leases (`state`), persists it (`store`, one process; or `etcd` and
+//! `replica`, any number of replicas over an etcd cluster) and serves the HTTP/JSON API with
 //! resumable NDJSON watches (`server`). Agents use `client` to register, renew and follow the
 //! node table. The wire types live in `podnet_proto::api`.
 

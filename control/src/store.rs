@@ -1,13 +1,16 @@
 //! Where the registry is kept across restarts.
 //!
-//! [`Store`] is a trait so a replicated store (etcd) can back the service for HA; the embedded
-//! default [`FileStore`] keeps the whole state as one JSON file, replaced atomically: write a
+//! [`Store`] is what one process owning the state saves it to. The embedded default
+//! [`FileStore`] keeps the whole state as one JSON file, replaced atomically: write a
 //! temporary file in the same directory, fsync it, rename it over the old one, fsync the
 //! directory. A crash at any moment leaves either the old or the new file, never a torn one.
 //! An unreadable or corrupt file is an error: starting empty over it would hand out pod CIDRs
 //! that running nodes already use. [`FileStore::lock`] makes one process the file's only
 //! writer: a second service started on the same file stops at once with an error instead of
 //! both handing out CIDRs from their own copy.
+//!
+//! Replicas that share the state use the etcd store instead (`etcd.rs`, `replica.rs`). It is
+//! not a [`Store`]: it writes each change as a transaction, never a whole state.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
