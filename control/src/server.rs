@@ -193,6 +193,7 @@ pub(crate) struct Metrics {
     connections_closed: Family<Fixed, Counter>,
     requests: Family<[(&'static str, u16); 1], Counter>,
     insecure: Gauge,
+    store_available: Gauge,
 }
 
 impl Metrics {
@@ -211,6 +212,7 @@ impl Metrics {
             connections_closed: Default::default(),
             requests: Default::default(),
             insecure: Default::default(),
+            store_available: Default::default(),
         };
         // Every labelled sample is there from the start, at 0, so a rate() over a restart
         // sees the series begin rather than appear.
@@ -288,6 +290,12 @@ impl Metrics {
             "podnet_control_insecure",
             "1 while the service serves plain HTTP (--insecure), 0 under mTLS",
             m.insecure.clone(),
+        );
+        r.register(
+            "podnet_control_store_available",
+            "1 while the store takes writes; with --store etcd, 0 while etcd has no quorum or \
+             cannot be reached (reads and watches are still served)",
+            m.store_available.clone(),
         );
         m
     }
@@ -1122,6 +1130,12 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         m.capacity
             .set(i64::try_from(core.registry.ipam().capacity()).unwrap_or(i64::MAX));
     }
+    let available = shared
+        .etcd_down
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_none();
+    m.store_available.set(i64::from(available));
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         crate::metrics::render(&m.registry),

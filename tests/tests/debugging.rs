@@ -719,6 +719,8 @@ fn metrics_parse_with_the_prometheus_parser_and_keep_their_names() {
         ("podnet_control_http_requests_total", "code"),
         // Added with mTLS (issue 23): 0 on this testbed, which runs mTLS.
         ("podnet_control_insecure", ""),
+        // Added with the etcd store (issue 17): always 1 on the file store.
+        ("podnet_control_store_available", ""),
     ]);
     let mut curl = tb.operator_curl();
     curl.extend(["-f".into(), format!("{}/metrics", tb.control_url())]);

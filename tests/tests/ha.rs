@@ -450,6 +450,11 @@ fn losing_etcd_quorum_refuses_writes_but_keeps_forwarding() {
     let health = http::get(&ns, addr, "/healthz").unwrap();
     assert_eq!(health.status, 200);
     assert!(health.body.starts_with("degraded"), "{}", health.body);
+    let metrics = http::get(&ns, addr, "/metrics").unwrap().body;
+    assert!(
+        metrics.contains("\npodnet_control_store_available 0\n"),
+        "{metrics}"
+    );
     // Reads are still served, and pods still reach each other.
     assert_eq!(nodes_at(&ns, addr).len(), 2);
     let out = tb.ping(tb.pod(1, 1), tb.pod(2, 1).ip, 5);
@@ -462,6 +467,10 @@ fn losing_etcd_quorum_refuses_writes_but_keeps_forwarding() {
             let h = http::get(&ns, tb.replica_addr(r), "/healthz")?;
             if h.body != "ok\n" {
                 return Err(h.body);
+            }
+            let m = http::get(&ns, tb.replica_addr(r), "/metrics")?;
+            if !m.body.contains("\npodnet_control_store_available 1\n") {
+                return Err("store_available is not 1".into());
             }
         }
         Ok(())
