@@ -784,6 +784,16 @@ mod tests {
         out
     }
 
+    /// The mirror after h1 joined: its record and claim written at revision 5, lease 9.
+    fn joined_h1(k: &Keys) -> (Registry, Mirror) {
+        let (mut reg, mut mirror) = (empty(), Mirror::default());
+        let mut next = reg.clone();
+        next.register("h1", &req(1), 1_000).unwrap();
+        let joined = plan(k, &reg, &mirror, &next, Some("h1"), None, 1_000);
+        apply(k, &mut reg, &mut mirror, &written(&joined, 5, 9), 0);
+        (reg, mirror)
+    }
+
     #[test]
     fn keys_parse_back() {
         let k = keys();
@@ -862,11 +872,7 @@ mod tests {
     #[test]
     fn a_lapsed_lease_is_written_down_once_and_announced() {
         let k = keys();
-        let (mut reg, mut mirror) = (empty(), Mirror::default());
-        let mut next = reg.clone();
-        next.register("h1", &req(1), 1_000).unwrap();
-        let joined = plan(&k, &reg, &mirror, &next, Some("h1"), None, 1_000);
-        apply(&k, &mut reg, &mut mirror, &written(&joined, 5, 9), 0);
+        let (mut reg, mut mirror) = joined_h1(&k);
         // etcd deletes the alive key when the lease runs out.
         let gone = Change {
             key: k.alive("h1"),
@@ -899,11 +905,7 @@ mod tests {
     #[test]
     fn purge_releases_everything_and_a_plain_renewal_writes_nothing() {
         let k = keys();
-        let (mut reg, mut mirror) = (empty(), Mirror::default());
-        let mut next = reg.clone();
-        next.register("h1", &req(1), 1_000).unwrap();
-        let joined = plan(&k, &reg, &mirror, &next, Some("h1"), None, 1_000);
-        apply(&k, &mut reg, &mut mirror, &written(&joined, 5, 9), 0);
+        let (mut reg, mut mirror) = joined_h1(&k);
 
         let mut renewed = reg.clone();
         renewed.register("h1", &req(1), 2_000).unwrap();

@@ -13,9 +13,9 @@ use podnet_proto::api::{EventType, RegisterRequest, WatchEvent};
 use tokio::task::JoinHandle;
 
 use crate::client::Backoff;
-use crate::etcd::{self, Etcd, EtcdError, Outcome, SWEEP_BATCH};
-use crate::server::{error, refusal, register_answer, Shared};
-use crate::state::History;
+use crate::etcd::{self, Etcd, EtcdError, Outcome, Plan, SWEEP_BATCH};
+use crate::server::{error, refusal, register_answer, Core, Shared};
+use crate::state::{History, Registry};
 
 /// A write planned on a stale mirror is planned again this often before the client is told
 /// to retry.
@@ -70,6 +70,20 @@ fn busy() -> Response {
 async fn catch_up(shared: &Shared, revision: u64) {
     let mut seen = shared.mirror_revision.subscribe();
     let _ = tokio::time::timeout(CATCH_UP, seen.wait_for(|r| *r >= revision)).await;
+}
+
+/// The writes that take the mirror to `next` for a change that is not a registration (a
+/// leave, a lapse, a reservation running out): no node goes up, so no lease is needed.
+fn plan_change(etcd: &Etcd, core: &Core, next: &Registry, now: u64) -> Plan {
+    etcd::plan(
+        etcd.keys(),
+        &core.registry,
+        &core.mirror,
+        next,
+        None,
+        None,
+        now,
+    )
 }
 
 /// Joins a node or renews its lease.
@@ -177,15 +191,7 @@ pub(crate) async fn delete_node(
                     format!("no node named {name:?}"),
                 );
             }
-            etcd::plan(
-                etcd.keys(),
-                &core.registry,
-                &core.mirror,
-                &next,
-                None,
-                None,
-                shared.clock.now_ms(),
-            )
+            plan_change(etcd, &core, &next, shared.clock.now_ms())
         };
         if plan.is_empty() {
             return StatusCode::NO_CONTENT.into_response();
@@ -253,16 +259,7 @@ async fn sweep(shared: Arc<Shared>, etcd: Etcd) {
             for name in &expired {
                 next.remove(name, true);
             }
-            let plan = etcd::plan(
-                etcd.keys(),
-                &core.registry,
-                &core.mirror,
-                &next,
-                None,
-                None,
-                now,
-            );
-            (plan, lapsed)
+            (plan_change(&etcd, &core, &next, now), lapsed)
         };
         match etcd.commit(&plan).await {
             Ok(Outcome::Applied(revision)) => {

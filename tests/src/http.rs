@@ -81,6 +81,26 @@ pub fn request(
     parse_response(&raw).map_err(|e| format!("{what}: {e}"))
 }
 
+/// `GET /v1/nodes` of a control service (or replica) at `addr`, from `ns`: node name ->
+/// (pod CIDR, state). Panics unless it answers 200 with a node list.
+pub fn node_states(
+    ns: &str,
+    addr: SocketAddr,
+) -> std::collections::BTreeMap<String, (String, String)> {
+    let r = get(ns, addr, "/v1/nodes").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json().unwrap();
+    v["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes array: {v}"))
+        .iter()
+        .map(|n| {
+            let s = |k: &str| n[k].as_str().unwrap_or_default().to_owned();
+            (s("name"), (s("pod_cidr"), s("state")))
+        })
+        .collect()
+}
+
 /// GET with a 5 s timeout.
 pub fn get(ns: &str, addr: SocketAddr, path: &str) -> Result<Response, String> {
     request(ns, addr, "GET", path, &[], None, Duration::from_secs(5))

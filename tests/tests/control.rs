@@ -23,18 +23,7 @@ fn with_control(name: &str, hosts: u8, control_args: &[&str]) -> Testbed {
 
 /// `GET /v1/nodes` from host 1's namespace: node name -> (pod CIDR, state).
 fn nodes(tb: &Testbed) -> BTreeMap<String, (String, String)> {
-    let r = http::get(&tb.host(1).ns, tb.control_addr(), "/v1/nodes").unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
-    let v = r.json().unwrap();
-    v["nodes"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no nodes array: {v}"))
-        .iter()
-        .map(|n| {
-            let s = |k: &str| n[k].as_str().unwrap_or_default().to_owned();
-            (s("name"), (s("pod_cidr"), s("state")))
-        })
-        .collect()
+    http::node_states(&tb.host(1).ns, tb.control_addr())
 }
 
 fn ifindex(tb: &Testbed, n: u8, dev: &str) -> String {

@@ -82,22 +82,6 @@ fn register(
     }
 }
 
-/// GET /v1/nodes of one replica: name -> (pod CIDR, state).
-fn nodes_at(ns: &str, addr: SocketAddr) -> BTreeMap<String, (String, String)> {
-    let r = http::get(ns, addr, "/v1/nodes").unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
-    let v = r.json().unwrap();
-    v["nodes"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no nodes array: {v}"))
-        .iter()
-        .map(|n| {
-            let s = |k: &str| n[k].as_str().unwrap_or_default().to_owned();
-            (s("name"), (s("pod_cidr"), s("state")))
-        })
-        .collect()
-}
-
 /// The pod CIDR claims in etcd (`/podnet/cidrs/...` -> holder), read with etcdctl.
 fn etcd_claims(tb: &Testbed) -> BTreeMap<String, String> {
     let out = run(
@@ -206,7 +190,7 @@ fn concurrent_registrations_on_two_replicas_get_distinct_cidrs() {
     let distinct: BTreeSet<&String> = acked.values().collect();
     assert_eq!(distinct.len(), 100, "CIDRs handed out twice: {acked:?}");
     for r in [1, 2] {
-        let listed = nodes_at(&ns, tb.replica_addr(r));
+        let listed = http::node_states(&ns, tb.replica_addr(r));
         for (name, cidr) in &acked {
             assert_eq!(
                 listed.get(name),
@@ -310,7 +294,7 @@ fn killing_the_etcd_leader_mid_burst_loses_no_acknowledged_registration() {
             &format!("replica {r} lists all"),
             Duration::from_secs(10),
             || {
-                let listed = nodes_at(&ns, tb.replica_addr(r));
+                let listed = http::node_states(&ns, tb.replica_addr(r));
                 if acked.keys().all(|n| listed.contains_key(n)) {
                     Ok(listed)
                 } else {
@@ -456,7 +440,7 @@ fn losing_etcd_quorum_refuses_writes_but_keeps_forwarding() {
         "{metrics}"
     );
     // Reads are still served, and pods still reach each other.
-    assert_eq!(nodes_at(&ns, addr).len(), 2);
+    assert_eq!(http::node_states(&ns, addr).len(), 2);
     let out = tb.ping(tb.pod(1, 1), tb.pod(2, 1).ip, 5);
     assert!(out.success(), "{}", out.combined());
 
@@ -504,7 +488,7 @@ fn a_killed_agent_is_withdrawn_on_every_replica_within_the_lease_ttl() {
             &format!("h2 down on replica {r}"),
             Duration::from_secs(5).saturating_sub(killed.elapsed()),
             || {
-                let listed = nodes_at(&ns, addr);
+                let listed = http::node_states(&ns, addr);
                 match listed.get("h2") {
                     Some((_, state)) if state == "down" => Ok(()),
                     other => Err(format!("{other:?}")),
@@ -517,5 +501,5 @@ fn a_killed_agent_is_withdrawn_on_every_replica_within_the_lease_ttl() {
         "h2 withdrawn on both replicas {:?} after the kill (TTL 3 s)",
         killed.elapsed()
     );
-    assert_eq!(nodes_at(&ns, tb.replica_addr(1))["h1"].1, "up");
+    assert_eq!(http::node_states(&ns, tb.replica_addr(1))["h1"].1, "up");
 }
