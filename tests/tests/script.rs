@@ -4,8 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
-use podnet_tests::{e2e_ready, podnet_bin, workers_override};
+use podnet_tests::{e2e_ready, podnet_bin, wait_for, workers_override};
 
 fn netns_exists(name: &str) -> bool {
     Path::new("/run/netns").join(name).exists()
@@ -227,13 +228,16 @@ fn testbed_script_runs_routing_modes_on_two_subnets() {
         addr.status.success() && text.contains("198.18.1.3/24"),
         "{text}"
     );
-    let (route, text) = s.exec("h1", &["ip", "route"]);
-    assert!(route.status.success(), "{text}");
-    assert_eq!(
-        text.matches("proto 222").count(),
-        1,
-        "only h2 is on h1's subnet: {text}"
-    );
+    // `up` waited for every pod to reach every pod, which the tunnel alone can carry; the
+    // direct route to the same-subnet peer follows its peer within 2 s (routing_modes.rs).
+    let direct = wait_for("h1's direct route to h2", Duration::from_secs(5), || {
+        let (route, text) = s.exec("h1", &["ip", "route"]);
+        match text.matches("proto 222").count() {
+            1 if route.status.success() => Ok(text),
+            _ => Err(text),
+        }
+    });
+    assert!(direct.is_ok(), "only h2 is on h1's subnet: {direct:?}");
     // A bad combination is refused before anything is made.
     let bad = Script::new("scbad");
     let (out, text) = bad.call(&[
