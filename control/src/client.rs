@@ -749,6 +749,7 @@ mod tests {
 
     fn request() -> RegisterRequest {
         RegisterRequest {
+            wireguard_public_key: None,
             underlay_ip: "198.18.0.1".parse().unwrap(),
             encap: Encap::Vxlan,
             vtep_mac: None,

@@ -183,8 +183,19 @@ fn transition(prev: Option<&Node>, next: Option<&Node>) -> Option<EventType> {
 
 /// Whether two records route alike (what agents act on).
 fn same_route(a: &Node, b: &Node) -> bool {
-    (a.underlay_ip, a.encap, a.vtep_mac, a.pod_cidr)
-        == (b.underlay_ip, b.encap, b.vtep_mac, b.pod_cidr)
+    (
+        a.underlay_ip,
+        a.encap,
+        a.vtep_mac,
+        a.pod_cidr,
+        a.wireguard_public_key,
+    ) == (
+        b.underlay_ip,
+        b.encap,
+        b.vtep_mac,
+        b.pod_cidr,
+        b.wireguard_public_key,
+    )
 }
 
 /// Applies changes seen in etcd to the mirror and returns the events for watchers, in order.
@@ -749,6 +760,7 @@ mod tests {
 
     fn req(last: u8) -> RegisterRequest {
         RegisterRequest {
+            wireguard_public_key: None,
             underlay_ip: format!("198.18.0.{last}").parse().unwrap(),
             encap: Encap::Vxlan,
             vtep_mac: None,

@@ -498,6 +498,7 @@ mod tests {
     #[test]
     fn table_is_aligned_and_readable() {
         let node = |name: &str, ip: &str, cidr: &str, state, hb| Node {
+            wireguard_public_key: None,
             name: name.into(),
             underlay_ip: ip.parse().unwrap(),
             encap: Encap::Vxlan,

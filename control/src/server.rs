@@ -22,7 +22,7 @@ use axum::{Json, Router};
 use ipnet::Ipv4Net;
 use podnet_proto::api::{
     validate_node_name, Encap, ErrorBody, EventType, Node, NodeList, RegisterRequest,
-    RegisterResponse, WatchEvent,
+    RegisterResponse, WatchEvent, WgKey,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -791,12 +791,14 @@ pub fn parse_register(body: &[u8]) -> Result<RegisterRequest, String> {
     let Value::Object(fields) = value else {
         return Err(format!("request body must be a JSON object like {EXAMPLE}"));
     };
-    if let Some(unknown) = fields
-        .keys()
-        .find(|k| !matches!(k.as_str(), "underlay_ip" | "encap" | "vtep_mac"))
-    {
+    if let Some(unknown) = fields.keys().find(|k| {
+        !matches!(
+            k.as_str(),
+            "underlay_ip" | "encap" | "vtep_mac" | "wireguard_public_key"
+        )
+    }) {
         return Err(format!(
-            "field `{unknown}`: unknown field; expected underlay_ip, encap and optionally vtep_mac"
+            "field `{unknown}`: unknown field; expected underlay_ip, encap and optionally vtep_mac and wireguard_public_key"
         ));
     }
     let underlay_ip = match fields.get("underlay_ip") {
@@ -834,10 +836,34 @@ pub fn parse_register(body: &[u8]) -> Result<RegisterRequest, String> {
             ))
         }
     };
+    let wireguard_public_key = match fields.get("wireguard_public_key") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(
+            s.parse::<WgKey>()
+                .map_err(|e| format!("field `wireguard_public_key`: {e}"))?,
+        ),
+        Some(other) => {
+            return Err(format!(
+                "field `wireguard_public_key`: expected a base64 string of 32 bytes, got {other}"
+            ))
+        }
+    };
+    match (encap, wireguard_public_key) {
+        (Encap::Wireguard, None) => {
+            return Err("field `wireguard_public_key`: missing; a node with encap \"wireguard\" must give its public key (base64, as `wg pubkey` prints it)".into())
+        }
+        (Encap::Wireguard, Some(_)) | (_, None) => {}
+        (other, Some(_)) => {
+            return Err(format!(
+                "field `wireguard_public_key`: only a node with encap \"wireguard\" has one, this one registers encap \"{other}\""
+            ))
+        }
+    }
     Ok(RegisterRequest {
         underlay_ip,
         encap,
         vtep_mac,
+        wireguard_public_key,
     })
 }
 
@@ -1679,7 +1705,31 @@ mod tests {
                 br#"{"underlay_ip":"198.18.0.1","encap":"ipip","underlay":"x"}"#,
                 "field `underlay`",
             ),
+            (
+                br#"{"underlay_ip":"198.18.0.1","encap":"wireguard"}"#,
+                "field `wireguard_public_key`: missing",
+            ),
+            (
+                br#"{"underlay_ip":"198.18.0.1","encap":"wireguard","wireguard_public_key":"AAAA"}"#,
+                "decodes to 3 bytes",
+            ),
+            (
+                br#"{"underlay_ip":"198.18.0.1","encap":"wireguard","wireguard_public_key":"not base64!"}"#,
+                "not a WireGuard key",
+            ),
+            (
+                br#"{"underlay_ip":"198.18.0.1","encap":"vxlan","wireguard_public_key":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}"#,
+                "only a node with encap \"wireguard\"",
+            ),
         ];
+        let wg = parse_register(
+            br#"{"underlay_ip":"198.18.0.1","encap":"wireguard","wireguard_public_key":"AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="}"#,
+        )
+        .unwrap();
+        let key = wg.wireguard_public_key.unwrap();
+        assert_eq!(key.0[0], 1);
+        assert_eq!(key.0[31], 32);
+        assert_eq!(key.short(), "AQIDBAUG");
         for (body, expect) in cases {
             let err = parse_register(body).unwrap_err();
             assert!(

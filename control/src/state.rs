@@ -294,7 +294,13 @@ impl Registry {
                         expires_in_ms: entry.lease_expires.saturating_sub(now),
                     });
                 }
-                NodeState::Up if node.encap == req.encap && node.vtep_mac == vtep_mac => None,
+                NodeState::Up
+                    if node.encap == req.encap
+                        && node.vtep_mac == vtep_mac
+                        && node.wireguard_public_key == req.wireguard_public_key =>
+                {
+                    None
+                }
                 NodeState::Up => Some(EventType::Modified),
                 NodeState::Down => Some(EventType::Added),
             };
@@ -310,6 +316,7 @@ impl Registry {
             node.underlay_ip = ip;
             node.encap = req.encap;
             node.vtep_mac = vtep_mac;
+            node.wireguard_public_key = req.wireguard_public_key;
             node.state = NodeState::Up;
             node.revision = self.revision;
             let node = node.clone();
@@ -327,6 +334,7 @@ impl Registry {
             encap: req.encap,
             vtep_mac,
             pod_cidr: self.ipam.block(index),
+            wireguard_public_key: req.wireguard_public_key,
             state: NodeState::Up,
             last_heartbeat: now,
             revision: self.revision,
@@ -445,6 +453,7 @@ impl Registry {
                 && n.underlay_ip == req.underlay_ip
                 && n.encap == req.encap
                 && n.vtep_mac == mac
+                && n.wireguard_public_key == req.wireguard_public_key
         })
     }
 
@@ -612,6 +621,7 @@ mod tests {
 
     fn req(last: u8) -> RegisterRequest {
         RegisterRequest {
+            wireguard_public_key: None,
             underlay_ip: Ipv4Addr::new(198, 18, 0, last),
             encap: Encap::Vxlan,
             vtep_mac: None,
@@ -665,6 +675,22 @@ mod tests {
         let done = reg.register("h1", &r, 20).unwrap();
         assert_eq!(done.node.vtep_mac.to_string(), "02:aa:00:00:00:01");
         assert_eq!(done.event.unwrap().kind, EventType::Modified);
+    }
+
+    #[test]
+    fn a_new_wireguard_key_is_a_modification_and_the_same_key_a_renewal() {
+        let mut reg = registry("10.244.0.0/16");
+        let mut r = req(1);
+        r.encap = Encap::Wireguard;
+        r.wireguard_public_key = Some(podnet_proto::api::WgKey([1; 32]));
+        reg.register("h1", &r, 0).unwrap();
+        assert!(reg.is_renewal("h1", &r));
+        assert!(reg.register("h1", &r, 10).unwrap().event.is_none());
+        r.wireguard_public_key = Some(podnet_proto::api::WgKey([2; 32]));
+        assert!(!reg.is_renewal("h1", &r));
+        let ev = reg.register("h1", &r, 20).unwrap().event.unwrap();
+        assert_eq!(ev.kind, EventType::Modified);
+        assert_eq!(ev.node.wireguard_public_key, r.wireguard_public_key);
     }
 
     #[test]

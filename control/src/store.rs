@@ -247,6 +247,7 @@ mod tests {
             revision,
             nodes: (1..=nodes)
                 .map(|i| Node {
+                    wireguard_public_key: None,
                     name: format!("h{i}"),
                     underlay_ip: format!("198.18.0.{i}").parse().unwrap(),
                     encap: Encap::Ipip,

@@ -87,6 +87,7 @@ impl Drop for Serve {
 
 fn req(i: u32) -> RegisterRequest {
     RegisterRequest {
+        wireguard_public_key: None,
         underlay_ip: format!("198.18.{}.{}", i / 250, 1 + i % 250)
             .parse()
             .unwrap(),

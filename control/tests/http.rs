@@ -280,6 +280,7 @@ async fn bearer_token_guards_everything_but_healthz() {
 
         let client = Client::new(&format!("http://{}", srv.addr), Some("s3cret".into())).unwrap();
         let req = RegisterRequest {
+            wireguard_public_key: None,
             underlay_ip: "198.18.0.1".parse().unwrap(),
             encap: Encap::Vxlan,
             vtep_mac: None,
@@ -496,6 +497,7 @@ async fn client_resumes_its_watch_across_a_server_restart() {
         let addr = srv.addr;
         let client = Client::new(&format!("http://{addr}"), None).unwrap();
         let req = |last: u8| RegisterRequest {
+            wireguard_public_key: None,
             underlay_ip: format!("198.18.0.{last}").parse().unwrap(),
             encap: Encap::Vxlan,
             vtep_mac: None,
@@ -549,6 +551,7 @@ async fn keep_registered_holds_the_lease_and_lapse_withdraws() {
         let srv = start(cfg, Arc::new(MemoryStore::default()), any_port()).await;
         let client = Client::new(&format!("http://{}", srv.addr), None).unwrap();
         let req = RegisterRequest {
+            wireguard_public_key: None,
             underlay_ip: "198.18.0.1".parse().unwrap(),
             encap: Encap::Ipip,
             vtep_mac: Some("02:00:00:00:00:aa".parse().unwrap()),

@@ -66,6 +66,64 @@ impl FromStr for Encap {
     }
 }
 
+/// A WireGuard public key (X25519, 32 bytes), written as `wg` writes it: standard base64,
+/// 44 characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WgKey(pub [u8; 32]);
+
+impl WgKey {
+    /// The first 8 characters of the base64 form, as `status` shows a peer's key.
+    pub fn short(&self) -> String {
+        let mut s = self.to_string();
+        s.truncate(8);
+        s
+    }
+}
+
+impl fmt::Display for WgKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use base64::Engine as _;
+        f.write_str(&base64::engine::general_purpose::STANDARD.encode(self.0))
+    }
+}
+
+impl fmt::Debug for WgKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WgKey({self})")
+    }
+}
+
+impl FromStr for WgKey {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(s.trim())
+            .map_err(|e| format!("{s:?} is not a WireGuard key (base64 of 32 bytes, as `wg pubkey` prints it): {e}"))?;
+        let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+            format!(
+                "{s:?} is not a WireGuard key: it decodes to {} bytes, a key has 32 (44 base64 characters, as `wg pubkey` prints it)",
+                b.len()
+            )
+        })?;
+        Ok(WgKey(key))
+    }
+}
+
+impl Serialize for WgKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for WgKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Body of `PUT /v1/nodes/{name}`: join, or renew the lease (heartbeat).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterRequest {
@@ -74,6 +132,9 @@ pub struct RegisterRequest {
     /// Defaults to [`MacAddr::vtep_for`] the underlay IP (`02:00:` + its four bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vtep_mac: Option<MacAddr>,
+    /// The node's WireGuard public key: required with `encap` `wireguard`, refused otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_public_key: Option<WgKey>,
 }
 
 /// Answer to a registration.
@@ -122,6 +183,9 @@ pub struct Node {
     pub encap: Encap,
     pub vtep_mac: MacAddr,
     pub pod_cidr: Ipv4Net,
+    /// Its WireGuard public key (nodes with encap `wireguard` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_public_key: Option<WgKey>,
     pub state: NodeState,
     /// Unix time in milliseconds of the last registration or renewal.
     pub last_heartbeat: u64,
@@ -284,6 +348,7 @@ mod tests {
 
     fn node(name: &str, state: NodeState, revision: u64) -> Node {
         Node {
+            wireguard_public_key: None,
             name: name.to_string(),
             underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
             encap: Encap::Vxlan,

@@ -51,6 +51,7 @@ fn underlay(i: usize) -> Ipv4Addr {
 
 fn request(i: usize) -> RegisterRequest {
     RegisterRequest {
+        wireguard_public_key: None,
         underlay_ip: underlay(i),
         encap: Encap::Vxlan,
         vtep_mac: None,

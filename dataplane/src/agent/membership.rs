@@ -121,6 +121,7 @@ pub async fn join(
     let token = token_file.as_deref().map(read_token_file).transpose()?;
     let client = Client::with_tls(url, token, tls.as_ref())?;
     let req = RegisterRequest {
+        wireguard_public_key: None,
         underlay_ip: cfg.underlay_ip,
         encap: encap.advertised(),
         vtep_mac: Some(vtep_mac),

@@ -564,6 +564,7 @@ mod tests {
     #[test]
     fn control_lease_shows_state_and_age() {
         let node = api::Node {
+            wireguard_public_key: None,
             name: "h2".into(),
             underlay_ip: ip("198.18.0.2"),
             encap: api::Encap::Vxlan,
