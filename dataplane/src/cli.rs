@@ -81,6 +81,21 @@ pub enum EncapArg {
     Vxlan,
     /// No tunnel: direct kernel routes to peers on the underlay subnet.
     None,
+    /// WireGuard transport messages on UDP 51820 (encrypted; standard WireGuard peers
+    /// interoperate). The key pair lives in the state dir.
+    Wireguard,
+}
+
+impl EncapArg {
+    /// The encapsulation's name in the control API.
+    pub fn advertised(self) -> api::Encap {
+        match self {
+            EncapArg::Ipip => api::Encap::Ipip,
+            EncapArg::Vxlan => api::Encap::Vxlan,
+            EncapArg::None => api::Encap::None,
+            EncapArg::Wireguard => api::Encap::Wireguard,
+        }
+    }
 }
 
 /// `--mtu N|auto`.
@@ -105,12 +120,14 @@ impl FromStr for MtuArg {
     }
 }
 
-/// `--static-peer CIDR=IP[@MAC][,ENCAP]`.
+/// `--static-peer CIDR=IP[@MAC|@KEY][,ENCAP]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StaticPeer {
     pub pod_cidr: Ipv4Net,
     pub underlay_ip: Ipv4Addr,
     pub vtep_mac: MacAddr,
+    /// A WireGuard peer's public key (`@KEY`, base64 as `wg pubkey` prints it).
+    pub wireguard_key: Option<api::WgKey>,
     /// What the peer receives; `None`: this node's own `--encap`.
     pub encap: Option<api::Encap>,
 }
@@ -118,8 +135,9 @@ pub struct StaticPeer {
 impl FromStr for StaticPeer {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let usage = "expected CIDR=IP[@MAC][,ENCAP], e.g. 10.244.2.0/24=198.18.0.2 or \
-                     10.244.2.0/24=198.18.0.2,ipip";
+        let usage = "expected CIDR=IP[@MAC|@KEY][,ENCAP], e.g. 10.244.2.0/24=198.18.0.2, \
+                     10.244.2.0/24=198.18.0.2,ipip or, for a WireGuard peer, \
+                     10.244.2.0/24=198.18.0.2@<its public key>";
         let (s, encap) = match s.split_once(',') {
             Some((peer, encap)) => (peer, Some(encap.parse::<api::Encap>()?)),
             None => (s, None),
@@ -141,16 +159,26 @@ impl FromStr for StaticPeer {
         let underlay_ip: Ipv4Addr = ip
             .parse()
             .map_err(|_| format!("'{ip}' is not an IPv4 address ({usage})"))?;
-        let vtep_mac = match mac {
-            Some(m) => m
-                .parse()
-                .map_err(|e| format!("'{m}' is not a MAC address: {e}"))?,
-            None => MacAddr::vtep_for(underlay_ip),
+        // After '@': a MAC has colons, a WireGuard key (base64) never does.
+        let (vtep_mac, wireguard_key) = match mac {
+            Some(m) if m.contains(':') => (
+                m.parse()
+                    .map_err(|e| format!("'{m}' is not a MAC address: {e}"))?,
+                None,
+            ),
+            Some(k) => (
+                MacAddr::vtep_for(underlay_ip),
+                Some(k.parse::<api::WgKey>().map_err(|e| {
+                    format!("after '@': neither a MAC address nor a WireGuard key: {e}")
+                })?),
+            ),
+            None => (MacAddr::vtep_for(underlay_ip), None),
         };
         Ok(StaticPeer {
             pod_cidr,
             underlay_ip,
             vtep_mac,
+            wireguard_key,
             encap,
         })
     }
@@ -292,6 +320,8 @@ pub enum ConfigError {
     PodCidrTooSmall(Ipv4Net),
     #[error("--cross-subnet goes with --encap vxlan or ipip (the tunnel for peers on other subnets); --encap none routes only to peers on the underlay subnet")]
     CrossSubnetWithoutTunnel,
+    #[error("--static-peer {cidr}={ip} receives wireguard and needs its public key: --static-peer {cidr}={ip}@KEY (base64, as `wg pubkey` prints it)")]
+    WireguardPeerWithoutKey { cidr: Ipv4Net, ip: Ipv4Addr },
     #[error("--workers {workers} needs as many TUN queues, and --tun-queues is {queues}: each worker reads queues of its own; raise --tun-queues or lower --workers")]
     WorkersOverQueues { workers: u8, queues: u8 },
 }
@@ -387,6 +417,15 @@ impl RunArgs {
             },
             (None, Some(pod)) => {
                 validate_static(pod, &self.static_peer, self.cluster_cidr, self.underlay_ip)?;
+                let own = self.encap.advertised();
+                if let Some(p) = self.static_peer.iter().find(|p| {
+                    p.encap.unwrap_or(own) == api::Encap::Wireguard && p.wireguard_key.is_none()
+                }) {
+                    return Err(ConfigError::WireguardPeerWithoutKey {
+                        cidr: p.pod_cidr,
+                        ip: p.underlay_ip,
+                    });
+                }
                 Membership::Static {
                     pod_cidr: pod,
                     peers: self.static_peer,

@@ -38,6 +38,7 @@ use crate::sys::raw::IpipSocket;
 use crate::sys::tun::{self, Tun, MAX_READ};
 use crate::sys::udp::{VxlanSocket, GRO_BUFFER_BYTES};
 use crate::sys::{self, Readiness, RecvMeta, Stop, Transmit, MAX_BATCH};
+use crate::wireguard::{self, Opened, Sealed, Wireguard};
 
 /// The underlay sockets. This node receives its own encapsulation only, on that
 /// encapsulation's socket(s); peers are sent what they receive, so the other encapsulation has
@@ -57,6 +58,9 @@ enum Own {
     Ipip(Vec<IpipSocket>),
     /// `--encap none`: nothing arrives through a tunnel, and nothing is sent through one.
     None,
+    /// `--encap wireguard`: UDP 51820 (a `SO_REUSEPORT` group like VXLAN's); this node sends
+    /// only to WireGuard peers, from the same port, as standard WireGuard peers expect.
+    Wireguard(VxlanSocket),
 }
 
 /// The lane of IP-in-IP sends in a [`TxBatch`] (VXLAN lanes are its outer source ports,
@@ -84,6 +88,15 @@ impl Underlay {
         }
     }
 
+    /// A WireGuard node's socket(s).
+    pub fn wireguard(own: VxlanSocket) -> Underlay {
+        Underlay {
+            own: Own::Wireguard(own),
+            other_vxlan: None,
+            other_ipip: None,
+        }
+    }
+
     /// A `--encap none` node: no tunnel sockets at all.
     pub fn none() -> Underlay {
         Underlay {
@@ -93,10 +106,11 @@ impl Underlay {
         }
     }
 
-    /// The socket VXLAN goes out from (this node's own, or its send-only one).
+    /// The socket VXLAN goes out from (this node's own, or its send-only one), or a
+    /// WireGuard node's UDP socket.
     pub fn vxlan_socket(&self) -> Option<&VxlanSocket> {
         match &self.own {
-            Own::Vxlan(s) => Some(s),
+            Own::Vxlan(s) | Own::Wireguard(s) => Some(s),
             Own::Ipip(_) | Own::None => self.other_vxlan.as_ref(),
         }
     }
@@ -105,7 +119,7 @@ impl Underlay {
     fn ipip_socket(&self) -> Option<&IpipSocket> {
         match &self.own {
             Own::Ipip(s) => s.first(),
-            Own::Vxlan(_) | Own::None => self.other_ipip.as_ref(),
+            Own::Vxlan(_) | Own::None | Own::Wireguard(_) => self.other_ipip.as_ref(),
         }
     }
 
@@ -113,7 +127,7 @@ impl Underlay {
     /// the data path saw them, so no drop reason of ours counts them.
     pub fn receive_drops(&self) -> u64 {
         match &self.own {
-            Own::Vxlan(s) => s.receive_drops(),
+            Own::Vxlan(s) | Own::Wireguard(s) => s.receive_drops(),
             Own::Ipip(s) => s.iter().map(IpipSocket::receive_drops).sum(),
             Own::None => 0,
         }
@@ -153,7 +167,7 @@ impl Underlay {
     fn lane_for(&self, encap: &PeerEncap, hash: u32) -> usize {
         match (encap, self.vxlan_socket()) {
             (PeerEncap::Vxlan, Some(s)) if s.lanes() > 1 => s.lane(hash),
-            (PeerEncap::Vxlan, _) => 0,
+            (PeerEncap::Vxlan | PeerEncap::Wireguard(_), _) => 0,
             _ => IPIP_LANE,
         }
     }
@@ -166,7 +180,7 @@ impl Underlay {
         meta: &mut [RecvMeta],
     ) -> io::Result<usize> {
         match &self.own {
-            Own::Vxlan(s) => s.try_recv_batch(i, bufs, meta),
+            Own::Vxlan(s) | Own::Wireguard(s) => s.try_recv_batch(i, bufs, meta),
             Own::Ipip(s) => s[i].try_recv_batch(bufs, meta),
             Own::None => Ok(0),
         }
@@ -177,7 +191,7 @@ impl Underlay {
     /// worker (each with a filter for its share); `--encap none` none.
     pub fn receiver_count(&self) -> usize {
         match &self.own {
-            Own::Vxlan(s) => s.receiver_count(),
+            Own::Vxlan(s) | Own::Wireguard(s) => s.receiver_count(),
             Own::Ipip(s) => s.len(),
             Own::None => 0,
         }
@@ -186,7 +200,9 @@ impl Underlay {
     /// The descriptors of the receive sockets, for the loop's epoll set.
     fn receivers(&self) -> Vec<BorrowedFd<'_>> {
         match &self.own {
-            Own::Vxlan(s) => (0..s.receiver_count()).map(|i| s.receiver(i)).collect(),
+            Own::Vxlan(s) | Own::Wireguard(s) => {
+                (0..s.receiver_count()).map(|i| s.receiver(i)).collect()
+            }
             Own::Ipip(s) => s.iter().map(AsFd::as_fd).collect(),
             Own::None => Vec::new(),
         }
@@ -204,6 +220,8 @@ pub struct IoErrors {
 
 /// Everything the workers share.
 pub struct Shared {
+    /// `--encap wireguard`: the node's keys and its tunnels to the peers.
+    pub wireguard: Option<Wireguard>,
     /// One per worker ([`Forwarder::for_worker`]): the node's forwarder, each with its own
     /// counters.
     pub forwarders: Vec<Forwarder>,
@@ -321,10 +339,12 @@ const EMPTY: Transmit<'static> = Transmit {
     segment_size: None,
 };
 
-/// Where packets for `peer` go: UDP port 4789 for VXLAN, the bare address for a raw socket.
+/// Where packets for `peer` go: UDP port 4789 for VXLAN, 51820 for WireGuard, the bare
+/// address for a raw socket.
 fn dst_of(peer: &Peer) -> SocketAddrV4 {
     match peer.encap {
         PeerEncap::Vxlan => SocketAddrV4::new(peer.underlay_ip, vxlan::PORT),
+        PeerEncap::Wireguard(_) => wireguard::endpoint(peer.underlay_ip),
         _ => SocketAddrV4::new(peer.underlay_ip, 0),
     }
 }
@@ -368,7 +388,7 @@ pub fn run(shared: &Shared, index: usize) -> io::Result<()> {
     // Per receive socket, the mean size of the messages it last gave (see `rx_batch`).
     let mut rx_mean = vec![0usize; receivers];
     let mut tx = TxPath::new(shared);
-    let mut rx = RxPath::new();
+    let mut rx = RxPath::new(shared.wireguard.is_some());
     let mut fds: Vec<BorrowedFd<'_>> = (0..queues).map(|q| w.queue(q).as_fd()).collect();
     let sockets = shared.underlay.receivers();
     fds.extend(w.receivers.iter().map(|&r| sockets[r]));
@@ -562,6 +582,9 @@ impl TxPath {
             }
             let hash = ipv4::flow_hash(&rx[start..end]);
             match fwd.outbound(&table, rx, start, end - start, scratch) {
+                Outbound::Send { index, bytes, .. } if peer_is_wireguard(&table, index) => {
+                    seal_into_batch(w, &table, index, [bytes].into_iter(), &mut self.batch);
+                }
                 Outbound::Send { index, bytes, .. } => {
                     let peer = table.peer(index);
                     let dst = dst_of(peer);
@@ -596,6 +619,9 @@ impl TxPath {
         // packets read before it go first, so a flow's packets stay in order.
         send_batched(shared, &mut self.batch);
         let packet = &rx[start..end];
+        if shared.wireguard.is_some() {
+            return self.seal_super(w, &table, &hdr, start, end, reply_hdr_len);
+        }
         let (index, plan, headers) =
             match fwd.outbound_super(&table, &hdr, packet, &mut self.segbuf, scratch) {
                 SuperOutbound::Send {
@@ -639,6 +665,103 @@ impl TxPath {
             shared.io_errors.send.fetch_add(failed as u64, Relaxed);
         }
     }
+}
+
+impl TxPath {
+    /// A TSO super-packet to a WireGuard peer: routed once, cut into wire-sized packets,
+    /// each encrypted into the batch, which sends them as one UDP GSO train (all but the last
+    /// are the same size: WireGuard adds 32 bytes and no padding).
+    fn seal_super(
+        &mut self,
+        w: &Worker<'_>,
+        table: &RouteTable,
+        hdr: &VirtioNetHdr,
+        start: usize,
+        end: usize,
+        reply_hdr_len: usize,
+    ) {
+        let (shared, fwd) = (w.shared, w.fwd);
+        let packet = &self.rx[start..end];
+        let (_, scratch) = self.reply.split_at_mut(virtio::HEADER_LEN);
+        let index = match fwd.route_super(table, hdr, packet, scratch) {
+            Ok(i) => i,
+            Err(SuperOutbound::Reply(b)) => {
+                let len = b.len();
+                write_tun(
+                    w,
+                    &self.reply[virtio::HEADER_LEN - reply_hdr_len..virtio::HEADER_LEN + len],
+                    reply_hdr_len,
+                );
+                return;
+            }
+            Err(_) => return,
+        };
+        let segs = match gso::segment(hdr, packet, 0, &mut self.segbuf, |_, _| {}) {
+            Ok(segs) => segs,
+            Err(_) => {
+                shared.io_errors.offload.fetch_add(1, Relaxed);
+                fwd.drop_outbound(DropReason::Malformed, packet);
+                return;
+            }
+        };
+        let pieces = segs.iter().map(|r| &self.segbuf[r]);
+        seal_into_batch(w, table, index, pieces, &mut self.batch);
+        fwd.count_tx(table, index, segs.count as u64, segs.total_len() as u64);
+        send_batched(shared, &mut self.batch);
+    }
+}
+
+/// Whether the peer at `index` receives WireGuard.
+fn peer_is_wireguard(table: &RouteTable, index: usize) -> bool {
+    matches!(table.peer(index).encap, PeerEncap::Wireguard(_))
+}
+
+/// Encrypts `packets` for the WireGuard peer at `index` straight into `batch` (under one lock
+/// of its tunnel), sending the batch whenever it fills. Before the first handshake the packets
+/// wait in the tunnel and a handshake initiation goes out instead.
+fn seal_into_batch<'p>(
+    w: &Worker<'_>,
+    table: &RouteTable,
+    index: usize,
+    packets: impl Iterator<Item = &'p [u8]>,
+    batch: &mut TxBatch,
+) {
+    let peer = table.peer(index);
+    let Some(tunnel) = w
+        .shared
+        .wireguard
+        .as_ref()
+        .and_then(|wg| wg.tunnel(peer.underlay_ip))
+    else {
+        // The tunnels follow the table before it is swapped in; a peer without one is gone.
+        w.fwd.drop_outbound(DropReason::PeerEncap, &[]);
+        return;
+    };
+    let dst = dst_of(peer);
+    let mut sealer = tunnel.sealer();
+    for packet in packets {
+        let room = (packet.len() + wireguard::DATA_OVERHEAD).max(wireguard::HANDSHAKE_ROOM);
+        let mut seal = |out: &mut [u8]| match sealer.seal(packet, out) {
+            Sealed::Data(n) | Sealed::Handshake(n) => n,
+        };
+        if batch.push_with(dst, 0, room, &mut seal).is_none() {
+            send_batched(w.shared, batch);
+            if batch.push_with(dst, 0, room, &mut seal).is_none() {
+                w.shared.io_errors.send.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+/// Sends one WireGuard message (a handshake message, a keepalive, a cookie reply) from the
+/// node's WireGuard socket.
+pub fn send_control(shared: &Shared, dst: SocketAddrV4, bytes: &[u8]) {
+    let item = Transmit {
+        dst,
+        data: bytes,
+        segment_size: None,
+    };
+    send(shared, 0, &[item]);
 }
 
 /// Room for the small packets of one turn: [`MAX_BATCH`] packets of a 1500-byte MTU with
@@ -716,6 +839,9 @@ struct RxPath {
     meta: Vec<RecvMeta>,
     coalescer: Coalescer,
     rewrite: RewritePath,
+    /// WireGuard: the decrypted packets of message `k` of `bufs` go to `plain[k]`, at the
+    /// offset of their datagram (so the coalescer finds them in place). Empty otherwise.
+    plain: Vec<Vec<u8>>,
 }
 
 /// Buffers for inner packets that cannot be written from where they were received: longer
@@ -729,8 +855,15 @@ struct RewritePath {
 }
 
 impl RxPath {
-    fn new() -> RxPath {
+    fn new(wireguard: bool) -> RxPath {
         RxPath {
+            plain: match wireguard {
+                // A handshake answer may be written where a short datagram was.
+                true => (0..MAX_BATCH)
+                    .map(|_| vec![0u8; GRO_BUFFER_BYTES + wireguard::HANDSHAKE_ROOM])
+                    .collect(),
+                false => Vec::new(),
+            },
             bufs: (0..MAX_BATCH)
                 .map(|_| vec![0u8; GRO_BUFFER_BYTES])
                 .collect(),
@@ -745,12 +878,14 @@ impl RxPath {
 
     /// Forwards the `n` messages just received into `bufs`/`meta`.
     fn handle(&mut self, w: &Worker<'_>, n: usize) {
+        if let Some(wg) = &w.shared.wireguard {
+            return self.handle_wireguard(w, wg, n);
+        }
         let (shared, fwd) = (w.shared, w.fwd);
         let vnet = shared.tun.vnet_hdr_len();
         let coalescer = &mut self.coalescer;
         let rewrite = &mut self.rewrite;
         let bufs = &self.bufs;
-        let mtu = usize::from(fwd.config().mtu);
         let table = shared.table.load();
         let mut tally = RxTally::default();
         let receives_vxlan = matches!(fwd.config().encap, Encap::Vxlan { .. });
@@ -776,20 +911,8 @@ impl RxPath {
                     fwd.inbound_ipip_tallied(&table, datagram, &mut tally)
                 };
                 if let Inbound::Deliver(inner) = verdict {
-                    // Without offload each packet is written as is; with it, behind a virtio
-                    // header, which the coalescer adds itself.
-                    if inner.len() > mtu {
-                        // Whatever the coalescer holds arrived first.
-                        coalescer.flush(bufs, |out| write_tun_vectored(w, out));
-                        rewrite.deliver(w, *m.src.ip(), inner);
-                    } else if vnet > 0 {
-                        let at = span_in(k, buf, inner);
-                        coalescer.push(bufs, at, |out| write_tun_vectored(w, out));
-                    } else if let Some(hdr) = gso::partial_checksum(inner) {
-                        rewrite.complete(w, *m.src.ip(), inner, &hdr);
-                    } else {
-                        write_tun(w, inner, 0);
-                    }
+                    let at = span_in(k, buf, inner);
+                    deliver(w, coalescer, rewrite, bufs, at, *m.src.ip());
                 }
             }
         }
@@ -797,6 +920,99 @@ impl RxPath {
         if vnet > 0 {
             coalescer.flush(bufs, |out| write_tun_vectored(w, out));
         }
+    }
+}
+
+impl RxPath {
+    /// [`RxPath::handle`] for a WireGuard node: each datagram is opened by the tunnel of the
+    /// peer it came from (the known-peer check is its source address, as for VXLAN), its
+    /// inner packet checked by the forwarder and delivered like a VXLAN one. Handshake
+    /// answers go back at once, and a completed handshake sends what waited for it.
+    fn handle_wireguard(&mut self, w: &Worker<'_>, wg: &Wireguard, n: usize) {
+        let fwd = w.fwd;
+        let table = w.shared.table.load();
+        let mut tally = RxTally::default();
+        let (bufs, plain) = (&self.bufs, &mut self.plain);
+        for (k, (buf, m)) in bufs.iter().zip(&self.meta).take(n).enumerate() {
+            let src = *m.src.ip();
+            if m.truncated {
+                drop_malformed(fwd, src, &[]);
+                continue;
+            }
+            let step = match m.segment_size {
+                0 => m.len.max(1),
+                s => s,
+            };
+            let index = table.by_underlay(src);
+            let tunnel = index.and(wg.tunnel(src));
+            let mut at = 0;
+            while at < m.len.max(1) {
+                let datagram = &buf[at..(at + step).min(m.len)];
+                let offset = at;
+                at += step;
+                let (Some(index), Some(tunnel)) = (index, &tunnel) else {
+                    fwd.drop_inbound(DropReason::UnknownPeer, &table, None, src, datagram);
+                    continue;
+                };
+                match tunnel.open(src, datagram, &mut plain[k][offset..]) {
+                    Opened::Packet(r) => {
+                        let inner = &plain[k][offset + r.start..offset + r.end];
+                        let verdict =
+                            fwd.inbound_decrypted_tallied(&table, index, inner, &mut tally);
+                        if let Inbound::Deliver(inner) = verdict {
+                            let at = span_in(k, &plain[k], inner);
+                            deliver(w, &mut self.coalescer, &mut self.rewrite, plain, at, src);
+                        }
+                    }
+                    Opened::Control { reply, completed } => {
+                        if reply > 0 {
+                            send_control(w.shared, m.src, &plain[k][offset..offset + reply]);
+                        }
+                        if completed {
+                            let out = &mut plain[k][offset..];
+                            tunnel.flush_queued(out, |b| {
+                                send_control(w.shared, wireguard::endpoint(src), b)
+                            });
+                        }
+                    }
+                    Opened::Drop(reason) => {
+                        fwd.drop_inbound(reason, &table, Some(index), src, datagram)
+                    }
+                }
+            }
+        }
+        tally.commit(fwd, &table);
+        if w.shared.tun.vnet_hdr_len() > 0 {
+            self.coalescer
+                .flush(plain, |out| write_tun_vectored(w, out));
+        }
+    }
+}
+
+/// Delivers inner packet `at` of `bufs` (received from `src`) to the TUN: through the
+/// coalescer with offload, rewritten where it must be (see [`RewritePath`]), else as it is.
+fn deliver(
+    w: &Worker<'_>,
+    coalescer: &mut Coalescer,
+    rewrite: &mut RewritePath,
+    bufs: &[Vec<u8>],
+    at: Span,
+    src: Ipv4Addr,
+) {
+    let inner = &bufs[at.buf][at.start..at.end];
+    let mtu = usize::from(w.fwd.config().mtu);
+    // Without offload each packet is written as is; with it, behind a virtio header, which
+    // the coalescer adds itself.
+    if inner.len() > mtu {
+        // Whatever the coalescer holds arrived first.
+        coalescer.flush(bufs, |out| write_tun_vectored(w, out));
+        rewrite.deliver(w, src, inner);
+    } else if w.shared.tun.vnet_hdr_len() > 0 {
+        coalescer.push(bufs, at, |out| write_tun_vectored(w, out));
+    } else if let Some(hdr) = gso::partial_checksum(inner) {
+        rewrite.complete(w, src, inner, &hdr);
+    } else {
+        write_tun(w, inner, 0);
     }
 }
 

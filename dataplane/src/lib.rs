@@ -18,3 +18,4 @@ pub mod core;
 pub mod datapath;
 #[allow(unsafe_code)] // OS shells: the only unsafe in podnet; every block has a SAFETY comment.
 pub mod sys;
+pub mod wireguard;

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use podnet_control::client::{read_token_file, Client, ClientError};
-use podnet_proto::api::{NodeTable, RegisterRequest, RegisterResponse};
+use podnet_proto::api::{NodeTable, RegisterRequest, RegisterResponse, WgKey};
 use podnet_proto::ethernet::MacAddr;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -78,7 +78,7 @@ fn peers_from(table: &NodeTable, own: &str) -> Vec<Peer> {
             underlay_ip: n.underlay_ip,
             vtep_mac: n.vtep_mac,
             pod_cidr: n.pod_cidr,
-            encap: n.encap.into(),
+            encap: PeerEncap::of(n.encap, n.wireguard_public_key),
         })
         .collect()
 }
@@ -92,6 +92,7 @@ pub async fn join(
     cfg: &RunConfig,
     encap: Encap,
     vtep_mac: MacAddr,
+    wireguard_public_key: Option<WgKey>,
 ) -> Result<Joined, MembershipError> {
     let (url, token_file, tls) = match &cfg.membership {
         Membership::Static { pod_cidr, peers } => {
@@ -102,7 +103,7 @@ pub async fn join(
                     underlay_ip: p.underlay_ip,
                     vtep_mac: p.vtep_mac,
                     pod_cidr: p.pod_cidr,
-                    encap: p.encap.map_or_else(|| encap.as_peer(), PeerEncap::from),
+                    encap: PeerEncap::of(p.encap.unwrap_or(encap.advertised()), p.wireguard_key),
                 })
                 .collect();
             return Ok(Joined {
@@ -121,10 +122,10 @@ pub async fn join(
     let token = token_file.as_deref().map(read_token_file).transpose()?;
     let client = Client::with_tls(url, token, tls.as_ref())?;
     let req = RegisterRequest {
-        wireguard_public_key: None,
         underlay_ip: cfg.underlay_ip,
         encap: encap.advertised(),
         vtep_mac: Some(vtep_mac),
+        wireguard_public_key,
     };
     let state_file = cfg.state_dir.join("nodes.json");
     let registered = tokio::time::timeout(

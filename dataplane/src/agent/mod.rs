@@ -26,7 +26,7 @@ use podnet_proto::vxlan::{self, Vni};
 
 use crate::cli::{EncapArg, Membership, MtuArg, RunConfig, DEFAULT_STATE_DIR};
 use crate::core::drops::Counters;
-use crate::core::forward::{Encap, Forwarder, NodeConfig, SendPaths};
+use crate::core::forward::{Encap, Forwarder, NodeConfig, SendPaths, WIREGUARD_PORT};
 use crate::core::routing::{self, PeerPath, Routing};
 use crate::core::table::{RouteTable, TableError};
 use crate::datapath::{self, IoErrors, Shared, Underlay};
@@ -39,6 +39,7 @@ use crate::sys::udp::{
     UdpConfig, UdpError, VxlanSocket, DEFAULT_BUFFER_BYTES, DEFAULT_SOURCE_PORTS,
 };
 use crate::sys::{sysctl, Stop};
+use crate::wireguard::{self, KeyError, Keys, Wireguard};
 use egress::Masquerade;
 use files::{write_subnet_env, StateDirError};
 use host::{Desired, Host, HostError, Repairs};
@@ -88,6 +89,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     StateDir(#[from] StateDirError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
     #[error("cannot serve the admin API on {addr}: {source}; pass another --api address")]
     Api {
         addr: std::net::SocketAddr,
@@ -109,6 +112,7 @@ fn encap_of(cfg: &RunConfig) -> Encap {
             vni: Vni::new(cfg.vni).unwrap_or_default(),
         },
         EncapArg::None => Encap::None,
+        EncapArg::Wireguard => Encap::Wireguard,
     }
 }
 
@@ -161,8 +165,18 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
         .build()
         .map_err(AgentError::Runtime)?;
 
+    // The key pair before joining: its public half goes into the node record.
+    let wireguard = match encap {
+        Encap::Wireguard => Some(Wireguard::new(Keys::load_or_create(&cfg.state_dir)?)),
+        _ => None,
+    };
     // Membership first: in control mode the pod CIDR comes from the control service.
-    let joined = runtime.block_on(membership::join(&cfg, encap, vtep_mac))?;
+    let joined = runtime.block_on(membership::join(
+        &cfg,
+        encap,
+        vtep_mac,
+        wireguard.as_ref().map(Wireguard::public),
+    ))?;
     let pod_cidr = joined.pod_cidr;
     let table = RouteTable::build(joined.revision, joined.peers)?;
     let routing = Routing {
@@ -290,7 +304,27 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
                 send.vxlan = Err(why.into());
                 Underlay::none()
             }
+            Encap::Wireguard => {
+                let own = VxlanSocket::bind(&UdpConfig {
+                    gro: cfg.offload,
+                    gso: cfg.offload,
+                    receivers: usize::from(cfg.tun_queues),
+                    ..UdpConfig::new(cfg.underlay_ip, WIREGUARD_PORT)
+                })?;
+                let why = "this node runs --encap wireguard and sends pod traffic only \
+                           encrypted; run that peer with --encap wireguard too";
+                send.ipip = Err(why.into());
+                send.vxlan = Err(why.into());
+                Underlay::wireguard(own)
+            }
         };
+        if encap != Encap::Wireguard {
+            send.wireguard = Err(format!(
+                "this node runs --encap {}: it has no WireGuard key; run every node of an \
+                 encrypted cluster with --encap wireguard",
+                encap.name()
+            ));
+        }
         for (name, path) in [("ipip", &send.ipip), ("vxlan", &send.vxlan)] {
             if let (Err(why), false) = (path, encap == Encap::None) {
                 tracing::warn!(
@@ -303,6 +337,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             Some(s) if matches!(encap, Encap::Vxlan { .. }) => {
                 (s.gso(), s.gro(), s.source_ports().to_vec())
             }
+            Some(s) if encap == Encap::Wireguard => (s.gso(), s.gro(), Vec::new()),
             _ => (false, false, Vec::new()),
         };
         let receive_sockets = sock.receiver_count();
@@ -317,8 +352,9 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             encap: encap.name(),
             vni: match encap {
                 Encap::Vxlan { vni } => Some(vni.get()),
-                Encap::Ipip | Encap::None => None,
+                Encap::Ipip | Encap::None | Encap::Wireguard => None,
             },
+            wireguard_public_key: wireguard.as_ref().map(|w| w.public().to_string()),
             source_ports,
             mtu,
             tun: cfg.tun_name.clone(),
@@ -380,7 +416,11 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
         let forwarders = std::iter::successors(Some(forwarder), |f| Some(f.for_worker()))
             .take(workers)
             .collect();
+        if let Some(wg) = &wireguard {
+            wg.sync(&table);
+        }
         let shared = Arc::new(Shared {
+            wireguard,
             forwarders,
             table: ArcSwap::from_pointee(table),
             tun,
@@ -403,7 +443,10 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             control: joined.session.as_ref().map(|s| s.client.clone()),
         });
         warn_unreachable_peers(&agent, None, &shared.table.load());
-        let threads = spawn_data_path(&shared)?;
+        let mut threads = spawn_data_path(&shared)?;
+        if shared.wireguard.is_some() {
+            threads.push(spawn_wireguard_timers(&shared)?);
+        }
         let watcher = spawn_host_watch(host.take(), &shared, &repairs)?;
         let served = runtime.block_on(serve(&cfg, Arc::clone(&agent), joined.session));
         shared.stop.stop();
@@ -477,6 +520,30 @@ fn spawn_data_path(
         }
     }
     Ok(threads)
+}
+
+/// Starts the thread that runs the WireGuard timers ([`Wireguard::tick`]: handshake retries,
+/// keepalives, rekeys) every [`wireguard::TICK`] until the agent stops.
+fn spawn_wireguard_timers(
+    shared: &Arc<Shared>,
+) -> Result<std::thread::JoinHandle<io::Result<()>>, AgentError> {
+    let s = Arc::clone(shared);
+    std::thread::Builder::new()
+        .name("podnet-wg".into())
+        .spawn(move || {
+            let Some(wg) = &s.wireguard else {
+                return Ok(());
+            };
+            let mut out = vec![0u8; 2048];
+            while !s.stop.is_stopped() {
+                wg.tick(&mut out, |dst, bytes| {
+                    datapath::send_control(&s, dst, bytes)
+                });
+                std::thread::sleep(wireguard::TICK);
+            }
+            Ok(())
+        })
+        .map_err(AgentError::DataPath)
 }
 
 /// Runs the admin API and the membership task until a signal (or the data path) stops us.

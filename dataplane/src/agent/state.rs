@@ -30,6 +30,9 @@ pub struct NodeInfo {
     pub cluster_cidr: Ipv4Net,
     pub encap: &'static str,
     pub vni: Option<u32>,
+    /// WireGuard: this node's public key (peers must be given it; the private key never
+    /// leaves the state dir).
+    pub wireguard_public_key: Option<String>,
     /// VXLAN: the outer UDP source ports sent from, one per lane, chosen by inner flow hash
     /// (empty for IP-in-IP).
     pub source_ports: Vec<u16>,
@@ -89,6 +92,10 @@ impl Agent {
         let old = self.shared.table.load();
         let new = old.rebuild(revision, peers)?;
         warn_unreachable_peers(self, Some(&old), &new);
+        // Tunnels before routes: the data path finds a peer's tunnel once it routes to it.
+        if let Some(wg) = &self.shared.wireguard {
+            wg.sync(&new);
+        }
         self.direct
             .store(Arc::new(self.routing.direct_routes(&new)));
         self.shared.table.store(Arc::new(new));

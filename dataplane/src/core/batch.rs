@@ -65,6 +65,34 @@ impl TxBatch {
         true
     }
 
+    /// Queues a datagram for `dst` that `fill` writes into the batch's buffer (up to `room`
+    /// bytes) and returns the length of: no copy, for datagrams made on the way out (WireGuard
+    /// encrypts into it). A length of 0 queues nothing. Returns `None`, calling nothing, when
+    /// the batch has no `room` left (send it and try again), else the length.
+    pub fn push_with(
+        &mut self,
+        dst: SocketAddrV4,
+        lane: usize,
+        room: usize,
+        fill: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Option<usize> {
+        debug_assert!(lane < MAX_LANES, "lane {lane}");
+        if self.items.len() == MAX_BATCH || self.used + room > self.buf.len() {
+            return None;
+        }
+        let n = fill(&mut self.buf[self.used..self.used + room]).min(room);
+        if n > 0 {
+            self.items.push(Pending {
+                dst,
+                lane,
+                start: self.used,
+                end: self.used + n,
+            });
+            self.used += n;
+        }
+        Some(n)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }

@@ -53,7 +53,18 @@ pub enum Encap {
     /// No tunnel (`--encap none`): peers route plain packets to this node's pod CIDR, and it
     /// reaches only peers on its underlay subnet, by direct routes ([`crate::core::routing`]).
     None,
+    /// WireGuard transport messages on UDP [`WIREGUARD_PORT`]. The forwarder routes and
+    /// checks the inner packets; the data path encrypts and decrypts them
+    /// (the `wireguard` module).
+    Wireguard,
 }
+
+/// The UDP port WireGuard nodes receive on (the protocol's customary port, DESIGN.md).
+pub const WIREGUARD_PORT: u16 = 51820;
+
+/// What WireGuard adds on an IPv4 underlay: outer IPv4 (20) and UDP (8) headers, the
+/// transport message header (16) and the authentication tag (16). boringtun does not pad.
+pub const WIREGUARD_OVERHEAD: usize = 20 + 8 + 16 + 16;
 
 impl Encap {
     /// Bytes the encapsulation adds on the underlay (outer headers included): what the overlay
@@ -62,6 +73,7 @@ impl Encap {
         match self {
             Encap::Ipip => ipip::OVERHEAD,
             Encap::Vxlan { .. } => vxlan::OVERHEAD,
+            Encap::Wireguard => WIREGUARD_OVERHEAD,
             Encap::None => 0,
         }
     }
@@ -76,13 +88,14 @@ impl Encap {
         match self {
             Encap::Ipip => podnet_proto::api::Encap::Ipip,
             Encap::Vxlan { .. } => podnet_proto::api::Encap::Vxlan,
+            Encap::Wireguard => podnet_proto::api::Encap::Wireguard,
             Encap::None => podnet_proto::api::Encap::None,
         }
     }
 
-    /// As a peer of the same encapsulation sees this node (the default for static peers).
+    /// As a peer of the same encapsulation sees this node (without a WireGuard key).
     pub fn as_peer(self) -> PeerEncap {
-        self.advertised().into()
+        PeerEncap::of(self.advertised(), None)
     }
 }
 
@@ -123,6 +136,7 @@ pub struct NodeConfig {
 pub struct SendPaths {
     pub ipip: Result<u16, String>,
     pub vxlan: Result<u16, String>,
+    pub wireguard: Result<u16, String>,
 }
 
 impl SendPaths {
@@ -135,6 +149,7 @@ impl SendPaths {
         SendPaths {
             ipip: cap(ipip::OVERHEAD),
             vxlan: cap(vxlan::OVERHEAD),
+            wireguard: cap(WIREGUARD_OVERHEAD),
         }
     }
 }
@@ -146,6 +161,7 @@ impl NodeConfig {
         let path = match encap {
             PeerEncap::Ipip => &self.send.ipip,
             PeerEncap::Vxlan => &self.send.vxlan,
+            PeerEncap::Wireguard(_) => &self.send.wireguard,
             PeerEncap::Unsupported(_) => {
                 return Err("this agent does not speak that encapsulation")
             }
@@ -372,32 +388,20 @@ impl Forwarder {
         headers: &'a mut [u8],
         scratch: &'a mut [u8],
     ) -> SuperOutbound<'a> {
-        let refused = match self.classify_super(table, hdr, packet) {
-            Ok(Route::Peer(i)) => Ok(i),
-            Ok(Route::Unreachable { reason, code }) => {
-                Err(self.reject_outbound(packet, reason, code, 0, scratch))
-            }
-            Ok(Route::Drop(reason)) => Err(self.drop_outbound(reason, packet)),
-            Err(TooBig { mtu }) => Err(self.too_big(packet, mtu, scratch)),
-        };
-        let index = match refused {
+        let index = match self.route_super(table, hdr, packet, scratch) {
             Ok(i) => i,
-            Err(Outbound::Reply(b)) => return SuperOutbound::Reply(b),
-            Err(Outbound::Drop(reason)) => {
-                return SuperOutbound::Drop {
-                    reason,
-                    offload: false,
-                }
-            }
-            // None of the three refusers sends; were one to, nothing goes out.
-            Err(Outbound::Send { .. }) => {
-                return SuperOutbound::Drop {
-                    reason: DropReason::Malformed,
-                    offload: false,
-                }
-            }
+            Err(refused) => return refused,
         };
         let peer = table.peer(index);
+        if peer.encap.wireguard_key().is_some() {
+            // The WireGuard path segments and encrypts itself (route_super, then
+            // the wireguard module); a WireGuard peer never gets a bare segment.
+            self.drop_outbound(DropReason::PeerEncap, packet);
+            return SuperOutbound::Drop {
+                reason: DropReason::PeerEncap,
+                offload: false,
+            };
+        }
         let prefix = self.vxlan_prefix(peer);
         // IP-in-IP: segments behind a blank outer header, filled in per segment below.
         let blank = [0u8; ipip::OVERHEAD];
@@ -427,16 +431,50 @@ impl Forwarder {
         // Counted once per super-packet: inner bytes, encapsulation excluded.
         let segs = &plan.segs;
         let inner_bytes = (segs.total_len() - segs.count * segs.prefix_len) as u64;
-        self.counters.tx.add_many(segs.count as u64, inner_bytes);
-        table
-            .counters(index)
-            .tx
-            .add_many(segs.count as u64, inner_bytes);
+        self.count_tx(table, index, segs.count as u64, inner_bytes);
         SuperOutbound::Send {
             index,
             plan,
             headers,
         }
+    }
+
+    /// The routing step of [`outbound_super`](Self::outbound_super): the peer's index, or the
+    /// refusal (counted, answered into `scratch` where ICMP allows).
+    pub fn route_super<'a>(
+        &self,
+        table: &RouteTable,
+        hdr: &VirtioNetHdr,
+        packet: &[u8],
+        scratch: &'a mut [u8],
+    ) -> Result<usize, SuperOutbound<'a>> {
+        let refused = match self.classify_super(table, hdr, packet) {
+            Ok(Route::Peer(i)) => Ok(i),
+            Ok(Route::Unreachable { reason, code }) => {
+                Err(self.reject_outbound(packet, reason, code, 0, scratch))
+            }
+            Ok(Route::Drop(reason)) => Err(self.drop_outbound(reason, packet)),
+            Err(TooBig { mtu }) => Err(self.too_big(packet, mtu, scratch)),
+        };
+        match refused {
+            Ok(i) => Ok(i),
+            Err(Outbound::Reply(b)) => Err(SuperOutbound::Reply(b)),
+            Err(Outbound::Drop(reason)) => Err(SuperOutbound::Drop {
+                reason,
+                offload: false,
+            }),
+            // None of the three refusers sends; were one to, nothing goes out.
+            Err(Outbound::Send { .. }) => Err(SuperOutbound::Drop {
+                reason: DropReason::Malformed,
+                offload: false,
+            }),
+        }
+    }
+
+    /// Counts `packets` inner packets of `bytes` bytes in all sent to the peer at `index`.
+    pub fn count_tx(&self, table: &RouteTable, index: usize, packets: u64, bytes: u64) {
+        self.counters.tx.add_many(packets, bytes);
+        table.counters(index).tx.add_many(packets, bytes);
     }
 
     /// Routing for a valid packet to `dst`.
@@ -550,6 +588,8 @@ impl Forwarder {
                 self.config.vtep_mac,
                 peer.vtep_mac,
             )),
+            // WireGuard encrypts the packet where it lies (the data path's wireguard module).
+            PeerEncap::Wireguard(_) => Ok(start),
             // route() answers packets for such a peer (peer_encap) before they get here; if
             // one ever did, it is dropped (the caller counts it malformed), never sent bare.
             PeerEncap::Unsupported(_) => Err(WireError::Truncated {
@@ -601,7 +641,7 @@ impl Forwarder {
                 );
                 Some(out)
             }
-            PeerEncap::Ipip | PeerEncap::Unsupported(_) => None,
+            PeerEncap::Ipip | PeerEncap::Wireguard(_) | PeerEncap::Unsupported(_) => None,
         }
     }
 
@@ -730,7 +770,7 @@ impl Forwarder {
         };
         let expected = match self.config.encap {
             Encap::Vxlan { vni } => vni,
-            Encap::Ipip | Encap::None => Vni::default(),
+            Encap::Ipip | Encap::None | Encap::Wireguard => Vni::default(),
         };
         if frame.vni != expected {
             return self.deliver_drop(DropReason::WrongVni, table, Some(index), ctx);
@@ -738,7 +778,35 @@ impl Forwarder {
         self.inner(table, index, frame.inner, tally)
     }
 
-    /// Inner-packet checks shared by both encapsulations; `index` is the sending peer.
+    /// The checks of an inner packet that WireGuard decrypted from the peer at `index` (the
+    /// session the message belonged to): those of [`inbound_vxlan`](Self::inbound_vxlan) after
+    /// the VNI. The sending peer's pod CIDR is its allowed IPs: `spoofed` is WireGuard's
+    /// cryptokey routing check.
+    pub fn inbound_decrypted_tallied<'a>(
+        &self,
+        table: &RouteTable,
+        index: usize,
+        inner: &'a [u8],
+        tally: &mut RxTally,
+    ) -> Inbound<'a> {
+        self.inner(table, index, inner, tally)
+    }
+
+    /// Counts an inbound message from `src` dropped for `reason` before it yielded an inner
+    /// packet (a WireGuard message that failed its checks), against the peer at `peer` when
+    /// it came from one.
+    pub fn drop_inbound(
+        &self,
+        reason: DropReason,
+        table: &RouteTable,
+        peer: Option<usize>,
+        src: Ipv4Addr,
+        bytes: &[u8],
+    ) {
+        self.deliver_drop(reason, table, peer, DropContext::rx(src, bytes));
+    }
+
+    /// Inner-packet checks shared by every encapsulation; `index` is the sending peer.
     fn inner<'a>(
         &self,
         table: &RouteTable,
@@ -908,7 +976,7 @@ mod tests {
             encap,
             vni: match encap {
                 Encap::Vxlan { vni } => vni,
-                Encap::Ipip | Encap::None => Vni::default(),
+                Encap::Ipip | Encap::None | Encap::Wireguard => Vni::default(),
             },
             mtu: 1450,
             send: SendPaths::all(1450, 1500),

@@ -38,11 +38,26 @@ pub enum DropReason {
     /// Outbound to a peer whose encapsulation this node cannot send (one it does not speak,
     /// or whose socket could not be opened): answered with ICMP host unreachable.
     PeerEncap,
+    /// WireGuard: a message whose MAC or authentication tag does not verify (tampered
+    /// ciphertext, a handshake not meant for this node's key).
+    WgBadMac,
+    /// WireGuard: a transport message whose counter was already received or is too old
+    /// (replayed), or a handshake initiation with a replayed timestamp.
+    WgReplay,
+    /// WireGuard: a message for a session index this node does not hold (an expired session,
+    /// or a sender that never completed a handshake).
+    WgUnknownIndex,
+    /// WireGuard: a handshake from a peer's address made with another key than the one the
+    /// node table (or `--static-peer`) gives for that peer.
+    WgWrongKey,
+    /// WireGuard: a handshake answered with a cookie reply instead of a response, because the
+    /// node is under a handshake load (the protocol's DoS defence).
+    WgCookie,
 }
 
 impl DropReason {
     /// Every reason, in declaration order (the order metrics are listed in).
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::NotIpv4,
         DropReason::Malformed,
         DropReason::OwnCidr,
@@ -54,6 +69,11 @@ impl DropReason {
         DropReason::NotLocal,
         DropReason::Spoofed,
         DropReason::PeerEncap,
+        DropReason::WgBadMac,
+        DropReason::WgReplay,
+        DropReason::WgUnknownIndex,
+        DropReason::WgWrongKey,
+        DropReason::WgCookie,
     ];
 
     /// Stable snake_case name, used as the `reason` metric label and in `/status`.
@@ -70,6 +90,11 @@ impl DropReason {
             DropReason::NotLocal => "not_local",
             DropReason::Spoofed => "spoofed",
             DropReason::PeerEncap => "peer_encap",
+            DropReason::WgBadMac => "wg_bad_mac",
+            DropReason::WgReplay => "wg_replay",
+            DropReason::WgUnknownIndex => "wg_unknown_index",
+            DropReason::WgWrongKey => "wg_wrong_key",
+            DropReason::WgCookie => "wg_cookie",
         }
     }
 

@@ -12,6 +12,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use ipnet::Ipv4Net;
+use podnet_proto::api::WgKey;
 use podnet_proto::ethernet::MacAddr;
 use serde::{Deserialize, Serialize};
 
@@ -25,30 +26,43 @@ use crate::core::lpm::{Lpm, U32Map};
 pub enum PeerEncap {
     Ipip,
     Vxlan,
-    /// One this agent does not speak (a newer peer's, e.g. `wireguard`): packets to the peer
-    /// get ICMP host unreachable and the drop reason `peer_encap`.
+    /// WireGuard, with the peer's public key.
+    Wireguard(WgKey),
+    /// One this agent does not speak (a newer peer's, or `wireguard` without a key, or
+    /// `none`): packets to the peer get ICMP host unreachable and the drop reason
+    /// `peer_encap`.
     #[serde(untagged)]
     Unsupported(String),
 }
 
-impl From<podnet_proto::api::Encap> for PeerEncap {
-    fn from(e: podnet_proto::api::Encap) -> PeerEncap {
+impl PeerEncap {
+    /// What a peer advertising `encap` (with `key`, a WireGuard node's public key) receives.
+    pub fn of(encap: podnet_proto::api::Encap, key: Option<WgKey>) -> PeerEncap {
         use podnet_proto::api::Encap;
-        match e {
-            Encap::Ipip => PeerEncap::Ipip,
-            Encap::Vxlan => PeerEncap::Vxlan,
-            other => PeerEncap::Unsupported(other.name().to_string()),
+        match (encap, key) {
+            (Encap::Ipip, _) => PeerEncap::Ipip,
+            (Encap::Vxlan, _) => PeerEncap::Vxlan,
+            (Encap::Wireguard, Some(k)) => PeerEncap::Wireguard(k),
+            (Encap::Wireguard, None) => PeerEncap::Unsupported("wireguard (no key)".into()),
+            (other, _) => PeerEncap::Unsupported(other.name().to_string()),
         }
     }
-}
 
-impl PeerEncap {
     /// The name on the command line and in the control API.
     pub fn name(&self) -> &str {
         match self {
             PeerEncap::Ipip => "ipip",
             PeerEncap::Vxlan => "vxlan",
+            PeerEncap::Wireguard(_) => "wireguard",
             PeerEncap::Unsupported(name) => name,
+        }
+    }
+
+    /// The peer's WireGuard public key.
+    pub fn wireguard_key(&self) -> Option<&WgKey> {
+        match self {
+            PeerEncap::Wireguard(k) => Some(k),
+            _ => None,
         }
     }
 }

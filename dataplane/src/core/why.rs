@@ -103,7 +103,7 @@ pub fn explain(
         encap: config.encap.name().into(),
         vni: match config.encap {
             Encap::Vxlan { vni } => Some(vni.get()),
-            Encap::Ipip | Encap::None => None,
+            Encap::Ipip | Encap::None | Encap::Wireguard => None,
         },
         mtu: config.mtu,
         table_revision: table.revision(),
@@ -401,7 +401,8 @@ mod tests {
         let why = "this node runs --encap none".to_string();
         none.send = crate::core::forward::SendPaths {
             ipip: Err(why.clone()),
-            vxlan: Err(why),
+            vxlan: Err(why.clone()),
+            wireguard: Err(why),
         };
         routing.mode = crate::core::routing::Mode::Direct;
         let a = explain(&none, &routing, &t, "10.244.3.9".parse().unwrap(), false);
