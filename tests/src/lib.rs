@@ -12,6 +12,7 @@ pub mod parse;
 pub mod process;
 pub mod testbed;
 pub mod wait;
+pub mod wg;
 
 use std::path::{Path, PathBuf};
 

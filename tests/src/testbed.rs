@@ -31,6 +31,7 @@ pub const ADMIN_API: &str = "127.0.0.1:7801";
 pub enum Encap {
     Ipip,
     Vxlan,
+    Wireguard,
 }
 
 impl Encap {
@@ -38,6 +39,7 @@ impl Encap {
         match self {
             Encap::Ipip => "ipip",
             Encap::Vxlan => "vxlan",
+            Encap::Wireguard => "wireguard",
         }
     }
 
@@ -46,6 +48,16 @@ impl Encap {
         match self {
             Encap::Ipip => 20,
             Encap::Vxlan => 50,
+            Encap::Wireguard => 60,
+        }
+    }
+
+    /// A pcap filter for what it puts on the underlay.
+    pub fn underlay_filter(self) -> &'static str {
+        match self {
+            Encap::Ipip => "ip proto 4",
+            Encap::Vxlan => "udp port 4789",
+            Encap::Wireguard => "udp port 51820",
         }
     }
 }
@@ -710,6 +722,9 @@ impl Testbed {
                 for k in self.other_hosts(n) {
                     // Each peer is sent what it receives.
                     let receives = match self.host(k).mode {
+                        HostMode::Podnet(Encap::Wireguard) => {
+                            format!("@{},wireguard", self.wireguard_key(k))
+                        }
                         HostMode::Podnet(e) => format!(",{}", e.as_str()),
                         HostMode::PodnetDirect => ",none".to_string(),
                         HostMode::KernelVxlan => ",vxlan".to_string(),
@@ -753,6 +768,19 @@ impl Testbed {
         }
         a.extend(self.agent_args.iter().cloned());
         a
+    }
+
+    /// Host n's WireGuard public key. Its key pair is made here (in the agent's state dir,
+    /// where the agent finds it) when it has none yet, so static peers can be given it
+    /// before the agents start.
+    pub fn wireguard_key(&self, n: u8) -> String {
+        let file = self.path(&format!("h{n}")).join("wireguard.key");
+        if !file.exists() {
+            std::fs::create_dir_all(file.parent().expect("state dir")).expect("state dir");
+            std::fs::write(&file, format!("{}\n", crate::wg::genkey())).expect("key file");
+        }
+        let private = std::fs::read_to_string(&file).expect("key file");
+        crate::wg::pubkey(private.trim())
     }
 
     /// The control service's URL, or every replica's, comma-separated, as agents get them.

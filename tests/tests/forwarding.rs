@@ -54,8 +54,9 @@ fn podnet(name: &str, encap: Encap, path: Path) -> Testbed {
         );
         let workers = expected_workers(queues as usize) as u64;
         assert_eq!(v["workers"].as_u64(), Some(workers), "h{n}: workers");
-        // VXLAN: one socket per queue; IP-in-IP: one per worker, each filtered to its flows.
-        let receivers = if encap == Encap::Vxlan {
+        // VXLAN and WireGuard: one socket per queue; IP-in-IP: one per worker, each filtered
+        // to its flows.
+        let receivers = if encap != Encap::Ipip {
             queues
         } else {
             workers
@@ -75,14 +76,6 @@ fn podnet(name: &str, encap: Encap, path: Path) -> Testbed {
         );
     }
     tb
-}
-
-/// pcap filter for the encapsulated traffic on the underlay.
-fn underlay_filter(encap: Encap) -> &'static str {
-    match encap {
-        Encap::Ipip => "ip proto 4",
-        Encap::Vxlan => "udp port 4789",
-    }
 }
 
 // 1. Every pod pings every pod on the other hosts.
@@ -140,7 +133,7 @@ fn iperf_and_checksums(encap: Encap, path: Path) {
     let mut tb = podnet(&format!("iperf{}", encap.as_str()), encap, path);
     let (a, b) = (tb.pod(1, 1).clone(), tb.pod(2, 2).clone());
     let pcap = tb.path("underlay-tcp.pcap");
-    let cap = Capture::start(&tb.ul(), "br0", underlay_filter(encap), 3000, &pcap);
+    let cap = Capture::start(&tb.ul(), "br0", encap.underlay_filter(), 3000, &pcap);
     let r = tb
         .iperf(&a, &b, 3)
         .unwrap_or_else(|e| panic!("iperf3 {} -> {}: {e}", a.ns, b.ip));
@@ -333,7 +326,7 @@ fn small_datagram_bursts(encap: Encap, path: Path) {
     let cap = Capture::start(
         &tb.host(2).ns,
         "eth0",
-        &format!("{} and greater 1600", underlay_filter(encap)),
+        &format!("{} and greater 1600", encap.underlay_filter()),
         1000,
         &pcap,
     );
@@ -519,7 +512,7 @@ fn tcpdump_views(encap: Encap, path: Path) {
     let inner = tb.path("tunl0.pcap");
     let outer = tb.path("underlay.pcap");
     let cap_in = Capture::start(&tb.host(1).ns, "tunl0", "icmp", 6, &inner);
-    let cap_out = Capture::start(&tb.ul(), "br0", underlay_filter(encap), 6, &outer);
+    let cap_out = Capture::start(&tb.ul(), "br0", encap.underlay_filter(), 6, &outer);
     let out = tb.ping(&a, b.ip, 3);
     assert!(out.success(), "{}", out.combined());
     let inner = capture::tcpdump_text(&cap_in.finish(), false);
@@ -551,7 +544,34 @@ fn tcpdump_views(encap: Encap, path: Path) {
                 "underlay:\n{outer}"
             );
         }
+        Encap::Wireguard => {
+            // Port to port 51820 both ways, and nothing of the pods' packets in clear.
+            assert!(
+                outer.contains("198.18.0.1.51820 > 198.18.0.2.51820")
+                    && outer.contains("198.18.0.2.51820 > 198.18.0.1.51820"),
+                "underlay:\n{outer}"
+            );
+            assert!(
+                !outer.contains(&a.ip.to_string()) && !outer.contains("ICMP"),
+                "underlay:\n{outer}"
+            );
+        }
     }
+}
+
+#[test]
+fn wireguard_every_pod_pings_every_remote_pod() {
+    full_mesh(Encap::Wireguard, Path::Offload);
+}
+
+#[test]
+fn wireguard_every_pod_pings_every_remote_pod_no_offload() {
+    full_mesh(Encap::Wireguard, Path::NoOffload);
+}
+
+#[test]
+fn wireguard_tcpdump_shows_inner_on_tunl0_and_only_udp_51820_on_underlay() {
+    tcpdump_views(Encap::Wireguard, Path::Offload);
 }
 
 #[test]

@@ -170,6 +170,7 @@ impl Net {
         let outer = match self.encap {
             Encap::Ipip => ip(src, dst, ipv4::protocol::IPIP, 0, payload),
             Encap::Vxlan => ip(src, dst, ipv4::protocol::UDP, 4789, payload),
+            Encap::Wireguard => unreachable!("WireGuard's hostile cases are in wireguard.rs"),
         };
         let mut f = Vec::with_capacity(14 + outer.len());
         f.extend_from_slice(&self.h1_mac);
@@ -182,6 +183,7 @@ impl Net {
     /// What goes in front of an inner packet: nothing for IP-in-IP, VXLAN + Ethernet for VXLAN.
     fn wrap(&self, inner: &[u8], vni: u32, flags: u8, ethertype: u16) -> Vec<u8> {
         match self.encap {
+            Encap::Wireguard => unreachable!("WireGuard's hostile cases are in wireguard.rs"),
             Encap::Ipip => inner.to_vec(),
             Encap::Vxlan => {
                 let mut v = vec![flags, 0, 0, 0];
@@ -349,6 +351,7 @@ impl Net {
             },
         ];
         match self.encap {
+            Encap::Wireguard => unreachable!("WireGuard's hostile cases are in wireguard.rs"),
             Encap::Ipip => cases.push(Case {
                 name: "outer header with options (IHL 6)",
                 from: Member,
@@ -426,6 +429,8 @@ impl Net {
         match self.encap {
             Encap::Ipip => 0,
             Encap::Vxlan => 8 + 8 + 14,
+            Encap::Wireguard => unreachable!("WireGuard's hostile cases are in wireguard.rs"),
+
         }
     }
 }
@@ -518,6 +523,7 @@ fn socket_drops(ns: &str, encap: Encap) -> u64 {
     let (table, port) = match encap {
         Encap::Ipip => ("/proc/net/raw", 4),
         Encap::Vxlan => ("/proc/net/udp", 4789),
+        Encap::Wireguard => ("/proc/net/udp", 51820),
     };
     let out = must(Some(ns), &["cat", table]);
     out.stdout
@@ -752,6 +758,7 @@ fn hostile(encap: Encap) {
         // A group of sockets served in turn, a sender flow on each: the flood (one flow) is read
         // at the rate the iperf3 stream beside it leaves, the rest overflows its socket.
         Encap::Vxlan => assert!(flood.spoofed * 10 >= sent, "{flood}"),
+        Encap::Wireguard => unreachable!("WireGuard's hostile cases are in wireguard.rs"),
     }
     eprintln!(
         "flood: {sent} packets in {secs:.1} s ({:.0}/s); {flood}",
