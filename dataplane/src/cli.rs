@@ -320,6 +320,8 @@ pub enum ConfigError {
     PodCidrTooSmall(Ipv4Net),
     #[error("--cross-subnet goes with --encap vxlan or ipip (the tunnel for peers on other subnets); --encap none routes only to peers on the underlay subnet")]
     CrossSubnetWithoutTunnel,
+    #[error("--cross-subnet sends same-subnet pod traffic in clear, and --encap wireguard encrypts all of it: drop one of the two")]
+    CrossSubnetInClear,
     #[error("--static-peer {cidr}={ip} receives wireguard and needs its public key: --static-peer {cidr}={ip}@KEY (base64, as `wg pubkey` prints it)")]
     WireguardPeerWithoutKey { cidr: Ipv4Net, ip: Ipv4Addr },
     #[error("--workers {workers} needs as many TUN queues, and --tun-queues is {queues}: each worker reads queues of its own; raise --tun-queues or lower --workers")]
@@ -393,6 +395,9 @@ impl RunArgs {
         }
         if self.cross_subnet && self.encap == EncapArg::None {
             return Err(ConfigError::CrossSubnetWithoutTunnel);
+        }
+        if self.cross_subnet && self.encap == EncapArg::Wireguard {
+            return Err(ConfigError::CrossSubnetInClear);
         }
         if let Some(workers) = self.workers.filter(|w| *w > self.tun_queues) {
             return Err(ConfigError::WorkersOverQueues {
@@ -725,5 +730,53 @@ mod tests {
         assert!(!c.offload);
         assert_eq!(c.busy_poll, Duration::ZERO);
         assert!(matches!(c.membership, Membership::Control { .. }));
+    }
+
+    #[test]
+    fn wireguard_static_peers_take_a_key_and_need_one() {
+        const KEY: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
+        let wg = |peer: String| {
+            run(&[
+                "--node-name",
+                "h1",
+                "--underlay-ip",
+                "198.18.0.1",
+                "--encap",
+                "wireguard",
+                "--pod-cidr",
+                "10.244.1.0/24",
+                "--static-peer",
+                &peer,
+            ])
+        };
+        let c = wg(format!("10.244.2.0/24=198.18.0.2@{KEY}")).unwrap();
+        assert_eq!(c.encap, EncapArg::Wireguard);
+        let Membership::Static { peers, .. } = &c.membership else {
+            panic!("static")
+        };
+        assert_eq!(peers[0].wireguard_key.unwrap().0[0], 1);
+        assert_eq!(peers[0].vtep_mac.to_string(), "02:00:c6:12:00:02");
+        let err = wg("10.244.2.0/24=198.18.0.2".into()).unwrap_err();
+        assert!(
+            err.contains("needs its public key") && err.contains("@KEY"),
+            "{err}"
+        );
+        let err = wg("10.244.2.0/24=198.18.0.2@AAAA".into()).unwrap_err();
+        assert!(err.contains("neither a MAC address nor a WireGuard key"), "{err}");
+        // A peer of another encapsulation needs no key.
+        assert!(wg("10.244.2.0/24=198.18.0.2,vxlan".into()).is_ok());
+        let err = run(&[
+            "--node-name",
+            "h1",
+            "--underlay-ip",
+            "198.18.0.1",
+            "--encap",
+            "wireguard",
+            "--cross-subnet",
+            "--control",
+            "http://198.18.0.9:7800",
+        ])
+        .unwrap_err();
+        assert!(err.contains("in clear"), "{err}");
     }
 }

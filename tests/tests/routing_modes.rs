@@ -187,6 +187,7 @@ fn cross_subnet(encap: Encap) {
     let tunnelled = match encap {
         Encap::Vxlan => "> 198.18.1.3.4789: VXLAN".to_string(),
         Encap::Ipip => "IP 198.18.0.1 > 198.18.1.3: IP ".to_string(),
+        Encap::Wireguard => unreachable!("--cross-subnet is refused with wireguard"),
     };
     assert!(text.contains(&tunnelled), "{text}");
     // why, for a pod on each side.
