@@ -762,7 +762,10 @@ mod tests {
             "{err}"
         );
         let err = wg("10.244.2.0/24=198.18.0.2@AAAA".into()).unwrap_err();
-        assert!(err.contains("neither a MAC address nor a WireGuard key"), "{err}");
+        assert!(
+            err.contains("neither a MAC address nor a WireGuard key"),
+            "{err}"
+        );
         // A peer of another encapsulation needs no key.
         assert!(wg("10.244.2.0/24=198.18.0.2,vxlan".into()).is_ok());
         let err = run(&[

@@ -430,7 +430,6 @@ impl Net {
             Encap::Ipip => 0,
             Encap::Vxlan => 8 + 8 + 14,
             Encap::Wireguard => unreachable!("WireGuard's hostile cases are in wireguard.rs"),
-
         }
     }
 }

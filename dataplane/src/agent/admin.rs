@@ -50,6 +50,24 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     /// Packets from this peer dropped, by reason (every reason listed).
     pub drops: std::collections::BTreeMap<String, u64>,
+    /// A WireGuard peer's tunnel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<WireguardPeer>,
+}
+
+/// A WireGuard peer's tunnel in `/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WireguardPeer {
+    pub public_key: String,
+    /// The key's first 8 characters, as `status` prints it.
+    pub key: String,
+    /// Seconds since the last handshake completed (none yet: absent).
+    pub last_handshake_s: Option<f64>,
+    /// Handshakes completed since the tunnel started (it starts afresh on a new key).
+    pub handshakes: u64,
+    /// Inner bytes through the tunnel (boringtun's count of data messages).
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
 }
 
 /// Body of `/status`.
@@ -184,7 +202,7 @@ struct WhyQuery {
 }
 
 async fn why_handler(State(agent): State<Arc<Agent>>, Query(q): Query<WhyQuery>) -> Json<Answer> {
-    let answer = {
+    let mut answer = {
         let table = agent.shared.table.load();
         why::explain(
             agent.shared.forwarder().config(),
@@ -194,6 +212,20 @@ async fn why_handler(State(agent): State<Arc<Agent>>, Query(q): Query<WhyQuery>)
             agent.control.is_some(),
         )
     };
+    let tunnel = answer
+        .peer
+        .as_ref()
+        .zip(agent.shared.wireguard.as_ref())
+        .and_then(|(p, wg)| wg.tunnel(p.underlay_ip));
+    answer.tunnel = tunnel.map(|t| {
+        let s = t.stats();
+        why::TunnelInfo {
+            key: t.key.short(),
+            last_handshake_ms: s.last_handshake_s.map(|s| (s * 1000.0) as u64),
+            tx_bytes: s.tx_bytes,
+            rx_bytes: s.rx_bytes,
+        }
+    });
     let (Some(client), Some(peer)) = (&agent.control, &answer.peer) else {
         return Json(answer);
     };
@@ -326,6 +358,22 @@ fn peers(agent: &Agent) -> Vec<PeerStatus> {
                     .drop_counts()
                     .map(|(r, n)| (r.name().to_string(), n))
                     .collect(),
+                wireguard: agent
+                    .shared
+                    .wireguard
+                    .as_ref()
+                    .and_then(|wg| wg.tunnel(p.underlay_ip))
+                    .map(|t| {
+                        let s = t.stats();
+                        WireguardPeer {
+                            public_key: t.key.to_string(),
+                            key: t.key.short(),
+                            last_handshake_s: s.last_handshake_s,
+                            handshakes: s.handshakes,
+                            tx_bytes: s.tx_bytes,
+                            rx_bytes: s.rx_bytes,
+                        }
+                    }),
             }
         })
         .collect()
@@ -390,12 +438,17 @@ async fn routes(State(agent): State<Arc<Agent>>) -> Json<RoutesBody> {
 }
 
 /// Drop reasons that can be charged to a known sending peer.
-const PEER_REASONS: [DropReason; 5] = [
+const PEER_REASONS: [DropReason; 10] = [
     DropReason::Malformed,
     DropReason::NotIpv4,
     DropReason::WrongVni,
     DropReason::NotLocal,
     DropReason::Spoofed,
+    DropReason::WgBadMac,
+    DropReason::WgReplay,
+    DropReason::WgUnknownIndex,
+    DropReason::WgWrongKey,
+    DropReason::WgCookie,
 ];
 
 /// Reads the agent's counters at each scrape: they live in the data path's atomics, which the
@@ -499,6 +552,24 @@ impl Collector for AgentMetrics {
                     )
                 })
             }),
+        )?;
+        let tunnels: Vec<_> = peers
+            .iter()
+            .filter_map(|p| p.wireguard.as_ref().map(|w| (p, w)))
+            .collect();
+        m.counter(
+            "podnet_agent_wireguard_handshakes",
+            "WireGuard handshakes completed with each peer (since its tunnel started: a new key starts it afresh).",
+            tunnels
+                .iter()
+                .map(|(p, w)| (label("peer", &p.node), w.handshakes)),
+        )?;
+        m.counter(
+            "podnet_agent_wireguard_bytes",
+            "Inner bytes through each peer's WireGuard tunnel, by direction.",
+            tunnels
+                .iter()
+                .flat_map(|(p, w)| peer_dir(p, w.tx_bytes, w.rx_bytes)),
         )?;
         m.counter(
             "podnet_agent_drop_samples",

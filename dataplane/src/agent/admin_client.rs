@@ -93,6 +93,12 @@ pub fn format_status(v: &serde_json::Value) -> String {
         }
         _ => {}
     }
+    if let Some(key) = v.get("wireguard_public_key").and_then(|k| k.as_str()) {
+        let _ = writeln!(
+            out,
+            "wireguard:   public key {key} (private key in the state dir, 0600)"
+        );
+    }
     if let Some(egress) = v.get("egress").and_then(|e| e.as_str()) {
         let _ = writeln!(out, "egress:      {egress}");
     }
@@ -117,6 +123,10 @@ pub fn format_status(v: &serde_json::Value) -> String {
         let what = match v.get("encap").and_then(|e| e.as_str()) {
             Some("vxlan") if n > 1 => "UDP sockets on port 4789 (SO_REUSEPORT group, read in turn)",
             Some("vxlan") => "UDP socket on port 4789",
+            Some("wireguard") if n > 1 => {
+                "UDP sockets on port 51820 (SO_REUSEPORT group, read in turn)"
+            }
+            Some("wireguard") => "UDP socket on port 51820",
             _ if n > 1 => "raw IP-in-IP sockets (one per worker, each filtered to its flows)",
             _ => "raw IP-in-IP socket",
         };
@@ -217,6 +227,37 @@ pub fn format_status(v: &serde_json::Value) -> String {
             display(&p["rx_packets"]),
             display(&p["encap"])
         );
+    }
+    let tunnels: Vec<String> = v["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["wireguard"].is_object())
+        .map(|p| {
+            let w = &p["wireguard"];
+            let last = match w["last_handshake_s"].as_f64() {
+                Some(s) => format!("{s:.1}s ago"),
+                None => "none yet".into(),
+            };
+            format!(
+                "{:<20} {:<10} {:<16} {:>10} {:>14} {:>14}",
+                display(&p["node"]),
+                display(&w["key"]),
+                last,
+                display(&w["handshakes"]),
+                display(&w["tx_bytes"]),
+                display(&w["rx_bytes"])
+            )
+        })
+        .collect();
+    if !tunnels.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nWIREGUARD PEER       KEY        LAST HANDSHAKE   HANDSHAKES       TX BYTES       RX BYTES"
+        );
+        for line in tunnels {
+            let _ = writeln!(out, "{line}");
+        }
     }
     let peer_drops: Vec<String> = v["peers"]
         .as_array()

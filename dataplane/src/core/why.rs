@@ -79,8 +79,22 @@ pub struct Answer {
     /// lease looks (absent when the control service could not be asked).
     pub membership: String,
     pub lease: Option<PeerLease>,
+    /// A WireGuard peer's tunnel as the data path reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelInfo>,
     /// One sentence a human can act on.
     pub explanation: String,
+}
+
+/// A WireGuard tunnel's state in a `why` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelInfo {
+    /// The peer's public key, short form (its first 8 base64 characters).
+    pub key: String,
+    /// Milliseconds since the last handshake completed (`None`: none yet).
+    pub last_handshake_ms: Option<u64>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
 }
 
 /// How a packet from this node to `ip` is handled, with the table as it is now and `routing`
@@ -109,6 +123,7 @@ pub fn explain(
         table_revision: table.revision(),
         membership: if control { "control" } else { "static" }.into(),
         lease: None,
+        tunnel: None,
         explanation: String::new(),
     };
     let route = forward::route(config, table, ip);
@@ -320,6 +335,17 @@ pub fn format(a: &Answer) -> String {
             } else {
                 "control service not reachable"
             }
+        );
+    }
+    if let Some(t) = &a.tunnel {
+        let last = match t.last_handshake_ms {
+            Some(ms) => format!("last handshake {:.1}s ago", ms as f64 / 1000.0),
+            None => "no handshake yet (the first packet starts one)".into(),
+        };
+        let _ = writeln!(
+            out,
+            "  wireguard:   peer key {}, {last}, {} B out / {} B in",
+            t.key, t.tx_bytes, t.rx_bytes
         );
     }
     if let Some(i) = &a.icmp {

@@ -1,0 +1,240 @@
+//! Issue 19, "What it must show": `--encap wireguard`.
+//!
+//! 1. Three hosts through the control service: every pod reaches every pod, and the underlay
+//!    carries only UDP 51820 with neither the pods' addresses nor a marker the test sends.
+//! 2. Interop: a host running wireguard-go, configured with `wg`, exchanges ping and iperf3
+//!    traffic with pods on podnet hosts, both ways.
+//! 3. Hostile WireGuard messages (`pn-wgpeer`, a boringtun peer of the test's own) each move
+//!    exactly their drop counter, and the agent forwards through a handshake flood.
+//! 4. A restarted agent keeps its key; an agent given a new key is re-learned by its peers,
+//!    and traffic resumes within 5 s.
+
+use std::time::{Duration, Instant};
+
+use podnet_tests::capture::{self, Capture};
+use podnet_tests::parse::{metric_sum, ping_summary};
+use podnet_tests::{
+    e2e_ready, must, podnet_bin, require_tools, run, wait_for, Encap, HostMode, Peers, Testbed,
+    TestbedBuilder,
+};
+
+const MODE: HostMode = HostMode::Podnet(Encap::Wireguard);
+
+/// 16 bytes the pods send, which must never show on the underlay.
+const MARKER: &str = "podnet-wg-marker";
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `needle` occurs in `hay`.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `/status` of host n as JSON.
+fn status(tb: &Testbed, n: u8) -> serde_json::Value {
+    let body = tb.admin_get(n, "/status").expect("/status").body;
+    serde_json::from_str(&body).expect("/status is JSON")
+}
+
+/// Host n's own public key, as its `/status` gives it.
+fn own_key(tb: &Testbed, n: u8) -> String {
+    status(tb, n)["wireguard_public_key"]
+        .as_str()
+        .unwrap_or_else(|| panic!("h{n} has no wireguard_public_key"))
+        .to_string()
+}
+
+/// The key host n's agent holds for peer `peer` (a node name).
+fn peer_key(tb: &Testbed, n: u8, peer: &str) -> Option<String> {
+    status(tb, n)["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["node"] == peer)
+        .and_then(|p| p["wireguard"]["public_key"].as_str().map(str::to_string))
+}
+
+// 1.
+#[test]
+fn three_hosts_through_control_reach_each_other_and_the_underlay_shows_only_ciphertext() {
+    if !e2e_ready() {
+        return;
+    }
+    require_tools(&["tcpdump"]);
+    let tb = TestbedBuilder::new("wg3")
+        .hosts(3)
+        .pods_per_host(1)
+        .mode(MODE)
+        .peers(Peers::Control)
+        .build();
+    // Keys came through the control service: each host holds the others' own keys.
+    for n in 1..=3u8 {
+        for k in (1..=3u8).filter(|&k| k != n) {
+            assert_eq!(
+                peer_key(&tb, n, &format!("h{k}")),
+                Some(own_key(&tb, k)),
+                "h{n}'s key for h{k}"
+            );
+        }
+    }
+    let under = tb.path("underlay.pcap");
+    let cap = Capture::start(
+        &tb.ul(),
+        "br0",
+        "ip and not igmp and not tcp port 7800",
+        2000,
+        &under,
+    );
+    let clear = tb.path("tunl0.pcap");
+    let cap_clear = Capture::start(&tb.host(2).ns, "tunl0", "icmp", 200, &clear);
+    let failed = tb.mesh_failures();
+    assert!(failed.is_empty(), "no ping: {failed:?}");
+    let (a, b) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
+    let out = run(
+        Some(&a.ns),
+        &[
+            "ping",
+            "-n",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-s",
+            "200",
+            "-p",
+            &hex(MARKER),
+            &b.ip.to_string(),
+        ],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(out.success(), "{}", out.combined());
+    let under = cap.finish();
+    let clear = cap_clear.finish();
+    // The marker is there to be seen in clear, inside the overlay...
+    let clear_bytes = std::fs::read(&clear).unwrap();
+    assert!(
+        contains(&clear_bytes, MARKER.as_bytes()),
+        "the marker is not in the tunl0 capture"
+    );
+    // ...and nowhere on the underlay, where only UDP 51820 between the hosts flows (the
+    // mesh: 6 pairs of echo request and reply, and the 3 marked pings with their replies).
+    let bytes = std::fs::read(&under).unwrap();
+    assert!(
+        !contains(&bytes, MARKER.as_bytes()),
+        "marker in clear on the underlay"
+    );
+    for pod in tb.pods() {
+        assert!(
+            !contains(&bytes, &pod.ip.octets()),
+            "pod address {} in clear on the underlay",
+            pod.ip
+        );
+    }
+    let text = capture::tcpdump_text(&under, false);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 18, "too few packets captured:\n{text}");
+    for line in &lines {
+        let udp_51820 = line.contains(".51820 > 198.18.0.") && line.contains(".51820: ");
+        assert!(udp_51820, "not WireGuard on the underlay: {line}");
+    }
+    // status and why show the tunnel; metrics count the handshakes.
+    let s = status(&tb, 1);
+    let h2 = s["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node"] == "h2")
+        .expect("h2 in h1's peers")
+        .clone();
+    let w = &h2["wireguard"];
+    assert!(w["handshakes"].as_u64() >= Some(1), "{w}");
+    assert!(w["last_handshake_s"].as_f64().is_some(), "{w}");
+    assert!(w["tx_bytes"].as_u64() > Some(600), "{w}");
+    let agent = podnet_bin("podnet-agent");
+    let agent = agent.to_str().unwrap();
+    let text = must(Some(&tb.host(1).ns), &[agent, "status"]).stdout;
+    assert!(
+        text.contains("WIREGUARD PEER") && text.contains(&own_key(&tb, 2)[..8]),
+        "{text}"
+    );
+    let why = must(Some(&tb.host(1).ns), &[agent, "why", &b.ip.to_string()]).stdout;
+    assert!(
+        why.contains(&format!("wireguard:   peer key {}", &own_key(&tb, 2)[..8]))
+            && why.contains("last handshake"),
+        "{why}"
+    );
+    let handshakes = metric_sum(
+        &tb.metrics(1),
+        "podnet_agent_wireguard_handshakes",
+        &[("peer", "h2")],
+    );
+    assert!(handshakes >= Some(1.0), "{handshakes:?}");
+}
+
+// 4.
+#[test]
+fn a_restarted_agent_keeps_its_key_and_a_new_key_is_relearned_within_5s() {
+    if !e2e_ready() {
+        return;
+    }
+    let mut tb = TestbedBuilder::new("wgkey")
+        .hosts(2)
+        .pods_per_host(1)
+        .mode(MODE)
+        .peers(Peers::Control)
+        .build();
+    let (a, b) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
+    let first = own_key(&tb, 2);
+    let key_file = tb.path("h2/wireguard.key");
+    let private = std::fs::read_to_string(&key_file).unwrap();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "key file mode {mode:o}");
+    assert!(
+        !tb.log("agent-h2").contains(private.trim()),
+        "the private key is in the log"
+    );
+    // Restart: the same key, and traffic flows again.
+    tb.stop("agent-h2");
+    tb.restart_agent(2, MODE);
+    assert_eq!(
+        own_key(&tb, 2),
+        first,
+        "the restarted agent changed its key"
+    );
+    wait_for("ping after a restart", Duration::from_secs(10), || {
+        tb.ping(&a, b.ip, 1)
+            .success()
+            .then_some(())
+            .ok_or_else(String::new)
+    })
+    .expect("no ping after the restart");
+    // A new key: h1 re-learns it through the watch, and traffic resumes.
+    tb.stop("agent-h2");
+    std::fs::remove_file(&key_file).unwrap();
+    let started = Instant::now();
+    tb.restart_agent(2, MODE);
+    let second = own_key(&tb, 2);
+    assert_ne!(second, first, "no new key");
+    let relearned = wait_for("h1 to learn h2's new key", Duration::from_secs(5), || {
+        (peer_key(&tb, 1, "h2").as_deref() == Some(second.as_str()))
+            .then(|| started.elapsed())
+            .ok_or_else(String::new)
+    })
+    .expect("h1 kept h2's old key");
+    let resumed = wait_for("ping with the new key", Duration::from_secs(5), || {
+        tb.ping(&a, b.ip, 1)
+            .success()
+            .then(|| started.elapsed())
+            .ok_or_else(String::new)
+    })
+    .expect("no ping within 5 s of the new key");
+    eprintln!(
+        "new key: re-learned after {relearned:?}, ping after {resumed:?} (agent start included)"
+    );
+    let s = ping_summary(&tb.ping(&b, a.ip, 5).stdout).unwrap();
+    assert_eq!(s.received, 5, "the other way: {s:?}");
+}
