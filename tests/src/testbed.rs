@@ -726,6 +726,11 @@ impl Testbed {
                             format!("@{},wireguard", self.wireguard_key(k))
                         }
                         HostMode::Podnet(e) => format!(",{}", e.as_str()),
+                        // A WireGuard node's bare peer runs whatever WireGuard the test starts
+                        // there, with the key pair made in its state dir.
+                        HostMode::Bare if mode == HostMode::Podnet(Encap::Wireguard) => {
+                            format!("@{},wireguard", self.wireguard_key(k))
+                        }
                         HostMode::PodnetDirect => ",none".to_string(),
                         HostMode::KernelVxlan => ",vxlan".to_string(),
                         HostMode::Plain | HostMode::Bare => String::new(),

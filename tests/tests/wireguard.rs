@@ -238,3 +238,125 @@ fn a_restarted_agent_keeps_its_key_and_a_new_key_is_relearned_within_5s() {
     let s = ping_summary(&tb.ping(&b, a.ip, 5).stdout).unwrap();
     assert_eq!(s.received, 5, "the other way: {s:?}");
 }
+
+// 2.
+#[test]
+fn a_wireguard_go_host_exchanges_ping_and_iperf3_with_podnet_pods_both_ways() {
+    if !e2e_ready() {
+        return;
+    }
+    require_tools(&["wireguard-go", "wg", "iperf3"]);
+    // h1 and h2 run podnet with static peers (h3 among them, with the key made in its
+    // state dir); h3 runs wireguard-go, set up with `wg` as a WireGuard user would.
+    let mut tb = TestbedBuilder::new("wggo")
+        .hosts(3)
+        .pods_per_host(1)
+        .mode(MODE)
+        .host_mode(3, HostMode::Bare)
+        .peers(Peers::Static)
+        .no_wait()
+        .build();
+    let ns3 = tb.host(3).ns.clone();
+    // The UAPI socket of wireguard-go is /var/run/wireguard/NAME.sock, shared by every
+    // namespace: the interface name is unique to this test run.
+    let dev = format!("pnwg{}", std::process::id() % 100_000);
+    tb.start("wireguard-go", &ns3, &["wireguard-go", "-f", &dev]);
+    wait_for("wireguard-go's interface", Duration::from_secs(10), || {
+        let out = run(
+            Some(&ns3),
+            &["ip", "link", "show", &dev],
+            Duration::from_secs(5),
+        )
+        .map_err(|e| e.to_string())?;
+        out.success()
+            .then_some(())
+            .ok_or_else(|| tb.log("wireguard-go"))
+    })
+    .unwrap_or_else(|log| panic!("wireguard-go did not create {dev}: {log}"));
+    let private = tb.path("h3/wireguard.key");
+    tb.wireguard_key(3); // made when h1's flags were built; read back here
+    let mut wg = vec![
+        "wg".to_string(),
+        "set".into(),
+        dev.clone(),
+        "private-key".into(),
+        private.to_str().unwrap().into(),
+        "listen-port".into(),
+        "51820".into(),
+    ];
+    for n in [1u8, 2] {
+        let cidr = tb.host(n).pod_cidr.unwrap().to_string();
+        wg.extend([
+            "peer".into(),
+            tb.wireguard_key(n),
+            "endpoint".into(),
+            format!("{}:51820", tb.underlay_of(n)),
+            "allowed-ips".into(),
+            cidr,
+        ]);
+    }
+    let wg: Vec<&str> = wg.iter().map(String::as_str).collect();
+    must(Some(&ns3), &wg);
+    // Plain routing into the WireGuard device, its MTU the underlay's less 60 as podnet's.
+    must(
+        Some(&ns3),
+        &["ip", "link", "set", &dev, "mtu", "1440", "up"],
+    );
+    for n in [1u8, 2] {
+        let cidr = tb.host(n).pod_cidr.unwrap().to_string();
+        must(Some(&ns3), &["ip", "route", "add", &cidr, "dev", &dev]);
+    }
+    let go = tb.pod(3, 1).clone();
+    for n in [1u8, 2] {
+        let pod = tb.pod(n, 1).clone();
+        // The first ping starts the handshake (from whichever side sends first).
+        wait_for(
+            &format!("ping {} -> {}", go.ip, pod.ip),
+            Duration::from_secs(10),
+            || {
+                tb.ping(&go, pod.ip, 1)
+                    .success()
+                    .then_some(())
+                    .ok_or_else(String::new)
+            },
+        )
+        .unwrap_or_else(|_| panic!("no ping from the wireguard-go host's pod to {}", pod.ip));
+        for (from, to) in [(&go, &pod), (&pod, &go)] {
+            let s = ping_summary(&tb.ping(from, to.ip, 5).stdout).unwrap();
+            assert_eq!(s.received, 5, "{} -> {}: {s:?}", from.ns, to.ip);
+            let r = tb
+                .iperf(from, to, 2)
+                .unwrap_or_else(|e| panic!("iperf3 {} -> {}: {e}", from.ns, to.ip));
+            assert!(
+                r.received_bytes > 1_000_000,
+                "{} -> {}: {r:?}",
+                from.ns,
+                to.ip
+            );
+            eprintln!(
+                "{} -> {}: {:.2} Gbit/s, {} retransmits",
+                from.ns,
+                to.ip,
+                r.received_bps / 1e9,
+                r.retransmits
+            );
+        }
+    }
+    // wg sees the handshakes and the bytes; podnet's status sees wireguard-go's key.
+    let show = must(Some(&ns3), &["wg", "show", &dev]).stdout;
+    assert!(show.matches("latest handshake").count() == 2, "{show}");
+    let go_key = tb.wireguard_key(3);
+    let s = status(&tb, 1);
+    let peer = s["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["wireguard"]["public_key"] == go_key.as_str())
+        .unwrap_or_else(|| panic!("h1 has no tunnel with key {go_key}: {s}"))
+        .clone();
+    assert!(
+        peer["wireguard"]["handshakes"].as_u64() >= Some(1),
+        "{peer}"
+    );
+    assert!(peer["rx_packets"].as_u64() > Some(1000), "{peer}");
+}
