@@ -975,6 +975,11 @@ impl RxPath {
                             });
                         }
                     }
+                    Opened::Cookie(len) => {
+                        send_control(w.shared, m.src, &plain[k][offset..offset + len]);
+                        let reason = DropReason::WgCookie;
+                        fwd.drop_inbound(reason, &table, Some(index), src, datagram);
+                    }
                     Opened::Drop(reason) => {
                         fwd.drop_inbound(reason, &table, Some(index), src, datagram)
                     }

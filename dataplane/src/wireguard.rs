@@ -167,6 +167,9 @@ pub enum Opened {
     /// (a handshake response, a keepalive, a cookie reply; 0: none) are in the output buffer
     /// for the sender; `completed` when this message completed a handshake.
     Control { reply: usize, completed: bool },
+    /// A handshake refused because the node is under load: a cookie reply of this many bytes
+    /// is in the output buffer for the sender (the message counts as `wg_cookie`).
+    Cookie(usize),
     /// Dropped for this reason.
     Drop(DropReason),
 }
@@ -242,7 +245,7 @@ impl Tunnel {
             },
             TunnResult::WriteToNetwork(reply) => match reply.first() {
                 // Under load: a cookie instead of an answer.
-                Some(&COOKIE_REPLY) => return Opened::Drop(DropReason::WgCookie),
+                Some(&COOKIE_REPLY) => return Opened::Cookie(reply.len()),
                 _ => Opened::Control {
                     reply: reply.len(),
                     completed: matches!(kind, Some(HANDSHAKE_INIT | HANDSHAKE_RESPONSE)),
@@ -613,6 +616,10 @@ mod tests {
             };
             let msg = out[..n].to_vec();
             let key = match tb.open(ip1, &msg, &mut plain) {
+                Opened::Cookie(n) => {
+                    assert_eq!((n, plain[0]), (64, COOKIE_REPLY));
+                    "wg_cookie"
+                }
                 Opened::Drop(r) => r.name(),
                 Opened::Control { .. } => "answered",
                 Opened::Packet(_) => "packet",

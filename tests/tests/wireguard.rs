@@ -9,6 +9,7 @@
 //! 4. A restarted agent keeps its key; an agent given a new key is re-learned by its peers,
 //!    and traffic resumes within 5 s.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use podnet_tests::capture::{self, Capture};
@@ -359,4 +360,158 @@ fn a_wireguard_go_host_exchanges_ping_and_iperf3_with_podnet_pods_both_ways() {
         "{peer}"
     );
     assert!(peer["rx_packets"].as_u64() > Some(1000), "{peer}");
+}
+
+/// Host 1's drop counters by reason, and what its receive sockets overflowed.
+fn drop_counts(tb: &Testbed) -> (BTreeMap<String, u64>, u64) {
+    let text = tb.metrics(1);
+    let mut drops = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("podnet_agent_drops_total{reason=\"") else {
+            continue;
+        };
+        if let Some((reason, value)) = rest.split_once("\"} ") {
+            drops.insert(reason.to_string(), value.trim().parse().unwrap_or(0));
+        }
+    }
+    let overflow = status(tb, 1)["receive_overflow"].as_u64().unwrap_or(0);
+    (drops, overflow)
+}
+
+// 3.
+#[test]
+fn hostile_wireguard_messages_each_move_their_counter_and_a_flood_gets_cookies() {
+    if !e2e_ready() {
+        return;
+    }
+    // h1 and h3 run podnet; h2 is a bare host where pn-wgpeer speaks WireGuard with h2's key.
+    let tb = TestbedBuilder::new("wghostile")
+        .hosts(3)
+        .pods_per_host(1)
+        .mode(MODE)
+        .host_mode(2, HostMode::Bare)
+        .peers(Peers::Static)
+        .no_wait()
+        .build();
+    let (p1, p3) = (tb.pod(1, 1).clone(), tb.pod(3, 1).clone());
+    wait_for("h1 and h3 to ping", Duration::from_secs(10), || {
+        tb.ping(&p1, p3.ip, 1)
+            .success()
+            .then_some(())
+            .ok_or_else(String::new)
+    })
+    .expect("h1 and h3 do not ping");
+    let (before, overflow_before) = drop_counts(&tb);
+    let rx_before = metric_sum(
+        &tb.metrics(1),
+        "podnet_agent_packets_total",
+        &[("direction", "rx")],
+    );
+    // Forwarding between the podnet hosts goes on through all of it.
+    let ping_log = tb.path("ping-during-flood.log");
+    let mut ping = podnet_tests::Background::start(
+        "ping",
+        Some(&p1.ns),
+        &[
+            "ping",
+            "-n",
+            "-c",
+            "40",
+            "-i",
+            "0.1",
+            "-W",
+            "1",
+            &p3.ip.to_string(),
+        ],
+        &ping_log,
+    );
+    const COUNT: u64 = 5;
+    const FLOOD: u64 = 3000;
+    let helper = podnet_bin("pn-wgpeer");
+    let key = tb.path("h2/wireguard.key");
+    let out = run(
+        Some(&tb.host(2).ns),
+        &[
+            helper.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--peer-key",
+            &own_key(&tb, 1),
+            "--to",
+            "198.18.0.1",
+            "--inner-src",
+            &tb.host(2).pods[0].ip.to_string(),
+            "--inner-dst",
+            &p1.ip.to_string(),
+            "--count",
+            &COUNT.to_string(),
+            "--flood",
+            &FLOOD.to_string(),
+        ],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert!(out.success(), "pn-wgpeer: {}", out.combined());
+    let sent: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    ping.wait_exit(Duration::from_secs(15));
+    let ping = ping_summary(&ping.log()).unwrap_or_else(|| panic!("{}", ping.log()));
+    assert_eq!(
+        ping.received, ping.transmitted,
+        "forwarding during the flood: {ping:?}"
+    );
+    // Let the agent read what is queued.
+    std::thread::sleep(Duration::from_millis(300));
+    let (after, overflow_after) = drop_counts(&tb);
+    let delta = |r: &str| after.get(r).copied().unwrap_or(0) - before.get(r).copied().unwrap_or(0);
+    let overflow = overflow_after - overflow_before;
+    eprintln!(
+        "sent {sent}; drops moved: {:?}; socket overflow {overflow}",
+        after
+            .keys()
+            .map(|r| (r.as_str(), delta(r)))
+            .filter(|(_, n)| *n > 0)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(delta("wg_replay"), COUNT, "replayed counters");
+    assert_eq!(delta("wg_bad_mac"), COUNT, "tampered ciphertext");
+    assert_eq!(delta("wg_unknown_index"), COUNT, "unknown receiver index");
+    assert_eq!(delta("malformed"), 2 * COUNT, "truncated and oversized");
+    // Wrong key: the 5 initiations made with another key, and the flood's initiations the
+    // agent still answered (below its handshake rate); the rest got cookie replies.
+    let (wrong, cookie) = (delta("wg_wrong_key"), delta("wg_cookie"));
+    assert_eq!(
+        wrong + cookie + overflow,
+        COUNT + FLOOD,
+        "wrong key {wrong}, cookie {cookie}"
+    );
+    assert!(
+        cookie >= FLOOD / 2,
+        "the flood was not answered with cookies: {cookie}"
+    );
+    let received = sent["cookies_received"].as_u64().unwrap();
+    assert!(
+        received > 0 && received <= cookie,
+        "cookie replies received: {received} of {cookie}"
+    );
+    for (r, _) in after.iter() {
+        let expected = [
+            "wg_replay",
+            "wg_bad_mac",
+            "wg_unknown_index",
+            "malformed",
+            "wg_wrong_key",
+            "wg_cookie",
+        ];
+        if !expected.contains(&r.as_str()) {
+            assert_eq!(delta(r), 0, "{r} moved");
+        }
+    }
+    // The one valid message was delivered, and the pods still talk.
+    let rx_after = metric_sum(
+        &tb.metrics(1),
+        "podnet_agent_packets_total",
+        &[("direction", "rx")],
+    );
+    assert!(rx_after > rx_before, "the valid message was not delivered");
+    assert!(tb.ping(&p1, p3.ip, 3).success());
 }
