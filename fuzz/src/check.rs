@@ -25,7 +25,7 @@ use podnet_proto::{checksum, gso, ipip};
 pub type Check = fn(&[u8]);
 
 /// Every target by name, as `fuzz/run-bounded` and the corpus folders name them.
-pub const TARGETS: [(&str, Check); 8] = [
+pub const TARGETS: [(&str, Check); 9] = [
     ("ipv4", ipv4),
     ("ipip_decap", ipip_decap),
     ("vxlan_decap", vxlan_decap),
@@ -34,6 +34,7 @@ pub const TARGETS: [(&str, Check); 8] = [
     ("gso", gso),
     ("gro", gro),
     ("api_json", api_json),
+    ("wireguard_inbound", wireguard_inbound),
 ];
 
 /// The rules of an IPv4 header view (RFC 791): version 4, IHL at least 5 words, and
@@ -528,4 +529,102 @@ pub fn api_json(data: &[u8]) {
             }
         }
     }
+}
+
+/// Two WireGuard nodes with a completed handshake: `.0` receives from `.1` (at 198.18.0.2).
+struct WgPair {
+    rx: std::sync::Arc<podnet_dataplane::wireguard::Tunnel>,
+    tx: std::sync::Arc<podnet_dataplane::wireguard::Tunnel>,
+    _nodes: [podnet_dataplane::wireguard::Wireguard; 2],
+}
+
+const WG_TX: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+fn wg_pair() -> WgPair {
+    use podnet_dataplane::wireguard::{Keys, Opened, Sealed, Wireguard};
+    let node = |own: u8, peer_ip: Ipv4Addr, peer: u8| {
+        let w = Wireguard::new(Keys::from_private([own; 32]));
+        let key = Keys::from_private([peer; 32]).public();
+        let peer = Peer {
+            node: "peer".into(),
+            underlay_ip: peer_ip,
+            vtep_mac: MacAddr::vtep_for(peer_ip),
+            pod_cidr: "10.244.9.0/24".parse().unwrap(),
+            encap: PeerEncap::Wireguard(key),
+        };
+        w.sync(&RouteTable::build(1, vec![peer]).unwrap());
+        w
+    };
+    let rx_ip = Ipv4Addr::new(198, 18, 0, 1);
+    let (a, b) = (node(1, WG_TX, 2), node(2, rx_ip, 1));
+    let (rx, tx) = (a.tunnel(WG_TX).unwrap(), b.tunnel(rx_ip).unwrap());
+    let (mut m, mut r) = (vec![0u8; 2048], vec![0u8; 2048]);
+    let Sealed::Handshake(n) = tx.seal(&[], &mut m) else {
+        panic!("no handshake")
+    };
+    let Opened::Control { reply, .. } = rx.open(WG_TX, &m[..n], &mut r) else {
+        panic!("initiation refused")
+    };
+    tx.open(rx_ip, &r[..reply], &mut m);
+    WgPair {
+        rx,
+        tx,
+        _nodes: [a, b],
+    }
+}
+
+thread_local! {
+    static WG: WgPair = wg_pair();
+}
+
+/// The inbound WireGuard path (what a node does with a datagram on UDP 51820).
+///
+/// Byte 0 picks the case. Even: the rest is a datagram from a peer's address; no forgery can
+/// authenticate, so it never yields an inner packet or a handshake answer, only a drop under
+/// `malformed` or a `wg_*` reason. Odd: the peer seals the rest as an inner packet; opening
+/// it gives back exactly the IPv4 packet it holds (cut to its total length), a keepalive for
+/// nothing, and a drop for anything else; the same message with a ciphertext byte flipped
+/// (byte 1 picks which) is `wg_bad_mac`.
+pub fn wireguard_inbound(data: &[u8]) {
+    use podnet_dataplane::wireguard::{Opened, Sealed};
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let mut out = vec![0u8; rest.len() + 256];
+    WG.with(|wg| {
+        if mode % 2 == 0 {
+            match wg.rx.open(WG_TX, rest, &mut out) {
+                Opened::Drop(r) => assert!(
+                    r == DropReason::Malformed || r.name().starts_with("wg_"),
+                    "forgery dropped as {r}"
+                ),
+                other => panic!("a forged message was accepted: {other:?}"),
+            }
+            return;
+        }
+        let mut sealed = vec![0u8; rest.len() + 256];
+        let Sealed::Data(n) = wg.tx.seal(rest, &mut sealed) else {
+            panic!("the session is established")
+        };
+        assert_eq!(n, rest.len() + 32, "no padding");
+        if n > 16 && rest.len() > 1 {
+            let mut bad = sealed[..n].to_vec();
+            bad[16 + usize::from(rest[0]) % (n - 16)] ^= 1;
+            assert_eq!(
+                wg.rx.open(WG_TX, &bad, &mut out),
+                Opened::Drop(DropReason::WgBadMac),
+                "tampered ciphertext"
+            );
+        }
+        let opened = wg.rx.open(WG_TX, &sealed[..n], &mut out);
+        let ipv4_len = (rest.len() >= 20 && rest[0] >> 4 == 4)
+            .then(|| usize::from(u16::from_be_bytes([rest[2], rest[3]])))
+            .filter(|&len| len <= rest.len());
+        match (opened, ipv4_len) {
+            (Opened::Packet(r), Some(len)) => assert_eq!(&out[r], &rest[..len]),
+            (Opened::Control { reply: 0, .. }, None) if rest.is_empty() => {}
+            (Opened::Drop(DropReason::NotIpv4 | DropReason::Malformed), None) => {}
+            (other, len) => panic!("sealed {} bytes (IPv4 length {len:?}): {other:?}", rest.len()),
+        }
+    });
 }

@@ -249,6 +249,18 @@ pub fn for_target(target: &str) -> Seeds {
                 ),
             ),
         ],
+        "wireguard_inbound" => vec![
+            ("sealed-udp", prepend(1, &good)),
+            ("sealed-keepalive", vec![1]),
+            ("sealed-ipv6", prepend(1, &ipv6())),
+            ("sealed-short-total-len", prepend(1, &with(good.clone(), |p| p[3] = 20))),
+            ("sealed-long-total-len", prepend(1, &with(good.clone(), |p| p[3] = 0xff))),
+            ("forged-data", prepend(0, &with(vec![0u8; 64], |p| p[0] = 4))),
+            ("forged-init", prepend(0, &with(vec![0u8; 148], |p| p[0] = 1))),
+            ("forged-response", prepend(0, &with(vec![0u8; 92], |p| p[0] = 2))),
+            ("forged-cookie", prepend(0, &with(vec![0u8; 64], |p| p[0] = 3))),
+            ("truncated", prepend(0, &[4, 0, 0, 0, 1])),
+        ],
         other => panic!("no target named {other}"),
     }
 }
