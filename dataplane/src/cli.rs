@@ -43,6 +43,16 @@ pub enum Command {
     Why(WhyArgs),
     /// Show drops sampled by a running agent (reason, addresses, peer); rate-limited per reason.
     Drops(DropsArgs),
+    /// Print this node's WireGuard public key (for other nodes' --static-peer CIDR=IP@KEY),
+    /// making the key pair in the state dir if it has none yet, as `run` would.
+    WireguardKey(KeyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// The agent's state dir (where `wireguard.key` is kept, 0600).
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -36,6 +36,9 @@ fn main() -> ExitCode {
             )
         }
         Command::Drops(d) => drops(&d),
+        Command::WireguardKey(k) => podnet_dataplane::wireguard::Keys::load_or_create(&k.state_dir)
+            .map(|keys| println!("{}", keys.public()))
+            .map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -231,7 +231,12 @@ impl Tunnel {
     /// Decrypts or handles `datagram` from `src` into `out` (at least as long as `datagram`,
     /// and 148 bytes).
     pub fn open(&self, src: Ipv4Addr, datagram: &[u8], out: &mut [u8]) -> Opened {
-        let kind = datagram.first().copied();
+        let Some(&first) = datagram.first() else {
+            // boringtun reads an empty datagram as "hand out what you queued": from the
+            // network it is only an empty, malformed message.
+            return Opened::Drop(DropReason::Malformed);
+        };
+        let kind = Some(first);
         let mut tunn = self.lock();
         let opened = match tunn.decapsulate(Some(IpAddr::V4(src)), datagram, out) {
             TunnResult::WriteToTunnelV4(packet, _) => {
@@ -572,7 +577,11 @@ mod tests {
             tb.open(ip1, &stranger, &mut plain),
             Opened::Drop(DropReason::WgUnknownIndex)
         );
-        // Truncated, and a handshake initiation one byte too long.
+        // Empty, truncated, and a handshake initiation one byte too long.
+        assert_eq!(
+            tb.open(ip1, &[], &mut plain),
+            Opened::Drop(DropReason::Malformed)
+        );
         assert_eq!(
             tb.open(ip1, &good[..10], &mut plain),
             Opened::Drop(DropReason::Malformed)

@@ -260,6 +260,8 @@ pub fn for_target(target: &str) -> Seeds {
             ("forged-response", prepend(0, &with(vec![0u8; 92], |p| p[0] = 2))),
             ("forged-cookie", prepend(0, &with(vec![0u8; 64], |p| p[0] = 3))),
             ("truncated", prepend(0, &[4, 0, 0, 0, 1])),
+            // Found by the fuzzer: boringtun reads an empty datagram as "send what you queued".
+            ("forged-empty", vec![0]),
         ],
         other => panic!("no target named {other}"),
     }
