@@ -168,8 +168,9 @@ fn a_peer_whose_encapsulation_cannot_be_sent_gets_unreachable_and_a_reason() {
         return;
     }
     let tb = mixed("peerencap");
-    // A node on an encapsulation no agent here speaks registers with the control service.
-    let body = r#"{"underlay_ip":"198.18.0.9","encap":"wireguard"}"#;
+    // A WireGuard node registers with the control service: these VXLAN agents have no key and
+    // send nothing encrypted, so they cannot reach it.
+    let body = r#"{"underlay_ip":"198.18.0.9","encap":"wireguard","wireguard_public_key":"AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="}"#;
     let r = http::request(
         &tb.host(1).ns,
         tb.control_addr(),

@@ -125,6 +125,41 @@ fn testbed_script_runs_podnet_with_the_control_service() {
 }
 
 #[test]
+fn testbed_script_runs_wireguard_through_the_control_service_and_with_static_peers() {
+    if !e2e_ready() {
+        return;
+    }
+    for (tag, extra) in [("scwgc", None), ("scwgs", Some("--static"))] {
+        let s = Script::new(tag);
+        let mut args = vec![
+            "--hosts",
+            "2",
+            "--pods-per-host",
+            "1",
+            "--encap",
+            "wireguard",
+        ];
+        args.extend(extra);
+        let text = s.up(&args);
+        assert!(text.contains("encapsulation wireguard"), "{text}");
+        let (ping, text) = s.exec("h2-p1", &["ping", "-c2", "-W2", "10.244.1.2"]);
+        assert!(ping.status.success(), "{text}");
+        // Each agent shows its key, and a completed handshake with the other.
+        let (status, text) = s.call(&["status", "--prefix", &s.prefix]);
+        assert!(status.status.success(), "{text}");
+        assert_eq!(
+            text.matches("wireguard:   public key ").count(),
+            2,
+            "{text}"
+        );
+        assert!(text.matches("s ago").count() >= 2, "{text}");
+        let (link, text) = s.exec("h1", &["ip", "link", "show", "tunl0"]);
+        assert!(link.status.success() && text.contains("mtu 1440"), "{text}");
+        s.down();
+    }
+}
+
+#[test]
 fn testbed_script_runs_podnet_ipip_with_static_peers() {
     if !e2e_ready() {
         return;
