@@ -664,11 +664,8 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         let k2 = Keys::load_or_create(dir.path()).unwrap();
         assert_eq!(k1.public(), k2.public());
-        assert!(!format!("{k1:?}").contains(
-            &std::fs::read_to_string(dir.path().join(KEY_FILE))
-                .unwrap()
-                .trim()
-        ));
+        let private = std::fs::read_to_string(dir.path().join(KEY_FILE)).unwrap();
+        assert!(!format!("{k1:?}").contains(private.trim()));
         std::fs::write(dir.path().join(KEY_FILE), "garbage-not-a-key\n").unwrap();
         let err = Keys::load_or_create(dir.path()).unwrap_err().to_string();
         assert!(
