@@ -842,6 +842,9 @@ struct RxPath {
     /// WireGuard: the decrypted packets of message `k` of `bufs` go to `plain[k]`, at the
     /// offset of their datagram (so the coalescer finds them in place). Empty otherwise.
     plain: Vec<Vec<u8>>,
+    /// WireGuard: where the packets a tunnel queued before its handshake are sealed when it
+    /// completes (each up to the largest inner packet plus 32 bytes).
+    queued: Vec<u8>,
 }
 
 /// Buffers for inner packets that cannot be written from where they were received: longer
@@ -862,6 +865,10 @@ impl RxPath {
                 true => (0..MAX_BATCH)
                     .map(|_| vec![0u8; GRO_BUFFER_BYTES + wireguard::HANDSHAKE_ROOM])
                     .collect(),
+                false => Vec::new(),
+            },
+            queued: match wireguard {
+                true => vec![0u8; MAX_READ + wireguard::DATA_OVERHEAD],
                 false => Vec::new(),
             },
             bufs: (0..MAX_BATCH)
@@ -969,8 +976,7 @@ impl RxPath {
                             send_control(w.shared, m.src, &plain[k][offset..offset + reply]);
                         }
                         if completed {
-                            let out = &mut plain[k][offset..];
-                            tunnel.flush_queued(out, |b| {
+                            tunnel.flush_queued(&mut self.queued, |b| {
                                 send_control(w.shared, wireguard::endpoint(src), b)
                             });
                         }
