@@ -6,6 +6,9 @@
 //! outer source port and different flows spread over several (RFC 7348 section 5): underlay
 //! ECMP and the receiver's NIC (RSS) can then spread them. All of them arrive at port 4789.
 //!
+//! A `--encap wireguard` node uses the same socket type on `underlay_ip:51820`, with one lane
+//! (the socket itself), as WireGuard peers expect messages from the port they send to.
+//!
 //! Offloads are probed at bind time and reported by [`VxlanSocket::gro`] and
 //! [`VxlanSocket::gso`]; without them the same calls still work one datagram per message.
 //!
@@ -73,9 +76,9 @@ pub const DEFAULT_SOURCE_PORTS: usize = 16;
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum UdpError {
-    #[error("cannot create the VXLAN UDP socket: {0}")]
+    #[error("cannot create the UDP socket: {0}")]
     Create(#[source] io::Error),
-    #[error("cannot bind the VXLAN UDP socket to {addr}: {source} (is the underlay IP on a device here, and is another VXLAN endpoint using port {}?)", addr.port())]
+    #[error("cannot bind the UDP socket to {addr}: {source} (is the underlay IP on a device here, and is another process using port {} (a VXLAN device on 4789, a WireGuard device on 51820)?)", addr.port())]
     Bind {
         addr: SocketAddrV4,
         #[source]
@@ -88,7 +91,7 @@ pub enum UdpError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot set {option} on the VXLAN UDP socket bound to {addr}: {source}")]
+    #[error("cannot set {option} on the UDP socket bound to {addr}: {source}")]
     Option {
         option: &'static str,
         addr: SocketAddrV4,
@@ -97,7 +100,7 @@ pub enum UdpError {
     },
 }
 
-/// The VXLAN UDP socket. Share it between a receive thread and a send thread by reference
+/// The VXLAN (or WireGuard) UDP socket. Share it between a receive thread and a send thread by reference
 /// or `Arc`: every method takes `&self`.
 #[derive(Debug)]
 pub struct VxlanSocket {
