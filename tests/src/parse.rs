@@ -134,6 +134,15 @@ pub fn metric_sum(text: &str, name_part: &str, labels: &[(&str, &str)]) -> Optio
     total
 }
 
+/// `podnet_agent_drops_total` of an agent's `/metrics` text, by reason.
+pub fn drops_by_reason(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter_map(split_sample)
+        .filter(|(name, _, _)| *name == "podnet_agent_drops_total")
+        .filter_map(|(_, labels, value)| Some((labels.get("reason")?.clone(), value)))
+        .collect()
+}
+
 fn split_sample(line: &str) -> Option<(&str, HashMap<&str, String>, f64)> {
     let (head, value) = match line.find('}') {
         Some(close) => (&line[..=close], line[close + 1..].trim()),

@@ -23,20 +23,19 @@ pub fn pubkey(private: &str) -> String {
 
 /// The X25519 secret of base64 private key `private`.
 pub fn secret(private: &str) -> StaticSecret {
-    let bytes: [u8; 32] = STANDARD
-        .decode(private.trim())
-        .expect("base64 key")
-        .try_into()
-        .expect("32-byte key");
-    StaticSecret::from(bytes)
+    StaticSecret::from(key_bytes(private))
 }
 
 /// The X25519 public key of base64 `public`.
 pub fn public(public: &str) -> PublicKey {
-    let bytes: [u8; 32] = STANDARD
-        .decode(public.trim())
+    PublicKey::from(key_bytes(public))
+}
+
+/// The 32 bytes of a base64 key.
+fn key_bytes(key: &str) -> [u8; 32] {
+    STANDARD
+        .decode(key.trim())
         .expect("base64 key")
         .try_into()
-        .expect("32-byte key");
-    PublicKey::from(bytes)
+        .expect("32-byte key")
 }

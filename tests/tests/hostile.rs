@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use podnet_proto::checksum;
 use podnet_proto::ipv4::{self, Ipv4Repr};
-use podnet_tests::parse::{iperf3_json, metric_sum};
+use podnet_tests::parse::{drops_by_reason, iperf3_json, metric_sum};
 use podnet_tests::{
     e2e_ready, must, podnet_bin, require_tools, run, wait_for, Encap, HostMode, Peers, Testbed,
     TestbedBuilder,
@@ -437,15 +437,7 @@ impl Net {
 /// The agent's drop counters by reason, and its rx packet count.
 fn agent_counters(tb: &Testbed) -> (BTreeMap<String, f64>, f64) {
     let text = tb.metrics(1);
-    let mut drops = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("podnet_agent_drops_total{reason=\"") else {
-            continue;
-        };
-        if let Some((reason, value)) = rest.split_once("\"} ") {
-            drops.insert(reason.to_string(), value.trim().parse().unwrap_or(0.0));
-        }
-    }
+    let drops = drops_by_reason(&text);
     let rx = metric_sum(&text, "podnet_agent_packets_total", &[("direction", "rx")]).unwrap_or(0.0);
     (drops, rx)
 }

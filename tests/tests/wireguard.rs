@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use podnet_tests::capture::{self, Capture};
-use podnet_tests::parse::{metric_sum, ping_summary};
+use podnet_tests::parse::{drops_by_reason, metric_sum, ping_summary};
 use podnet_tests::{
     e2e_ready, must, podnet_bin, require_tools, run, wait_for, Encap, HostMode, Peers, Testbed,
     TestbedBuilder,
@@ -364,16 +364,10 @@ fn a_wireguard_go_host_exchanges_ping_and_iperf3_with_podnet_pods_both_ways() {
 
 /// Host 1's drop counters by reason, and what its receive sockets overflowed.
 fn drop_counts(tb: &Testbed) -> (BTreeMap<String, u64>, u64) {
-    let text = tb.metrics(1);
-    let mut drops = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("podnet_agent_drops_total{reason=\"") else {
-            continue;
-        };
-        if let Some((reason, value)) = rest.split_once("\"} ") {
-            drops.insert(reason.to_string(), value.trim().parse().unwrap_or(0));
-        }
-    }
+    let drops = drops_by_reason(&tb.metrics(1))
+        .into_iter()
+        .map(|(reason, n)| (reason, n as u64))
+        .collect();
     let overflow = status(tb, 1)["receive_overflow"].as_u64().unwrap_or(0);
     (drops, overflow)
 }
