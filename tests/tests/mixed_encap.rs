@@ -207,6 +207,17 @@ fn a_peer_whose_encapsulation_cannot_be_sent_gets_unreachable_and_a_reason() {
         why.contains("drop (peer_encap)") && why.contains("which receives wireguard"),
         "{why}"
     );
+    // A VNI is VXLAN's alone: not printed for the WireGuard peer by this VXLAN node.
+    assert!(
+        why.contains("encap:       wireguard, overlay MTU") && !why.contains("vni"),
+        "{why}"
+    );
+    let routes = agent(&tb, 2, &["routes"]).stdout;
+    let h9 = routes.lines().find(|l| l.contains(" h9 ")).unwrap_or("");
+    assert!(
+        h9.ends_with("wireguard") && !routes.contains("vni"),
+        "{routes}"
+    );
     let status = agent(&tb, 2, &["status"]).stdout;
     let h9 = status.lines().find(|l| l.starts_with("h9 ")).unwrap_or("");
     assert!(h9.contains("wireguard (unreachable:"), "{status}");

@@ -159,8 +159,7 @@ pub fn explain(
             answer.verdict = Verdict::Forward;
             answer.prefix = Some(p.pod_cidr);
             answer.peer = Some(peer_route(p));
-            answer.encap = p.encap.name().into();
-            answer.vni = (p.encap == PeerEncap::Vxlan).then(|| config.vni.get());
+            set_encap(&mut answer, config, &p.encap);
             answer.mtu = config.mtu_to(&p.encap).unwrap_or(config.mtu);
             let differs = if p.encap.name() == config.encap.name() {
                 String::new()
@@ -195,7 +194,7 @@ pub fn explain(
                 };
                 answer.prefix = Some(p.pod_cidr);
                 answer.peer = Some(peer_route(p));
-                answer.encap = p.encap.name().into();
+                set_encap(&mut answer, config, &p.encap);
                 answer.explanation = format!(
                     "{ip} is in {} held by node {}, which receives {}; this node cannot send \
                      that ({why}): dropped as {reason}, the sender gets ICMP {}",
@@ -286,6 +285,13 @@ impl Answer {
         });
         self
     }
+}
+
+/// The answer names the peer's encapsulation, with a VNI only where that is VXLAN (a VNI means
+/// nothing to IP-in-IP or WireGuard, whatever this node runs).
+fn set_encap(answer: &mut Answer, config: &NodeConfig, encap: &PeerEncap) {
+    answer.encap = encap.name().into();
+    answer.vni = (*encap == PeerEncap::Vxlan).then(|| config.vni.get());
 }
 
 /// Human-readable `podnet-agent why`.
@@ -494,6 +500,13 @@ mod tests {
             a.explanation
         );
         assert!(format(&a).contains("drop (peer_encap)"), "{}", format(&a));
+        // A VXLAN node names the peer's encapsulation without its own VNI.
+        assert_eq!((a.encap.as_str(), a.vni), ("wireguard", None));
+        assert!(
+            format(&a).contains("encap:       wireguard, overlay MTU"),
+            "{}",
+            format(&a)
+        );
     }
 
     #[test]
