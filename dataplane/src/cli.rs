@@ -18,6 +18,8 @@ use podnet_proto::ethernet::MacAddr;
 pub const DEFAULT_API: &str = "127.0.0.1:7801";
 /// Where `run` keeps subnet.env and its last node table unless `--state-dir` says otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/run/podnet";
+/// The cluster CIDR of static mode when `--cluster-cidr` is not given (podnet-control's default).
+pub const DEFAULT_CLUSTER_CIDR: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 0, 0), 16);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -242,9 +244,10 @@ pub struct RunArgs {
     /// Static mode: this node's pod CIDR.
     #[arg(long)]
     pub pod_cidr: Option<Ipv4Net>,
-    /// The whole cluster's pod network; routed into the TUN device.
-    #[arg(long, default_value = "10.244.0.0/16")]
-    pub cluster_cidr: Ipv4Net,
+    /// The whole cluster's pod network; routed into the TUN device. With --control it comes
+    /// from podnet-control (given here, it must match); static mode defaults to 10.244.0.0/16.
+    #[arg(long)]
+    pub cluster_cidr: Option<Ipv4Net>,
     /// Static mode: a peer as `CIDR=IP[@MAC][,ENCAP]`; repeat for each peer.
     #[arg(
         long = "static-peer",
@@ -349,7 +352,8 @@ pub struct RunConfig {
     pub vni: u32,
     pub tun_name: String,
     pub mtu: MtuArg,
-    pub cluster_cidr: Ipv4Net,
+    /// `--cluster-cidr` as given: in control mode the service's, which this must match.
+    pub cluster_cidr: Option<Ipv4Net>,
     pub membership: Membership,
     pub state_dir: PathBuf,
     pub api: SocketAddr,
@@ -431,7 +435,8 @@ impl RunArgs {
                 tls,
             },
             (None, Some(pod)) => {
-                validate_static(pod, &self.static_peer, self.cluster_cidr, self.underlay_ip)?;
+                let cluster = self.cluster_cidr.unwrap_or(DEFAULT_CLUSTER_CIDR);
+                validate_static(pod, &self.static_peer, cluster, self.underlay_ip)?;
                 let own = self.encap.advertised();
                 if let Some(p) = self.static_peer.iter().find(|p| {
                     p.encap.unwrap_or(own) == api::Encap::Wireguard && p.wireguard_key.is_none()

@@ -79,6 +79,62 @@ fn three_agents_get_distinct_cidrs_and_reach_each_other() {
     }
 }
 
+/// An agent in control mode takes the cluster CIDR from the service (no `--cluster-cidr`): its
+/// route, `subnet.env` and status carry the service's; a `--cluster-cidr` that differs is
+/// refused naming both, and one that matches is accepted.
+#[test]
+fn agents_take_the_cluster_cidr_from_the_control_service() {
+    if !e2e_ready() {
+        return;
+    }
+    let cluster = "10.96.0.0/12";
+    let mut tb = with_control(
+        "ctlcidr",
+        2,
+        &["--cluster-cidr", cluster, "--node-prefix", "24"],
+    );
+    assert!(tb.mesh_failures().is_empty());
+    let net: ipnet::Ipv4Net = cluster.parse().unwrap();
+    for n in 1..=2 {
+        let h = tb.host(n).clone();
+        assert!(net.contains(&h.pod_cidr.unwrap()), "{:?}", h.pod_cidr);
+        let env = std::fs::read_to_string(tb.path(&format!("h{n}/subnet.env"))).unwrap();
+        assert_eq!(
+            podnet_tests::parse::env_file(&env)["POD_NETWORK"],
+            cluster,
+            "{env}"
+        );
+        let route = must(Some(&h.ns), &["ip", "route", "show", cluster]).stdout;
+        assert!(route.contains("dev tunl0"), "h{n}: {route}");
+        let status = tb.admin_get(n, "/status").unwrap().body;
+        assert!(
+            status.contains(&format!("\"cluster_cidr\":\"{cluster}\"")),
+            "{status}"
+        );
+    }
+    tb.stop("agent-h2");
+    let bin = podnet_bin("podnet-agent");
+    let mut argv = vec![bin.to_str().unwrap().to_owned()];
+    argv.extend(tb.agent_args(2, Encap::Vxlan));
+    argv.extend(["--cluster-cidr".into(), "10.244.0.0/16".into()]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = run(Some(&tb.host(2).ns), &argv, Duration::from_secs(30)).unwrap();
+    assert!(!out.success(), "{}", out.combined());
+    assert!(
+        out.combined().contains(
+            "--cluster-cidr 10.244.0.0/16 differs from the control service's cluster CIDR 10.96.0.0/12"
+        ),
+        "{}",
+        out.combined()
+    );
+    let mut args = tb.agent_args(2, Encap::Vxlan);
+    args.extend(["--cluster-cidr".into(), cluster.into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    tb.start_agent(2, &args);
+    tb.wait_agent_up(2, Duration::from_secs(20));
+    assert!(tb.mesh_failures().is_empty());
+}
+
 // 2. A fourth host joining while traffic flows is reachable from every other host's pods
 // within 2 s of its registration, and the running flow loses nothing.
 #[test]

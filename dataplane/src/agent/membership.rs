@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::agent::files::write_atomic;
 use crate::agent::state::{unix_ms, Agent};
-use crate::cli::{Membership, RunConfig};
+use crate::cli::{Membership, RunConfig, DEFAULT_CLUSTER_CIDR};
 use crate::core::forward::Encap;
 use crate::core::table::{Peer, PeerEncap};
 
@@ -37,8 +37,10 @@ pub enum MembershipError {
     Unreachable { dir: PathBuf, source: ClientError },
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("the control service gave pod CIDR {pod} outside --cluster-cidr {cluster}: start the agent with --cluster-cidr matching podnet-control's --cluster-cidr")]
+    #[error("the control service gave pod CIDR {pod} outside its cluster CIDR {cluster}: check podnet-control's --cluster-cidr and --node-prefix")]
     ClusterMismatch { pod: Ipv4Net, cluster: Ipv4Net },
+    #[error("--cluster-cidr {flag} differs from the control service's cluster CIDR {service}: drop --cluster-cidr (the agent takes the service's) or give {service}")]
+    ClusterFlag { flag: Ipv4Net, service: Ipv4Net },
     #[error("saved state {path} is unreadable: {reason}; delete it to start fresh")]
     BadState { path: PathBuf, reason: String },
 }
@@ -46,6 +48,9 @@ pub enum MembershipError {
 /// The result of joining: enough to build the first route table.
 pub struct Joined {
     pub pod_cidr: Ipv4Net,
+    /// The whole pod network: the control service's, or `--cluster-cidr` (its default) when
+    /// static.
+    pub cluster_cidr: Ipv4Net,
     pub revision: u64,
     pub peers: Vec<Peer>,
     pub session: Option<Session>,
@@ -66,6 +71,9 @@ pub struct Session {
 struct Saved {
     node: String,
     pod_cidr: Ipv4Net,
+    /// Absent from the files of agents that took the cluster CIDR from their flag.
+    #[serde(default)]
+    cluster_cidr: Option<Ipv4Net>,
     table: NodeTable,
 }
 
@@ -108,6 +116,7 @@ pub async fn join(
                 .collect();
             return Ok(Joined {
                 pod_cidr: *pod_cidr,
+                cluster_cidr: cfg.cluster_cidr.unwrap_or(DEFAULT_CLUSTER_CIDR),
                 revision: 0,
                 peers,
                 session: None,
@@ -133,13 +142,13 @@ pub async fn join(
         client.register_with_retry(&cfg.node_name, &req),
     )
     .await;
-    let (pod_cidr, lease, table) = match registered {
+    let (pod_cidr, cluster_cidr, lease, table) = match registered {
         Ok(Ok(lease)) => {
             let table = match client.list().await {
                 Ok(list) => NodeTable::from_list(list),
                 Err(_) => load(&state_file)?.map(|s| s.table).unwrap_or_default(),
             };
-            (lease.pod_cidr, Some(lease), table)
+            (lease.pod_cidr, lease.cluster_cidr, Some(lease), table)
         }
         Ok(Err(e)) if !e.is_retryable() => return Err(MembershipError::Refused(e)),
         Ok(Err(e)) => return Err(e.into()),
@@ -159,17 +168,28 @@ pub async fn join(
                 revision = saved.table.revision,
                 "control service unreachable; forwarding with the saved node table"
             );
-            (saved.pod_cidr, None, saved.table)
+            let cluster = saved
+                .cluster_cidr
+                .or(cfg.cluster_cidr)
+                .unwrap_or(DEFAULT_CLUSTER_CIDR);
+            (saved.pod_cidr, cluster, None, saved.table)
         }
     };
-    if !cfg.cluster_cidr.contains(&pod_cidr) {
+    if let Some(flag) = cfg.cluster_cidr.filter(|f| *f != cluster_cidr) {
+        return Err(MembershipError::ClusterFlag {
+            flag,
+            service: cluster_cidr,
+        });
+    }
+    if !cluster_cidr.contains(&pod_cidr) {
         return Err(MembershipError::ClusterMismatch {
             pod: pod_cidr,
-            cluster: cfg.cluster_cidr,
+            cluster: cluster_cidr,
         });
     }
     Ok(Joined {
         pod_cidr,
+        cluster_cidr,
         revision: table.revision,
         peers: peers_from(&table, &cfg.node_name),
         session: Some(Session {
@@ -211,8 +231,8 @@ pub async fn run(session: Session, agent: Arc<Agent>) {
         table,
         state_file,
     } = session;
-    let pod_cidr = agent.info.pod_cidr;
-    persist(&state_file, &name, pod_cidr, &table);
+    let (pod_cidr, cluster_cidr) = (agent.info.pod_cidr, agent.info.cluster_cidr);
+    persist(&state_file, &name, (pod_cidr, cluster_cidr), &table);
     let renew = {
         let (client, name, req) = (client.clone(), name.clone(), req.clone());
         tokio::spawn(async move {
@@ -278,7 +298,7 @@ pub async fn run(session: Session, agent: Arc<Agent>) {
                 for n in old_names.iter().filter(|n| !new_names.contains(n)) {
                     tracing::info!(node = %n, revision = applied, "route removed");
                 }
-                persist(&state_file, &name, pod_cidr, &table);
+                persist(&state_file, &name, (pod_cidr, cluster_cidr), &table);
             }
             Err(e) => {
                 tracing::error!(error = %e, revision = table.revision, "node table rejected; keeping the previous one")
@@ -289,10 +309,18 @@ pub async fn run(session: Session, agent: Arc<Agent>) {
     watcher.abort();
 }
 
-fn persist(path: &Path, node: &str, pod_cidr: Ipv4Net, table: &NodeTable) {
+/// Writes the state an agent restarted while the control service is away starts from: the
+/// node's pod and cluster CIDRs, and the table.
+fn persist(
+    path: &Path,
+    node: &str,
+    (pod_cidr, cluster_cidr): (Ipv4Net, Ipv4Net),
+    table: &NodeTable,
+) {
     let saved = Saved {
         node: node.to_string(),
         pod_cidr,
+        cluster_cidr: Some(cluster_cidr),
         table: table.clone(),
     };
     match serde_json::to_vec_pretty(&saved) {

@@ -177,7 +177,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
         vtep_mac,
         wireguard.as_ref().map(Wireguard::public),
     ))?;
-    let pod_cidr = joined.pod_cidr;
+    let (pod_cidr, cluster_cidr) = (joined.pod_cidr, joined.cluster_cidr);
     let table = RouteTable::build(joined.revision, joined.peers)?;
     let routing = Routing {
         mode: match (encap, cfg.cross_subnet) {
@@ -248,13 +248,13 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             tun_name: cfg.tun_name.clone(),
             mtu: u32::from(mtu),
             address: tun_addr,
-            cluster_cidr: cfg.cluster_cidr,
+            cluster_cidr,
             tx_queue_len: DEFAULT_TX_QUEUE_LEN,
             direct: Arc::clone(&direct),
             underlay_index: underlay.index,
             masquerade: cfg.masquerade.then_some(Masquerade {
                 pod_cidr,
-                cluster_cidr: cfg.cluster_cidr,
+                cluster_cidr,
             }),
         },
         tun.index(),
@@ -344,14 +344,14 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             _ => (false, false, Vec::new()),
         };
         let receive_sockets = sock.receiver_count();
-        write_subnet_env(&cfg.state_dir, cfg.cluster_cidr, pod_cidr, mtu)?;
+        write_subnet_env(&cfg.state_dir, cluster_cidr, pod_cidr, mtu)?;
         let info = NodeInfo {
             node: cfg.node_name.clone(),
             underlay_ip: cfg.underlay_ip,
             underlay_dev: underlay.name.clone(),
             vtep_mac,
             pod_cidr,
-            cluster_cidr: cfg.cluster_cidr,
+            cluster_cidr,
             encap: encap.name(),
             vni: match encap {
                 Encap::Vxlan { vni } => Some(vni.get()),
@@ -386,7 +386,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             egress: if cfg.masquerade {
                 format!(
                     "masquerade {pod_cidr} to outside {} (nftables table ip {})",
-                    cfg.cluster_cidr,
+                    cluster_cidr,
                     egress::TABLE
                 )
             } else {
@@ -407,7 +407,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
                 underlay_ip: cfg.underlay_ip,
                 vtep_mac,
                 pod_cidr,
-                cluster_cidr: cfg.cluster_cidr,
+                cluster_cidr,
                 encap,
                 vni: Vni::new(cfg.vni).unwrap_or_default(),
                 mtu,
