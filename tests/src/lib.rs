@@ -8,6 +8,7 @@
 pub mod capture;
 pub mod cmd;
 pub mod http;
+pub mod packages;
 pub mod parse;
 pub mod process;
 pub mod testbed;
@@ -62,21 +63,49 @@ pub fn e2e_ready() -> bool {
     panic!("{msg}");
 }
 
-/// Panics with an install hint unless every named tool is on PATH.
+/// Panics unless every named tool is listed for the tests in `scripts/packages` (so a test
+/// that starts using a new tool fails until the list, which `scripts/test` installs from, has
+/// it) and is on PATH (naming the packages `scripts/test` would install).
 pub fn require_tools(tools: &[&str]) {
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| !tool_exists(t)).collect();
+    let items = packages::load();
+    let listed = packages::needed_by(&items, "test");
+    let unlisted: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| !listed.iter().any(|i| i.name == *t))
+        .collect();
+    assert!(
+        unlisted.is_empty(),
+        "this test uses {} but scripts/packages does not list it for the feature `test`: add \
+         a line (Debian package, features, command) so scripts/test and .ci/run install it",
+        unlisted.join(", ")
+    );
+    let missing: Vec<String> = tools
+        .iter()
+        .filter(|t| !tool_exists(t))
+        .map(|t| {
+            let package = listed.iter().find(|i| i.name == *t).map(|i| &i.package);
+            format!("{t} ({})", package.expect("checked above"))
+        })
+        .collect();
     assert!(
         missing.is_empty(),
-        "this test needs {} on PATH (apt-get install iperf3 tcpdump tshark; `.ci/run` does it)",
+        "this test needs {} on PATH: scripts/test installs them (apt-get)",
         missing.join(", ")
     );
 }
 
 /// Whether `name` is an executable file in a PATH directory.
 pub fn tool_exists(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false)
+    which(name).is_some()
+}
+
+/// Where `name` is in a PATH directory, as the shell would find it.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// Path of a podnet binary (`podnet-agent`, `podnet-control`).

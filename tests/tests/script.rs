@@ -16,6 +16,8 @@ fn netns_exists(name: &str) -> bool {
 struct Script {
     prefix: String,
     run_dir: PathBuf,
+    /// PATH for the script, when not this process's.
+    path: Option<PathBuf>,
 }
 
 impl Script {
@@ -24,15 +26,27 @@ impl Script {
         Script {
             run_dir: std::env::temp_dir().join(format!("podnet-e2e-{prefix}")),
             prefix,
+            path: None,
         }
+    }
+
+    /// The script (and all it starts) sees only the commands `scripts/packages` lists for
+    /// `features`: a command used but not listed fails it.
+    fn with_listed_commands_only(mut self, features: &[&str]) -> Script {
+        let dir = self.run_dir.with_extension("path");
+        self.path = Some(podnet_tests::packages::listed_only_path(features, &dir));
+        self
     }
 
     fn call(&self, args: &[&str]) -> (Output, String) {
         let bin_dir = podnet_bin("podnet-agent").parent().unwrap().to_owned();
-        let env = [
+        let mut env = vec![
             ("PODNET_RUN_DIR", &*self.run_dir),
             ("PODNET_BIN_DIR", &*bin_dir),
         ];
+        if let Some(path) = &self.path {
+            env.push(("PATH", path));
+        }
         run_script("testbed", args, &env)
     }
 
@@ -73,6 +87,9 @@ impl Drop for Script {
             .env("PODNET_RUN_DIR", &self.run_dir)
             .output();
         let _ = std::fs::remove_dir_all(&self.run_dir);
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_dir_all(path);
+        }
     }
 }
 
@@ -107,7 +124,9 @@ fn testbed_script_runs_podnet_with_the_control_service() {
     if !e2e_ready() {
         return;
     }
-    let s = Script::new("scctl");
+    // Only what scripts/packages lists for the testbed is on its PATH (and its agents'): the
+    // list is complete for the README's first command.
+    let s = Script::new("scctl").with_listed_commands_only(&["testbed"]);
     let text = s.up(&["--hosts", "3", "--pods-per-host", "1"]);
     assert!(text.contains("encapsulation vxlan"), "{text}");
     let (status, text) = s.call(&["status", "--prefix", &s.prefix]);
@@ -416,6 +435,94 @@ fn bench_iperf_explains_itself_and_refuses_bad_flags() {
     );
     let (ok, text) = run(&["--modes", "kernel-vxlan,vxlan-w9"]);
     assert!(!ok && text.contains("unknown mode 'vxlan-w9'"), "{text}");
+}
+
+/// The processes whose environment holds `mark` (`NAME=VALUE`): their PIDs and names.
+fn marked_processes(mark: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|v| v == mark.as_bytes()) {
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            found.push((pid, comm.trim().to_owned()));
+        }
+    }
+    found
+}
+
+/// `scripts/bench-iperf` stops every process it started: a short wireguard-go run starts two
+/// wireguard-go daemons and an iperf3 server (seen while it runs, by an environment mark they
+/// inherit), and none of them is left once it has printed its table.
+#[test]
+fn bench_iperf_leaves_no_process_it_started() {
+    if !e2e_ready() {
+        return;
+    }
+    podnet_tests::require_tools(&["wireguard-go", "wg", "iperf3"]);
+    let out_dir = tempfile::tempdir().unwrap();
+    let mark = format!("PODNET_TEST_MARK=bench-{}", std::process::id());
+    let (name, value) = mark.split_once('=').unwrap();
+    let mut child = Command::new(script_path("bench-iperf"))
+        .args([
+            "--modes",
+            "wireguard-go",
+            "--quick",
+            "--time",
+            "2",
+            "--no-chart",
+            "--out",
+        ])
+        .arg(out_dir.path())
+        .env(name, value)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("bench-iperf still running after 300 s");
+        }
+        for (pid, comm) in marked_processes(&mark) {
+            if comm == "wireguard-go" || comm == "iperf3" {
+                seen.insert((pid, comm));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(status.success(), "{text}");
+    assert!(text.contains("wireguard-go"), "{text}");
+    let daemons = seen.iter().filter(|(_, c)| c == "wireguard-go").count();
+    assert!(daemons >= 2, "saw {seen:?} while it ran: {text}");
+    assert!(
+        seen.iter().any(|(_, c)| c == "iperf3"),
+        "saw {seen:?}: {text}"
+    );
+    let left = marked_processes(&mark);
+    assert!(
+        left.is_empty(),
+        "left running after the run: {left:?}; {text}"
+    );
 }
 
 /// `scripts/ping-hops` splits real round trips into hops from four captures, idle and under an
