@@ -25,6 +25,15 @@ impl Output {
     }
 }
 
+/// What a finished `std::process::Command` printed: stdout followed by stderr, as text.
+pub fn printed(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// A `Command` for `argv`, wrapped in `ip netns exec NS` when `ns` is given.
 pub fn command(ns: Option<&str>, argv: &[&str]) -> Command {
     let (program, args) = argv.split_first().expect("empty argv");

@@ -144,11 +144,7 @@ fn with_lib(script: &str, env: &[(&str, &str)]) -> (bool, String) {
         .envs(env.iter().copied())
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = podnet_tests::cmd::printed(&out);
     (out.status.success(), text)
 }
 
@@ -203,23 +199,18 @@ fn no_install_fails_naming_the_packages_and_a_machine_without_apt_names_the_comm
         &[("PODNET_PACKAGES", &list), ("PODNET_NO_INSTALL", "1")],
     );
     assert!(ok && text.is_empty(), "{text}");
-    // PATH without apt-get: only bash's directory, through a link of its own.
+    // A PATH without apt-get: links to bash and the few commands the library runs.
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
     for tool in ["bash", "dirname", "awk", "id"] {
         let target = podnet_tests::which(tool).unwrap();
         std::os::unix::fs::symlink(target, bin.join(tool)).unwrap();
     }
-    let lib = repo().join("scripts/lib/packages.sh");
-    let out = Command::new(bin.join("bash"))
-        .arg("-c")
-        .arg(format!("source {}; ensure_packages who f1", lib.display()))
-        .env("PATH", &bin)
-        .env("PODNET_PACKAGES", &list)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
+    let (ok, text) = with_lib(
+        "ensure_packages who f1",
+        &[("PATH", bin.to_str().unwrap()), ("PODNET_PACKAGES", &list)],
+    );
+    assert!(!ok, "{text}");
     assert!(
         text.contains("this machine has no apt-get")
             && text.contains("podnet-no-such-tool /no/such/file")
@@ -233,11 +224,7 @@ fn testbed_deps_reports_per_mode_and_refuses_a_bad_flag_before_anything() {
     let testbed = repo().join("scripts/testbed");
     let run = |args: &[&str]| {
         let out = Command::new(&testbed).args(args).output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = podnet_tests::cmd::printed(&out);
         (out.status.success(), text)
     };
     let (ok, plain) = run(&["deps"]);

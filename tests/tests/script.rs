@@ -396,11 +396,7 @@ fn run_script(name: &str, args: &[&str], env: &[(&str, &Path)]) -> (Output, Stri
         .envs(env.iter().copied())
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = podnet_tests::cmd::printed(&out);
     (out, text)
 }
 
@@ -505,11 +501,7 @@ fn bench_iperf_leaves_no_process_it_started() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = podnet_tests::cmd::printed(&out);
     assert!(status.success(), "{text}");
     assert!(text.contains("wireguard-go"), "{text}");
     let daemons = seen.iter().filter(|(_, c)| c == "wireguard-go").count();
