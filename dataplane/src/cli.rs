@@ -25,7 +25,7 @@ pub const DEFAULT_CLUSTER_CIDR: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 
 #[command(
     name = "podnet-agent",
     version,
-    about = "podnet node agent: pod traffic over IP-in-IP or VXLAN"
+    about = "podnet node agent: pod traffic over IP-in-IP, VXLAN or WireGuard, or direct routes"
 )]
 pub struct Cli {
     #[command(subcommand)]

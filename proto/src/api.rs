@@ -19,10 +19,9 @@ pub const MAX_NODE_NAME_LEN: usize = 63;
 
 /// How a node receives pod packets on the underlay: what its peers must send it.
 ///
-/// `wireguard` and `none` are the contract's names of encapsulations to come (DESIGN.md,
-/// Extensions). The control service records them like the others, so a mixed cluster can be
-/// described; an agent that cannot send one answers packets for such a peer with ICMP host
-/// unreachable.
+/// `none` means direct routes on a shared underlay subnet, no tunnel. The control service
+/// records every encapsulation alike, so a mixed cluster can be described; an agent that cannot
+/// send what a peer receives answers packets for it with ICMP host unreachable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Encap {

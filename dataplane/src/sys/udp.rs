@@ -467,7 +467,7 @@ mod tests {
                 assert_eq!(got[0].0.src.port(), ports[lane % 4], "lane {lane}");
                 assert_eq!(got[0].1, payload);
             }
-            // One lane: the bound socket sends, from its own port (the old behaviour).
+            // One lane: the bound socket sends, from its own port.
             let c = loopback(0, false, false);
             assert_eq!(c.source_ports(), &[c.local_addr().port()]);
             assert_eq!(c.lane(12345), 0);
