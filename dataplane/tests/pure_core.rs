@@ -1,7 +1,7 @@
-//! The forwarding core stays pure (STYLE.md, "Sans-IO core, thin shells"): no clock, no lock, no system call, no file or
-//! socket. Time is passed in (`Forwarder::tick`, `DropWatch::tick`), and only `sys/` and the
-//! agent shell talk to the OS. This test reads the core's sources (their code, not their unit
-//! tests) and fails on the first call that would break that.
+//! The forwarding core stays pure (STYLE.md, "Sans-IO core, thin shells"): no clock, no lock,
+//! no system call, no file or socket. Time is passed in (`Forwarder::tick`, `DropWatch::tick`),
+//! and only `sys/` and the agent shell talk to the OS. This test reads the core's sources (their
+//! code, not their unit tests) and fails on the first call that would break that.
 
 use std::path::Path;
 
