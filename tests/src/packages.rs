@@ -104,11 +104,11 @@ mod tests {
             [("iproute2", "ip"), ("iproute2", "tc"), ("x", "/usr/lib/f")]
         );
         assert_eq!(items[0].features, ["testbed", "test"]);
-        let test_only: Vec<&str> = needed_by(&items, "testbed")
+        let for_testbed: Vec<&str> = needed_by(&items, "testbed")
             .iter()
             .map(|i| i.name.as_str())
             .collect();
-        assert_eq!(test_only, ["ip", "tc"]);
+        assert_eq!(for_testbed, ["ip", "tc"]);
     }
 
     #[test]
