@@ -11,7 +11,8 @@ use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
 use podnet_control::api::{Node, NodeList};
 use podnet_control::client::read_token_file;
-use podnet_control::server::{now_ms, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_WATCHERS};
+use podnet_control::clock::now_ms;
+use podnet_control::server::{DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_WATCHERS};
 use podnet_control::tls::{self, ClientArgs, Subject};
 use podnet_control::{Client, Etcd, FileStore, Server, ServerConfig};
 
@@ -290,7 +291,7 @@ fn main() -> ExitCode {
                 tls,
             } => {
                 let token = token_file.as_deref().map(read_token_file).transpose()?;
-                let files = tls.files()?;
+                let files = tls.files().map_err(tls::TlsError::from)?;
                 let list = Client::with_tls(&server, token, files.as_ref())?
                     .list()
                     .await?;

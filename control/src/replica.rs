@@ -12,10 +12,10 @@ use axum::response::{IntoResponse, Response};
 use podnet_proto::api::{EventType, RegisterRequest, WatchEvent};
 use tokio::task::JoinHandle;
 
-use crate::client::Backoff;
 use crate::etcd::{self, Etcd, EtcdError, Outcome, Plan, SWEEP_BATCH};
 use crate::server::{error, refusal, register_answer, Core, Shared};
 use crate::state::{History, Registry};
+use podnet_control_client::Backoff;
 
 /// A write planned on a stale mirror is planned again this often before the client is told
 /// to retry.

@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
@@ -31,6 +31,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::clock::{now_ms, LeaseClock};
 use crate::etcd::{Etcd, EtcdError, Mirror};
 use crate::ipam::{Ipam, IpamError};
 use crate::replica;
@@ -117,46 +118,6 @@ pub enum ServerError {
     IdleTimeout { idle: Duration, keepalive: Duration },
     #[error("server I/O: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Unix time in milliseconds from the wall clock (0 if it is set before 1970).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// The service's clock for leases and heartbeats: the wall clock read once at start, then
-/// advanced by the monotonic clock.
-///
-/// Heartbeat times are stored, so they must be Unix times that mean something after a
-/// restart; but lease expiry must not follow the wall clock while the service runs. A VM
-/// whose clock is stepped forward by NTP after boot would otherwise see every lease lapse at
-/// the next sweep and withdraw every node from every agent; a clock stepped back would keep
-/// dead nodes in the tables for as long as the step. Between restarts this clock differs from
-/// the wall clock by the steps taken since start (slewing moves both alike); a restart
-/// re-reads the wall clock and gives every live node a fresh lease anyway.
-#[derive(Clone, Copy, Debug)]
-pub struct LeaseClock {
-    start_ms: u64,
-    start: tokio::time::Instant,
-}
-
-impl LeaseClock {
-    /// A clock that reads `unix_ms` now.
-    pub fn starting_at(unix_ms: u64) -> LeaseClock {
-        LeaseClock {
-            start_ms: unix_ms,
-            start: tokio::time::Instant::now(),
-        }
-    }
-
-    /// Unix milliseconds on this clock.
-    pub fn now_ms(&self) -> u64 {
-        self.start_ms
-            .saturating_add(self.start.elapsed().as_millis() as u64)
-    }
 }
 
 pub(crate) struct Core {

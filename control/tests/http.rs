@@ -560,9 +560,9 @@ async fn keep_registered_holds_the_lease_and_lapse_withdraws() {
         assert_eq!(lease.lease_ttl_ms, 1000);
         // The answer carries the service's clock (here the same host's) for clients to use.
         let theirs = lease.server_time_ms.expect("the service sends its clock");
-        assert!(theirs.abs_diff(podnet_control::server::now_ms()) < 5_000);
+        assert!(theirs.abs_diff(podnet_control::clock::now_ms()) < 5_000);
         let learnt = client.server_time_ms().expect("learnt from the answer");
-        assert!(learnt.abs_diff(podnet_control::server::now_ms()) < 5_000);
+        assert!(learnt.abs_diff(podnet_control::clock::now_ms()) < 5_000);
         let renewer = tokio::spawn({
             let client = client.clone();
             let req = req.clone();

@@ -240,7 +240,7 @@ pub struct RunArgs {
     #[arg(long, requires = "control")]
     pub token_file: Option<PathBuf>,
     #[command(flatten)]
-    pub tls: podnet_control::tls::ClientArgs,
+    pub tls: podnet_control_client::tls::ClientArgs,
     /// Static mode: this node's pod CIDR.
     #[arg(long)]
     pub pod_cidr: Option<Ipv4Net>,
@@ -298,7 +298,7 @@ pub enum Membership {
         url: String,
         token_file: Option<PathBuf>,
         /// The CA and certificate for an https:// URL.
-        tls: Option<podnet_control::tls::ClientFiles>,
+        tls: Option<podnet_control_client::tls::ClientFiles>,
     },
 }
 

@@ -20,7 +20,7 @@ use ipnet::Ipv4Net;
 use podnet_proto::ethernet::MacAddr;
 use serde::{Deserialize, Serialize};
 
-use podnet_control::metrics::{self, label, one, Families, Labels};
+use podnet_control_client::metrics::{self, label, one, Families, Labels};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;

@@ -1,7 +1,7 @@
 //! Where the agent's pod CIDR and peers come from: static flags, or `podnet-control`.
 //!
 //! In control mode the agent registers, renews its lease and follows the watch (all in
-//! [`podnet_control::client`]); every change of the node table becomes a new route table that
+//! [`podnet_control_client::client`]); every change of the node table becomes a new route table that
 //! is swapped in while the data path keeps running, and is written to
 //! `<state-dir>/nodes.json` so an agent restarted while the control service is down forwards
 //! with the last table it knew.
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use podnet_control::client::{read_token_file, Client, ClientError};
+use podnet_control_client::client::{read_token_file, Client, ClientError};
 use podnet_proto::api::{NodeTable, RegisterRequest, RegisterResponse, WgKey};
 use podnet_proto::ethernet::MacAddr;
 use serde::{Deserialize, Serialize};

@@ -82,7 +82,7 @@ pub struct Agent {
     pub routing: Routing,
     pub direct: Arc<ArcSwap<DirectRoutes>>,
     /// The control service client in control mode (for the graceful leave at shutdown).
-    pub control: Option<podnet_control::client::Client>,
+    pub control: Option<podnet_control_client::client::Client>,
 }
 
 impl Agent {
