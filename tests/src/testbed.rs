@@ -1176,6 +1176,15 @@ impl Testbed {
         std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// The first finished line of process `name`'s log that starts with `prefix`. A line the
+    /// process is still writing has no newline yet, and reading it would cut it short.
+    pub fn finished_line(&self, name: &str, prefix: &str) -> Option<String> {
+        self.log(name)
+            .split_inclusive('\n')
+            .find_map(|l| l.strip_suffix('\n').filter(|l| l.starts_with(prefix)))
+            .map(str::to_owned)
+    }
+
     /// Starts host n's agent again with the testbed's flags for podnet host `mode` (after a
     /// stop or SIGKILL) and waits until it is up; returns when it was.
     pub fn restart_agent(&mut self, n: u8, mode: HostMode) -> Instant {

@@ -347,11 +347,8 @@ fn small_datagram_bursts(encap: Encap, path: Path) {
         "the burst receiver's summary",
         Duration::from_secs(20),
         || {
-            let log = tb.log("burst-rx");
-            match log.lines().find(|l| l.starts_with("received")) {
-                Some(l) => Ok(l.to_owned()),
-                None => Err(log),
-            }
+            tb.finished_line("burst-rx", "received")
+                .ok_or_else(|| tb.log("burst-rx"))
         },
     )
     .unwrap();

@@ -172,11 +172,8 @@ fn many_flows(encap: Encap, offload: bool) {
             &format!("the receiver's {prefix} line"),
             Duration::from_secs(60),
             || {
-                let log = tb.log("flows-rx");
-                match log.lines().find(|l| l.starts_with(prefix)) {
-                    Some(l) => Ok(l.to_owned()),
-                    None => Err(log),
-                }
+                tb.finished_line("flows-rx", prefix)
+                    .ok_or_else(|| tb.log("flows-rx"))
             },
         )
         .unwrap()
