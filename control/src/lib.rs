@@ -10,7 +10,6 @@
 pub mod clock;
 pub mod etcd;
 pub mod ipam;
-mod replica;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -11,6 +11,7 @@ pub mod http;
 pub mod packages;
 pub mod parse;
 pub mod process;
+pub mod source;
 pub mod testbed;
 pub mod wait;
 pub mod wg;

@@ -11,7 +11,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 #[cfg(test)]
-use super::{wait_readable, Stop};
+use super::wait::{wait_readable, Stop};
 
 /// Most datagrams moved by one `recv_batch` or `sendmmsg` call; larger requests are cut.
 pub const MAX_BATCH: usize = 64;

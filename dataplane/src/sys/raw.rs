@@ -18,9 +18,10 @@ use std::sync::atomic::AtomicBool;
 use socket2::{Domain, Protocol, SockFilter, Socket, Type};
 
 use super::mmsg;
+use super::mmsg::{BatchSent, RecvMeta, Transmit};
+use super::sockopt::{grow_buffers, setsockopt_int, socket_drops};
 #[cfg(test)]
-use super::Stop;
-use super::{grow_buffers, setsockopt_int, socket_drops, BatchSent, RecvMeta, Transmit};
+use super::wait::Stop;
 
 /// IP protocol number of IP-in-IP (RFC 2003).
 pub const IPPROTO_IPIP: i32 = 4;

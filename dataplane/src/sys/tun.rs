@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 #[cfg(test)]
-use super::{wait_readable, Stop};
+use super::wait::{wait_readable, Stop};
 
 /// Whether `e`, from a read or write of a queue, means the device is gone (`ip link del`): the
 /// queue is detached until [`Tun::reattach`].

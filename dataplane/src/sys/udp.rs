@@ -26,10 +26,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::mmsg::{self, UDP_GRO, UDP_SEGMENT};
+use super::mmsg::{BatchSent, RecvMeta, Transmit};
+pub use super::mmsg::{MAX_GSO_SEGMENTS, MAX_UDP_PAYLOAD};
+use super::sockopt::{grow_buffers, setsockopt_int, socket_drops};
 #[cfg(test)]
-use super::Stop;
-use super::{grow_buffers, setsockopt_int, socket_drops, BatchSent, RecvMeta, Transmit};
-pub use super::{MAX_GSO_SEGMENTS, MAX_UDP_PAYLOAD};
+use super::wait::Stop;
 
 /// Default socket buffer size asked for (receive and send each).
 pub const DEFAULT_BUFFER_BYTES: usize = 8 << 20;
@@ -148,7 +149,7 @@ impl VxlanSocket {
             receivers.push(r);
         }
         // UDP_SEGMENT: Linux >= 4.18; reading the option tells whether the kernel knows it.
-        let gso = cfg.gso && super::getsockopt_int(fd, libc::SOL_UDP, UDP_SEGMENT).is_ok();
+        let gso = cfg.gso && super::sockopt::getsockopt_int(fd, libc::SOL_UDP, UDP_SEGMENT).is_ok();
         let (mut senders, mut source_ports) = (Vec::new(), Vec::new());
         if cfg.source_ports > 1 {
             let any_port = SocketAddrV4::new(*cfg.bind.ip(), 0);
@@ -353,8 +354,8 @@ impl AsFd for VxlanSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::mmsg::MAX_BATCH;
     use crate::sys::testns::{assert_read_or_dropped, in_netns, run};
-    use crate::sys::MAX_BATCH;
 
     fn loopback(port: u16, gro: bool, gso: bool) -> VxlanSocket {
         let mut cfg = UdpConfig::new(Ipv4Addr::LOCALHOST, port);

@@ -4,18 +4,22 @@
 //! Nothing here holds the core lock across an etcd call: the mirror task needs that lock to
 //! apply what etcd says, and a write waits for the mirror to catch up before it answers.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use podnet_control_client::Backoff;
 use podnet_proto::api::{EventType, RegisterRequest, WatchEvent};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
+use super::answer::{error, refusal, register_answer};
+use super::shared::{Backend, Core, Shared};
 use crate::etcd::{self, Etcd, EtcdError, Outcome, Plan, SWEEP_BATCH};
-use crate::server::{error, refusal, register_answer, Core, Shared};
 use crate::state::{History, Registry};
-use podnet_control_client::Backoff;
 
 /// A write planned on a stale mirror is planned again this often before the client is told
 /// to retry.
@@ -25,17 +29,66 @@ const CATCH_UP: Duration = Duration::from_secs(3);
 /// How often etcd is probed for a quorum.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// Starts the mirror, the sweep and the health probe.
-pub(crate) fn spawn(shared: &Arc<Shared>, etcd: &Etcd) -> Vec<JoinHandle<()>> {
-    vec![
-        tokio::spawn(follow(shared.clone(), etcd.clone())),
-        tokio::spawn(sweep(shared.clone(), etcd.clone())),
-        tokio::spawn(probe(shared.clone(), etcd.clone())),
-    ]
+/// This replica's connection to etcd and what it knows of etcd's state. Cloned into each of
+/// its tasks.
+#[derive(Clone)]
+pub(crate) struct Replica {
+    etcd: Etcd,
+    /// The revision the mirror has caught up with.
+    mirror_revision: Arc<watch::Sender<u64>>,
+    /// Why etcd cannot take writes right now (`None` while it can).
+    down: Arc<Mutex<Option<String>>>,
+    /// Wakes the sweep when the mirror saw a lease lapse.
+    sweep_now: Arc<Notify>,
 }
 
-fn set_health(shared: &Shared, down: Option<String>) {
-    let mut cur = shared.etcd_down.lock().unwrap_or_else(|e| e.into_inner());
+impl Replica {
+    /// A replica whose mirror was loaded at `revision`.
+    pub(crate) fn new(etcd: Etcd, revision: u64) -> Replica {
+        Replica {
+            etcd,
+            mirror_revision: Arc::new(watch::channel(revision).0),
+            down: Arc::new(Mutex::new(None)),
+            sweep_now: Arc::new(Notify::new()),
+        }
+    }
+}
+
+impl Backend for Replica {
+    fn put_node<'a>(
+        &'a self,
+        shared: &'a Arc<Shared>,
+        name: &'a str,
+        req: &'a RegisterRequest,
+    ) -> BoxFuture<'a, Response> {
+        put_node(shared, self, name, req).boxed()
+    }
+
+    fn delete_node<'a>(
+        &'a self,
+        shared: &'a Arc<Shared>,
+        name: &'a str,
+        purge: bool,
+    ) -> BoxFuture<'a, Response> {
+        delete_node(shared, self, name, purge).boxed()
+    }
+
+    /// Starts the mirror, the sweep and the health probe.
+    fn spawn(&self, shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
+        vec![
+            tokio::spawn(follow(shared.clone(), self.clone())),
+            tokio::spawn(sweep(shared.clone(), self.clone())),
+            tokio::spawn(probe(self.clone())),
+        ]
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.down.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+fn set_health(r: &Replica, down: Option<String>) {
+    let mut cur = r.down.lock().unwrap_or_else(|e| e.into_inner());
     match (&*cur, &down) {
         (None, Some(why)) => tracing::warn!("etcd unavailable, serving the last state: {why}"),
         (Some(_), None) => tracing::info!("etcd available again"),
@@ -45,13 +98,13 @@ fn set_health(shared: &Shared, down: Option<String>) {
 }
 
 /// A write etcd could not take: 503 naming the endpoints and the error.
-fn unavailable(shared: &Shared, e: EtcdError) -> Response {
+fn unavailable(shared: &Shared, r: &Replica, e: EtcdError) -> Response {
     shared.metrics.store_errors.inc();
     let detail = format!(
         "the change was not saved: {e}. Reads and watches are served from the last state; \
          retry when etcd has a quorum again"
     );
-    set_health(shared, Some(e.to_string()));
+    set_health(r, Some(e.to_string()));
     let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, "etcd_unavailable", detail);
     resp.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -67,8 +120,8 @@ fn busy() -> Response {
 }
 
 /// Waits until the mirror has applied `revision` (or [`CATCH_UP`] passed).
-async fn catch_up(shared: &Shared, revision: u64) {
-    let mut seen = shared.mirror_revision.subscribe();
+async fn catch_up(r: &Replica, revision: u64) {
+    let mut seen = r.mirror_revision.subscribe();
     let _ = tokio::time::timeout(CATCH_UP, seen.wait_for(|r| *r >= revision)).await;
 }
 
@@ -87,12 +140,13 @@ fn plan_change(etcd: &Etcd, core: &Core, next: &Registry, now: u64) -> Plan {
 }
 
 /// Joins a node or renews its lease.
-pub(crate) async fn put_node(
+async fn put_node(
     shared: &Arc<Shared>,
-    etcd: &Etcd,
+    r: &Replica,
     name: &str,
     req: &RegisterRequest,
 ) -> Response {
+    let etcd = &r.etcd;
     let mut dead_lease = None;
     for _ in 0..ATTEMPTS {
         let renewal = {
@@ -107,7 +161,7 @@ pub(crate) async fn put_node(
                 Ok(true) => return register_answer(shared, &node, "renewed"),
                 // Lapsed just now: written again below with a fresh lease.
                 Ok(false) => dead_lease = Some(lease),
-                Err(e) => return unavailable(shared, e),
+                Err(e) => return unavailable(shared, r, e),
             }
         }
         let now = shared.clock.now_ms();
@@ -143,14 +197,14 @@ pub(crate) async fn put_node(
         let outcome = etcd.commit(&plan).await;
         // Released once the mirror shows the claim (or shows who won the block).
         if let Ok(Outcome::Applied(revision) | Outcome::Conflict(revision)) = outcome {
-            catch_up(shared, revision).await;
+            catch_up(r, revision).await;
         }
         if let Some(net) = claim {
             shared.core.lock().await.registry.release(net);
         }
         match outcome {
             Ok(Outcome::Applied(revision)) => {
-                set_health(shared, None);
+                set_health(r, None);
                 let mut node = done.node.clone();
                 node.revision = revision;
                 let result = match done.event.as_ref().map(|e| e.kind) {
@@ -167,19 +221,15 @@ pub(crate) async fn put_node(
             Ok(Outcome::Conflict(revision)) => {
                 tracing::debug!(node = %name, revision, "another replica wrote first, planning again");
             }
-            Err(e) => return unavailable(shared, e),
+            Err(e) => return unavailable(shared, r, e),
         }
     }
     busy()
 }
 
 /// Graceful leave (and `purge`).
-pub(crate) async fn delete_node(
-    shared: &Arc<Shared>,
-    etcd: &Etcd,
-    name: &str,
-    purge: bool,
-) -> Response {
+async fn delete_node(shared: &Arc<Shared>, r: &Replica, name: &str, purge: bool) -> Response {
+    let etcd = &r.etcd;
     for _ in 0..ATTEMPTS {
         let plan = {
             let core = shared.core.lock().await;
@@ -198,12 +248,12 @@ pub(crate) async fn delete_node(
         }
         match etcd.commit(&plan).await {
             Ok(Outcome::Applied(revision)) => {
-                catch_up(shared, revision).await;
+                catch_up(r, revision).await;
                 tracing::info!(node = %name, purge, "node left");
                 return StatusCode::NO_CONTENT.into_response();
             }
-            Ok(Outcome::Conflict(revision)) => catch_up(shared, revision).await,
-            Err(e) => return unavailable(shared, e),
+            Ok(Outcome::Conflict(revision)) => catch_up(r, revision).await,
+            Err(e) => return unavailable(shared, r, e),
         }
     }
     busy()
@@ -216,7 +266,8 @@ pub(crate) async fn delete_node(
 /// A lapsed node is written in a transaction of its own, so every withdrawal has its own
 /// revision and a watch resumed from any revision misses none. Forgetting down nodes sends
 /// no event, so those go in batches.
-async fn sweep(shared: Arc<Shared>, etcd: Etcd) {
+async fn sweep(shared: Arc<Shared>, r: Replica) {
+    let etcd = &r.etcd;
     let period =
         (shared.config.lease_ttl / 10).clamp(Duration::from_millis(20), Duration::from_secs(1));
     let reclaim_after = shared.config.reclaim_after.as_millis() as u64;
@@ -225,7 +276,7 @@ async fn sweep(shared: Arc<Shared>, etcd: Etcd) {
         if !more {
             tokio::select! {
                 _ = tokio::time::sleep(period) => {}
-                _ = shared.sweep_now.notified() => {}
+                _ = r.sweep_now.notified() => {}
             }
         }
         more = false;
@@ -259,7 +310,7 @@ async fn sweep(shared: Arc<Shared>, etcd: Etcd) {
             for name in &expired {
                 next.remove(name, true);
             }
-            (plan_change(&etcd, &core, &next, now), lapsed)
+            (plan_change(etcd, &core, &next, now), lapsed)
         };
         match etcd.commit(&plan).await {
             Ok(Outcome::Applied(revision)) => {
@@ -267,12 +318,12 @@ async fn sweep(shared: Arc<Shared>, etcd: Etcd) {
                     tracing::info!(node = %name, revision, "lease lapsed, node withdrawn");
                 }
                 shared.metrics.lapsed.inc_by(lapsed.len() as u64);
-                catch_up(&shared, revision).await;
+                catch_up(&r, revision).await;
                 more = true;
             }
             // Another replica marked them first, or a node renewed meanwhile.
             Ok(Outcome::Conflict(revision)) => {
-                catch_up(&shared, revision).await;
+                catch_up(&r, revision).await;
                 more = true;
             }
             Err(e) => {
@@ -285,24 +336,25 @@ async fn sweep(shared: Arc<Shared>, etcd: Etcd) {
 }
 
 /// Tells "etcd can take writes" from "it cannot" once a second.
-async fn probe(shared: Arc<Shared>, etcd: Etcd) {
+async fn probe(r: Replica) {
     loop {
-        let health = etcd.probe().await.err().map(|e| e.to_string());
-        set_health(&shared, health);
+        let health = r.etcd.probe().await.err().map(|e| e.to_string());
+        set_health(&r, health);
         tokio::time::sleep(PROBE_EVERY).await;
     }
 }
 
 /// Keeps the mirror equal to etcd: one watch on the prefix, resumed after the last revision
 /// applied when it breaks; read afresh when etcd compacted that revision away.
-async fn follow(shared: Arc<Shared>, etcd: Etcd) {
+async fn follow(shared: Arc<Shared>, r: Replica) {
+    let etcd = &r.etcd;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let from = shared.core.lock().await.registry.revision() + 1;
         let mut stream = match etcd.watch(from).await {
             Ok(stream) => stream,
             Err(e) => {
-                set_health(&shared, Some(e.to_string()));
+                set_health(&r, Some(e.to_string()));
                 tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
@@ -323,7 +375,7 @@ async fn follow(shared: Arc<Shared>, etcd: Etcd) {
                     compacted = resp.compact_revision(),
                     "etcd compacted the revision the mirror was at, reading everything again"
                 );
-                reload(&shared, &etcd).await;
+                reload(&shared, &r).await;
                 break;
             }
             if resp.canceled() {
@@ -348,9 +400,9 @@ async fn follow(shared: Arc<Shared>, etcd: Etcd) {
             let revision = core.registry.revision();
             core.history.advance_to(revision);
             if core.mirror.lapsed(&core.registry).next().is_some() {
-                shared.sweep_now.notify_one();
+                r.sweep_now.notify_one();
             }
-            shared.mirror_revision.send_replace(revision);
+            r.mirror_revision.send_replace(revision);
         }
         tokio::time::sleep(backoff.next_delay()).await;
     }
@@ -366,7 +418,8 @@ fn publish(shared: &Shared, history: &mut History, events: Vec<WatchEvent>) {
 
 /// Reads everything again after a compaction. Watchers get an event for every node that
 /// changed meanwhile; resuming from an older revision is then answered 410, so agents list.
-async fn reload(shared: &Shared, etcd: &Etcd) {
+async fn reload(shared: &Shared, r: &Replica) {
+    let etcd = &r.etcd;
     let (ipam, timing) = {
         let core = shared.core.lock().await;
         (*core.registry.ipam(), core.registry.timing())
@@ -375,7 +428,7 @@ async fn reload(shared: &Shared, etcd: &Etcd) {
     let (registry, mirror, revision) = match etcd.load(ipam, timing, lease_ends).await {
         Ok(loaded) => loaded,
         Err(e) => {
-            set_health(shared, Some(e.to_string()));
+            set_health(r, Some(e.to_string()));
             return;
         }
     };
@@ -387,5 +440,5 @@ async fn reload(shared: &Shared, etcd: &Etcd) {
     for ev in events {
         let _ = shared.events.send(ev);
     }
-    shared.mirror_revision.send_replace(revision);
+    r.mirror_revision.send_replace(revision);
 }

@@ -1,12 +1,10 @@
-//! The forwarding core stays pure (STYLE.md, "Sans-IO core, thin shells"): no clock, no lock,
-//! no system call, no file or socket. Time is passed in (`Forwarder::tick`, `DropWatch::tick`),
-//! and only `sys/` and the agent shell talk to the OS. This test reads the core's sources (their
-//! code, not their unit tests) and fails on the first call that would break that.
+//! The data plane's forwarding core stays pure (STYLE.md, "Sans-IO core, thin shells"): no clock,
+//! no lock, no system call, no file or socket. Time is passed in (`Forwarder::tick`,
+//! `DropWatch::tick`), and only `sys/` and the agent shell talk to the OS. This test reads the
+//! core's sources, however deep (their code, not their unit tests), and fails on the first call
+//! that would break that.
 
-use std::path::Path;
-
-mod common;
-use common::code;
+use podnet_tests::source::{code, rust_files, workspace};
 
 /// What the core must not do, and why not.
 const FORBIDDEN: [(&str, &str); 10] = [
@@ -42,17 +40,19 @@ fn violations(name: &str, text: &str) -> Vec<String> {
 
 #[test]
 fn the_core_reads_no_clock_takes_no_lock_and_makes_no_system_call() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/core");
+    let src = workspace().join("dataplane/src/core");
+    let files = rust_files(&src);
     let mut found = Vec::new();
-    let mut files = 0;
-    for entry in std::fs::read_dir(&src).expect("src/core") {
-        let path = entry.expect("src/core entry").path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+    for path in &files {
+        let name = path.strip_prefix(&src).unwrap().display().to_string();
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{name}: {e}"));
         found.extend(violations(&name, &text));
-        files += 1;
     }
-    assert!(files >= 11, "read only {files} files of src/core");
+    assert!(
+        files.len() >= 11,
+        "read only {} files of src/core",
+        files.len()
+    );
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
 

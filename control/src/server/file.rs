@@ -1,0 +1,178 @@
+//! The embedded store: one process owns the node table and writes every change to the
+//! [`Store`] before it is applied, announced or acknowledged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use podnet_proto::api::{EventType, RegisterRequest, WatchEvent};
+use tokio::task::JoinHandle;
+
+use super::answer::{error, refusal, register_answer, store_failed};
+use super::shared::{Backend, Core, Shared};
+use crate::state::Registry;
+use crate::store::{Store, StoreError};
+
+/// The file store (or memory, in tests) behind one process.
+pub(crate) struct File {
+    pub(crate) store: Arc<dyn Store>,
+}
+
+impl File {
+    async fn put(&self, shared: &Arc<Shared>, name: &str, req: &RegisterRequest) -> Response {
+        let mut core = shared.core.lock().await;
+        // A heartbeat that changes nothing: renewed in place, without copying the registry.
+        if core.registry.is_renewal(name, req) {
+            if let Some(node) = core.registry.renew(name, shared.clock.now_ms()) {
+                let node = node.clone();
+                drop(core);
+                return register_answer(shared, &node, "renewed");
+            }
+        }
+        let mut next = core.registry.clone();
+        let done = match next.register(name, req, shared.clock.now_ms()) {
+            Ok(done) => done,
+            Err(e) => {
+                let (status, kind) = refusal(&e);
+                tracing::warn!(node = %name, "registration refused: {e}");
+                return error(status, kind, e.to_string());
+            }
+        };
+        if let Err(e) = commit(
+            &self.store,
+            shared,
+            &mut core,
+            next,
+            done.changed(),
+            done.event.clone(),
+        )
+        .await
+        {
+            return store_failed(shared, e);
+        }
+        let result = match &done.event {
+            None => "renewed",
+            Some(ev) => {
+                tracing::info!(node = %name, underlay_ip = %ev.node.underlay_ip, pod_cidr = %ev.node.pod_cidr,
+                    revision = ev.revision, "node {}", ev.kind);
+                match ev.kind {
+                    EventType::Added => "added",
+                    _ => "modified",
+                }
+            }
+        };
+        register_answer(shared, &done.node, result)
+    }
+
+    async fn delete(&self, shared: &Arc<Shared>, name: &str, purge: bool) -> Response {
+        let mut core = shared.core.lock().await;
+        let mut next = core.registry.clone();
+        let Some(event) = next.remove(name, purge) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no node named {name:?}"),
+            );
+        };
+        // Saved even without an event: a purge of a down node changes the store.
+        if let Err(e) = commit(&self.store, shared, &mut core, next, true, event).await {
+            return store_failed(shared, e);
+        }
+        tracing::info!(node = %name, purge, "node left");
+        StatusCode::NO_CONTENT.into_response()
+    }
+}
+
+impl Backend for File {
+    fn put_node<'a>(
+        &'a self,
+        shared: &'a Arc<Shared>,
+        name: &'a str,
+        req: &'a RegisterRequest,
+    ) -> BoxFuture<'a, Response> {
+        self.put(shared, name, req).boxed()
+    }
+
+    fn delete_node<'a>(
+        &'a self,
+        shared: &'a Arc<Shared>,
+        name: &'a str,
+        purge: bool,
+    ) -> BoxFuture<'a, Response> {
+        self.delete(shared, name, purge).boxed()
+    }
+
+    fn spawn(&self, shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
+        vec![tokio::spawn(sweep(self.store.clone(), shared.clone()))]
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
+}
+
+pub(super) async fn save(store: &Arc<dyn Store>, registry: &Registry) -> Result<(), StoreError> {
+    let stored = registry.to_stored();
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.save(&stored))
+        .await
+        .map_err(|e| StoreError::Other(e.to_string()))?
+}
+
+/// Marks lapsed leases down. Runs often enough that a node is withdrawn within a tenth of the
+/// lease TTL (at most a second) after it lapsed.
+pub(super) async fn sweep(store: Arc<dyn Store>, shared: Arc<Shared>) {
+    let period =
+        (shared.config.lease_ttl / 10).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    let mut stopping = shared.stopping.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+        let mut core = shared.core.lock().await;
+        let mut next = core.registry.clone();
+        let (events, changed) = next.expire(shared.clock.now_ms());
+        if !changed {
+            continue;
+        }
+        for ev in &events {
+            tracing::info!(node = %ev.node.name, underlay_ip = %ev.node.underlay_ip, revision = ev.revision,
+                "lease lapsed, node withdrawn");
+        }
+        let lapsed = events.len() as u64;
+        if let Err(e) = commit(&store, &shared, &mut core, next, true, events).await {
+            // Not committed: the next sweep tries again.
+            shared.metrics.store_errors.inc();
+            tracing::error!("{e}");
+            continue;
+        }
+        shared.metrics.lapsed.inc_by(lapsed);
+    }
+}
+
+/// Makes `next` the registry of record, then records and announces `events`. With `persist`
+/// `next` is saved first, so nothing is acknowledged or announced that a crash could lose;
+/// plain lease renewals skip the write (leases restart on load anyway).
+async fn commit(
+    store: &Arc<dyn Store>,
+    shared: &Shared,
+    core: &mut Core,
+    next: Registry,
+    persist: bool,
+    events: impl IntoIterator<Item = WatchEvent>,
+) -> Result<(), StoreError> {
+    if persist {
+        save(store, &next).await?;
+    }
+    core.registry = next;
+    for ev in events {
+        core.history.push(ev.clone());
+        // No receivers is fine: nobody is watching.
+        let _ = shared.events.send(ev);
+    }
+    Ok(())
+}
