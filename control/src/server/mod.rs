@@ -1,4 +1,5 @@
-//! The HTTP/JSON control API around the [`Registry`] (routes in DESIGN.md "Control plane").
+//! The HTTP/JSON control API around the [`Registry`](crate::state::Registry) (routes in DESIGN.md
+//! "Control plane").
 //!
 //! One async mutex serializes changes so the store sees them in order; a change is applied to a
 //! copy of the registry, written to the store, and only then committed, announced to watchers
