@@ -106,6 +106,24 @@ async fn metric(run: &Running, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
 }
 
+/// Asks `/healthz` on fresh connections until it answers `status` (the server takes and frees
+/// connection slots as it accepts and closes them), within 5 s; returns that answer's body.
+async fn healthz_until(addr: SocketAddr, status: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let request = b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+        let (got, body) = raw(addr, request).await;
+        if got == status {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/healthz still answers {got}, not {status}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap()
@@ -365,17 +383,11 @@ async fn connections_over_the_limit_get_503_and_close() {
     for _ in 0..100 {
         held.push(TcpStream::connect(run.addr).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (status, body) = raw(
-        run.addr,
-        b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(status, 503);
+    let body = healthz_until(run.addr, 503).await;
     assert_eq!(json_error(&body).0, "too_many_connections");
     // Releasing slots lets clients in again.
     held.truncate(50);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    healthz_until(run.addr, 200).await;
     serves_others(&run, "h1", 1, Duration::from_secs(5)).await;
     drop(held);
     run.stop().await;

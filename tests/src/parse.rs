@@ -106,32 +106,53 @@ pub fn iperf3_udp_json(text: &str) -> Result<IperfUdpResult, String> {
     })
 }
 
-/// Sum of every sample in Prometheus text whose metric name contains `name_part` and which
-/// carries every label in `labels` (exact values). `None` when no sample matches.
+/// Sum of the samples of metric `name` in Prometheus text (the exact name as exposed, a
+/// counter's `_total` included) that carry every label in `labels` (exact values).
 ///
-/// Matching on a name fragment lets the tests say "the drop counter for reason X" without
-/// pinning the exact metric name (`podnet_drops_total`, `podnet_dropped_packets_total`, ...).
-pub fn metric_sum(text: &str, name_part: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut total = None;
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let Some((name, sample_labels, value)) = split_sample(line) else {
-            continue;
-        };
-        if !name.contains(name_part) {
-            continue;
-        }
-        if labels
-            .iter()
-            .all(|(k, v)| sample_labels.get(k).map(String::as_str) == Some(*v))
-        {
-            *total.get_or_insert(0.0) += value;
-        }
+/// An error when the text has no such metric, or none of its samples has those labels: it
+/// names the metrics or label sets that are there, so a misspelled name or label fails the
+/// test that uses it instead of reading as zero.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Result<f64, String> {
+    let samples: Vec<_> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(split_sample)
+        .collect();
+    let family: Vec<_> = samples.iter().filter(|(n, _, _)| *n == name).collect();
+    if family.is_empty() {
+        let mut names: Vec<&str> = samples.iter().map(|(n, _, _)| *n).collect();
+        names.dedup();
+        return Err(format!(
+            "no metric {name}; the text has: {}",
+            names.join(", ")
+        ));
     }
-    total
+    let matching: Vec<f64> = family
+        .iter()
+        .filter(|(_, sample, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| sample.get(k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, _, value)| *value)
+        .collect();
+    if matching.is_empty() {
+        let seen: Vec<String> = family
+            .iter()
+            .map(|(_, sample, _)| {
+                let mut pairs: Vec<String> =
+                    sample.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                pairs.sort();
+                format!("{{{}}}", pairs.join(","))
+            })
+            .collect();
+        return Err(format!(
+            "{name} has no sample with {labels:?}; its samples: {}",
+            seen.join(" ")
+        ));
+    }
+    Ok(matching.iter().sum())
 }
 
 /// `podnet_agent_drops_total` of an agent's `/metrics` text, by reason.
@@ -241,20 +262,25 @@ mod tests {
                     podnet_drops_total{reason=\"spoofed\",dir=\"out\"} 1\n\
                     podnet_rx_packets_total{peer=\"198.18.0.2\"} 1e3\n\
                     podnet_up 1\n";
-        assert_eq!(
-            metric_sum(text, "drop", &[("reason", "wrong_vni")]),
-            Some(5.0)
+        let drops = |reason| metric_sum(text, "podnet_drops_total", &[("reason", reason)]);
+        assert_eq!(drops("wrong_vni"), Ok(5.0));
+        assert_eq!(drops("spoofed"), Ok(3.0), "summed over the other labels");
+        let misspelled = drops("wrong_vn").unwrap_err();
+        assert!(
+            misspelled.contains("no sample") && misspelled.contains("reason=wrong_vni"),
+            "{misspelled}"
         );
-        assert_eq!(
-            metric_sum(text, "drop", &[("reason", "spoofed")]),
-            Some(3.0)
-        );
-        assert_eq!(metric_sum(text, "drop", &[("reason", "not_local")]), None);
-        assert_eq!(
-            metric_sum(text, "rx_packets", &[("peer", "198.18.0.2")]),
-            Some(1000.0)
-        );
-        assert_eq!(metric_sum(text, "podnet_up", &[]), Some(1.0));
+        let rx = metric_sum(text, "podnet_rx_packets_total", &[("peer", "198.18.0.2")]);
+        assert_eq!(rx, Ok(1000.0));
+        assert_eq!(metric_sum(text, "podnet_up", &[]), Ok(1.0));
+        // A part of a name is not the name: neither a prefix nor a counter without `_total`.
+        for part in ["drop", "podnet_drops", "rx_packets"] {
+            let err = metric_sum(text, part, &[]).unwrap_err();
+            assert!(
+                err.contains("no metric") && err.contains("podnet_up"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -24,6 +24,20 @@ pub fn wait_for<T>(
     }
 }
 
+/// Waits until the output of a running `ping`, read anew by `log` each time, shows at least `n`
+/// replies: traffic has been flowing for a while before a test breaks something.
+pub fn wait_ping_replies(
+    log: impl Fn() -> String,
+    n: usize,
+    timeout: Duration,
+) -> Result<(), String> {
+    wait_for(&format!("{n} ping replies"), timeout, || {
+        let text = log();
+        let replies = text.lines().filter(|l| l.contains(" bytes from ")).count();
+        (replies >= n).then_some(()).ok_or(text)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +65,15 @@ mod tests {
         let e = r.unwrap_err();
         assert!(e.contains("never") && e.contains("still no"), "{e}");
         assert!(start.elapsed() >= Duration::from_millis(250));
+    }
+
+    #[test]
+    fn ping_replies_are_counted_from_the_log() {
+        let log = "PING 10.244.2.2 (10.244.2.2) 56(84) bytes of data.\n\
+                   64 bytes from 10.244.2.2: icmp_seq=1 ttl=62 time=0.4 ms\n\
+                   64 bytes from 10.244.2.2: icmp_seq=2 ttl=62 time=0.3 ms\n";
+        assert_eq!(wait_ping_replies(|| log.into(), 2, Duration::ZERO), Ok(()));
+        let e = wait_ping_replies(|| log.into(), 3, Duration::ZERO).unwrap_err();
+        assert!(e.contains("3 ping replies"), "{e}");
     }
 }

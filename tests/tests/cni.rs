@@ -1,4 +1,4 @@
-//! Issue 16 (CNI): pods made by `podnet-cni`, called as a runtime calls it (CNI_* variables,
+//! The CNI plugin: pods made by `podnet-cni`, called as a runtime calls it (CNI_* variables,
 //! the config on stdin), on testbeds whose agents get their pod CIDRs from podnet-control.
 //!
 //! CNI-made pods reach every pod over VXLAN and IP-in-IP and the outside through the node's

@@ -1,4 +1,4 @@
-//! Issue 3, "What it must show" 1-5: agents join through podnet-control (DESIGN.md "Control
+//! Agents join through podnet-control (DESIGN.md "Control
 //! plane"): IPAM, membership, watch, persistence, leases, and the API's error answers.
 
 use std::collections::{BTreeMap, HashSet};
@@ -211,7 +211,20 @@ fn forwarding_survives_a_control_restart() {
         .collect();
 
     tb.stop("control");
-    std::thread::sleep(Duration::from_secs(2));
+    // Forwarding holds once every agent knows the service is gone.
+    for n in 1..=3 {
+        wait_for(
+            &format!("h{n} disconnected"),
+            Duration::from_secs(10),
+            || {
+                let connected = tb.metric(n, "podnet_agent_control_connected", &[]);
+                (connected == 0.0)
+                    .then_some(())
+                    .ok_or(format!("control_connected {connected}"))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
     let failed = tb.mesh_failures();
     assert!(failed.is_empty(), "with control down: {failed:?}");
 

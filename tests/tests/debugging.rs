@@ -1,4 +1,4 @@
-//! Issue 6: the debugging commands on a live testbed (3 hosts x 1 pod, VXLAN, podnet-control).
+//! The debugging commands on a live testbed (3 hosts x 1 pod, VXLAN, podnet-control).
 //!
 //! `why` names the right peer and drop reason, injected drops show in `drops --watch`, the
 //! counters and per-peer counters, the Prometheus metrics move with iperf3 traffic, a node
@@ -39,15 +39,18 @@ fn cli(tb: &Testbed, n: u8, args: &[&str]) -> String {
     out.stdout
 }
 
-/// Value of the sample `name{labels}` (labels exactly as rendered), if present.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
+/// Value of the sample `name{labels}` (labels exactly as rendered). Panics when the text has no
+/// such sample: a misspelled series fails the test instead of reading as zero.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
 }
 
 /// The pod CIDR's third octet of host n (the control service hands them out in join order).
@@ -234,7 +237,7 @@ fn injected_drops_show_in_drops_watch_status_and_metrics() {
             &m,
             "podnet_agent_peer_drops_total{peer=\"h2\",reason=\"spoofed\"}"
         ),
-        Some(3.0),
+        3.0,
         "{m}"
     );
     assert_eq!(
@@ -242,9 +245,9 @@ fn injected_drops_show_in_drops_watch_status_and_metrics() {
             &m,
             "podnet_agent_peer_drops_total{peer=\"h3\",reason=\"spoofed\"}"
         ),
-        Some(0.0)
+        0.0
     );
-    assert!(metric(&m, "podnet_agent_drops_total{reason=\"unknown_peer\"}") >= Some(3.0));
+    assert!(metric(&m, "podnet_agent_drops_total{reason=\"unknown_peer\"}") >= 3.0);
     // The agent still forwards.
     assert!(tb.mesh_failures().is_empty());
 }
@@ -282,13 +285,10 @@ fn metrics_move_with_iperf3_traffic() {
         .unwrap_or_else(|e| panic!("iperf3: {e}"));
     let after = tb.metrics(1);
     for s in series {
-        let (x, y) = (
-            metric(&before, s).unwrap_or(0.0),
-            metric(&after, s).unwrap(),
-        );
+        let (x, y) = (metric(&before, s), metric(&after, s));
         assert!(y > x, "{s}: {x} -> {y}");
     }
-    let sent = metric(&after, series[3]).unwrap() - metric(&before, series[3]).unwrap_or(0.0);
+    let sent = metric(&after, series[3]) - metric(&before, series[3]);
     let iperf_bytes = result.received_bytes as f64;
     // Inner bytes towards h2 are at least the TCP payload iperf3 moved.
     assert!(
@@ -315,8 +315,8 @@ fn metrics_move_with_iperf3_traffic() {
             "metric {name} is not documented in docs/troubleshooting.md"
         );
     }
-    assert_eq!(metric(&after, "podnet_agent_control_connected"), Some(1.0));
-    assert_eq!(metric(&after, "podnet_agent_routes"), Some(2.0));
+    assert_eq!(metric(&after, "podnet_agent_control_connected"), 1.0);
+    assert_eq!(metric(&after, "podnet_agent_routes"), 2.0);
     // The workers' packets sum to the node's, in each direction.
     for dir in ["tx", "rx"] {
         let label = format!("direction=\"{dir}\"");
@@ -326,7 +326,7 @@ fn metrics_move_with_iperf3_traffic() {
             .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
             .sum();
         let total = format!("podnet_agent_packets_total{{{label}}}");
-        assert_eq!(Some(by_worker), metric(&after, &total), "{dir}: {after}");
+        assert_eq!(by_worker, metric(&after, &total), "{dir}: {after}");
     }
 }
 
@@ -341,7 +341,6 @@ fn a_node_joining_and_leaving_logs_route_changes_and_feeds_convergence() {
             &tb.metrics(1),
             "podnet_agent_route_convergence_seconds_count",
         )
-        .unwrap_or(0.0)
     };
     let before = count(&tb);
     tb.add_host(4, HostMode::Podnet(Encap::Vxlan));
@@ -392,7 +391,7 @@ fn a_node_joining_and_leaving_logs_route_changes_and_feeds_convergence() {
     .unwrap();
     let why = cli(&tb, 1, &["why", &cidr.network().to_string()]);
     assert!(why.contains("drop (no_route)"), "{why}");
-    assert_eq!(metric(&tb.metrics(1), "podnet_agent_routes"), Some(2.0));
+    assert_eq!(metric(&tb.metrics(1), "podnet_agent_routes"), 2.0);
 }
 
 // ---- docs/troubleshooting.md runner ---------------------------------------------------------
@@ -717,9 +716,9 @@ fn metrics_parse_with_the_prometheus_parser_and_keep_their_names() {
         ("podnet_control_connections", ""),
         ("podnet_control_connections_closed_total", "reason"),
         ("podnet_control_http_requests_total", "code"),
-        // Added with mTLS (issue 23): 0 on this testbed, which runs mTLS.
+        // 0 on this testbed, which runs mTLS.
         ("podnet_control_insecure", ""),
-        // Added with the etcd store (issue 17): always 1 on the file store.
+        // Always 1 on the file store.
         ("podnet_control_store_available", ""),
     ]);
     let mut curl = tb.operator_curl();

@@ -1,4 +1,4 @@
-//! Issue 2: the agent refuses broken setups with an error a user can act on, and a non-zero
+//! The agent refuses broken setups with an error a user can act on, and a non-zero
 //! exit, without touching what is already there.
 
 use std::time::Duration;

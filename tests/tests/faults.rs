@@ -1,4 +1,4 @@
-//! Issue 5, "What to build and show" 4: faults under load.
+//! Faults under load.
 //!
 //! - agent SIGKILL and restart under a ping stream: traffic is back within 2 s of the restart
 //!   and the node keeps its pod CIDR;
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use podnet_tests::http;
 use podnet_tests::parse::{env_file, ping_summary};
+use podnet_tests::wait::{wait_for, wait_ping_replies};
 use podnet_tests::{
     e2e_ready, must, require_tools, run, Encap, HostMode, Peers, Pod, Testbed, TestbedBuilder,
 };
@@ -68,6 +69,9 @@ fn ping_stream(tb: &mut Testbed, name: &str, from: &Pod, to: Ipv4Addr, count: u3
         &[
             "ping",
             "-n",
+            // Reports each request without a reply ("no answer yet"): the outage reaching the
+            // pods is a line in the log to wait for.
+            "-O",
             "-i",
             "0.1",
             "-W",
@@ -77,6 +81,23 @@ fn ping_stream(tb: &mut Testbed, name: &str, from: &Pod, to: Ipv4Addr, count: u3
             &to.to_string(),
         ],
     );
+}
+
+/// Waits until the ping stream `name` has at least `n` replies.
+fn wait_replies(tb: &Testbed, name: &str, n: usize) {
+    wait_ping_replies(|| tb.log(name), n, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Waits until the ping stream `name` reports a request without a reply beyond the `before`
+/// it had: the outage reached the pods.
+fn wait_unanswered(tb: &Testbed, name: &str, before: usize) -> usize {
+    let unanswered = |tb: &Testbed| tb.log(name).matches("no answer yet").count();
+    wait_for("a request without a reply", Duration::from_secs(10), || {
+        let now = unanswered(tb);
+        (now > before).then_some(now).ok_or(tb.log(name))
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn stream_summary(tb: &mut Testbed, name: &str, secs: u64) -> (u32, u32) {
@@ -95,10 +116,11 @@ fn agent_sigkill_and_restart_keeps_its_cidr_and_traffic_returns_within_2s() {
     let (pod1, pod2) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
     let cidr = subnet(&tb, 1);
     ping_stream(&mut tb, "ping", &pod2, pod1.ip, 150);
-    std::thread::sleep(Duration::from_secs(2));
+    wait_replies(&tb, "ping", 20);
 
     tb.kill9("agent-h1");
-    std::thread::sleep(Duration::from_secs(1));
+    let before = tb.log("ping").matches("no answer yet").count();
+    wait_unanswered(&tb, "ping", before);
     let args = tb.agent_args(1, Encap::Vxlan);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     tb.start_agent(1, &args);
@@ -247,9 +269,10 @@ fn underlay_link_down_and_up_traffic_resumes() {
     let (pod1, pod2) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
     let h1 = tb.host(1).ns.clone();
     ping_stream(&mut tb, "ping", &pod2, pod1.ip, 120);
-    std::thread::sleep(Duration::from_secs(2));
+    wait_replies(&tb, "ping", 20);
     must(Some(&h1), &["ip", "link", "set", "eth0", "down"]);
-    std::thread::sleep(Duration::from_secs(3));
+    let before = tb.log("ping").matches("no answer yet").count();
+    wait_unanswered(&tb, "ping", before);
     let during = run(
         Some(&pod2.ns),
         &["ping", "-n", "-c", "1", "-W", "1", &pod1.ip.to_string()],

@@ -1,4 +1,4 @@
-//! Issue 17, "What it must show" 1-5: podnet-control replicas over a real 3-member etcd
+//! podnet-control replicas over a real 3-member etcd
 //! cluster (Debian `etcd-server`), each member and replica in its own namespace on the
 //! underlay.
 
@@ -9,7 +9,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use podnet_tests::http::{self, Response};
-use podnet_tests::parse::ping_summary;
+use podnet_tests::parse::{self, ping_summary};
+use podnet_tests::wait::wait_ping_replies;
 use podnet_tests::{
     e2e_ready, podnet_bin, run, wait_for, Background, Encap, HostMode, Peers, Testbed,
     TestbedBuilder,
@@ -163,7 +164,17 @@ fn concurrent_registrations_on_two_replicas_get_distinct_cidrs() {
     let tb = replicas_only("ha-conc", 2);
     let ns = tb.host(1).ns.clone();
     let watches = [1, 2].map(|r| watch_for(&ns, tb.replica_addr(r), Duration::from_secs(25)));
-    thread::sleep(Duration::from_millis(500));
+    // Registrations start once both streams are open, so each watch sees every one.
+    for r in [1, 2] {
+        wait_for("the watch open", Duration::from_secs(10), || {
+            let m = http::get(&ns, tb.replica_addr(r), "/metrics")?.body;
+            let open = parse::metric_sum(&m, "podnet_control_watchers", &[])?;
+            (open == 1.0)
+                .then_some(())
+                .ok_or(format!("replica {r}: {open} watchers"))
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
     let acked = Arc::new(Mutex::new(BTreeMap::new()));
     let started = Instant::now();
     let threads: Vec<_> = (0..100)
@@ -343,7 +354,7 @@ fn agents_fail_over_when_their_replica_is_killed() {
     }
     let to = tb.pod(2, 1).ip;
     let mut ping = ping_flood(&tb, to, 12, "ping-failover.log");
-    thread::sleep(Duration::from_secs(2));
+    wait_ping_replies(|| ping.log(), 20, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
     tb.kill9("control1");
     let killed = Instant::now();
     let replica2 = format!("http://{}", tb.replica_addr(2));

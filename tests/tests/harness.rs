@@ -82,7 +82,7 @@ fn kernel_vxlan_testbed_pings_captures_and_checks_checksums() {
 
     // With its default offloads the kernel's vxlan device sends inner TCP checksums partial
     // (only the pseudo-header sum): the tally must tell them apart from wrong ones, or the
-    // interop tests could not see what podnet has to complete (issue 22).
+    // interop tests could not see what podnet has to complete.
     let pcap = tb.path("ul-tcp-partial.pcap");
     let cap = Capture::start(&tb.ul(), "br0", "udp port 4789", 3000, &pcap);
     let r = tb.iperf(&a, &b, 1).unwrap();

@@ -4,7 +4,7 @@
 //!
 //! The kernel's vxlan device leaves inner TCP/UDP checksums to checksum offload (the field
 //! holds only the pseudo-header sum), so these tests fail unless podnet completes them on
-//! receive (issue 22).
+//! receive.
 
 use podnet_tests::capture::{self, Capture};
 use podnet_tests::parse::{iperf3_udp_json, ping_summary};

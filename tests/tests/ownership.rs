@@ -1,4 +1,4 @@
-//! Issue 21: the agent owns its host state. A second `podnet-agent run` in the same network
+//! The agent owns its host state. A second `podnet-agent run` in the same network
 //! namespace refuses before it changes anything; a SIGKILLed agent never blocks the next start;
 //! what another process changes (the cluster route, tunl0's MTU and address, tunl0 itself) is
 //! put back within 2 s and counted; a start that fails half way leaves nothing behind. Each for
@@ -6,7 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use podnet_tests::parse::{metric_sum, ping_summary};
+use podnet_tests::parse::ping_summary;
+use podnet_tests::wait::wait_ping_replies;
 use podnet_tests::{
     e2e_ready, must, run, wait_for, Background, Encap, HostMode, Peers, Pod, Testbed,
     TestbedBuilder,
@@ -93,18 +94,14 @@ fn second_start_is_refused_and_changes_nothing(encap: Encap) {
     let before = host_state(&tb, 1);
     let (from, to) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
     // Pods ping throughout: 40 pings 0.1 s apart while the second agents come and go.
-    let ping = {
-        let ns = from.ns.clone();
-        let ip = to.ip.to_string();
-        std::thread::spawn(move || {
-            run(
-                Some(&ns),
-                &["ping", "-n", "-c", "40", "-i", "0.1", "-W", "1", &ip],
-                Duration::from_secs(20),
-            )
-        })
-    };
-    std::thread::sleep(Duration::from_millis(500));
+    let ip = to.ip.to_string();
+    let mut ping = Background::start(
+        "ping",
+        Some(&from.ns),
+        &["ping", "-n", "-c", "40", "-i", "0.1", "-W", "1", &ip],
+        &tb.path("ping-second.log"),
+    );
+    wait_ping_replies(|| ping.log(), 3, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
     let other_dir = tb.path("other-state");
     for dir in [None, Some(other_dir.to_str().unwrap())] {
         let (ok, text) = second_agent(&tb, encap, dir);
@@ -117,14 +114,10 @@ fn second_start_is_refused_and_changes_nothing(encap: Encap) {
             "the refusal must name the running agent and how to stop it ({dir:?}):\n{text}"
         );
     }
-    let pings = ping.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
-    let s = ping_summary(&pings.stdout).unwrap_or_else(|| panic!("{}", pings.combined()));
-    assert_eq!(
-        (s.transmitted, s.received),
-        (40, 40),
-        "{}",
-        pings.combined()
-    );
+    ping.wait_exit(Duration::from_secs(20));
+    let pings = ping.log();
+    let s = ping_summary(&pings).unwrap_or_else(|| panic!("{pings}"));
+    assert_eq!((s.transmitted, s.received), (40, 40), "{pings}");
     assert_eq!(
         host_state(&tb, 1),
         before,
@@ -178,12 +171,7 @@ fn until_ping(
 }
 
 fn repairs(tb: &Testbed, what: &str) -> f64 {
-    metric_sum(
-        &tb.metrics(1),
-        "podnet_agent_repairs_total",
-        &[("what", what)],
-    )
-    .unwrap_or(0.0)
+    tb.metric(1, "podnet_agent_repairs_total", &[("what", what)])
 }
 
 fn what_others_change_is_put_back(encap: Encap) {

@@ -1,4 +1,4 @@
-//! Issue 20: routing modes. `--encap none` routes pod traffic to peers on the same underlay
+//! Routing modes. `--encap none` routes pod traffic to peers on the same underlay
 //! subnet with plain kernel routes (no tunnel, no userspace data path); `--cross-subnet` does
 //! that for same-subnet peers and tunnels across subnets. The routes are host state the agent
 //! owns: they follow peers joining and leaving, and a restarted agent reconciles what a killed

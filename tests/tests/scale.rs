@@ -1,4 +1,4 @@
-//! Issue 5, "What to build and show" 5: scale on one machine. 20 hosts with 2 pods each join
+//! Scale on one machine. 20 hosts with 2 pods each join
 //! through podnet-control (VXLAN); every pod reaches every pod on every other host, and the
 //! agents' and the control service's memory and CPU at idle are reported.
 //!

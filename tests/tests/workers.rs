@@ -1,4 +1,4 @@
-//! Data-path workers (issue 18): with `--workers 2`, many concurrent flows, TCP and UDP, arrive
+//! Data-path workers: with `--workers 2`, many concurrent flows, TCP and UDP, arrive
 //! complete and in order per flow, on VXLAN and IP-in-IP, with and without TUN offload; the
 //! flows spread over both workers, and the per-worker counters sum to what was sent.
 

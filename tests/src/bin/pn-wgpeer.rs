@@ -1,5 +1,5 @@
 //! A WireGuard peer of the test's own (boringtun), run inside a testbed namespace, that
-//! handshakes with an agent and then sends it hostile messages (issue 19, test 3).
+//! handshakes with an agent and then sends it hostile messages.
 //!
 //! ```text
 //! pn-wgpeer --key FILE --peer-key KEY --to 198.18.0.1 --inner-src 10.244.2.2

@@ -1,0 +1,63 @@
+//! Pods made through the podnet CNI plugin, called as a runtime calls it.
+
+use std::time::Duration;
+
+use super::namespaces::Testbed;
+
+impl Testbed {
+    /// The network config a runtime hands `podnet-cni` on host n (`conf` replaces it).
+    pub fn cni_config(&self, n: u8) -> serde_json::Value {
+        serde_json::json!({
+            "cniVersion": "1.1.0",
+            "name": "podnet",
+            "type": "podnet",
+            "subnetFile": self.path(&format!("h{n}/subnet.env")),
+            "dataDir": self.path(&format!("h{n}-cni")),
+        })
+    }
+
+    /// Runs `podnet-cni` in host n's namespace as a runtime would: `verb`, the pod's namespace
+    /// `pod_ns` (by name, under /run/netns), `ifname`, and `conf` (default [`Self::cni_config`])
+    /// on stdin.
+    pub fn cni_call(
+        &self,
+        n: u8,
+        verb: &str,
+        pod_ns: &str,
+        ifname: &str,
+        conf: Option<&serde_json::Value>,
+    ) -> crate::Output {
+        let conf = conf.cloned().unwrap_or_else(|| self.cni_config(n));
+        let bin = crate::podnet_bin("podnet-cni");
+        self.cni_exec(n, &bin, verb, pod_ns, ifname, &conf)
+    }
+
+    /// Runs CNI plugin `plugin` (podnet's or a reference plugin) in host n's namespace as a
+    /// runtime would, `conf` on stdin.
+    pub fn cni_exec(
+        &self,
+        n: u8,
+        plugin: &std::path::Path,
+        verb: &str,
+        pod_ns: &str,
+        ifname: &str,
+        conf: &serde_json::Value,
+    ) -> crate::Output {
+        let netns = format!("/run/netns/{pod_ns}");
+        crate::cmd::run_with_stdin(
+            Some(&self.host(n).ns),
+            &[
+                "env",
+                &format!("CNI_COMMAND={verb}"),
+                &format!("CNI_CONTAINERID={pod_ns}"),
+                &format!("CNI_NETNS={netns}"),
+                &format!("CNI_IFNAME={ifname}"),
+                "CNI_PATH=/usr/lib/cni",
+                plugin.to_str().expect("utf-8 path"),
+            ],
+            conf.to_string().as_bytes(),
+            Duration::from_secs(30),
+        )
+        .expect("podnet-cni")
+    }
+}

@@ -1,0 +1,304 @@
+//! The control plane of a testbed: one file-store podnet-control, or replicas over a
+//! 3-member etcd cluster, and the PKI of an mTLS testbed.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::namespaces::Testbed;
+use super::topology::{underlay_ip, CONTROL_PORT, ETCD_MEMBERS};
+use crate::http;
+use crate::wait::wait_for;
+
+impl Testbed {
+    /// The control service's URL, or every replica's, comma-separated, as agents get them.
+    pub fn control_url(&self) -> String {
+        let scheme = if self.mtls { "https" } else { "http" };
+        if self.replicas == 0 {
+            return format!("{scheme}://{}:{CONTROL_PORT}", underlay_ip(1));
+        }
+        (1..=self.replicas)
+            .map(|r| format!("{scheme}://{}", self.replica_addr(r)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Where etcd member i (1-3) listens for clients.
+    pub fn etcd_ip(i: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 0, 200 + i)
+    }
+
+    /// The etcd client URLs, comma-separated.
+    pub fn etcd_endpoints(&self) -> String {
+        (1..=ETCD_MEMBERS)
+            .map(|i| format!("http://{}:2379", Testbed::etcd_ip(i)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Replica r's address.
+    pub fn replica_addr(&self, r: u8) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::new(198, 18, 0, 210 + r), CONTROL_PORT))
+    }
+
+    /// Namespace of replica r.
+    pub fn replica_ns(&self, r: u8) -> String {
+        format!("{}-c{r}", self.prefix)
+    }
+
+    /// Namespace of etcd member i.
+    pub fn etcd_ns(&self, i: u8) -> String {
+        format!("{}-etcd{i}", self.prefix)
+    }
+
+    /// Starts the 3-member etcd cluster and waits until it is healthy.
+    pub fn start_etcd_cluster(&mut self) {
+        crate::require_tools(&["etcd", "etcdctl"]);
+        for i in 1..=ETCD_MEMBERS {
+            self.add_underlay_node(&format!("etcd{i}"), Testbed::etcd_ip(i));
+        }
+        for i in 1..=ETCD_MEMBERS {
+            self.start_etcd(i);
+        }
+        let ns = self.etcd_ns(1);
+        let endpoints = self.etcd_endpoints();
+        let healthy = wait_for("etcd cluster healthy", Duration::from_secs(30), || {
+            let out = crate::run(
+                Some(&ns),
+                &["etcdctl", "--endpoints", &endpoints, "endpoint", "health"],
+                Duration::from_secs(10),
+            )?;
+            if out.success() {
+                Ok(())
+            } else {
+                Err(out.combined())
+            }
+        });
+        if let Err(e) = healthy {
+            panic!("{e}; etcd1 log:\n{}", self.log("etcd1"));
+        }
+    }
+
+    /// Starts (or restarts, on its data dir) etcd member i as process `etcdI`.
+    pub fn start_etcd(&mut self, i: u8) {
+        let ip = Testbed::etcd_ip(i);
+        let cluster = (1..=ETCD_MEMBERS)
+            .map(|k| format!("e{k}=http://{}:2380", Testbed::etcd_ip(k)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let data = self.path(&format!("etcd{i}.data"));
+        let client = format!("http://{ip}:2379");
+        let peer = format!("http://{ip}:2380");
+        let argv = [
+            "etcd",
+            "--name",
+            &format!("e{i}"),
+            "--data-dir",
+            data.to_str().expect("utf-8 path"),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &cluster,
+            "--initial-cluster-token",
+            &self.prefix.clone(),
+            "--initial-cluster-state",
+            "new",
+        ];
+        let ns = self.etcd_ns(i);
+        self.start(&format!("etcd{i}"), &ns, &argv);
+    }
+
+    /// The etcd member (1-3) that leads now, from `etcdctl endpoint status`.
+    pub fn etcd_leader(&self) -> Result<u8, String> {
+        let out = crate::run(
+            Some(&self.etcd_ns(1)),
+            &[
+                "etcdctl",
+                "--endpoints",
+                &self.etcd_endpoints(),
+                "endpoint",
+                "status",
+                "-w",
+                "json",
+            ],
+            Duration::from_secs(10),
+        )?;
+        let status: serde_json::Value =
+            serde_json::from_str(&out.stdout).map_err(|e| format!("{e}: {}", out.combined()))?;
+        for (i, member) in status.as_array().into_iter().flatten().enumerate() {
+            let s = &member["Status"];
+            if s["header"]["member_id"] == s["leader"] && !s["leader"].is_null() {
+                return Ok(i as u8 + 1);
+            }
+        }
+        Err(format!("no leader in {}", out.stdout))
+    }
+
+    /// Starts podnet-control replica r over the etcd cluster as process `controlR` and waits
+    /// for its /healthz (`extra` flags added).
+    pub fn start_replica(&mut self, r: u8) {
+        let ns = self.replica_ns(r);
+        let addr = self.replica_addr(r);
+        if !self.namespaces.contains(&ns) {
+            let SocketAddr::V4(v4) = addr else {
+                unreachable!("replica addresses are IPv4")
+            };
+            self.add_underlay_node(&format!("c{r}"), *v4.ip());
+        }
+        let bin = crate::podnet_bin("podnet-control");
+        let mut argv: Vec<String> = [
+            bin.to_str().expect("utf-8 path"),
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &self.etcd_endpoints(),
+            "--etcd-prefix",
+            "/podnet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.push("--insecure".into());
+        argv.extend(self.control_args.iter().cloned());
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let name = format!("control{r}");
+        self.start(&name, &ns, &argv);
+        let r = wait_for(&format!("{name} /healthz"), Duration::from_secs(20), || {
+            if let Some(status) = self.procs.get_mut(&name).and_then(|p| p.try_exit()) {
+                return Ok(Err(format!("{name} exited ({status})")));
+            }
+            match http::get(&ns, addr, "/healthz") {
+                Ok(r) if r.status == 200 => Ok(Ok(())),
+                Ok(r) => Err(format!("status {}", r.status)),
+                Err(e) => Err(e),
+            }
+        });
+        if let Err(e) | Ok(Err(e)) = r {
+            panic!("{e}; log:\n{}", self.log(&name));
+        }
+    }
+
+    /// The cluster CA and certificates of an mTLS testbed.
+    pub fn pki(&self) -> PathBuf {
+        self.path("pki")
+    }
+
+    /// `podnet-control ca ARGS`; panics unless it succeeds.
+    pub fn ca(&self, args: &[&str]) -> String {
+        let bin = crate::podnet_bin("podnet-control");
+        let mut argv = vec![bin.to_str().expect("utf-8 path"), "ca"];
+        argv.extend_from_slice(args);
+        let out = crate::run(None, &argv, Duration::from_secs(30)).expect("podnet-control ca");
+        assert!(
+            out.success(),
+            "podnet-control ca {args:?}: {}",
+            out.combined()
+        );
+        out.stdout
+    }
+
+    pub(super) fn make_pki(&self, hosts: u8) {
+        let pki = self.pki();
+        let dir = pki.to_str().expect("utf-8 path");
+        self.ca(&["init", "--dir", dir]);
+        let server_ip = underlay_ip(1).to_string();
+        self.ca(&["issue", "--dir", dir, "--server", "--ip", &server_ip]);
+        self.ca(&["issue", "--dir", dir, "--operator", "admin"]);
+        for n in 1..=hosts {
+            self.ca(&["issue", "--dir", dir, "--node", &format!("h{n}")]);
+        }
+    }
+
+    /// `curl` arguments that reach the service as the operator (`-sS --cacert .. --cert ..
+    /// --key ..`), or plain `-sS` without mTLS.
+    pub fn operator_curl(&self) -> Vec<String> {
+        let mut a = vec!["curl".to_string(), "-sS".to_string()];
+        if self.mtls {
+            let pki = self.pki();
+            for (flag, file) in [
+                ("--cacert", "ca.pem"),
+                ("--cert", "operator-admin.pem"),
+                ("--key", "operator-admin-key.pem"),
+            ] {
+                a.push(flag.into());
+                a.push(pki.join(file).to_str().expect("utf-8 path").into());
+            }
+        }
+        a
+    }
+
+    /// The control service's address (replica 1's on an HA testbed).
+    pub fn control_addr(&self) -> SocketAddr {
+        if self.replicas > 0 {
+            return self.replica_addr(1);
+        }
+        SocketAddr::from((underlay_ip(1), CONTROL_PORT))
+    }
+
+    /// Starts `podnet-control serve` in host 1 on 198.18.0.1:7800 with its state in the
+    /// testbed dir, as process `control`.
+    pub fn start_control(&mut self, extra: &[&str]) {
+        let bin = crate::podnet_bin("podnet-control");
+        let state = self.path("control-state.json");
+        let listen = self.control_addr().to_string();
+        let mut argv = vec![
+            bin.to_str().expect("utf-8 path").to_owned(),
+            "serve".into(),
+            "--listen".into(),
+            listen,
+            "--state".into(),
+            state.to_str().expect("utf-8 path").to_owned(),
+        ];
+        if self.mtls {
+            let pki = self.pki();
+            for (flag, file) in [
+                ("--tls-cert", "server.pem"),
+                ("--tls-key", "server-key.pem"),
+                ("--client-ca", "ca.pem"),
+            ] {
+                argv.push(flag.into());
+                argv.push(pki.join(file).to_str().expect("utf-8 path").into());
+            }
+        } else {
+            argv.push("--insecure".into());
+        }
+        argv.extend(self.control_args.iter().cloned());
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let ns = self.host(1).ns.clone();
+        self.start("control", &ns, &argv);
+        let addr = self.control_addr();
+        let r = wait_for("podnet-control /healthz", Duration::from_secs(20), || {
+            if let Some(status) = self.procs.get_mut("control").and_then(|p| p.try_exit()) {
+                return Ok(Err(format!("podnet-control exited ({status})")));
+            }
+            if self.mtls {
+                let mut curl = self.operator_curl();
+                curl.extend(["-f".into(), format!("{}/healthz", self.control_url())]);
+                let curl: Vec<&str> = curl.iter().map(String::as_str).collect();
+                return match crate::run(Some(&ns), &curl, Duration::from_secs(5)) {
+                    Ok(o) if o.success() => Ok(Ok(())),
+                    Ok(o) => Err(o.combined()),
+                    Err(e) => Err(e),
+                };
+            }
+            match http::get(&ns, addr, "/healthz") {
+                Ok(r) if r.status == 200 => Ok(Ok(())),
+                Ok(r) => Err(format!("status {}", r.status)),
+                Err(e) => Err(e),
+            }
+        });
+        if let Err(e) | Ok(Err(e)) = r {
+            panic!("{e}; log:\n{}", self.log("control"));
+        }
+    }
+}
