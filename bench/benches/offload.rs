@@ -9,8 +9,9 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use podnet_bench::{flow_segments, super_packet, MAX_TSO_PAYLOAD, NODE_A, NODE_B, VXLAN_MSS};
 use podnet_dataplane::core::drops::Counters;
-use podnet_dataplane::core::forward::{Encap, Forwarder, Inbound, NodeConfig, RxTally, SendPaths};
+use podnet_dataplane::core::forward::{Forwarder, Inbound, NodeConfig, RxTally, SendPaths};
 use podnet_dataplane::core::table::{Peer, PeerEncap, RouteTable};
+use podnet_proto::api::Encap;
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::gro::{Coalescer, Span};
 use podnet_proto::gso;
@@ -108,7 +109,7 @@ fn receive_path(c: &mut Criterion) {
             vtep_mac: MacAddr::vtep_for(NODE_B),
             pod_cidr: pod_b,
             cluster_cidr: "10.244.0.0/16".parse().expect("CIDR"),
-            encap: Encap::Vxlan { vni },
+            encap: Encap::Vxlan,
             vni,
             mtu: 1450,
             send: SendPaths::all(1450, 1500),

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use podnet_proto::api;
 use podnet_proto::ethernet::MacAddr;
@@ -87,25 +88,21 @@ pub struct ApiArgs {
     pub json: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum EncapArg {
-    Ipip,
-    Vxlan,
-    /// No tunnel: direct kernel routes to peers on the underlay subnet.
-    None,
-    /// WireGuard transport messages on UDP 51820 (encrypted; standard WireGuard peers
-    /// interoperate). The key pair lives in the state dir.
-    Wireguard,
+/// `--encap`: the control API's [`api::Encap`] by its wire name (the one place they are
+/// written), each listed in `--help` with what it means.
+fn encap_parser() -> impl clap::builder::TypedValueParser<Value = api::Encap> {
+    let values = api::Encap::ALL.map(|e| PossibleValue::new(e.name()).help(encap_help(e)));
+    PossibleValuesParser::new(values).try_map(|name| name.parse::<api::Encap>())
 }
 
-impl EncapArg {
-    /// The encapsulation's name in the control API.
-    pub fn advertised(self) -> api::Encap {
-        match self {
-            EncapArg::Ipip => api::Encap::Ipip,
-            EncapArg::Vxlan => api::Encap::Vxlan,
-            EncapArg::None => api::Encap::None,
-            EncapArg::Wireguard => api::Encap::Wireguard,
+fn encap_help(encap: api::Encap) -> &'static str {
+    match encap {
+        api::Encap::Ipip => "IPv4-in-IPv4 (IP protocol 4), as Linux ipip devices send it",
+        api::Encap::Vxlan => "VXLAN on UDP 4789, as Linux vxlan devices send it",
+        api::Encap::None => "No tunnel: direct kernel routes to peers on the underlay subnet",
+        api::Encap::Wireguard => {
+            "WireGuard transport messages on UDP 51820 (encrypted; standard WireGuard peers \
+             interoperate). The key pair lives in the state dir"
         }
     }
 }
@@ -217,8 +214,8 @@ pub struct RunArgs {
     pub underlay_dev: Option<String>,
     /// What this node receives (peers are each sent what they receive); `none`: no tunnel,
     /// direct routes to the peers on the underlay subnet.
-    #[arg(long, value_enum)]
-    pub encap: EncapArg,
+    #[arg(long, value_parser = encap_parser())]
+    pub encap: api::Encap,
     /// With --encap vxlan|ipip: direct routes to peers on the underlay subnet, the tunnel to
     /// the others.
     #[arg(long)]
@@ -347,7 +344,7 @@ pub struct RunConfig {
     pub node_name: String,
     pub underlay_ip: Ipv4Addr,
     pub underlay_dev: Option<String>,
-    pub encap: EncapArg,
+    pub encap: api::Encap,
     pub cross_subnet: bool,
     pub vni: u32,
     pub tun_name: String,
@@ -407,10 +404,10 @@ impl RunArgs {
         if !valid_ifname(&self.tun_name) {
             return Err(ConfigError::TunName(self.tun_name));
         }
-        if self.cross_subnet && self.encap == EncapArg::None {
+        if self.cross_subnet && self.encap == api::Encap::None {
             return Err(ConfigError::CrossSubnetWithoutTunnel);
         }
-        if self.cross_subnet && self.encap == EncapArg::Wireguard {
+        if self.cross_subnet && self.encap == api::Encap::Wireguard {
             return Err(ConfigError::CrossSubnetInClear);
         }
         if let Some(workers) = self.workers.filter(|w| *w > self.tun_queues) {
@@ -437,7 +434,7 @@ impl RunArgs {
             (None, Some(pod)) => {
                 let cluster = self.cluster_cidr.unwrap_or(DEFAULT_CLUSTER_CIDR);
                 validate_static(pod, &self.static_peer, cluster, self.underlay_ip)?;
-                let own = self.encap.advertised();
+                let own = self.encap;
                 if let Some(p) = self.static_peer.iter().find(|p| {
                     p.encap.unwrap_or(own) == api::Encap::Wireguard && p.wireguard_key.is_none()
                 }) {
@@ -765,7 +762,7 @@ mod tests {
             ])
         };
         let c = wg(format!("10.244.2.0/24=198.18.0.2@{KEY}")).unwrap();
-        assert_eq!(c.encap, EncapArg::Wireguard);
+        assert_eq!(c.encap, api::Encap::Wireguard);
         let Membership::Static { peers, .. } = &c.membership else {
             panic!("static")
         };

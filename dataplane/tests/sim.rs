@@ -20,10 +20,10 @@ use etherparse::{
 use ipnet::Ipv4Net;
 use podnet_dataplane::core::drops::{Counters, DropReason};
 use podnet_dataplane::core::forward::{
-    Encap, Forwarder, Inbound, NodeConfig, Outbound, SendPaths, SuperOutbound, HEADROOM,
-    SCRATCH_LEN,
+    Forwarder, Inbound, NodeConfig, Outbound, SendPaths, SuperOutbound, HEADROOM, SCRATCH_LEN,
 };
 use podnet_dataplane::core::table::{Peer, PeerEncap, RouteTable};
+use podnet_proto::api::Encap;
 use podnet_proto::checksum;
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::gro::{Coalescer, Span};
@@ -33,6 +33,8 @@ use proptest::prelude::*;
 
 const MTU: u16 = 1400;
 const ICMP_SOURCE: [u8; 4] = [10, 244, 0, 254];
+/// The cluster's VXLAN network identifier in every simulated node.
+const VNI: u32 = 42;
 
 fn underlay(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, n)
@@ -53,7 +55,7 @@ fn peer(n: u8, encap: Encap) -> Peer {
         underlay_ip: underlay(n),
         vtep_mac: MacAddr::vtep_for(underlay(n)),
         pod_cidr: pod_cidr(n),
-        encap: encap.as_peer(),
+        encap: PeerEncap::of(encap, None),
     }
 }
 
@@ -99,10 +101,7 @@ impl Sim {
                     pod_cidr: pod_cidr(n),
                     cluster_cidr: "10.244.0.0/16".parse().unwrap(),
                     encap,
-                    vni: match encap {
-                        Encap::Vxlan { vni } => vni,
-                        Encap::Ipip | Encap::None | Encap::Wireguard => Vni::default(),
-                    },
+                    vni: Vni::new(VNI).unwrap(),
                     mtu: MTU,
                     send: SendPaths::all(MTU, u32::from(MTU) + 50),
                     icmp_source: ICMP_SOURCE.into(),
@@ -211,7 +210,7 @@ impl Sim {
         let table = node.table.load();
         let verdict = match encap {
             Encap::Ipip => node.fwd.inbound_ipip(&table, &w.bytes),
-            Encap::Vxlan { .. } => node.fwd.inbound_vxlan(&table, w.from, &w.bytes),
+            Encap::Vxlan => node.fwd.inbound_vxlan(&table, w.from, &w.bytes),
             Encap::None | Encap::Wireguard => {
                 unreachable!("the simulation runs the clear tunnels only")
             }
@@ -240,12 +239,7 @@ impl Sim {
 }
 
 fn both_encaps() -> [Encap; 2] {
-    [
-        Encap::Ipip,
-        Encap::Vxlan {
-            vni: Vni::new(42).unwrap(),
-        },
-    ]
+    [Encap::Ipip, Encap::Vxlan]
 }
 
 fn udp(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
@@ -370,12 +364,7 @@ fn ipip_wire_format_parses_with_etherparse() {
 
 #[test]
 fn vxlan_wire_format_parses_with_etherparse() {
-    let mut sim = Sim::new(
-        Encap::Vxlan {
-            vni: Vni::new(42).unwrap(),
-        },
-        2,
-    );
+    let mut sim = Sim::new(Encap::Vxlan, 2);
     let inner = udp(pod(1, 2), pod(2, 3), b"payload");
     sim.send(1, &inner);
     let w = sim.wire.pop_front().unwrap();

@@ -32,7 +32,22 @@ pub enum Encap {
 }
 
 impl Encap {
-    /// The name on the command line and in JSON.
+    /// Every encapsulation, in the order the command line lists them.
+    pub const ALL: [Encap; 4] = [Encap::Ipip, Encap::Vxlan, Encap::Wireguard, Encap::None];
+
+    /// Bytes the encapsulation adds on an IPv4 underlay (outer headers included): what the
+    /// overlay MTU must leave free below the underlay MTU.
+    pub const fn overhead(self) -> usize {
+        match self {
+            Encap::Ipip => crate::ipip::OVERHEAD,
+            Encap::Vxlan => crate::vxlan::OVERHEAD,
+            Encap::Wireguard => crate::wireguard::OVERHEAD,
+            Encap::None => 0,
+        }
+    }
+
+    /// The name on the command line, in JSON and in the agent's output: the one place the
+    /// wire names are written.
     pub const fn name(self) -> &'static str {
         match self {
             Encap::Ipip => "ipip",
@@ -53,15 +68,12 @@ impl FromStr for Encap {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "ipip" => Ok(Encap::Ipip),
-            "vxlan" => Ok(Encap::Vxlan),
-            "wireguard" => Ok(Encap::Wireguard),
-            "none" => Ok(Encap::None),
-            other => Err(format!(
-                "unknown encapsulation {other:?}, expected ipip, vxlan, wireguard or none"
-            )),
-        }
+        Encap::ALL
+            .into_iter()
+            .find(|e| e.name() == s)
+            .ok_or_else(|| {
+                format!("unknown encapsulation {s:?}, expected ipip, vxlan, wireguard or none")
+            })
     }
 }
 
@@ -344,6 +356,21 @@ pub fn validate_node_name(name: &str) -> Result<(), NameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_encapsulation_has_one_name_in_json_on_the_command_line_and_in_output() {
+        for e in Encap::ALL {
+            let json = serde_json::to_string(&e).unwrap();
+            assert_eq!(json, format!("\"{}\"", e.name()));
+            assert_eq!(serde_json::from_str::<Encap>(&json).unwrap(), e);
+            assert_eq!(e.name().parse::<Encap>(), Ok(e));
+            assert_eq!(e.to_string(), e.name());
+        }
+        let err = "gre".parse::<Encap>().unwrap_err();
+        assert!(err.contains("ipip, vxlan, wireguard or none"), "{err}");
+        let overheads = Encap::ALL.map(Encap::overhead);
+        assert_eq!(overheads, [20, 50, 60, 0]);
+    }
 
     fn node(name: &str, state: NodeState, revision: u64) -> Node {
         Node {

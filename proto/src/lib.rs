@@ -21,3 +21,4 @@ pub mod ipip;
 pub mod ipv4;
 pub mod virtio;
 pub mod vxlan;
+pub mod wireguard;

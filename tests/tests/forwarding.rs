@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use podnet_tests::capture::{self, Capture};
 use podnet_tests::parse::{drops_by_reason, frag_needed_mtu, ping_summary};
+use podnet_tests::testbed::underlay_filter;
 use podnet_tests::wait::wait_for;
 use podnet_tests::{
     e2e_ready, expected_workers, must, require_tools, run, Encap, HostMode, Peers, Testbed,
@@ -83,7 +84,7 @@ fn full_mesh(encap: Encap, path: Path) {
     if !e2e_ready() {
         return;
     }
-    let tb = podnet(&format!("mesh{}", encap.as_str()), encap, path);
+    let tb = podnet(&format!("mesh{}", encap.name()), encap, path);
     let failed = tb.mesh_failures();
     assert!(failed.is_empty(), "no ping: {failed:?}");
     // Three pings per cross-host pair, none lost.
@@ -130,10 +131,10 @@ fn iperf_and_checksums(encap: Encap, path: Path) {
         return;
     }
     require_tools(&["iperf3", "tcpdump", "tshark"]);
-    let mut tb = podnet(&format!("iperf{}", encap.as_str()), encap, path);
+    let mut tb = podnet(&format!("iperf{}", encap.name()), encap, path);
     let (a, b) = (tb.pod(1, 1).clone(), tb.pod(2, 2).clone());
     let pcap = tb.path("underlay-tcp.pcap");
-    let cap = Capture::start(&tb.ul(), "br0", encap.underlay_filter(), 3000, &pcap);
+    let cap = Capture::start(&tb.ul(), "br0", underlay_filter(encap), 3000, &pcap);
     let r = tb
         .iperf(&a, &b, 3)
         .unwrap_or_else(|e| panic!("iperf3 {} -> {}: {e}", a.ns, b.ip));
@@ -306,7 +307,7 @@ fn small_datagram_bursts(encap: Encap, path: Path) {
     }
     require_tools(&["python3", "tcpdump"]);
     const COUNT: u32 = 3000;
-    let mut tb = podnet(&format!("burst{}", encap.as_str()), encap, path);
+    let mut tb = podnet(&format!("burst{}", encap.name()), encap, path);
     let (a, b) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
     let (rx, tx) = (tb.path("burst-rx.py"), tb.path("burst-tx.py"));
     std::fs::write(&rx, BURST_RECEIVER).expect("write receiver");
@@ -326,7 +327,7 @@ fn small_datagram_bursts(encap: Encap, path: Path) {
     let cap = Capture::start(
         &tb.host(2).ns,
         "eth0",
-        &format!("{} and greater 1600", encap.underlay_filter()),
+        &format!("{} and greater 1600", underlay_filter(encap)),
         1000,
         &pcap,
     );
@@ -504,12 +505,12 @@ fn tcpdump_views(encap: Encap, path: Path) {
         return;
     }
     require_tools(&["tcpdump"]);
-    let tb = podnet(&format!("dump{}", encap.as_str()), encap, path);
+    let tb = podnet(&format!("dump{}", encap.name()), encap, path);
     let (a, b) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
     let inner = tb.path("tunl0.pcap");
     let outer = tb.path("underlay.pcap");
     let cap_in = Capture::start(&tb.host(1).ns, "tunl0", "icmp", 6, &inner);
-    let cap_out = Capture::start(&tb.ul(), "br0", encap.underlay_filter(), 6, &outer);
+    let cap_out = Capture::start(&tb.ul(), "br0", underlay_filter(encap), 6, &outer);
     let out = tb.ping(&a, b.ip, 3);
     assert!(out.success(), "{}", out.combined());
     let inner = capture::tcpdump_text(&cap_in.finish(), false);
@@ -553,6 +554,7 @@ fn tcpdump_views(encap: Encap, path: Path) {
                 "underlay:\n{outer}"
             );
         }
+        Encap::None => unreachable!("--encap none has no tunnel to look into (routing_modes.rs)"),
     }
 }
 
@@ -597,8 +599,8 @@ fn unreachable_and_mtu(encap: Encap, path: Path) {
     if !e2e_ready() {
         return;
     }
-    let tb = podnet(&format!("icmp{}", encap.as_str()), encap, path);
-    let mtu = 1500 - encap.overhead();
+    let tb = podnet(&format!("icmp{}", encap.name()), encap, path);
+    let mtu = 1500 - encap.overhead() as u32;
     let link = must(Some(&tb.host(1).ns), &["ip", "link", "show", "tunl0"]).stdout;
     assert!(
         link.contains(&format!("mtu {mtu} ")),
@@ -677,7 +679,7 @@ fn foreign_packets(encap: Encap, path: Path) {
     if !e2e_ready() {
         return;
     }
-    let mut tb = podnet(&format!("junk{}", encap.as_str()), encap, path);
+    let mut tb = podnet(&format!("junk{}", encap.name()), encap, path);
     let rogue = tb.add_underlay_node("x", "198.18.0.99".parse().unwrap());
     let h2 = tb.host(2).ns.clone();
     let inject = env!("CARGO_BIN_EXE_pn-inject");
@@ -703,7 +705,7 @@ fn foreign_packets(encap: Encap, path: Path) {
         let mut argv = vec![
             inject,
             "--encap",
-            encap.as_str(),
+            encap.name(),
             "--to",
             "198.18.0.1",
             "--count",
@@ -742,7 +744,7 @@ fn foreign_packets(encap: Encap, path: Path) {
         &[
             inject,
             "--encap",
-            encap.as_str(),
+            encap.name(),
             "--to",
             "198.18.0.1",
             "--inner-src",

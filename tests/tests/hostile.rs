@@ -24,6 +24,10 @@ use podnet_tests::{
     TestbedBuilder,
 };
 
+/// Why a case of this suite never has another encapsulation.
+const ONLY_TUNNELS: &str =
+    "this suite sends IP-in-IP and VXLAN frames; WireGuard's hostile cases are in wireguard.rs";
+
 /// Sends the frames listed in a file (`COUNT HEX` per line) on an interface, at most
 /// `LIMIT` seconds in all; prints how many were sent.
 const SENDER: &str = r#"
@@ -170,7 +174,7 @@ impl Net {
         let outer = match self.encap {
             Encap::Ipip => ip(src, dst, ipv4::protocol::IPIP, 0, payload),
             Encap::Vxlan => ip(src, dst, ipv4::protocol::UDP, 4789, payload),
-            Encap::Wireguard => unreachable!("WireGuard's hostile cases are in wireguard.rs"),
+            Encap::Wireguard | Encap::None => unreachable!("{ONLY_TUNNELS}"),
         };
         let mut f = Vec::with_capacity(14 + outer.len());
         f.extend_from_slice(&self.h1_mac);
@@ -183,7 +187,7 @@ impl Net {
     /// What goes in front of an inner packet: nothing for IP-in-IP, VXLAN + Ethernet for VXLAN.
     fn wrap(&self, inner: &[u8], vni: u32, flags: u8, ethertype: u16) -> Vec<u8> {
         match self.encap {
-            Encap::Wireguard => unreachable!("WireGuard's hostile cases are in wireguard.rs"),
+            Encap::Wireguard | Encap::None => unreachable!("{ONLY_TUNNELS}"),
             Encap::Ipip => inner.to_vec(),
             Encap::Vxlan => {
                 let mut v = vec![flags, 0, 0, 0];
@@ -351,7 +355,7 @@ impl Net {
             },
         ];
         match self.encap {
-            Encap::Wireguard => unreachable!("WireGuard's hostile cases are in wireguard.rs"),
+            Encap::Wireguard | Encap::None => unreachable!("{ONLY_TUNNELS}"),
             Encap::Ipip => cases.push(Case {
                 name: "outer header with options (IHL 6)",
                 from: Member,
@@ -429,7 +433,7 @@ impl Net {
         match self.encap {
             Encap::Ipip => 0,
             Encap::Vxlan => 8 + 8 + 14,
-            Encap::Wireguard => unreachable!("WireGuard's hostile cases are in wireguard.rs"),
+            Encap::Wireguard | Encap::None => unreachable!("{ONLY_TUNNELS}"),
         }
     }
 }
@@ -516,6 +520,7 @@ fn socket_drops(ns: &str, encap: Encap) -> u64 {
         Encap::Ipip => ("/proc/net/raw", 4),
         Encap::Vxlan => ("/proc/net/udp", 4789),
         Encap::Wireguard => ("/proc/net/udp", 51820),
+        Encap::None => unreachable!("{ONLY_TUNNELS}"),
     };
     let out = must(Some(ns), &["cat", table]);
     out.stdout
@@ -568,7 +573,7 @@ fn hostile(encap: Encap) {
         return;
     }
     require_tools(&["iperf3", "python3", "nstat"]);
-    let mut tb = TestbedBuilder::new(&format!("hostile{}", encap.as_str()))
+    let mut tb = TestbedBuilder::new(&format!("hostile{}", encap.name()))
         .hosts(2)
         .pods_per_host(1)
         .mode(HostMode::Podnet(encap))
@@ -694,7 +699,7 @@ fn hostile(encap: Encap) {
     }
     eprintln!(
         "hostile {}: every case dropped under its counter:\n  {}",
-        encap.as_str(),
+        encap.name(),
         report.join("\n  ")
     );
 
@@ -766,7 +771,7 @@ fn hostile(encap: Encap) {
         // A group of sockets served in turn, a sender flow on each: the flood (one flow) is read
         // at the rate the iperf3 stream beside it leaves, the rest overflows its socket.
         Encap::Vxlan => assert!(flood.spoofed * 10 >= sent, "{flood}"),
-        Encap::Wireguard => unreachable!("WireGuard's hostile cases are in wireguard.rs"),
+        Encap::Wireguard | Encap::None => unreachable!("{ONLY_TUNNELS}"),
     }
     eprintln!(
         "flood: {sent} packets in {secs:.1} s ({:.0}/s); {flood}",

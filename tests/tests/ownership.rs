@@ -14,7 +14,7 @@ use podnet_tests::{
 };
 
 fn testbed(name: &str, encap: Encap) -> Testbed {
-    TestbedBuilder::new(&format!("{name}{}", encap.as_str()))
+    TestbedBuilder::new(&format!("{name}{}", encap.name()))
         .hosts(2)
         .pods_per_host(1)
         .mode(HostMode::Podnet(encap))
@@ -181,7 +181,7 @@ fn what_others_change_is_put_back(encap: Encap) {
     let mut tb = testbed("repair", encap);
     let (from, to) = (tb.pod(1, 1).clone(), tb.pod(2, 1).clone());
     let ns = tb.host(1).ns.clone();
-    let mtu = 1500 - encap.overhead();
+    let mtu = 1500 - encap.overhead() as u32;
     for (cmd, what) in [
         ("ip route del 10.244.0.0/16", "route"),
         ("ip link set tunl0 mtu 1300", "mtu"),
@@ -287,7 +287,7 @@ fn a_start_that_fails_half_way_leaves_nothing(encap: Encap) {
     if !e2e_ready() {
         return;
     }
-    let tb = TestbedBuilder::new(&format!("halfway{}", encap.as_str()))
+    let tb = TestbedBuilder::new(&format!("halfway{}", encap.name()))
         .hosts(2)
         .pods_per_host(1)
         .mode(HostMode::Bare)

@@ -138,7 +138,7 @@ fn many_flows(encap: Encap, offload: bool) {
         args.push("--no-offload");
     }
     let tag = if offload { "" } else { "n" };
-    let mut tb = TestbedBuilder::new(&format!("wk{}{tag}", encap.as_str()))
+    let mut tb = TestbedBuilder::new(&format!("wk{}{tag}", encap.name()))
         .hosts(2)
         .pods_per_host(1)
         .mode(HostMode::Podnet(encap))

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use podnet_control_client::client::{read_token_file, Client, ClientError};
+use podnet_proto::api::Encap;
 use podnet_proto::api::{NodeTable, RegisterRequest, RegisterResponse, WgKey};
 use podnet_proto::ethernet::MacAddr;
 use serde::{Deserialize, Serialize};
@@ -22,7 +23,6 @@ use tokio::sync::watch;
 use crate::agent::files::write_atomic;
 use crate::agent::state::{unix_ms, Agent};
 use crate::cli::{Membership, RunConfig, DEFAULT_CLUSTER_CIDR};
-use crate::core::forward::Encap;
 use crate::core::table::{Peer, PeerEncap};
 
 /// How long `run` waits for the control service at start before falling back to the last
@@ -111,7 +111,7 @@ pub async fn join(
                     underlay_ip: p.underlay_ip,
                     vtep_mac: p.vtep_mac,
                     pod_cidr: p.pod_cidr,
-                    encap: PeerEncap::of(p.encap.unwrap_or(encap.advertised()), p.wireguard_key),
+                    encap: PeerEncap::of(p.encap.unwrap_or(encap), p.wireguard_key),
                 })
                 .collect();
             return Ok(Joined {
@@ -132,7 +132,7 @@ pub async fn join(
     let client = Client::with_tls(url, token, tls.as_ref())?;
     let req = RegisterRequest {
         underlay_ip: cfg.underlay_ip,
-        encap: encap.advertised(),
+        encap,
         vtep_mac: Some(vtep_mac),
         wireguard_public_key,
     };

@@ -21,12 +21,13 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
+use podnet_proto::api::Encap;
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::vxlan::{self, Vni};
 
-use crate::cli::{EncapArg, Membership, MtuArg, RunConfig, DEFAULT_STATE_DIR};
+use crate::cli::{Membership, MtuArg, RunConfig, DEFAULT_STATE_DIR};
 use crate::core::drops::Counters;
-use crate::core::forward::{Encap, Forwarder, NodeConfig, SendPaths, WIREGUARD_PORT};
+use crate::core::forward::{Forwarder, NodeConfig, SendPaths};
 use crate::core::routing::{self, PeerPath, Routing};
 use crate::core::table::{RouteTable, TableError};
 use crate::datapath::{self, IoErrors, Shared, Underlay};
@@ -36,7 +37,7 @@ use crate::sys::netlink::{Netlink, NetlinkError};
 use crate::sys::raw::{IpipSocket, RawError};
 use crate::sys::tun::{Offloads, Tun, TunConfig, TunError, DEFAULT_TX_QUEUE_LEN};
 use crate::sys::udp::{
-    UdpConfig, UdpError, VxlanSocket, DEFAULT_BUFFER_BYTES, DEFAULT_SOURCE_PORTS,
+    UdpConfig, UdpError, UdpTunnelSocket, DEFAULT_BUFFER_BYTES, DEFAULT_SOURCE_PORTS,
 };
 use crate::sys::{sysctl, Stop};
 use crate::wireguard::{self, KeyError, Keys, Wireguard};
@@ -104,18 +105,6 @@ pub enum AgentError {
     Runtime(io::Error),
 }
 
-fn encap_of(cfg: &RunConfig) -> Encap {
-    match cfg.encap {
-        EncapArg::Ipip => Encap::Ipip,
-        // The VNI range was checked by clap.
-        EncapArg::Vxlan => Encap::Vxlan {
-            vni: Vni::new(cfg.vni).unwrap_or_default(),
-        },
-        EncapArg::None => Encap::None,
-        EncapArg::Wireguard => Encap::Wireguard,
-    }
-}
-
 /// Runs the agent until SIGINT/SIGTERM. Host changes are undone before returning.
 pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
     caps::require(&[Capability::NetAdmin, Capability::NetRaw])?;
@@ -129,7 +118,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             pids: holders,
         });
     }
-    let encap = encap_of(&cfg);
+    let encap = cfg.encap;
     let netlink = Netlink::new()?;
     let underlay = netlink.link_with_address(cfg.underlay_ip)?;
     if let Some(dev) = &cfg.underlay_dev {
@@ -265,8 +254,8 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
         // that need it unreachable (logged, counted as peer_encap), never the node.
         let mut send = SendPaths::all(mtu, underlay.mtu);
         let sock = match encap {
-            Encap::Vxlan { .. } => {
-                let own = VxlanSocket::bind(&UdpConfig {
+            Encap::Vxlan => {
+                let own = UdpTunnelSocket::bind(&UdpConfig {
                     gro: cfg.offload,
                     gso: cfg.offload,
                     source_ports: DEFAULT_SOURCE_PORTS,
@@ -287,7 +276,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 // Bound to an ephemeral port, not 4789: it only sends.
-                let vxlan = VxlanSocket::bind(&UdpConfig {
+                let vxlan = UdpTunnelSocket::bind(&UdpConfig {
                     gro: false,
                     gso: cfg.offload,
                     source_ports: DEFAULT_SOURCE_PORTS,
@@ -305,11 +294,11 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
                 Underlay::none()
             }
             Encap::Wireguard => {
-                let own = VxlanSocket::bind(&UdpConfig {
+                let own = UdpTunnelSocket::bind(&UdpConfig {
                     gro: cfg.offload,
                     gso: cfg.offload,
                     receivers: usize::from(cfg.tun_queues),
-                    ..UdpConfig::new(cfg.underlay_ip, WIREGUARD_PORT)
+                    ..UdpConfig::new(cfg.underlay_ip, wireguard::PORT)
                 })?;
                 let why = "this node runs --encap wireguard and sends pod traffic only \
                            encrypted; run that peer with --encap wireguard too";
@@ -337,9 +326,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             }
         }
         let (udp_gso, udp_gro, source_ports) = match sock.vxlan_socket() {
-            Some(s) if matches!(encap, Encap::Vxlan { .. }) => {
-                (s.gso(), s.gro(), s.source_ports().to_vec())
-            }
+            Some(s) if encap == Encap::Vxlan => (s.gso(), s.gro(), s.source_ports().to_vec()),
             Some(s) if encap == Encap::Wireguard => (s.gso(), s.gro(), Vec::new()),
             _ => (false, false, Vec::new()),
         };
@@ -353,10 +340,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             pod_cidr,
             cluster_cidr,
             encap: encap.name(),
-            vni: match encap {
-                Encap::Vxlan { vni } => Some(vni.get()),
-                Encap::Ipip | Encap::None | Encap::Wireguard => None,
-            },
+            vni: (encap == Encap::Vxlan).then_some(cfg.vni),
             wireguard_public_key: wireguard.as_ref().map(|w| w.public().to_string()),
             source_ports,
             mtu,

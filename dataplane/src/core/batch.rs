@@ -8,7 +8,7 @@
 //! size to the same peer form one UDP GSO train (`UDP_SEGMENT`): a run of ACKs of one flow
 //! becomes one message and one skb through the underlay, which the peer's UDP GRO hands over
 //! as one read. Each datagram carries the lane (outer source port, see
-//! [`crate::sys::udp::VxlanSocket::lanes`]) its flow sends from; a train never spans lanes.
+//! [`crate::sys::udp::UdpTunnelSocket::lanes`]) its flow sends from; a train never spans lanes.
 //! Order is kept within every lane, so within every flow.
 
 use std::net::SocketAddrV4;

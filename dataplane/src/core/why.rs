@@ -9,13 +9,13 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use podnet_proto::api;
+use podnet_proto::api::{self, Encap};
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::icmp;
 use serde::{Deserialize, Serialize};
 
 use crate::core::drops::DropReason;
-use crate::core::forward::{self, Encap, NodeConfig, Route};
+use crate::core::forward::{self, NodeConfig, Route};
 use crate::core::routing::{PeerPath, Routing};
 use crate::core::table::{Peer, PeerEncap, RouteTable};
 
@@ -115,10 +115,7 @@ pub fn explain(
         peer: None,
         node: config.node.clone(),
         encap: config.encap.name().into(),
-        vni: match config.encap {
-            Encap::Vxlan { vni } => Some(vni.get()),
-            Encap::Ipip | Encap::None | Encap::Wireguard => None,
-        },
+        vni: (config.encap == Encap::Vxlan).then(|| config.vni.get()),
         mtu: config.mtu,
         table_revision: table.revision(),
         membership: if control { "control" } else { "static" }.into(),
@@ -381,9 +378,7 @@ mod tests {
             vtep_mac: MacAddr::vtep_for(underlay_ip),
             pod_cidr: "10.244.1.0/24".parse().unwrap(),
             cluster_cidr: "10.244.0.0/16".parse().unwrap(),
-            encap: Encap::Vxlan {
-                vni: Vni::new(7).unwrap(),
-            },
+            encap: Encap::Vxlan,
             vni: Vni::new(7).unwrap(),
             mtu: 1450,
             send: crate::core::forward::SendPaths::all(1450, 1500),

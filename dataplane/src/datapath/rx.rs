@@ -3,12 +3,13 @@
 
 use std::net::Ipv4Addr;
 
+use podnet_proto::api::Encap;
 use podnet_proto::gro::{Coalescer, Span};
 use podnet_proto::gso;
 use podnet_proto::virtio;
 
 use crate::core::drops::DropReason;
-use crate::core::forward::{Encap, Inbound, RxTally};
+use crate::core::forward::{Inbound, RxTally};
 use crate::sys::tun::MAX_READ;
 use crate::sys::udp::GRO_BUFFER_BYTES;
 use crate::sys::{RecvMeta, MAX_BATCH};
@@ -81,7 +82,7 @@ impl RxPath {
         let bufs = &self.bufs;
         let table = shared.table.load();
         let mut tally = RxTally::default();
-        let receives_vxlan = matches!(fwd.config().encap, Encap::Vxlan { .. });
+        let receives_vxlan = fwd.config().encap == Encap::Vxlan;
         for (k, (buf, m)) in bufs.iter().zip(&self.meta).take(n).enumerate() {
             if m.truncated {
                 drop_malformed(fwd, *m.src.ip(), &[]);

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 
 use crate::core::table::PeerEncap;
 use crate::sys::raw::IpipSocket;
-use crate::sys::udp::VxlanSocket;
+use crate::sys::udp::UdpTunnelSocket;
 use crate::sys::{RecvMeta, Transmit};
 
 /// The underlay sockets. This node receives its own encapsulation only, on that
@@ -16,21 +16,21 @@ use crate::sys::{RecvMeta, Transmit};
 #[derive(Debug)]
 pub struct Underlay {
     own: Own,
-    other_vxlan: Option<VxlanSocket>,
+    other_vxlan: Option<UdpTunnelSocket>,
     other_ipip: Option<IpipSocket>,
 }
 
 /// The sockets this node receives on (and sends to peers of its own kind from).
 #[derive(Debug)]
 enum Own {
-    Vxlan(VxlanSocket),
+    Vxlan(UdpTunnelSocket),
     /// One per worker ([`IpipSocket::bind_share`]); the first also sends.
     Ipip(Vec<IpipSocket>),
     /// `--encap none`: nothing arrives through a tunnel, and nothing is sent through one.
     None,
     /// `--encap wireguard`: UDP 51820 (a `SO_REUSEPORT` group like VXLAN's); this node sends
     /// only to WireGuard peers, from the same port, as standard WireGuard peers expect.
-    Wireguard(VxlanSocket),
+    Wireguard(UdpTunnelSocket),
 }
 
 /// The lane of IP-in-IP sends in a [`TxBatch`](crate::core::batch::TxBatch) (VXLAN lanes are its outer source ports,
@@ -39,7 +39,7 @@ const IPIP_LANE: usize = crate::core::batch::MAX_LANES - 1;
 
 impl Underlay {
     /// A VXLAN node's sockets; `ipip` sends to IP-in-IP peers.
-    pub fn vxlan(own: VxlanSocket, ipip: Option<IpipSocket>) -> Underlay {
+    pub fn vxlan(own: UdpTunnelSocket, ipip: Option<IpipSocket>) -> Underlay {
         Underlay {
             own: Own::Vxlan(own),
             other_vxlan: None,
@@ -49,7 +49,7 @@ impl Underlay {
 
     /// An IP-in-IP node's sockets (one receive socket per worker, at least one); `vxlan`
     /// sends to VXLAN peers.
-    pub fn ipip(own: Vec<IpipSocket>, vxlan: Option<VxlanSocket>) -> Underlay {
+    pub fn ipip(own: Vec<IpipSocket>, vxlan: Option<UdpTunnelSocket>) -> Underlay {
         assert!(!own.is_empty(), "an IP-in-IP node needs its socket");
         Underlay {
             own: Own::Ipip(own),
@@ -59,7 +59,7 @@ impl Underlay {
     }
 
     /// A WireGuard node's socket(s).
-    pub fn wireguard(own: VxlanSocket) -> Underlay {
+    pub fn wireguard(own: UdpTunnelSocket) -> Underlay {
         Underlay {
             own: Own::Wireguard(own),
             other_vxlan: None,
@@ -78,7 +78,7 @@ impl Underlay {
 
     /// The socket VXLAN goes out from (this node's own, or its send-only one), or a
     /// WireGuard node's UDP socket.
-    pub fn vxlan_socket(&self) -> Option<&VxlanSocket> {
+    pub fn vxlan_socket(&self) -> Option<&UdpTunnelSocket> {
         match &self.own {
             Own::Vxlan(s) | Own::Wireguard(s) => Some(s),
             Own::Ipip(_) | Own::None => self.other_vxlan.as_ref(),

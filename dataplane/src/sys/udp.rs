@@ -1,4 +1,4 @@
-//! The VXLAN underlay socket: UDP bound to `underlay_ip:4789`, batched with
+//! The UDP tunnel sockets: VXLAN's bound to `underlay_ip:4789`, batched with
 //! `recvmmsg`/`sendmmsg`, with UDP GSO on send and UDP GRO on receive when the kernel has them.
 //!
 //! Sends go out from a small pool of sockets bound to `underlay_ip` and ephemeral ports, one
@@ -9,8 +9,8 @@
 //! A `--encap wireguard` node uses the same socket type on `underlay_ip:51820`, with one lane
 //! (the socket itself), as WireGuard peers expect messages from the port they send to.
 //!
-//! Offloads are probed at bind time and reported by [`VxlanSocket::gro`] and
-//! [`VxlanSocket::gso`]; without them the same calls still work one datagram per message.
+//! Offloads are probed at bind time and reported by [`UdpTunnelSocket::gro`] and
+//! [`UdpTunnelSocket::gso`]; without them the same calls still work one datagram per message.
 //!
 //! Path MTU discovery is set to `IP_PMTUDISC_DONT`: outer packets leave with DF clear, like the
 //! kernel's own VXLAN device by default (`df unset`). The overlay MTU already keeps every outer
@@ -101,10 +101,11 @@ pub enum UdpError {
     },
 }
 
-/// The VXLAN (or WireGuard) UDP socket. Share it between a receive thread and a send thread by reference
-/// or `Arc`: every method takes `&self`.
+/// The UDP sockets of a tunnel over UDP: VXLAN's on port 4789, or WireGuard's on 51820. Share
+/// it between a receive thread and a send thread by reference or `Arc`: every method takes
+/// `&self`.
 #[derive(Debug)]
-pub struct VxlanSocket {
+pub struct UdpTunnelSocket {
     sock: Socket,
     /// The other receive sockets of `sock`'s `SO_REUSEPORT` group (empty with one).
     receivers: Vec<Socket>,
@@ -117,9 +118,9 @@ pub struct VxlanSocket {
     buffers: (usize, usize),
 }
 
-impl VxlanSocket {
+impl UdpTunnelSocket {
     /// Creates, tunes and binds the socket, probing GRO and GSO.
-    pub fn bind(cfg: &UdpConfig) -> Result<VxlanSocket, UdpError> {
+    pub fn bind(cfg: &UdpConfig) -> Result<UdpTunnelSocket, UdpError> {
         let group = cfg.receivers > 1;
         if group && cfg.bind.port() != 0 {
             // SO_REUSEPORT would let us join a group someone else holds (another agent on this
@@ -171,7 +172,7 @@ impl VxlanSocket {
         } else {
             source_ports.push(local.port());
         }
-        Ok(VxlanSocket {
+        Ok(UdpTunnelSocket {
             sock,
             receivers,
             senders,
@@ -284,7 +285,7 @@ impl VxlanSocket {
 
     /// Sends a train of `segment_size`-byte datagrams (the last may be shorter) to `dst`,
     /// each given as a header and a payload slice, without copying them into one buffer:
-    /// UDP GSO messages within kernel limits while [`VxlanSocket::gso`] holds, else one
+    /// UDP GSO messages within kernel limits while [`UdpTunnelSocket::gso`] holds, else one
     /// datagram per message. At most [`mmsg::MAX_SEGMENTS`] datagrams. Sent from `lane`'s
     /// source port.
     pub fn send_segments(
@@ -339,13 +340,13 @@ fn open(
     Ok((sock, local, buffers))
 }
 
-impl AsRawFd for VxlanSocket {
+impl AsRawFd for UdpTunnelSocket {
     fn as_raw_fd(&self) -> RawFd {
         self.sock.as_raw_fd()
     }
 }
 
-impl AsFd for VxlanSocket {
+impl AsFd for UdpTunnelSocket {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.sock.as_fd()
     }
@@ -357,15 +358,19 @@ mod tests {
     use crate::sys::mmsg::MAX_BATCH;
     use crate::sys::testns::{assert_read_or_dropped, in_netns, run};
 
-    fn loopback(port: u16, gro: bool, gso: bool) -> VxlanSocket {
+    fn loopback(port: u16, gro: bool, gso: bool) -> UdpTunnelSocket {
         let mut cfg = UdpConfig::new(Ipv4Addr::LOCALHOST, port);
         cfg.gro = gro;
         cfg.gso = gso;
-        VxlanSocket::bind(&cfg).unwrap()
+        UdpTunnelSocket::bind(&cfg).unwrap()
     }
 
     /// Receives until `want` payload bytes arrived (bounded by count), returning the metas.
-    fn drain(sock: &VxlanSocket, want: usize, bufs: &mut [Vec<u8>]) -> Vec<(RecvMeta, Vec<u8>)> {
+    fn drain(
+        sock: &UdpTunnelSocket,
+        want: usize,
+        bufs: &mut [Vec<u8>],
+    ) -> Vec<(RecvMeta, Vec<u8>)> {
         let stop = Stop::new().unwrap();
         let mut out = Vec::new();
         let mut got = 0;
@@ -421,7 +426,7 @@ mod tests {
             run("sysctl -qw net.ipv4.ip_local_port_range='40000 40001'");
             let mut cfg = UdpConfig::new(Ipv4Addr::LOCALHOST, 4789);
             cfg.source_ports = 16;
-            let err = VxlanSocket::bind(&cfg).unwrap_err().to_string();
+            let err = UdpTunnelSocket::bind(&cfg).unwrap_err().to_string();
             assert!(
                 err.contains("ephemeral port on 127.0.0.1")
                     && err.contains("16 ports")
@@ -431,7 +436,10 @@ mod tests {
             assert!(!err.contains("port 0"), "{err}");
             // The receive port was free and stays so: the failed bind left nothing behind.
             cfg.source_ports = 1;
-            assert_eq!(VxlanSocket::bind(&cfg).unwrap().local_addr().port(), 4789);
+            assert_eq!(
+                UdpTunnelSocket::bind(&cfg).unwrap().local_addr().port(),
+                4789
+            );
         });
     }
 
@@ -441,7 +449,7 @@ mod tests {
             run("ip link set lo up");
             let mut cfg = UdpConfig::new(Ipv4Addr::LOCALHOST, 0);
             cfg.source_ports = 4;
-            let a = VxlanSocket::bind(&cfg).unwrap();
+            let a = UdpTunnelSocket::bind(&cfg).unwrap();
             let b = loopback(0, false, false);
             assert_eq!(a.lanes(), 4);
             let ports = a.source_ports().to_vec();
@@ -481,7 +489,7 @@ mod tests {
             run("ip link set lo up");
             let mut cfg = UdpConfig::new(Ipv4Addr::LOCALHOST, 0);
             cfg.buffer_bytes = 4096;
-            let sock = VxlanSocket::bind(&cfg).unwrap();
+            let sock = UdpTunnelSocket::bind(&cfg).unwrap();
             assert_eq!(sock.receive_drops(), 0);
             // Loopback delivers (or drops) each datagram before send returns.
             let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -510,13 +518,13 @@ mod tests {
             };
             let mut cfg = UdpConfig::new(Ipv4Addr::LOCALHOST, taken.port());
             cfg.receivers = 4;
-            let refused = VxlanSocket::bind(&cfg);
+            let refused = UdpTunnelSocket::bind(&cfg);
             assert!(matches!(refused, Err(UdpError::Bind { .. })), "{refused:?}");
             drop(other);
             // Now ours; a second agent asking for the same group is refused too.
-            let group = VxlanSocket::bind(&cfg).unwrap();
+            let group = UdpTunnelSocket::bind(&cfg).unwrap();
             assert_eq!(group.receiver_count(), 4);
-            let second = VxlanSocket::bind(&cfg);
+            let second = UdpTunnelSocket::bind(&cfg);
             assert!(matches!(second, Err(UdpError::Bind { .. })), "{second:?}");
             // 32 senders (flows): every datagram arrives once, spread over the sockets.
             let senders: Vec<_> = (0..32).map(|_| loopback(0, false, false)).collect();

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 
 use super::namespaces::Testbed;
-use super::topology::{static_cidr, vtep_mac, workers_override, Encap, Host, HostMode, Peers, Pod};
+use podnet_proto::api::Encap;
+
+use super::topology::{static_cidr, vtep_mac, workers_override, Host, HostMode, Peers, Pod};
 use crate::cmd::must;
 use crate::parse;
 use crate::wait::wait_for;
@@ -267,7 +269,7 @@ impl Testbed {
     /// [`Testbed::agent_args`] for a podnet host `mode` (`--encap none` for `PodnetDirect`).
     pub fn agent_args_of(&self, n: u8, mode: HostMode) -> Vec<String> {
         let encap = match mode {
-            HostMode::Podnet(e) => e.as_str(),
+            HostMode::Podnet(e) => e.name(),
             _ => "none",
         };
         let mut a: Vec<String> = [
@@ -296,7 +298,7 @@ impl Testbed {
                         HostMode::Podnet(Encap::Wireguard) => {
                             format!("@{},wireguard", self.wireguard_key(k))
                         }
-                        HostMode::Podnet(e) => format!(",{}", e.as_str()),
+                        HostMode::Podnet(e) => format!(",{}", e.name()),
                         // A WireGuard node's bare peer runs whatever WireGuard the test starts
                         // there, with the key pair made in its state dir.
                         HostMode::Bare if mode == HostMode::Podnet(Encap::Wireguard) => {

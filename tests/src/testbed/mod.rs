@@ -16,7 +16,10 @@ mod traffic;
 
 pub use builder::TestbedBuilder;
 pub use namespaces::Testbed;
+/// The encapsulation a podnet host receives: the control API's type, by the names `--encap`
+/// takes.
+pub use podnet_proto::api::Encap;
 pub use topology::{
-    expected_workers, static_cidr, underlay_ip, vtep_mac, workers_override, Encap, Host, HostMode,
-    Peers, Pod, ADMIN_API, CONTROL_PORT, ETCD_MEMBERS,
+    expected_workers, static_cidr, underlay_filter, underlay_ip, vtep_mac, workers_override, Host,
+    HostMode, Peers, Pod, ADMIN_API, CONTROL_PORT, ETCD_MEMBERS,
 };

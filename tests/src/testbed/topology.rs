@@ -4,6 +4,8 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+use podnet_proto::api::Encap;
+
 /// Port of podnet-control on host 1's underlay address.
 pub const CONTROL_PORT: u16 = 7800;
 
@@ -13,38 +15,13 @@ pub const ETCD_MEMBERS: u8 = 3;
 /// The agent's admin API inside each host namespace (DESIGN.md default).
 pub const ADMIN_API: &str = "127.0.0.1:7801";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encap {
-    Ipip,
-    Vxlan,
-    Wireguard,
-}
-
-impl Encap {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Encap::Ipip => "ipip",
-            Encap::Vxlan => "vxlan",
-            Encap::Wireguard => "wireguard",
-        }
-    }
-
-    /// Bytes the encapsulation adds; overlay MTU = 1500 - overhead on the testbed's underlay.
-    pub fn overhead(self) -> u32 {
-        match self {
-            Encap::Ipip => 20,
-            Encap::Vxlan => 50,
-            Encap::Wireguard => 60,
-        }
-    }
-
-    /// A pcap filter for what it puts on the underlay.
-    pub fn underlay_filter(self) -> &'static str {
-        match self {
-            Encap::Ipip => "ip proto 4",
-            Encap::Vxlan => "udp port 4789",
-            Encap::Wireguard => "udp port 51820",
-        }
+/// A pcap filter for what a podnet host of `encap` puts on the underlay.
+pub fn underlay_filter(encap: Encap) -> &'static str {
+    match encap {
+        Encap::Ipip => "ip proto 4",
+        Encap::Vxlan => "udp port 4789",
+        Encap::Wireguard => "udp port 51820",
+        Encap::None => "ip and not udp and not ip proto 4",
     }
 }
 

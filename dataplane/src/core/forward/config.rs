@@ -4,67 +4,12 @@
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
+use podnet_proto::api::Encap;
 use podnet_proto::ethernet::MacAddr;
-use podnet_proto::ipip;
-use podnet_proto::vxlan::{self, Vni};
+use podnet_proto::vxlan::Vni;
+use podnet_proto::{ipip, vxlan, wireguard};
 
 use crate::core::table::PeerEncap;
-
-/// How packets travel between nodes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Encap {
-    /// IPv4-in-IPv4 (protocol 4) over a raw socket.
-    Ipip,
-    /// VXLAN on UDP port 4789 with this VNI.
-    Vxlan { vni: Vni },
-    /// No tunnel (`--encap none`): peers route plain packets to this node's pod CIDR, and it
-    /// reaches only peers on its underlay subnet, by direct routes ([`crate::core::routing`]).
-    None,
-    /// WireGuard transport messages on UDP [`WIREGUARD_PORT`]. The forwarder routes and
-    /// checks the inner packets; the data path encrypts and decrypts them
-    /// (the `wireguard` module).
-    Wireguard,
-}
-
-/// The UDP port WireGuard nodes receive on (the protocol's customary port, DESIGN.md).
-pub const WIREGUARD_PORT: u16 = 51820;
-
-/// What WireGuard adds on an IPv4 underlay: outer IPv4 (20) and UDP (8) headers, the
-/// transport message header (16) and the authentication tag (16). boringtun does not pad.
-pub const WIREGUARD_OVERHEAD: usize = 20 + 8 + 16 + 16;
-
-impl Encap {
-    /// Bytes the encapsulation adds on the underlay (outer headers included): what the overlay
-    /// MTU must leave free below the underlay MTU.
-    pub const fn overhead(self) -> usize {
-        match self {
-            Encap::Ipip => ipip::OVERHEAD,
-            Encap::Vxlan { .. } => vxlan::OVERHEAD,
-            Encap::Wireguard => WIREGUARD_OVERHEAD,
-            Encap::None => 0,
-        }
-    }
-
-    /// `ipip` or `vxlan`, as on the command line and in the control API.
-    pub const fn name(self) -> &'static str {
-        self.advertised().name()
-    }
-
-    /// What this node advertises in its node record.
-    pub const fn advertised(self) -> podnet_proto::api::Encap {
-        match self {
-            Encap::Ipip => podnet_proto::api::Encap::Ipip,
-            Encap::Vxlan { .. } => podnet_proto::api::Encap::Vxlan,
-            Encap::Wireguard => podnet_proto::api::Encap::Wireguard,
-            Encap::None => podnet_proto::api::Encap::None,
-        }
-    }
-
-    /// As a peer of the same encapsulation sees this node (without a WireGuard key).
-    pub fn as_peer(self) -> PeerEncap {
-        PeerEncap::of(self.advertised(), None)
-    }
-}
 
 /// What the forwarder needs to know about this node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,10 +24,10 @@ pub struct NodeConfig {
     pub pod_cidr: Ipv4Net,
     /// The whole pod network: outbound destinations outside it get ICMP net unreachable.
     pub cluster_cidr: Ipv4Net,
-    /// This node's encapsulation (and VNI): what it receives, and advertises to its peers.
+    /// This node's encapsulation: what it receives, and advertises to its peers.
     pub encap: Encap,
-    /// VNI of VXLAN packets sent to VXLAN peers: this node's own when it receives VXLAN, the
-    /// cluster's `--vni` otherwise.
+    /// The cluster's VXLAN network identifier (`--vni`): in what this node sends to VXLAN
+    /// peers, and what it expects in what it receives when its own encapsulation is VXLAN.
     pub vni: Vni,
     /// Overlay MTU (the `tunl0` MTU): the largest inner packet we encapsulate.
     pub mtu: u16,
@@ -116,7 +61,7 @@ impl SendPaths {
         SendPaths {
             ipip: cap(ipip::OVERHEAD),
             vxlan: cap(vxlan::OVERHEAD),
-            wireguard: cap(WIREGUARD_OVERHEAD),
+            wireguard: cap(wireguard::OVERHEAD),
         }
     }
 }
@@ -140,14 +85,19 @@ impl NodeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::forward::fixtures::vxlan1;
     use crate::core::forward::outbound::HEADROOM;
 
     #[test]
-    fn encap_overheads() {
-        assert_eq!(Encap::Ipip.overhead(), 20);
-        assert_eq!(vxlan1().overhead(), 50);
-        assert_eq!(vxlan1().name(), "vxlan");
-        const { assert!(HEADROOM >= ipip::OVERHEAD) };
+    fn the_headroom_fits_every_prefix_and_each_path_leaves_its_overhead() {
+        const { assert!(HEADROOM >= ipip::OVERHEAD && HEADROOM >= vxlan::ENCAP_LEN) };
+        let paths = SendPaths::all(1500, 1500);
+        assert_eq!(paths.ipip, Ok(1480));
+        assert_eq!(paths.vxlan, Ok(1450));
+        assert_eq!(paths.wireguard, Ok(1440));
+        assert_eq!(
+            SendPaths::all(1400, 1500).vxlan,
+            Ok(1400),
+            "capped by the tunl0 MTU"
+        );
     }
 }

@@ -7,11 +7,13 @@ use ipnet::Ipv4Net;
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::vxlan::Vni;
 
-use super::config::{Encap, NodeConfig, SendPaths};
+use podnet_proto::api::Encap;
+
+use super::config::{NodeConfig, SendPaths};
 use super::forwarder::Forwarder;
 use super::outbound::{Outbound, HEADROOM, SCRATCH_LEN};
 use crate::core::drops::{Counters, DropReason};
-use crate::core::table::{Peer, RouteTable};
+use crate::core::table::{Peer, PeerEncap, RouteTable};
 
 /// UDP 10.244.1.2:12345 -> 10.244.2.3:53, DF, TTL 64, payload "hi" (30 bytes).
 pub(crate) const INNER: [u8; 30] = [
@@ -41,14 +43,14 @@ pub(crate) fn ip(s: &str) -> Ipv4Addr {
 pub(crate) use crate::core::table::test_peer as peer;
 
 pub(crate) fn table() -> RouteTable {
-    table_of(vxlan1())
+    table_of(Encap::Vxlan)
 }
 
 /// Nodes a, b, c (1-3), all receiving `encap`.
 pub(crate) fn table_of(encap: Encap) -> RouteTable {
     let peers = [peer("a", 1), peer("b", 2), peer("c", 3)]
         .map(|p| Peer {
-            encap: encap.as_peer(),
+            encap: PeerEncap::of(encap, None),
             ..p
         })
         .to_vec();
@@ -69,10 +71,7 @@ pub(crate) fn node(n: u8, encap: Encap) -> Forwarder {
         pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).unwrap(),
         cluster_cidr: "10.244.0.0/16".parse().unwrap(),
         encap,
-        vni: match encap {
-            Encap::Vxlan { vni } => vni,
-            Encap::Ipip | Encap::None | Encap::Wireguard => Vni::default(),
-        },
+        vni: Vni::default(),
         mtu: 1450,
         send: SendPaths::all(1450, 1500),
         icmp_source: Ipv4Addr::new(10, 244, 0, 254),
@@ -80,10 +79,11 @@ pub(crate) fn node(n: u8, encap: Encap) -> Forwarder {
     Forwarder::new(config, Arc::new(Counters::new()))
 }
 
-pub(crate) fn vxlan1() -> Encap {
-    Encap::Vxlan {
-        vni: Vni::default(),
-    }
+/// Node `n` receiving VXLAN with network identifier `vni`.
+pub(crate) fn vxlan_node(n: u8, vni: Vni) -> Forwarder {
+    let mut config = node(n, Encap::Vxlan).config().clone();
+    config.vni = vni;
+    Forwarder::new(config, Arc::new(Counters::new()))
 }
 
 /// `packet` placed after `HEADROOM` bytes of headroom.

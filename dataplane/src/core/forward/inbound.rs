@@ -3,11 +3,11 @@
 
 use std::net::Ipv4Addr;
 
+use podnet_proto::api::Encap;
 use podnet_proto::ipv4;
 use podnet_proto::vxlan::{self, Vni};
 use podnet_proto::{ipip, WireError};
 
-use super::config::Encap;
 use super::forwarder::{parse_ipv4, Forwarder};
 use crate::core::drops::DropReason;
 use crate::core::dropwatch::DropContext;
@@ -152,7 +152,7 @@ impl Forwarder {
             Err(_) => return self.deliver_drop(DropReason::Malformed, table, Some(index), ctx),
         };
         let expected = match self.config.encap {
-            Encap::Vxlan { vni } => vni,
+            Encap::Vxlan => self.config.vni,
             Encap::Ipip | Encap::None | Encap::Wireguard => Vni::default(),
         };
         if frame.vni != expected {
@@ -255,7 +255,7 @@ mod tests {
 
     #[test]
     fn a_batch_is_counted_once_at_commit_and_drops_at_once() {
-        let (fwd, t) = pair(2, vxlan1());
+        let (fwd, t) = pair(2, Encap::Vxlan);
         let mut payload = VXLAN_PREFIX.to_vec();
         payload.extend_from_slice(&INNER);
         let (from_a, stranger) = (ip("198.18.0.1"), ip("198.18.0.99"));
@@ -342,7 +342,7 @@ mod tests {
 
     #[test]
     fn inbound_vxlan_delivers_and_checks_vni() {
-        let (fwd, t) = pair(2, vxlan1());
+        let (fwd, t) = pair(2, Encap::Vxlan);
         let mut payload = VXLAN_PREFIX.to_vec();
         payload.extend_from_slice(&INNER);
         let from1 = ip("198.18.0.1");
@@ -386,18 +386,14 @@ mod tests {
     #[test]
     fn nonzero_vni_is_honoured() {
         let vni = Vni::new(0x00ab_cdef).unwrap();
-        let (a, b, t) = (
-            node(1, Encap::Vxlan { vni }),
-            node(2, Encap::Vxlan { vni }),
-            table(),
-        );
+        let (a, b, t) = (vxlan_node(1, vni), vxlan_node(2, vni), table());
         let (bytes, _) = out(&a, &t, &INNER);
         assert_eq!(bytes[4..7], [0xab, 0xcd, 0xef]);
         assert_eq!(
             b.inbound_vxlan(&t, ip("198.18.0.1"), &bytes),
             Inbound::Deliver(&INNER[..])
         );
-        let default = node(2, vxlan1());
+        let default = node(2, Encap::Vxlan);
         assert_eq!(
             default.inbound_vxlan(&t, ip("198.18.0.1"), &bytes),
             Inbound::Drop(DropReason::WrongVni)

@@ -26,7 +26,7 @@ mod forwarder;
 mod inbound;
 mod outbound;
 
-pub use config::{Encap, NodeConfig, SendPaths, WIREGUARD_OVERHEAD, WIREGUARD_PORT};
+pub use config::{NodeConfig, SendPaths};
 pub use forwarder::{Forwarder, ICMP_BURST, ICMP_RATE};
 pub use inbound::{Inbound, RxTally};
 pub use outbound::{route, Outbound, Route, SuperOutbound, TooBig, HEADROOM, SCRATCH_LEN};

@@ -463,8 +463,9 @@ mod tests {
 
     use super::*;
     use crate::core::drops::Counters;
-    use crate::core::forward::config::{Encap, SendPaths};
+    use crate::core::forward::config::SendPaths;
     use crate::core::forward::fixtures::*;
+    use podnet_proto::api::Encap;
 
     #[test]
     fn fixture_is_valid() {
@@ -475,7 +476,7 @@ mod tests {
 
     #[test]
     fn outbound_vxlan_prepends_header_and_inner_ethernet() {
-        let (fwd, t) = pair(1, vxlan1());
+        let (fwd, t) = pair(1, Encap::Vxlan);
         let (bytes, peer) = out(&fwd, &t, &INNER);
         assert_eq!(peer, Some(ip("198.18.0.2")));
         assert_eq!(bytes[..22], VXLAN_PREFIX);
@@ -575,7 +576,7 @@ mod tests {
 
     #[test]
     fn outbound_ignores_trailing_bytes_after_total_len() {
-        let (fwd, t) = pair(1, vxlan1());
+        let (fwd, t) = pair(1, Encap::Vxlan);
         let mut padded = INNER.to_vec();
         padded.extend_from_slice(&[0; 10]);
         let (bytes, _) = out(&fwd, &t, &padded);
@@ -584,7 +585,7 @@ mod tests {
 
     #[test]
     fn outbound_leaves_ttl_alone() {
-        let (fwd, t) = pair(1, vxlan1());
+        let (fwd, t) = pair(1, Encap::Vxlan);
         let mut p = INNER;
         p[8] = 1;
         fix_checksum(&mut p);
@@ -594,7 +595,7 @@ mod tests {
 
     #[test]
     fn classify_reasons() {
-        let (fwd, t) = pair(1, vxlan1());
+        let (fwd, t) = pair(1, Encap::Vxlan);
         assert_eq!(fwd.classify(&t, &INNER), Route::Peer(1));
         let mut v6 = INNER;
         v6[0] = 0x60;
@@ -651,7 +652,7 @@ mod tests {
 
     #[test]
     fn no_route_answers_host_unreachable_quoting_the_packet() {
-        let (fwd, t) = pair(1, vxlan1());
+        let (fwd, t) = pair(1, Encap::Vxlan);
         let mut p = INNER;
         p[16..20].copy_from_slice(&[10, 244, 77, 1]);
         fix_checksum(&mut p);
@@ -779,7 +780,7 @@ mod tests {
 
     #[test]
     fn mtu_sized_packet_passes() {
-        let (fwd, t) = pair(1, vxlan1());
+        let (fwd, t) = pair(1, Encap::Vxlan);
         let (bytes, peer) = out(&fwd, &t, &big(1450, true));
         assert!(peer.is_some());
         assert_eq!(bytes.len(), 1450 + 22);
@@ -787,7 +788,7 @@ mod tests {
 
     #[test]
     fn too_big_with_df_answers_frag_needed_with_overlay_mtu() {
-        let (fwd, t) = pair(1, vxlan1());
+        let (fwd, t) = pair(1, Encap::Vxlan);
         let p = big(1451, true);
         let (reply, peer) = out(&fwd, &t, &p);
         assert_eq!(peer, None);
@@ -913,7 +914,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "headroom")]
     fn missing_headroom_is_a_caller_bug() {
-        let (fwd, t) = pair(1, vxlan1());
+        let (fwd, t) = pair(1, Encap::Vxlan);
         let mut buf = INNER;
         let mut scratch = [0; SCRATCH_LEN];
         let _ = fwd.outbound(&t, &mut buf, 0, INNER.len(), &mut scratch);
