@@ -1,6 +1,6 @@
 //! `scripts/testbed`, the README's main command: up, exec, status and down, on the kernel VXLAN
 //! baseline and on podnet (control service and static peers); how `scripts/bench-iperf`
-//! handles its flags; `scripts/ping-hops` on a real testbed.
+//! handles its flags; `scripts/ping-hops` on a real testbed; `scripts/bench-cni` on real pods.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -381,6 +381,67 @@ fn bench_control_explains_itself_and_refuses_bad_flags() {
     );
     let (ok, text) = run(&["--fast"]);
     assert!(!ok && text.contains("unknown option '--fast'"), "{text}");
+}
+
+/// `scripts/bench-cni` times ADD and DEL of real pods (here 3, next to a "baseline" that is the
+/// same build), reports each verb for each build and the ratio, and leaves no namespace behind;
+/// bad flags are refused before anything is made.
+#[test]
+fn bench_cni_times_add_and_del_and_leaves_nothing() {
+    if !e2e_ready() {
+        return;
+    }
+    let bins = podnet_bin("podnet-cni");
+    let dir = bins.parent().unwrap();
+    let before = bench_cni_namespaces();
+    let args = ["--calls", "3", "--rounds", "1", "--baseline-bin"];
+    let mut argv: Vec<&str> = args.to_vec();
+    argv.push(dir.to_str().unwrap());
+    let (out, text) = run_script("bench-cni", &argv, &[("PODNET_BIN_DIR", dir)]);
+    assert!(out.status.success(), "{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for build in ["current", "baseline"] {
+        for verb in ["ADD", "DEL"] {
+            let row = stdout
+                .lines()
+                .find(|l| l.starts_with(build) && l.split_whitespace().nth(1) == Some(verb))
+                .unwrap_or_else(|| panic!("no {build} {verb} row:\n{stdout}"));
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            let median: f64 = cols[3].parse().unwrap_or_else(|_| panic!("{row}"));
+            assert!(median > 0.0, "{row}");
+            assert_eq!(cols[6], "3", "three calls of {verb}: {row}");
+        }
+    }
+    assert!(
+        stdout.contains("median ADD current/baseline: ") && stdout.contains("median DEL"),
+        "{stdout}"
+    );
+    assert_eq!(bench_cni_namespaces(), before, "namespaces left behind");
+
+    let run = |args: &[&str]| script_ok("bench-cni", args, &[]);
+    let (ok, help) = run(&["--help"]);
+    assert!(ok && help.starts_with("CNI plugin benchmark"), "{help}");
+    let (ok, text) = run(&["--calls", "0"]);
+    assert!(!ok && text.contains("--calls must be 1..250"), "{text}");
+    let (ok, text) = run(&["--baseline-bin", "/nonexistent"]);
+    assert!(
+        !ok && text.contains("/nonexistent/podnet-cni is missing"),
+        "{text}"
+    );
+}
+
+/// The namespaces `scripts/bench-cni` makes (`pn-bcni-PID-...`) that exist now.
+fn bench_cni_namespaces() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("pn-bcni-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 fn script_path(name: &str) -> PathBuf {
