@@ -492,6 +492,73 @@ fn bench_iperf_explains_itself_and_refuses_bad_flags() {
     );
     let (ok, text) = run(&["--modes", "kernel-vxlan,vxlan-w9"]);
     assert!(!ok && text.contains("unknown mode 'vxlan-w9'"), "{text}");
+    let (ok, text) = run(&["--baseline-bin", "/nonexistent"]);
+    assert!(
+        !ok && text.contains("/nonexistent/podnet-agent is missing"),
+        "{text}"
+    );
+    let bin_dir = podnet_bin("podnet-agent");
+    let bin_dir = bin_dir.parent().unwrap().to_str().unwrap();
+    let (ok, text) = run(&["--modes", "kernel-vxlan", "--baseline-bin", bin_dir]);
+    assert!(
+        !ok && text.contains("--baseline-bin needs a podnet mode"),
+        "{text}"
+    );
+}
+
+/// The analysis of `scripts/bench-iperf` (`scripts/lib/bench_iperf.py report`) on measurements
+/// made up here: medians, ratios to the kernel's VXLAN, and this build / the baseline build per
+/// round and of the medians.
+#[test]
+fn bench_iperf_report_gives_ratios_to_the_kernel_and_to_the_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw.tsv");
+    let mut lines = String::new();
+    for (mode, runs) in [
+        ("kernel-vxlan", [10.0, 12.0]),
+        ("vxlan", [6.0, 6.0]),
+        ("vxlan-baseline", [5.0, 4.0]),
+    ] {
+        for (rep, v) in runs.iter().enumerate() {
+            lines += &format!("{mode}\ttcp1\t{}\t{v}\n", rep + 1);
+        }
+    }
+    for (rep, v) in [2.0, 2.0].iter().enumerate() {
+        lines += &format!("vxlan\tcpu1\t{}\t{v}\n", rep + 1);
+        lines += &format!("vxlan-baseline\tcpu1\t{}\t4\n", rep + 1);
+    }
+    std::fs::write(&raw, lines).unwrap();
+    let json = dir.path().join("out.json");
+    let out = Command::new("python3")
+        .arg(script_path("lib/bench_iperf.py"))
+        .args([
+            "report",
+            raw.to_str().unwrap(),
+            json.to_str().unwrap(),
+            "2",
+            "4",
+        ])
+        .arg("kernel-vxlan,vxlan,vxlan-baseline")
+        .output()
+        .unwrap();
+    let text = podnet_tests::cmd::printed(&out);
+    assert!(out.status.success(), "{text}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let tcp1 = &doc["results"]["vxlan"]["tcp1"];
+    assert_eq!(tcp1["median"], 6.0);
+    assert_eq!(tcp1["ratio_to_kernel_vxlan"], 6.0 / 11.0);
+    assert_eq!(tcp1["ratio_to_baseline"]["median"], 6.0 / 4.5);
+    assert_eq!(
+        tcp1["ratio_to_baseline"]["per_round"],
+        serde_json::json!([1.2, 1.5])
+    );
+    let cpu1 = &doc["results"]["vxlan"]["cpu1"]["ratio_to_baseline"]["median"];
+    assert_eq!(cpu1, 0.5);
+    assert!(
+        text.contains("vxlan: TCP 1 st 1.33x [1.20 1.50]; CPU s/GB 1 st 0.50x [0.50 0.50]"),
+        "{text}"
+    );
 }
 
 /// The processes whose environment holds `mark` (`NAME=VALUE`): their PIDs and names.
