@@ -118,7 +118,7 @@ def table(res, reps, secs):
     print("|" + "|".join("-" * (x + 2) for x in w) + "|")
     for r in rows[1:]:
         print("| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |")
-    if reps > 1:
+    if reps > 1 and "kernel-vxlan" in res:
         print("\nTCP 1 stream / kernel-vxlan in each round:")
         for mode, r in res.items():
             if mode != "kernel-vxlan" and "ratio_per_round" in r.get("tcp1", {}):

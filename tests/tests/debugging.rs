@@ -694,7 +694,7 @@ fn metrics_parse_with_the_prometheus_parser_and_keep_their_names() {
         ("podnet_agent_route_convergence_seconds_sum", ""),
         ("podnet_agent_route_convergence_seconds_count", ""),
     ]);
-    let url = format!("http://{}/metrics", podnet_tests::testbed::ADMIN_API);
+    let url = format!("http://{}/metrics", podnet_tests::testbed::admin_api());
     let out = run(
         Some(&tb.host(1).ns),
         &["curl", "-sSf", &url],

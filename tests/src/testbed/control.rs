@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::namespaces::Testbed;
-use super::topology::{underlay_ip, CONTROL_PORT, ETCD_MEMBERS};
+use super::topology::{
+    control_port, etcd_args, etcd_endpoints, etcd_ip, etcd_members, replica_ip, underlay_ip,
+};
 use crate::http;
 use crate::wait::wait_for;
 
@@ -15,7 +17,7 @@ impl Testbed {
     pub fn control_url(&self) -> String {
         let scheme = if self.mtls { "https" } else { "http" };
         if self.replicas == 0 {
-            return format!("{scheme}://{}:{CONTROL_PORT}", underlay_ip(1));
+            return format!("{scheme}://{}:{}", underlay_ip(1), control_port());
         }
         (1..=self.replicas)
             .map(|r| format!("{scheme}://{}", self.replica_addr(r)))
@@ -25,20 +27,17 @@ impl Testbed {
 
     /// Where etcd member i (1-3) listens for clients.
     pub fn etcd_ip(i: u8) -> Ipv4Addr {
-        Ipv4Addr::new(198, 18, 0, 200 + i)
+        etcd_ip(i)
     }
 
     /// The etcd client URLs, comma-separated.
     pub fn etcd_endpoints(&self) -> String {
-        (1..=ETCD_MEMBERS)
-            .map(|i| format!("http://{}:2379", Testbed::etcd_ip(i)))
-            .collect::<Vec<_>>()
-            .join(",")
+        etcd_endpoints()
     }
 
     /// Replica r's address.
     pub fn replica_addr(&self, r: u8) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::new(198, 18, 0, 210 + r), CONTROL_PORT))
+        SocketAddr::from((replica_ip(r), control_port()))
     }
 
     /// Namespace of replica r.
@@ -54,10 +53,10 @@ impl Testbed {
     /// Starts the 3-member etcd cluster and waits until it is healthy.
     pub fn start_etcd_cluster(&mut self) {
         crate::require_tools(&["etcd", "etcdctl"]);
-        for i in 1..=ETCD_MEMBERS {
+        for i in 1..=etcd_members() {
             self.add_underlay_node(&format!("etcd{i}"), Testbed::etcd_ip(i));
         }
-        for i in 1..=ETCD_MEMBERS {
+        for i in 1..=etcd_members() {
             self.start_etcd(i);
         }
         let ns = self.etcd_ns(1);
@@ -81,35 +80,9 @@ impl Testbed {
 
     /// Starts (or restarts, on its data dir) etcd member i as process `etcdI`.
     pub fn start_etcd(&mut self, i: u8) {
-        let ip = Testbed::etcd_ip(i);
-        let cluster = (1..=ETCD_MEMBERS)
-            .map(|k| format!("e{k}=http://{}:2380", Testbed::etcd_ip(k)))
-            .collect::<Vec<_>>()
-            .join(",");
         let data = self.path(&format!("etcd{i}.data"));
-        let client = format!("http://{ip}:2379");
-        let peer = format!("http://{ip}:2380");
-        let argv = [
-            "etcd",
-            "--name",
-            &format!("e{i}"),
-            "--data-dir",
-            data.to_str().expect("utf-8 path"),
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-            "--initial-cluster",
-            &cluster,
-            "--initial-cluster-token",
-            &self.prefix.clone(),
-            "--initial-cluster-state",
-            "new",
-        ];
+        let argv = etcd_args(i, data.to_str().expect("utf-8 path"), &self.prefix);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let ns = self.etcd_ns(i);
         self.start(&format!("etcd{i}"), &ns, &argv);
     }
@@ -241,7 +214,7 @@ impl Testbed {
         if self.replicas > 0 {
             return self.replica_addr(1);
         }
-        SocketAddr::from((underlay_ip(1), CONTROL_PORT))
+        SocketAddr::from((underlay_ip(1), control_port()))
     }
 
     /// Starts `podnet-control serve` in host 1 on 198.18.0.1:7800 with its state in the

@@ -9,7 +9,9 @@ use ipnet::Ipv4Net;
 use super::namespaces::Testbed;
 use podnet_proto::api::Encap;
 
-use super::topology::{static_cidr, vtep_mac, workers_override, Host, HostMode, Peers, Pod};
+use super::topology::{
+    static_cidr, underlay_ip_on, vtep_mac, workers_override, Host, HostMode, Peers, Pod,
+};
 use crate::cmd::must;
 use crate::parse;
 use crate::wait::wait_for;
@@ -51,7 +53,7 @@ impl Testbed {
     /// Host n's underlay address: 198.18.0.n, or 198.18.1.n on the second subnet.
     pub fn underlay_of(&self, n: u8) -> Ipv4Addr {
         let subnet = u8::from(n >= self.second_subnet_from);
-        Ipv4Addr::new(198, 18, subnet, n)
+        underlay_ip_on(subnet, n)
     }
 
     /// Creates host n's namespace on the underlay with IPv4 forwarding on; no pods yet.

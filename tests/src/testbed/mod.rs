@@ -20,6 +20,7 @@ pub use namespaces::Testbed;
 /// takes.
 pub use podnet_proto::api::Encap;
 pub use topology::{
-    expected_workers, static_cidr, underlay_filter, underlay_ip, vtep_mac, workers_override, Host,
-    HostMode, Peers, Pod, ADMIN_API, CONTROL_PORT, ETCD_MEMBERS,
+    admin_api, control_port, etcd_endpoints, etcd_ip, etcd_members, expected_workers, replica_ip,
+    static_cidr, underlay_filter, underlay_ip, underlay_ip_on, vtep_mac, workers_override, Host,
+    HostMode, Peers, Pod,
 };

@@ -1,19 +1,103 @@
 //! The testbed's address plan and the kinds of hosts and peers it is made of.
+//!
+//! The plan is `scripts/lib/topology.sh`'s, which `scripts/testbed` and `scripts/bench-control`
+//! source: the harness runs it once for its values, and for etcd's command line.
 
-use std::net::Ipv4Addr;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use ipnet::Ipv4Net;
 
 use podnet_proto::api::Encap;
 
-/// Port of podnet-control on host 1's underlay address.
-pub const CONTROL_PORT: u16 = 7800;
+/// `scripts/lib/topology.sh`.
+fn script() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/lib/topology.sh")
+}
+
+/// Runs the topology script with `args`; its stdout.
+fn run_script(args: &[&str]) -> String {
+    let script = script();
+    let mut argv = vec!["bash", script.to_str().expect("utf-8 path")];
+    argv.extend_from_slice(args);
+    let out = crate::cmd::run(None, &argv, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("scripts/lib/topology.sh {args:?}: {e}"));
+    assert!(
+        out.success(),
+        "scripts/lib/topology.sh {args:?}: {}",
+        out.combined()
+    );
+    out.stdout
+}
+
+/// The script's `TOPO_` value `name` (without the prefix).
+fn value<T: FromStr>(name: &str) -> T {
+    static VALUES: OnceLock<BTreeMap<String, String>> = OnceLock::new();
+    let values = VALUES.get_or_init(|| {
+        crate::parse::env_file(&run_script(&["values"]))
+            .into_iter()
+            .collect()
+    });
+    let text = values
+        .get(&format!("TOPO_{name}"))
+        .unwrap_or_else(|| panic!("scripts/lib/topology.sh has no TOPO_{name}: {values:?}"));
+    text.parse()
+        .unwrap_or_else(|_| panic!("scripts/lib/topology.sh: TOPO_{name}={text} does not parse"))
+}
+
+/// `a.b` (TOPO_UNDERLAY or TOPO_PODS) followed by `.c.d`.
+fn addr(prefix: &str, c: u8, d: u8) -> Ipv4Addr {
+    let prefix: String = value(prefix);
+    format!("{prefix}.{c}.{d}")
+        .parse()
+        .unwrap_or_else(|_| panic!("scripts/lib/topology.sh: {prefix}.{c}.{d} is no address"))
+}
+
+/// Port of podnet-control (on host 1's underlay address, or on each replica's).
+pub fn control_port() -> u16 {
+    value("CONTROL_PORT")
+}
 
 /// Members of the etcd cluster of an HA testbed.
-pub const ETCD_MEMBERS: u8 = 3;
+pub fn etcd_members() -> u8 {
+    value("ETCD_MEMBERS")
+}
 
 /// The agent's admin API inside each host namespace (DESIGN.md default).
-pub const ADMIN_API: &str = "127.0.0.1:7801";
+pub fn admin_api() -> SocketAddr {
+    value("ADMIN_API")
+}
+
+/// etcd member i's address.
+pub fn etcd_ip(i: u8) -> Ipv4Addr {
+    addr("UNDERLAY", 0, value::<u8>("ETCD_BASE") + i)
+}
+
+/// The etcd client URLs, comma-separated.
+pub fn etcd_endpoints() -> String {
+    let port: u16 = value("ETCD_CLIENT_PORT");
+    (1..=etcd_members())
+        .map(|i| format!("http://{}:{port}", etcd_ip(i)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// etcd member i's command line, with its data in `data` and cluster token `token`.
+pub fn etcd_args(i: u8, data: &str, token: &str) -> Vec<String> {
+    run_script(&["etcd-args", &i.to_string(), data, token])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// podnet-control replica r's address.
+pub fn replica_ip(r: u8) -> Ipv4Addr {
+    addr("UNDERLAY", 0, value::<u8>("REPLICA_BASE") + r)
+}
 
 /// A pcap filter for what a podnet host of `encap` puts on the underlay.
 pub fn underlay_filter(encap: Encap) -> &'static str {
@@ -66,12 +150,19 @@ pub struct Host {
     pub pods: Vec<Pod>,
 }
 
-pub fn underlay_ip(n: u8) -> Ipv4Addr {
-    Ipv4Addr::new(198, 18, 0, n)
+/// Host n's underlay address on underlay subnet `subnet` (0, or 1 on a two-subnet testbed).
+pub fn underlay_ip_on(subnet: u8, n: u8) -> Ipv4Addr {
+    addr("UNDERLAY", subnet, n)
 }
 
+/// Host n's underlay address on a one-subnet testbed.
+pub fn underlay_ip(n: u8) -> Ipv4Addr {
+    underlay_ip_on(0, n)
+}
+
+/// Host n's static pod CIDR.
 pub fn static_cidr(n: u8) -> Ipv4Net {
-    Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).expect("valid prefix")
+    Ipv4Net::new(addr("PODS", n, 0), 24).expect("valid prefix")
 }
 
 /// DESIGN.md VTEP MAC: 02:00 followed by the 4 bytes of the underlay address.
@@ -98,5 +189,32 @@ pub fn expected_workers(queues: usize) -> usize {
         None => std::thread::available_parallelism()
             .map_or(1, usize::from)
             .min(queues),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_comes_from_the_scripts_topology() {
+        assert_eq!(control_port(), 7800);
+        assert_eq!(admin_api(), "127.0.0.1:7801".parse().unwrap());
+        assert_eq!(underlay_ip_on(1, 4), Ipv4Addr::new(198, 18, 1, 4));
+        assert_eq!(static_cidr(3), "10.244.3.0/24".parse::<Ipv4Net>().unwrap());
+        assert_eq!(etcd_ip(2), Ipv4Addr::new(198, 18, 0, 202));
+        assert_eq!(replica_ip(1), Ipv4Addr::new(198, 18, 0, 211));
+        assert_eq!(
+            etcd_endpoints(),
+            "http://198.18.0.201:2379,http://198.18.0.202:2379,http://198.18.0.203:2379"
+        );
+        let args = etcd_args(2, "/d", "tok");
+        assert_eq!(args[..5], ["etcd", "--name", "e2", "--data-dir", "/d"]);
+        let cluster = args.iter().position(|a| a == "--initial-cluster").unwrap();
+        assert_eq!(
+            args[cluster + 1],
+            "e1=http://198.18.0.201:2380,e2=http://198.18.0.202:2380,e3=http://198.18.0.203:2380"
+        );
+        assert!(args.ends_with(&["--initial-cluster-state".into(), "new".into()]));
     }
 }

@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use super::namespaces::Testbed;
-use super::topology::{Pod, ADMIN_API};
+use super::topology::{admin_api, Pod};
 use crate::cmd::{run, Output};
 use crate::http;
 use crate::parse;
@@ -154,7 +154,7 @@ impl Testbed {
 
     /// GET on host n's agent admin API.
     pub fn admin_get(&self, n: u8, path: &str) -> Result<http::Response, String> {
-        http::get(&self.host(n).ns, ADMIN_API.parse().expect("addr"), path)
+        http::get(&self.host(n).ns, admin_api(), path)
     }
 
     /// Host n's agent `/metrics` text (panics unless 200).
