@@ -10,10 +10,12 @@ use std::sync::Arc;
 use ipnet::Ipv4Net;
 use podnet_dataplane::core::drops::{Counters, DropReason};
 use podnet_dataplane::core::forward::{
-    Encap, Forwarder, Inbound, NodeConfig, Outbound, SendPaths, HEADROOM, SCRATCH_LEN,
+    Forwarder, Inbound, NodeConfig, Outbound, SendPaths, HEADROOM, SCRATCH_LEN,
 };
 use podnet_dataplane::core::table::{Peer, PeerEncap, RouteTable};
-use podnet_proto::api::{validate_node_name, RegisterRequest, WatchEvent, MAX_NODE_NAME_LEN};
+use podnet_proto::api::{
+    validate_node_name, Encap, RegisterRequest, WatchEvent, MAX_NODE_NAME_LEN,
+};
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::gro::{Coalescer, Span};
 use podnet_proto::ipv4::{self, Ipv4Packet, Ipv4Repr};
@@ -170,13 +172,7 @@ pub mod cluster {
 
     /// A fresh forwarder (fresh counters) for `encap`, and its table.
     pub fn forwarder(vxlan: bool) -> (Forwarder, RouteTable) {
-        let encap = if vxlan {
-            Encap::Vxlan {
-                vni: Vni::new(VNI).expect("24-bit"),
-            }
-        } else {
-            Encap::Ipip
-        };
+        let encap = if vxlan { Encap::Vxlan } else { Encap::Ipip };
         let config = NodeConfig {
             node: "h1".into(),
             underlay_ip: SELF,
@@ -192,7 +188,7 @@ pub mod cluster {
         let peers = peers()
             .into_iter()
             .map(|p| Peer {
-                encap: encap.as_peer(),
+                encap: PeerEncap::of(encap, None),
                 ..p
             })
             .collect();
@@ -624,7 +620,10 @@ pub fn wireguard_inbound(data: &[u8]) {
             (Opened::Packet(r), Some(len)) => assert_eq!(&out[r], &rest[..len]),
             (Opened::Control { reply: 0, .. }, None) if rest.is_empty() => {}
             (Opened::Drop(DropReason::NotIpv4 | DropReason::Malformed), None) => {}
-            (other, len) => panic!("sealed {} bytes (IPv4 length {len:?}): {other:?}", rest.len()),
+            (other, len) => panic!(
+                "sealed {} bytes (IPv4 length {len:?}): {other:?}",
+                rest.len()
+            ),
         }
     });
 }
