@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use podnet_tests::http::{self, Response};
 use podnet_tests::parse::{self, ping_summary};
+use podnet_tests::testbed::etcd_endpoints;
 use podnet_tests::wait::wait_ping_replies;
 use podnet_tests::{
     e2e_ready, podnet_bin, run, wait_for, Background, Encap, HostMode, Peers, Testbed,
@@ -90,7 +91,7 @@ fn etcd_claims(tb: &Testbed) -> BTreeMap<String, String> {
         &[
             "etcdctl",
             "--endpoints",
-            &tb.etcd_endpoints(),
+            &etcd_endpoints(),
             "get",
             "--prefix",
             "/podnet/cidrs/",
@@ -230,7 +231,7 @@ fn concurrent_registrations_on_two_replicas_get_distinct_cidrs() {
             "--store",
             "etcd",
             "--etcd-endpoints",
-            &tb.etcd_endpoints(),
+            &etcd_endpoints(),
             "--node-prefix",
             "26",
         ],
@@ -438,7 +439,7 @@ fn losing_etcd_quorum_refuses_writes_but_keeps_forwarding() {
     })
     .unwrap();
     assert!(
-        refused.body.contains("etcd unavailable") && refused.body.contains(&tb.etcd_endpoints()),
+        refused.body.contains("etcd unavailable") && refused.body.contains(&etcd_endpoints()),
         "{}",
         refused.body
     );

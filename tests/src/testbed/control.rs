@@ -1,7 +1,7 @@
 //! The control plane of a testbed: one file-store podnet-control, or replicas over a
 //! 3-member etcd cluster, and the PKI of an mTLS testbed.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -25,16 +25,6 @@ impl Testbed {
             .join(",")
     }
 
-    /// Where etcd member i (1-3) listens for clients.
-    pub fn etcd_ip(i: u8) -> Ipv4Addr {
-        etcd_ip(i)
-    }
-
-    /// The etcd client URLs, comma-separated.
-    pub fn etcd_endpoints(&self) -> String {
-        etcd_endpoints()
-    }
-
     /// Replica r's address.
     pub fn replica_addr(&self, r: u8) -> SocketAddr {
         SocketAddr::from((replica_ip(r), control_port()))
@@ -54,13 +44,13 @@ impl Testbed {
     pub fn start_etcd_cluster(&mut self) {
         crate::require_tools(&["etcd", "etcdctl"]);
         for i in 1..=etcd_members() {
-            self.add_underlay_node(&format!("etcd{i}"), Testbed::etcd_ip(i));
+            self.add_underlay_node(&format!("etcd{i}"), etcd_ip(i));
         }
         for i in 1..=etcd_members() {
             self.start_etcd(i);
         }
         let ns = self.etcd_ns(1);
-        let endpoints = self.etcd_endpoints();
+        let endpoints = etcd_endpoints();
         let healthy = wait_for("etcd cluster healthy", Duration::from_secs(30), || {
             let out = crate::run(
                 Some(&ns),
@@ -94,7 +84,7 @@ impl Testbed {
             &[
                 "etcdctl",
                 "--endpoints",
-                &self.etcd_endpoints(),
+                &etcd_endpoints(),
                 "endpoint",
                 "status",
                 "-w",
@@ -133,7 +123,7 @@ impl Testbed {
             "--store",
             "etcd",
             "--etcd-endpoints",
-            &self.etcd_endpoints(),
+            &etcd_endpoints(),
             "--etcd-prefix",
             "/podnet",
         ]
