@@ -19,6 +19,23 @@ impl Capture {
     /// Starts tcpdump on `iface` in `ns` writing at most `count` packets matching `filter`
     /// (a pcap filter, may be empty) to `pcap`, and waits until it is listening.
     pub fn start(ns: &str, iface: &str, filter: &str, count: u32, pcap: &Path) -> Capture {
+        Capture::spawn(ns, iface, filter, count, None, pcap)
+    }
+
+    /// As [`Capture::start`], keeping only the first 128 bytes of each packet: enough for the
+    /// headers, and light enough to keep up with bulk traffic.
+    pub fn headers(ns: &str, iface: &str, filter: &str, count: u32, pcap: &Path) -> Capture {
+        Capture::spawn(ns, iface, filter, count, Some(128), pcap)
+    }
+
+    fn spawn(
+        ns: &str,
+        iface: &str,
+        filter: &str,
+        count: u32,
+        snaplen: Option<u32>,
+        pcap: &Path,
+    ) -> Capture {
         let log = pcap.with_extension("tcpdump.log");
         let count = count.to_string();
         let pcap_s = pcap.to_str().expect("utf-8 path");
@@ -37,6 +54,10 @@ impl Capture {
             "-w",
             pcap_s,
         ];
+        let snaplen = snaplen.map(|s| s.to_string());
+        if let Some(s) = &snaplen {
+            argv.extend(["-s", s]);
+        }
         argv.extend(filter.split_whitespace());
         let mut proc = Background::start("tcpdump", Some(ns), &argv, &log);
         let ready = wait_for("tcpdump to listen", Duration::from_secs(10), || {
@@ -191,6 +212,101 @@ fn innermost(column: &str) -> Option<&str> {
     column.rsplit(',').next().map(str::trim)
 }
 
+/// How the TCP data segments of a capture arrived, over all connections in it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TcpArrivals {
+    pub connections: usize,
+    pub segments: u64,
+    /// Segments that arrived after one their sender sent later: an IP ID before the highest
+    /// one already seen on their connection (Linux numbers a connection's segments in order,
+    /// retransmissions included, and so does podnet's segmentation). Reordering, not loss.
+    pub reordered: u64,
+    /// Segments in sending order whose data starts before data already seen: retransmissions,
+    /// the sender's answer to a loss somewhere on the way.
+    pub retransmitted: u64,
+}
+
+impl TcpArrivals {
+    /// Tallies `(source port, IP ID, raw sequence number, payload length)` in arrival order.
+    pub fn tally(segments: impl IntoIterator<Item = (u16, u16, u32, u32)>) -> TcpArrivals {
+        // Per source port: the newest IP ID and the sequence number after the furthest data.
+        let mut newest: std::collections::HashMap<u16, (u16, u32)> = Default::default();
+        let mut t = TcpArrivals::default();
+        for (port, id, seq, len) in segments {
+            t.segments += 1;
+            let end = seq.wrapping_add(len);
+            match newest.get_mut(&port) {
+                None => {
+                    newest.insert(port, (id, end));
+                }
+                Some((max_id, _)) if wrapping_before_u16(id, *max_id) => t.reordered += 1,
+                Some((max_id, max_end)) => {
+                    if wrapping_before_u32(seq, *max_end) {
+                        t.retransmitted += 1;
+                    }
+                    *max_id = id;
+                    if wrapping_before_u32(*max_end, end) {
+                        *max_end = end;
+                    }
+                }
+            }
+        }
+        t.connections = newest.len();
+        t
+    }
+}
+
+/// `a` comes strictly before `b` in a 16-bit sequence space (serial number arithmetic).
+fn wrapping_before_u16(a: u16, b: u16) -> bool {
+    (1..0x8000).contains(&b.wrapping_sub(a))
+}
+
+/// `a` comes strictly before `b` in TCP's 32-bit sequence space.
+fn wrapping_before_u32(a: u32, b: u32) -> bool {
+    (1..0x8000_0000).contains(&b.wrapping_sub(a))
+}
+
+/// The TCP segments that carry data in `pcap`, tallied by [`TcpArrivals::tally`].
+pub fn tcp_arrivals(pcap: &Path) -> TcpArrivals {
+    let p = pcap.to_str().expect("utf-8 path");
+    let argv = [
+        "tshark",
+        "-n",
+        "-r",
+        p,
+        "-Y",
+        "tcp.len > 0",
+        "-T",
+        "fields",
+        "-e",
+        "tcp.srcport",
+        "-e",
+        "ip.id",
+        "-e",
+        "tcp.seq_raw",
+        "-e",
+        "tcp.len",
+    ];
+    let out = run(None, &argv, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.success(), "tshark -r {p}: {}", out.stderr);
+    let parse = |line: &str| -> Option<(u16, u16, u32, u32)> {
+        let mut cols = line.split('\t');
+        let port = cols.next()?.parse().ok()?;
+        let id = u16::from_str_radix(cols.next()?.trim_start_matches("0x"), 16).ok()?;
+        Some((
+            port,
+            id,
+            cols.next()?.parse().ok()?,
+            cols.next()?.parse().ok()?,
+        ))
+    };
+    TcpArrivals::tally(
+        out.stdout
+            .lines()
+            .map(|l| parse(l).unwrap_or_else(|| panic!("tshark -r {p}: unexpected line {l:?}"))),
+    )
+}
+
 /// The first TCP segments tshark finds a bad checksum in (frame, length, addresses, TCP
 /// payload length), for failure messages.
 pub fn bad_tcp_checksums(pcap: &Path) -> String {
@@ -228,6 +344,52 @@ pub fn bad_tcp_checksums(pcap: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `(port, id, seq, len)` for `n` consecutive 1000-byte segments from `id`, `seq`.
+    fn run_of(port: u16, id: u16, seq: u32, n: u16) -> Vec<(u16, u16, u32, u32)> {
+        (0..n)
+            .map(|i| {
+                let k = u32::from(i);
+                (port, id.wrapping_add(i), seq.wrapping_add(k * 1000), 1000)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn segments_in_sending_order_are_neither_reordered_nor_retransmitted() {
+        // IDs and sequence numbers both wrap inside the run; two connections interleave.
+        let a = run_of(40000, 0xfffe, u32::MAX - 1500, 6);
+        let b = run_of(40001, 7, 1, 6);
+        let mixed = a.iter().zip(&b).flat_map(|(x, y)| [*x, *y]);
+        let t = TcpArrivals::tally(mixed);
+        assert_eq!(
+            t,
+            TcpArrivals {
+                connections: 2,
+                segments: 12,
+                reordered: 0,
+                retransmitted: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_segment_overtaken_by_a_later_one_is_reordered() {
+        let mut s = run_of(40000, 100, 1, 5);
+        s.swap(1, 3);
+        let t = TcpArrivals::tally(s);
+        assert_eq!((t.reordered, t.retransmitted), (2, 0), "{t:?}");
+    }
+
+    #[test]
+    fn a_lost_segment_sent_again_is_a_retransmission_not_reordering() {
+        // Segment 2 (seq 1001) is lost; the sender sends it again after 3 and 4, with a new ID.
+        let mut s = run_of(40000, 100, 1, 5);
+        let lost = s.remove(1);
+        s.push((lost.0, 105, lost.2, lost.3));
+        let t = TcpArrivals::tally(s);
+        assert_eq!((t.reordered, t.retransmitted), (0, 1), "{t:?}");
+    }
 
     #[test]
     fn a_partial_checksum_is_the_pseudo_header_sum_of_the_segment() {
