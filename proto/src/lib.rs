@@ -19,6 +19,7 @@ pub mod gso;
 pub mod icmp;
 pub mod ipip;
 pub mod ipv4;
+pub mod policy;
 pub mod virtio;
 pub mod vxlan;
 pub mod wireguard;
