@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use super::{
+use super::model::{
     Direction, Labels, NamedPort, NetworkPolicy, Peer, PolicyPort, PortRef, Protocol,
     NAMESPACE_NAME_LABEL,
 };

@@ -1,6 +1,6 @@
 //! Label selectors: which labelled objects a selector picks.
 
-use super::{LabelSelector, Labels, Requirement};
+use super::model::{LabelSelector, Labels, Requirement};
 
 impl LabelSelector {
     /// Whether `labels` satisfy every `matchLabels` pair and every expression.

@@ -4,7 +4,7 @@
 
 use ipnet::IpNet;
 
-use super::{
+use super::model::{
     IpBlock, LabelSelector, NetworkPolicy, Peer, PolicyPort, PortRef, Protocol, API_VERSION,
 };
 
@@ -139,7 +139,7 @@ pub fn check_port_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn check_labels(field: &str, labels: &super::Labels) -> Result<(), PolicyError> {
+fn check_labels(field: &str, labels: &super::model::Labels) -> Result<(), PolicyError> {
     for (k, v) in labels {
         check_label_key(k).map_err(|r| refuse(field, r))?;
         check_label_value(v).map_err(|r| refuse(format!("{field}.{k}"), r))?;
@@ -348,7 +348,9 @@ fn check_ports(field: &str, ports: Option<&[PolicyPort]>) -> Result<(), PolicyEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{EgressRule, IngressRule, NetworkPolicySpec, ObjectMeta, Requirement};
+    use crate::policy::model::{
+        EgressRule, IngressRule, NetworkPolicySpec, ObjectMeta, Requirement,
+    };
 
     fn policy(spec: NetworkPolicySpec) -> NetworkPolicy {
         NetworkPolicy {
@@ -579,7 +581,7 @@ mod tests {
 
     #[test]
     fn policy_types_once_each() {
-        use crate::policy::Direction::{Egress, Ingress};
+        use crate::policy::model::Direction::{Egress, Ingress};
         let mut p = policy(Default::default());
         p.spec.policy_types = Some(vec![Ingress, Egress]);
         assert_eq!(p.validate(), Ok(()));
