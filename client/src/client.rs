@@ -27,7 +27,7 @@ use crate::clock::now_ms;
 use crate::tls::ClientFiles;
 
 /// How long a single call may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A watch stream silent for this long is presumed dead (the server sends a keepalive line
 /// every 10 s by default).
@@ -264,7 +264,7 @@ impl Client {
         }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{}", self.server(), path)
     }
 
@@ -276,7 +276,7 @@ impl Client {
         Ok(self.url(&format!("/v1/nodes/{name}")))
     }
 
-    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         let builder = self.inner.http.request(method, url);
         match &self.inner.token {
             Some(token) => builder.bearer_auth(token),
@@ -285,7 +285,7 @@ impl Client {
     }
 
     /// Sends a request and turns transport failures and error statuses into [`ClientError`].
-    async fn send(
+    pub(crate) async fn send(
         &self,
         url: &str,
         builder: reqwest::RequestBuilder,
@@ -320,7 +320,7 @@ impl Client {
         })
     }
 
-    async fn json<T: serde::de::DeserializeOwned>(
+    pub(crate) async fn json<T: serde::de::DeserializeOwned>(
         &self,
         url: &str,
         resp: reqwest::Response,

@@ -11,6 +11,9 @@
 //! - `alive/NAME`: bound to the node's etcd lease (TTL `--lease-ttl`, in whole seconds).
 //!   A renewal keeps the lease alive. When it lapses, etcd deletes the key, every replica sees
 //!   that in its watch, and the first one to write marks the node down.
+//! - `pods/NS/NAME`, `namespaces/NS` and `policies/NS/NAME`: network policy's records (a
+//!   `PodRecord`, a namespace's labels, a `NetworkPolicy`, as JSON), one key each, so a change
+//!   writes only the records it changes.
 //!
 //! Each replica keeps a mirror of these keys ([`Mirror`] plus the [`Registry`]), fed by one
 //! etcd watch. Lists, node reads and watch streams are served from the mirror, so they keep
@@ -31,7 +34,9 @@ use podnet_proto::api::{EventType, Node, NodeState, WatchEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::ipam::Ipam;
+use crate::policy::PolicyBook;
 use crate::state::{Registry, Timing, STATE_FORMAT};
+use podnet_proto::policy::{Labels, NetworkPolicy, PodRecord, PolicyState};
 
 /// A single etcd call may take this long; then the write is answered 503.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -75,6 +80,28 @@ enum Key<'a> {
     Node(&'a str),
     Cidr(Ipv4Net),
     Alive(&'a str),
+    /// A policy record, by its kind and `NS/NAME` (or `NS`).
+    Record(RecordKind, &'a str),
+}
+
+/// The kinds of network policy records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum RecordKind {
+    Pod,
+    Namespace,
+    Policy,
+}
+
+impl RecordKind {
+    const ALL: [RecordKind; 3] = [RecordKind::Pod, RecordKind::Namespace, RecordKind::Policy];
+
+    fn dir(self) -> &'static str {
+        match self {
+            RecordKind::Pod => "pods",
+            RecordKind::Namespace => "namespaces",
+            RecordKind::Policy => "policies",
+        }
+    }
 }
 
 /// The key names under one prefix.
@@ -115,12 +142,20 @@ impl Keys {
         format!("{}/alive/{name}", self.prefix)
     }
 
+    fn record(&self, kind: RecordKind, key: &str) -> String {
+        format!("{}/{}/{key}", self.prefix, kind.dir())
+    }
+
     fn parse<'a>(&self, key: &'a str) -> Option<Key<'a>> {
         let rest = key.strip_prefix(&self.prefix)?.strip_prefix('/')?;
         let (kind, name) = rest.split_once('/')?;
         match kind {
             "nodes" => Some(Key::Node(name)),
             "alive" => Some(Key::Alive(name)),
+            dir if RecordKind::ALL.iter().any(|k| k.dir() == dir) => {
+                let kind = RecordKind::ALL.into_iter().find(|k| k.dir() == dir)?;
+                Some(Key::Record(kind, name))
+            }
             "cidrs" => {
                 let (ip, len) = name.split_once('-')?;
                 Ipv4Net::new(ip.parse().ok()?, len.parse().ok()?)
@@ -141,6 +176,8 @@ pub struct Mirror {
     claims: HashMap<Ipv4Net, (String, i64)>,
     /// The lease of each live node's `alive` key, by name.
     leases: HashMap<String, i64>,
+    /// Mod revision of each policy record, by etcd key.
+    record_revs: HashMap<String, i64>,
 }
 
 impl Mirror {
@@ -276,11 +313,143 @@ pub fn apply(
                     mirror.leases.remove(name);
                 }
             },
-            None => {}
+            // Kept by apply_records.
+            Some(Key::Record(..)) | None => {}
         }
         registry.set_revision(registry.revision().max(revision));
     }
     events
+}
+
+/// Applies the policy record changes among `changes` to `book`; whether it changed. Its
+/// revision becomes that of the last change, so agents waiting for a newer one wake. A record
+/// podnet cannot read is logged and skipped, like a node record.
+pub fn apply_records(
+    keys: &Keys,
+    book: &mut PolicyBook,
+    mirror: &mut Mirror,
+    changes: &[Change],
+) -> bool {
+    let mut state = book.state().clone();
+    let mut changed = false;
+    for change in changes {
+        let Some(Key::Record(kind, name)) = keys.parse(&change.key) else {
+            continue;
+        };
+        let read = match &change.value {
+            None => Ok(None),
+            Some(v) => read_record(&mut state, kind, name, v).map(Some),
+        };
+        match read {
+            Err(e) => {
+                tracing::warn!(key = %change.key, "etcd policy record unreadable, skipped: {e}");
+                continue;
+            }
+            Ok(Some(())) => {
+                mirror
+                    .record_revs
+                    .insert(change.key.clone(), change.mod_revision);
+            }
+            Ok(None) => {
+                mirror.record_revs.remove(&change.key);
+                match kind {
+                    RecordKind::Pod => drop(state.pods.remove(name)),
+                    RecordKind::Namespace => drop(state.namespaces.remove(name)),
+                    RecordKind::Policy => drop(state.policies.remove(name)),
+                }
+            }
+        }
+        changed = true;
+        state.revision = state.revision.max(change.mod_revision.max(0) as u64);
+    }
+    if changed {
+        *book = PolicyBook::from_mirror(state);
+    }
+    changed
+}
+
+/// Reads one record into `state`, checked as the API checks it.
+fn read_record(
+    state: &mut PolicyState,
+    kind: RecordKind,
+    name: &str,
+    value: &[u8],
+) -> Result<(), String> {
+    match kind {
+        RecordKind::Pod => {
+            let pod: PodRecord = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+            pod.validate()?;
+            if pod.key() != name {
+                return Err(format!("the record is for pod {}", pod.key()));
+            }
+            state.pods.insert(name.to_string(), pod);
+        }
+        RecordKind::Namespace => {
+            let labels: Labels = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+            state.namespaces.insert(name.to_string(), labels);
+        }
+        RecordKind::Policy => {
+            let policy: NetworkPolicy = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+            policy.validate().map_err(|e| e.to_string())?;
+            if policy.key() != name {
+                return Err(format!("the record is for policy {}", policy.key()));
+            }
+            state.policies.insert(name.to_string(), policy);
+        }
+    }
+    Ok(())
+}
+
+/// The writes that turn the policy records `prev` (the mirror) into `next`: a put for every
+/// record that changed, a delete for every one that went, each compared at the revision the
+/// mirror read it at.
+pub fn plan_records(keys: &Keys, mirror: &Mirror, prev: &PolicyState, next: &PolicyState) -> Plan {
+    let mut plan = Plan::default();
+    let mut diff =
+        |kind: RecordKind, name: &str, before: Option<Vec<u8>>, after: Option<Vec<u8>>| {
+            if before == after {
+                return;
+            }
+            let key = keys.record(kind, name);
+            let expect = match mirror.record_revs.get(&key) {
+                Some(rev) => Expect::ModRevision(*rev),
+                None => Expect::Absent,
+            };
+            plan.compares.push((key.clone(), expect));
+            match after {
+                Some(value) => plan.puts.push((key, value)),
+                None => plan.deletes.push(key),
+            }
+        };
+    fn json<T: Serialize>(v: Option<&T>) -> Option<Vec<u8>> {
+        v.map(|v| serde_json::to_vec(v).expect("records serialize"))
+    }
+    let names = |a: Vec<&String>, b: Vec<&String>| -> BTreeSet<String> {
+        a.into_iter().chain(b).cloned().collect()
+    };
+    for name in names(prev.pods.keys().collect(), next.pods.keys().collect()) {
+        diff(
+            RecordKind::Pod,
+            &name,
+            json(prev.pods.get(&name)),
+            json(next.pods.get(&name)),
+        );
+    }
+    for name in names(
+        prev.namespaces.keys().collect(),
+        next.namespaces.keys().collect(),
+    ) {
+        let (a, b) = (prev.namespaces.get(&name), next.namespaces.get(&name));
+        diff(RecordKind::Namespace, &name, json(a), json(b));
+    }
+    for name in names(
+        prev.policies.keys().collect(),
+        next.policies.keys().collect(),
+    ) {
+        let (a, b) = (prev.policies.get(&name), next.policies.get(&name));
+        diff(RecordKind::Policy, &name, json(a), json(b));
+    }
+    plan
 }
 
 /// The events that take watchers from `old` to `new` (read afresh at `revision`).
@@ -443,6 +612,14 @@ pub enum Outcome {
     Conflict(u64),
 }
 
+/// Everything read from etcd at one revision.
+pub struct Loaded {
+    pub registry: Registry,
+    pub book: PolicyBook,
+    pub mirror: Mirror,
+    pub revision: u64,
+}
+
 /// A connection to the etcd cluster and the key names under the prefix.
 #[derive(Clone)]
 pub struct Etcd {
@@ -534,7 +711,7 @@ impl Etcd {
         ipam: Ipam,
         timing: Timing,
         lease_ends: u64,
-    ) -> Result<(Registry, Mirror, u64), EtcdError> {
+    ) -> Result<Loaded, EtcdError> {
         let ours = Layout {
             format: STATE_FORMAT,
             cluster_cidr: ipam.cluster(),
@@ -584,9 +761,19 @@ impl Etcd {
         registry.spread_allocations();
         let mut mirror = Mirror::default();
         apply(&self.keys, &mut registry, &mut mirror, &changes, lease_ends);
+        let mut book = PolicyBook::default();
+        apply_records(&self.keys, &mut book, &mut mirror, &changes);
         let revision = revision.max(0) as u64;
         registry.set_revision(revision);
-        Ok((registry, mirror, revision))
+        // Read afresh: the revision it was read at covers every record, deleted ones too.
+        let mut state = book.state().clone();
+        state.revision = revision;
+        Ok(Loaded {
+            registry,
+            book: PolicyBook::from_mirror(state),
+            mirror,
+            revision,
+        })
     }
 
     /// Writes `plan` as one transaction.
@@ -987,5 +1174,73 @@ mod tests {
             .to_string();
         assert!(err.contains("cluster CIDR 10.0.0.0/8"), "{err}");
         assert!(check_layout("/podnet", &ours, &ours).is_ok());
+    }
+
+    #[test]
+    fn policy_records_are_written_one_key_each_and_read_back() {
+        let k = keys();
+        let (mut book, mut mirror) = (PolicyBook::default(), Mirror::default());
+        let pod = |name: &str, ip: &str| -> PodRecord {
+            serde_json::from_value(serde_json::json!({"namespace": "x", "name": name,
+                "node": "h1", "ips": [ip], "container_id": "c"}))
+            .unwrap()
+        };
+        let mut next = book.clone();
+        next.put_pod(pod("a", "10.244.1.2"), None).unwrap();
+        next.put_pod(pod("b", "10.244.1.3"), None).unwrap();
+        let policy = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "p", "namespace": "x"}}),
+        );
+        next.apply(vec![policy.unwrap()]).unwrap();
+        let first = plan_records(&k, &mirror, book.state(), next.state());
+        let put_keys: Vec<&str> = first.puts.iter().map(|(key, _)| key.as_str()).collect();
+        assert_eq!(
+            put_keys,
+            [
+                "/podnet/pods/x/a",
+                "/podnet/pods/x/b",
+                "/podnet/policies/x/p"
+            ]
+        );
+        assert!(first.compares.iter().all(|(_, e)| *e == Expect::Absent));
+        assert!(apply_records(
+            &k,
+            &mut book,
+            &mut mirror,
+            &written(&first, 7, 0)
+        ));
+        assert_eq!(book.state().pods, next.state().pods);
+        assert_eq!(book.state().policies, next.state().policies);
+        assert_eq!(book.revision(), 7, "the revision etcd wrote them at");
+
+        // A later change writes only what changed, compared at the revision it was read.
+        let mut later = book.clone();
+        later.delete_pod("x", "a", None).unwrap();
+        let change = podnet_proto::policy::LabelChange::parse(&["app=web".into()]).unwrap();
+        later.label_pod("x", "b", &change).unwrap();
+        let second = plan_records(&k, &mirror, book.state(), later.state());
+        assert_eq!(second.deletes, ["/podnet/pods/x/a"]);
+        assert_eq!(second.puts.len(), 1);
+        assert_eq!(second.puts[0].0, "/podnet/pods/x/b");
+        assert!(second
+            .compares
+            .iter()
+            .all(|(_, e)| *e == Expect::ModRevision(7)));
+        assert!(apply_records(
+            &k,
+            &mut book,
+            &mut mirror,
+            &written(&second, 9, 0)
+        ));
+        assert_eq!(book.state().pods, later.state().pods);
+        assert_eq!(book.revision(), 9);
+
+        // A record podnet cannot read is skipped; the rest still applies.
+        let junk = put("/podnet/policies/x/q".into(), b"{".to_vec(), 10, 0);
+        assert!(!apply_records(&k, &mut book, &mut mirror, &[junk]));
+        assert_eq!(book.revision(), 9);
+        // Node keys are not records.
+        let node = put(k.alive("h1"), vec![], 11, 3);
+        assert!(!apply_records(&k, &mut book, &mut mirror, &[node]));
     }
 }

@@ -3,13 +3,16 @@
 //! The service hands every node a pod CIDR carved from the cluster CIDR (`ipam`), tracks
 //! membership with leases (`state`), persists it (`store`, one process; or `etcd` and
 //! `replica`, any number of replicas over an etcd cluster) and serves the HTTP/JSON API with
-//! resumable NDJSON watches (`server`). Agents use `client` to register, renew and follow the
+//! resumable NDJSON watches (`server`). Network policy's records (pods, namespace labels,
+//! policies) are kept beside the node table (`policy`). Agents use `client` to register, renew and follow the
 //! node table; that library is the `podnet-control-client` crate, re-exported here. The wire
 //! types live in `podnet_proto::api`.
 
 pub mod clock;
+pub mod documents;
 pub mod etcd;
 pub mod ipam;
+pub mod policy;
 pub mod server;
 pub mod state;
 pub mod store;

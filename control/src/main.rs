@@ -1,4 +1,5 @@
-//! `podnet-control`: run the control service (`serve`), show its node table (`nodes`), or
+//! `podnet-control`: run the control service (`serve`), show its node table (`nodes`), manage
+//! network policy (`policy apply|delete|list`, `pods`, `pod label`, `namespace label`), or
 //! manage the cluster CA (`ca init|issue`).
 
 use std::net::SocketAddr;
@@ -12,9 +13,11 @@ use ipnet::Ipv4Net;
 use podnet_control::api::{Node, NodeList};
 use podnet_control::client::read_token_file;
 use podnet_control::clock::now_ms;
+use podnet_control::documents::read_policies;
 use podnet_control::server::{DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_WATCHERS};
 use podnet_control::tls::{self, ClientArgs, Subject};
 use podnet_control::{Client, Etcd, FileStore, Server, ServerConfig};
+use podnet_proto::policy::{Direction, LabelChange, Labels, PolicyState};
 
 #[derive(Parser)]
 #[command(
@@ -75,23 +78,98 @@ enum Command {
     },
     /// Print the node table.
     Nodes {
-        /// Control service URL.
-        #[arg(
-            long,
-            env = "PODNET_CONTROL_URL",
-            default_value = "http://127.0.0.1:7800"
-        )]
-        server: String,
-        /// Bearer token file.
-        #[arg(long)]
-        token_file: Option<PathBuf>,
         #[command(flatten)]
-        tls: ClientArgs,
+        conn: Connection,
+    },
+    /// Network policies (Kubernetes networking.k8s.io/v1 NetworkPolicy): apply, delete, list.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Print the pods the nodes registered, with their addresses and labels.
+    Pods {
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Change a pod's labels.
+    Pod {
+        #[command(subcommand)]
+        command: LabelCommand,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Change a namespace's labels.
+    Namespace {
+        #[command(subcommand)]
+        command: LabelCommand,
+        #[command(flatten)]
+        conn: Connection,
     },
     /// The cluster CA: make it, and issue node, operator and server certificates.
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+}
+
+/// How a command reaches the control service.
+#[derive(clap::Args)]
+struct Connection {
+    /// Control service URL.
+    #[arg(
+        long,
+        global = true,
+        env = "PODNET_CONTROL_URL",
+        default_value = "http://127.0.0.1:7800"
+    )]
+    server: String,
+    /// Bearer token file.
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: ClientArgs,
+}
+
+impl Connection {
+    fn client(&self) -> Result<Client, CliError> {
+        let token = self
+            .token_file
+            .as_deref()
+            .map(read_token_file)
+            .transpose()?;
+        let files = self.tls.files().map_err(tls::TlsError::from)?;
+        Ok(Client::with_tls(&self.server, token, files.as_ref())?)
+    }
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Create or replace the policies in FILE (YAML or JSON; several documents, or a List),
+    /// all or none: one invalid document changes nothing.
+    Apply {
+        /// The file, or - for standard input.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Delete policy NS/NAME.
+    Delete {
+        #[arg(value_name = "NS/NAME")]
+        policy: String,
+    },
+    /// List the policies.
+    List,
+}
+
+#[derive(Subcommand)]
+enum LabelCommand {
+    /// Set labels (key=value) and remove them (key-), as `kubectl label` does.
+    Label {
+        /// The pod (NS/NAME) or the namespace (NS).
+        target: String,
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        labels: Vec<String>,
     },
 }
 
@@ -179,6 +257,13 @@ enum CliError {
     Runtime(std::io::Error),
     #[error(transparent)]
     Tls(#[from] podnet_control::tls::TlsError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "serve needs --tls-cert, --tls-key and --client-ca (make them with `podnet-control ca \
          init --dir D` and `ca issue --dir D --server --ip ADDR`), or --insecure to serve \
@@ -219,6 +304,52 @@ fn ca(command: CaCommand) -> Result<(), CliError> {
         }
     };
     println!("{}\n{}", cert.display(), key.display());
+    Ok(())
+}
+
+/// `NS/NAME` split in two.
+fn split_key<'a>(key: &'a str, what: &str) -> Result<(&'a str, &'a str), CliError> {
+    key.split_once('/')
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "{key:?}: name the {what} as NAMESPACE/NAME (default/{key} for the default namespace)"
+            ))
+        })
+}
+
+async fn policy(command: PolicyCommand, client: &Client) -> Result<(), CliError> {
+    match command {
+        PolicyCommand::Apply { file } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+            } else {
+                std::fs::read_to_string(&file)
+            }
+            .map_err(|source| CliError::ReadFile {
+                path: file.clone(),
+                source,
+            })?;
+            let batch = read_policies(&text).map_err(|e| {
+                CliError::Usage(format!("{}: {e}; nothing applied", file.display()))
+            })?;
+            let answer = client.apply_policies(&batch).await?;
+            for p in answer["policies"].as_array().into_iter().flatten() {
+                let (name, result) = (p["policy"].as_str(), p["result"].as_str());
+                println!(
+                    "networkpolicy {} {}",
+                    name.unwrap_or("?"),
+                    result.unwrap_or("?")
+                );
+            }
+        }
+        PolicyCommand::Delete { policy } => {
+            let (ns, name) = split_key(&policy, "policy")?;
+            client.delete_policy(ns, name).await?;
+            println!("networkpolicy {policy} deleted");
+        }
+        PolicyCommand::List => print!("{}", render_policies(&client.policy(None).await?)),
+    }
     Ok(())
 }
 
@@ -285,17 +416,40 @@ fn main() -> ExitCode {
                 };
                 serve(listen, config, store).await
             }
-            Command::Nodes {
-                server,
-                token_file,
-                tls,
-            } => {
-                let token = token_file.as_deref().map(read_token_file).transpose()?;
-                let files = tls.files().map_err(tls::TlsError::from)?;
-                let list = Client::with_tls(&server, token, files.as_ref())?
-                    .list()
-                    .await?;
+            Command::Nodes { conn } => {
+                let list = conn.client()?.list().await?;
                 print!("{}", render_table(&list, now_ms()));
+                Ok(())
+            }
+            Command::Policy { command, conn } => policy(command, &conn.client()?).await,
+            Command::Pods { conn } => {
+                let state = conn.client()?.policy(None).await?;
+                print!("{}", render_pods(&state));
+                Ok(())
+            }
+            Command::Pod {
+                command: LabelCommand::Label { target, labels },
+                conn,
+            } => {
+                let (ns, name) = split_key(&target, "pod")?;
+                let change = LabelChange::parse(&labels).map_err(CliError::Usage)?;
+                let answer = conn.client()?.label_pod(ns, name, &change).await?;
+                println!(
+                    "pod {target} {}",
+                    answer["result"].as_str().unwrap_or("labeled")
+                );
+                Ok(())
+            }
+            Command::Namespace {
+                command: LabelCommand::Label { target, labels },
+                conn,
+            } => {
+                let change = LabelChange::parse(&labels).map_err(CliError::Usage)?;
+                let answer = conn.client()?.label_namespace(&target, &change).await?;
+                println!(
+                    "namespace {target} {}",
+                    answer["result"].as_str().unwrap_or("labeled")
+                );
                 Ok(())
             }
             Command::Ca { command } => ca(command),
@@ -453,30 +607,94 @@ fn render_table(list: &NodeList, local_now: u64) -> String {
             ]
         })
         .collect();
+    table(header, &rows)
+}
+
+/// Rows of cells as an aligned table, the header first.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
     let mut widths = header.map(str::len);
-    for row in &rows {
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
         }
     }
     let mut out = String::new();
-    let mut line = |cells: &[&str]| {
+    let mut line = |cells: [&str; N]| {
         let mut text = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                text.push_str(cell);
-            } else {
-                text.push_str(&format!("{cell:<w$}  "));
-            }
+        for (cell, w) in cells.iter().zip(widths) {
+            text.push_str(&format!("{cell:<w$}  "));
         }
         out.push_str(text.trim_end());
         out.push('\n');
     };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
+    line(header);
+    for row in rows {
+        line(row.each_ref().map(String::as_str));
     }
     out
+}
+
+/// `k=v,k=v`, or `<none>` as kubectl writes an empty set.
+fn labels_cell(labels: &Labels) -> String {
+    if labels.is_empty() {
+        return "<none>".into();
+    }
+    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.join(",")
+}
+
+/// The `pods` table.
+fn render_pods(state: &PolicyState) -> String {
+    let rows: Vec<[String; 5]> = state
+        .pods
+        .values()
+        .map(|p| {
+            let ips: Vec<String> = p.ips.iter().map(|ip| ip.to_string()).collect();
+            [
+                p.namespace.clone(),
+                p.name.clone(),
+                p.node.clone(),
+                ips.join(","),
+                labels_cell(&p.labels),
+            ]
+        })
+        .collect();
+    table(["NAMESPACE", "NAME", "NODE", "IPS", "LABELS"], &rows)
+}
+
+/// The `policy list` table: what each policy selects and which directions it isolates.
+fn render_policies(state: &PolicyState) -> String {
+    let rows: Vec<[String; 4]> = state
+        .policies
+        .values()
+        .map(|p| {
+            let selector = &p.spec.pod_selector;
+            let mut select = vec![labels_cell(&selector.match_labels)];
+            select.extend(
+                selector
+                    .match_expressions
+                    .iter()
+                    .map(|r| format!("{} {} ({})", r.key, r.operator, r.values.join(","))),
+            );
+            if selector.is_empty() {
+                select = vec!["<all>".into()];
+            } else if selector.match_labels.is_empty() {
+                select.remove(0);
+            }
+            let types: Vec<&str> = [Direction::Ingress, Direction::Egress]
+                .into_iter()
+                .filter(|d| p.applies_to(*d))
+                .map(|d| d.name())
+                .collect();
+            [
+                p.namespace().to_string(),
+                p.metadata.name.clone(),
+                select.join(","),
+                types.join(","),
+            ]
+        })
+        .collect();
+    table(["NAMESPACE", "NAME", "POD-SELECTOR", "ISOLATES"], &rows)
 }
 
 /// "850ms ago", "12s ago", "3m ago", "5h ago", "2d ago".

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use podnet_proto::ethernet::MacAddr;
 
 use crate::ipam::Ipam;
+use podnet_proto::policy::PolicyState;
 
 /// Version of the state file layout; bumped on incompatible changes.
 pub const STATE_FORMAT: u32 = 1;
@@ -39,6 +40,10 @@ pub struct StoredState {
     pub node_prefix: u8,
     pub revision: u64,
     pub nodes: Vec<Node>,
+    /// Pods, namespace labels and network policies (absent from files of services that had
+    /// none).
+    #[serde(default, skip_serializing_if = "PolicyState::is_empty")]
+    pub policy: PolicyState,
 }
 
 /// A registration the service refuses.
@@ -105,6 +110,12 @@ pub enum RestoreError {
     },
     #[error("node {name:?} appears twice or has an invalid name")]
     BadNode { name: String },
+    #[error("stored {what} {key} is invalid ({reason}); restore the state file from a backup")]
+    BadRecord {
+        what: &'static str,
+        key: String,
+        reason: String,
+    },
 }
 
 /// What a registration did.
@@ -213,6 +224,7 @@ impl Registry {
             node_prefix: self.ipam.node_prefix(),
             revision: self.revision,
             nodes: self.nodes.values().map(|e| e.node.clone()).collect(),
+            policy: PolicyState::default(),
         }
     }
 

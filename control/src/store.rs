@@ -241,6 +241,7 @@ mod tests {
 
     fn state(revision: u64, nodes: usize) -> StoredState {
         StoredState {
+            policy: Default::default(),
             format: STATE_FORMAT,
             cluster_cidr: "10.244.0.0/16".parse().unwrap(),
             node_prefix: 24,

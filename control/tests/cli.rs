@@ -97,9 +97,15 @@ fn req(i: u32) -> RegisterRequest {
 }
 
 fn nodes_cmd(url: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["nodes", "--server", url];
+    args.extend(extra);
+    cli(&args)
+}
+
+/// Runs `podnet-control ARGS` to its end (at most 15 s).
+fn cli(args: &[&str]) -> std::process::Output {
     let mut child = Command::new(BIN)
-        .args(["nodes", "--server", url])
-        .args(extra)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -108,7 +114,7 @@ fn nodes_cmd(url: &str, extra: &[&str]) -> std::process::Output {
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("`podnet-control nodes` hung");
+            panic!("`podnet-control {}` hung", args.join(" "));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -419,4 +425,105 @@ fn serve_raises_the_open_file_limit_to_fit_max_connections() {
         log.contains("raised the open-file limit") && log.contains("from=256"),
         "{log}"
     );
+}
+
+/// `policy apply|list|delete`, `pods`, `pod label` and `namespace label` against a service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_commands_apply_list_label_and_refuse_bad_files_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&dir.path().join("state.json"), &[]);
+    let url = serve.url();
+    let client = Client::new(&url, None).unwrap();
+    let pod: podnet_proto::policy::PodRecord = serde_json::from_value(serde_json::json!({
+        "namespace": "x", "name": "a", "node": "h1", "ips": ["10.244.1.2"],
+        "labels": {"pod": "a"}, "container_id": "c1"}))
+    .unwrap();
+    client.put_pod(&pod).await.unwrap();
+
+    let good = dir.path().join("good.yaml");
+    std::fs::write(
+        &good,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\n\
+         spec: {podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress, Egress]}\n---\n\
+         kind: NetworkPolicy\nmetadata: {name: all, namespace: y}\nspec: {}\n",
+    )
+    .unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "kind: NetworkPolicy\nmetadata: {name: ok, namespace: z}\n---\n\
+         kind: NetworkPolicy\nmetadata: {name: bad, namespace: z}\n\
+         spec: {ingress: [{ports: [{protocol: ICMP}]}]}\n",
+    )
+    .unwrap();
+    let (good, bad) = (
+        good.to_str().unwrap().to_string(),
+        bad.to_str().unwrap().to_string(),
+    );
+    // The service is another process, so blocking this test's thread on the CLI is fine.
+    let call = |args: &[&str]| {
+        let mut args = args.to_vec();
+        args.extend(["--server", url.as_str()]);
+        let out = cli(&args);
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let (ok, out, err) = call(&["policy", "apply", "-f", &bad]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains(
+            "document 2: z/bad: spec.ingress[0].ports[0].protocol: unsupported protocol \"ICMP\""
+        ) && err.contains("nothing applied"),
+        "{err}"
+    );
+    let (ok, out, err) = call(&["policy", "apply", "-f", &good]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        "networkpolicy x/deny created\nnetworkpolicy y/all created\n"
+    );
+    let (ok, out, _) = call(&["policy", "list"]);
+    assert!(ok);
+    let lines: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            vec!["NAMESPACE", "NAME", "POD-SELECTOR", "ISOLATES"],
+            vec!["x", "deny", "pod=a", "ingress,egress"],
+            vec!["y", "all", "<all>", "ingress"],
+        ],
+        "{out}"
+    );
+    let (ok, out, err) = call(&["pod", "label", "x/a", "app=web", "pod-"]);
+    assert!(ok && out == "pod x/a changed\n", "{out}{err}");
+    let (ok, out, _) = call(&["pods"]);
+    assert!(ok);
+    assert_eq!(
+        out.lines()
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["x", "a", "h1", "10.244.1.2", "app=web"],
+        "{out}"
+    );
+    let (ok, out, err) = call(&["namespace", "label", "y", "team=ops"]);
+    assert!(ok && out == "namespace y changed\n", "{out}{err}");
+    let (ok, _, err) = call(&["pod", "label", "a", "x=y"]);
+    assert!(!ok && err.contains("NAMESPACE/NAME"), "{err}");
+    let (ok, _, err) = call(&["pod", "label", "x/a", "justakey"]);
+    assert!(!ok && err.contains("key=value"), "{err}");
+    let (ok, out, _) = call(&["policy", "delete", "y/all"]);
+    assert!(ok && out == "networkpolicy y/all deleted\n", "{out}");
+    let (ok, _, err) = call(&["policy", "delete", "y/all"]);
+    assert!(
+        !ok && err.contains("404") && err.contains("no policy y/all"),
+        "{err}"
+    );
+    let state = client.policy(None).await.unwrap();
+    assert_eq!(state.policies.keys().collect::<Vec<_>>(), ["x/deny"]);
+    assert_eq!(state.namespaces["y"]["team"], "ops");
 }

@@ -86,6 +86,11 @@ fn register(
 
 /// The pod CIDR claims in etcd (`/podnet/cidrs/...` -> holder), read with etcdctl.
 fn etcd_claims(tb: &Testbed) -> BTreeMap<String, String> {
+    etcd_keys(tb, "/podnet/cidrs/")
+}
+
+/// Every key under `prefix` in etcd, with its value, read with etcdctl.
+fn etcd_keys(tb: &Testbed, prefix: &str) -> BTreeMap<String, String> {
     let out = run(
         Some(&tb.etcd_ns(1)),
         &[
@@ -94,7 +99,7 @@ fn etcd_claims(tb: &Testbed) -> BTreeMap<String, String> {
             &etcd_endpoints(),
             "get",
             "--prefix",
-            "/podnet/cidrs/",
+            prefix,
         ],
         Duration::from_secs(10),
     )
@@ -514,4 +519,102 @@ fn a_killed_agent_is_withdrawn_on_every_replica_within_the_lease_ttl() {
         killed.elapsed()
     );
     assert_eq!(http::node_states(&ns, tb.replica_addr(1))["h1"].1, "up");
+}
+
+/// The policy records on replicas: a policy applied on one and a pod registered on the other
+/// are one key each in etcd, both replicas serve both, an agent's long poll on one wakes at
+/// once for a change made on the other, and a restarted replica reads them back.
+#[test]
+fn policy_records_are_shared_by_replicas() {
+    if !e2e_ready() {
+        return;
+    }
+    let mut tb = replicas_only("ha-pol", 2);
+    let ns = tb.host(1).ns.clone();
+    let addrs = [tb.replica_addr(1), tb.replica_addr(2)];
+    let call = |r: u8, method: &str, path: &str, body: Option<&str>| {
+        let resp = http::request(
+            &ns,
+            addrs[usize::from(r) - 1],
+            method,
+            path,
+            &[],
+            body,
+            Duration::from_secs(25),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            resp.status, 200,
+            "{method} {path} on replica {r}: {}",
+            resp.body
+        );
+        resp.json().unwrap()
+    };
+    let policy = r#"{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "deny", "namespace": "x"}, "spec": {"podSelector": {}}}"#;
+    let applied = call(1, "POST", "/v1/policies", Some(policy));
+    assert_eq!(applied["policies"][0]["result"], "created", "{applied}");
+    let pod = r#"{"namespace": "x", "name": "a", "node": "h1", "ips": ["10.244.1.2"],
+        "labels": {"pod": "a"}, "container_id": "c1"}"#;
+    let put = call(2, "PUT", "/v1/pods/x/a", Some(pod));
+    let revision = put["revision"].as_u64().unwrap();
+    for r in [1, 2] {
+        wait_for(
+            &format!("replica {r} serves both records"),
+            Duration::from_secs(5),
+            || {
+                let state = call(r, "GET", "/v1/policy", None);
+                let both =
+                    state["policies"]["x/deny"].is_object() && state["pods"]["x/a"].is_object();
+                if both && state["revision"].as_u64() >= Some(revision) {
+                    Ok(())
+                } else {
+                    Err(state.to_string())
+                }
+            },
+        )
+        .unwrap();
+    }
+    let keys = etcd_keys(&tb, "/podnet/p");
+    assert_eq!(
+        keys.keys().collect::<Vec<_>>(),
+        ["/podnet/pods/x/a", "/podnet/policies/x/deny"],
+        "{keys:?}"
+    );
+
+    // A long poll on replica 2 wakes when replica 1 labels the pod.
+    let waiter = {
+        let (ns, addr) = (ns.clone(), addrs[1]);
+        let path = format!("/v1/policy?after={revision}");
+        thread::spawn(move || {
+            let r = http::request(&ns, addr, "GET", &path, &[], None, Duration::from_secs(25));
+            (Instant::now(), r)
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    assert!(!waiter.is_finished(), "nothing changed yet");
+    let labelled = call(
+        1,
+        "PATCH",
+        "/v1/pods/x/a",
+        Some(r#"{"set": {"app": "web"}}"#),
+    );
+    let changed = Instant::now();
+    let (woke, resp) = waiter.join().unwrap();
+    let state = resp.unwrap().json().unwrap();
+    assert_eq!(state["pods"]["x/a"]["labels"]["app"], "web", "{state}");
+    assert!(
+        woke.duration_since(changed) < Duration::from_secs(1),
+        "replica 2's poll answered {:?} after replica 1's change ({labelled})",
+        woke.duration_since(changed)
+    );
+
+    tb.stop("control2");
+    tb.start_replica(2);
+    let state = call(2, "GET", "/v1/policy", None);
+    assert_eq!(
+        state["pods"]["x/a"]["labels"]["app"], "web",
+        "read back after a restart: {state}"
+    );
+    assert!(state["policies"]["x/deny"].is_object(), "{state}");
 }

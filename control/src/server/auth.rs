@@ -1,6 +1,7 @@
 //! Who may call what: under mTLS any certificate of the cluster CA (or the bearer token) may
-//! read, a node may write only its own record and an operator any; without TLS, the bearer
-//! token if one is set.
+//! read, a node may write only its own record and the records of the pods it runs, and an
+//! operator anything (labels and policies only an operator); without TLS, the bearer token if
+//! one is set.
 
 use std::sync::Arc;
 
@@ -83,6 +84,28 @@ fn mtls_refusal(req: &Request, identity: Option<&Identity>, token_ok: bool) -> O
     if !write || id.role == Role::Operator {
         return None;
     }
+    let path = req.uri().path();
+    if path.starts_with("/v1/pods/") && matches!(*req.method(), Method::PUT | Method::DELETE) {
+        // A node registers and removes the pods it runs; the handler checks that the pod is
+        // on the node the certificate names.
+        if id.role == Role::Node {
+            return None;
+        }
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("the client certificate is for {id}, which may not write pods"),
+        ));
+    }
+    if !path.starts_with("/v1/nodes/") {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "the client certificate is for {id}: only an operator certificate (`ca issue                  --operator`) may change labels and policies"
+            ),
+        ));
+    }
     let target = req
         .uri()
         .path()
@@ -121,6 +144,48 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn refused(method: Method, path: &str, role: Role) -> Option<u16> {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let id = Identity {
+            name: "h1".into(),
+            role,
+        };
+        mtls_refusal(&req, Some(&id), false).map(|r| r.status().as_u16())
+    }
+
+    #[test]
+    fn a_node_writes_its_node_and_its_pods_an_operator_everything() {
+        use Method as M;
+        let node = |m, p| refused(m, p, Role::Node);
+        assert_eq!(node(M::PUT, "/v1/nodes/h1"), None);
+        assert_eq!(node(M::PUT, "/v1/nodes/h2"), Some(403));
+        // Whose pod it is, the handler checks against the record.
+        assert_eq!(node(M::PUT, "/v1/pods/x/a"), None);
+        assert_eq!(node(M::DELETE, "/v1/pods/x/a"), None);
+        assert_eq!(
+            node(M::PATCH, "/v1/pods/x/a"),
+            Some(403),
+            "labels are the operator's"
+        );
+        assert_eq!(node(M::PATCH, "/v1/namespaces/x"), Some(403));
+        assert_eq!(node(M::POST, "/v1/policies"), Some(403));
+        assert_eq!(node(M::DELETE, "/v1/policies/x/p"), Some(403));
+        assert_eq!(node(M::GET, "/v1/policy"), None);
+        for (m, p) in [
+            (M::POST, "/v1/policies"),
+            (M::PATCH, "/v1/pods/x/a"),
+            (M::PATCH, "/v1/namespaces/x"),
+            (M::DELETE, "/v1/policies/x/p"),
+        ] {
+            assert_eq!(refused(m, p, Role::Operator), None);
+        }
+        assert_eq!(refused(M::PUT, "/v1/pods/x/a", Role::Other), Some(403));
+    }
 
     #[test]
     fn token_comparison() {

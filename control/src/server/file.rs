@@ -6,13 +6,16 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Json;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use podnet_proto::api::{EventType, RegisterRequest, WatchEvent};
 use tokio::task::JoinHandle;
 
 use super::answer::{error, refusal, register_answer, store_failed};
+use super::policy::refused;
 use super::shared::{Backend, Core, Shared};
+use crate::policy::{PolicyBook, PolicyChange};
 use crate::state::Registry;
 use crate::store::{Store, StoreError};
 
@@ -86,6 +89,26 @@ impl File {
     }
 }
 
+impl File {
+    async fn change_policy(&self, shared: &Arc<Shared>, change: PolicyChange) -> Response {
+        let mut core = shared.core.lock().await;
+        let mut next = core.book.clone();
+        let mut answer = match change.apply(&mut next) {
+            Ok(answer) => answer,
+            Err(e) => return refused(e),
+        };
+        if next.revision() != core.book.revision() {
+            if let Err(e) = save(&self.store, &core.registry, &next).await {
+                return store_failed(shared, e);
+            }
+            core.book = next;
+            shared.policy_revision.send_replace(core.book.revision());
+        }
+        answer["revision"] = core.book.revision().into();
+        Json(answer).into_response()
+    }
+}
+
 impl Backend for File {
     fn put_node<'a>(
         &'a self,
@@ -105,6 +128,14 @@ impl Backend for File {
         self.delete(shared, name, purge).boxed()
     }
 
+    fn change_policy<'a>(
+        &'a self,
+        shared: &'a Arc<Shared>,
+        change: PolicyChange,
+    ) -> BoxFuture<'a, Response> {
+        File::change_policy(self, shared, change).boxed()
+    }
+
     fn spawn(&self, shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
         vec![tokio::spawn(sweep(self.store.clone(), shared.clone()))]
     }
@@ -114,8 +145,14 @@ impl Backend for File {
     }
 }
 
-pub(super) async fn save(store: &Arc<dyn Store>, registry: &Registry) -> Result<(), StoreError> {
-    let stored = registry.to_stored();
+/// Saves the node table and the policy records together: the file holds both.
+pub(super) async fn save(
+    store: &Arc<dyn Store>,
+    registry: &Registry,
+    book: &PolicyBook,
+) -> Result<(), StoreError> {
+    let mut stored = registry.to_stored();
+    stored.policy = book.state().clone();
     let store = store.clone();
     tokio::task::spawn_blocking(move || store.save(&stored))
         .await
@@ -166,7 +203,7 @@ async fn commit(
     events: impl IntoIterator<Item = WatchEvent>,
 ) -> Result<(), StoreError> {
     if persist {
-        save(store, &next).await?;
+        save(store, &next, &core.book).await?;
     }
     core.registry = next;
     for ev in events {

@@ -8,7 +8,7 @@
 //!
 //! The parts: `config` (settings and start-up errors), `shared` (the state every request and
 //! task shares, and the `Backend` interface of the stores), `file` and `replica` (the two
-//! backends), `handlers`, `watch`, `auth` and `layers` (the HTTP side), `answer` (the answers
+//! backends), `handlers`, `policy` (network policy's records), `watch`, `auth` and `layers` (the HTTP side), `answer` (the answers
 //! they share), `guard` (connection limits below HTTP), `metrics`, and `service`, which puts
 //! them together.
 
@@ -20,6 +20,7 @@ mod guard;
 mod handlers;
 mod layers;
 mod metrics;
+mod policy;
 mod replica;
 mod service;
 mod shared;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Json;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use podnet_control_client::Backoff;
@@ -17,8 +18,10 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::answer::{error, refusal, register_answer};
+use super::policy::refused;
 use super::shared::{Backend, Core, Shared};
 use crate::etcd::{self, Etcd, EtcdError, Outcome, Plan, SWEEP_BATCH};
+use crate::policy::PolicyChange;
 use crate::state::{History, Registry};
 
 /// A write planned on a stale mirror is planned again this often before the client is told
@@ -71,6 +74,14 @@ impl Backend for Replica {
         purge: bool,
     ) -> BoxFuture<'a, Response> {
         delete_node(shared, self, name, purge).boxed()
+    }
+
+    fn change_policy<'a>(
+        &'a self,
+        shared: &'a Arc<Shared>,
+        change: PolicyChange,
+    ) -> BoxFuture<'a, Response> {
+        change_policy(shared, self, change).boxed()
     }
 
     /// Starts the mirror, the sweep and the health probe.
@@ -137,6 +148,52 @@ fn plan_change(etcd: &Etcd, core: &Core, next: &Registry, now: u64) -> Plan {
         None,
         now,
     )
+}
+
+/// etcd's default `--max-txn-ops`: one change may write at most this many records.
+const MAX_TXN_OPS: usize = 128;
+
+/// Applies a change to the policy records: planned on the mirror, written as one transaction
+/// that compares every record it changes, planned again if another replica got there first.
+async fn change_policy(shared: &Arc<Shared>, r: &Replica, change: PolicyChange) -> Response {
+    let etcd = &r.etcd;
+    for _ in 0..ATTEMPTS {
+        let (mut answer, plan) = {
+            let core = shared.core.lock().await;
+            let mut next = core.book.clone();
+            let answer = match change.apply(&mut next) {
+                Ok(answer) => answer,
+                Err(e) => return refused(e),
+            };
+            let plan =
+                etcd::plan_records(etcd.keys(), &core.mirror, core.book.state(), next.state());
+            (answer, plan)
+        };
+        if plan.is_empty() {
+            answer["revision"] = shared.core.lock().await.book.revision().into();
+            return Json(answer).into_response();
+        }
+        if plan.puts.len() + plan.deletes.len() > MAX_TXN_OPS {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_records",
+                format!(
+                    "this change writes {} records; with --store etcd one change may write at                      most {MAX_TXN_OPS} (etcd's --max-txn-ops): apply the policies in smaller files",
+                    plan.puts.len() + plan.deletes.len()
+                ),
+            );
+        }
+        match etcd.commit(&plan).await {
+            Ok(Outcome::Applied(revision)) => {
+                catch_up(r, revision).await;
+                answer["revision"] = revision.into();
+                return Json(answer).into_response();
+            }
+            Ok(Outcome::Conflict(revision)) => catch_up(r, revision).await,
+            Err(e) => return unavailable(shared, r, e),
+        }
+    }
+    busy()
 }
 
 /// Joins a node or renews its lease.
@@ -397,6 +454,9 @@ async fn follow(shared: Arc<Shared>, r: Replica) {
                 lease_ends,
             );
             publish(&shared, &mut core.history, events);
+            if etcd::apply_records(etcd.keys(), &mut core.book, &mut core.mirror, &changes) {
+                shared.policy_revision.send_replace(core.book.revision());
+            }
             let revision = core.registry.revision();
             core.history.advance_to(revision);
             if core.mirror.lapsed(&core.registry).next().is_some() {
@@ -425,17 +485,20 @@ async fn reload(shared: &Shared, r: &Replica) {
         (*core.registry.ipam(), core.registry.timing())
     };
     let lease_ends = shared.clock.now_ms() + timing.lease_ttl_ms;
-    let (registry, mirror, revision) = match etcd.load(ipam, timing, lease_ends).await {
+    let loaded = match etcd.load(ipam, timing, lease_ends).await {
         Ok(loaded) => loaded,
         Err(e) => {
             set_health(r, Some(e.to_string()));
             return;
         }
     };
+    let revision = loaded.revision;
     let mut core = shared.core.lock().await;
-    let events = etcd::differences(&core.registry, &registry, revision);
-    core.registry = registry;
-    core.mirror = mirror;
+    let events = etcd::differences(&core.registry, &loaded.registry, revision);
+    core.registry = loaded.registry;
+    core.mirror = loaded.mirror;
+    core.book = loaded.book;
+    shared.policy_revision.send_replace(core.book.revision());
     core.history = History::new(revision, shared.config.history_len);
     for ev in events {
         let _ = shared.events.send(ev);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::middleware;
-use axum::routing::get;
+use axum::routing::{delete, get, patch, post, put};
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch, Semaphore};
@@ -20,11 +20,15 @@ use super::guard;
 use super::handlers::{delete_node, get_node, healthz, metrics, put_node};
 use super::layers::{count_requests, json_errors, refuse_declared_oversize};
 use super::metrics::Metrics;
+use super::policy::{
+    apply_policies, delete_pod, delete_policy, get_policy, label_namespace, label_pod, put_pod,
+};
 use super::replica::Replica;
 use super::shared::{Backend, Core, Shared};
 use super::watch::list_or_watch;
 use crate::clock::{now_ms, LeaseClock};
 use crate::etcd::{Etcd, Mirror};
+use crate::policy::PolicyBook;
 use crate::state::{History, Registry};
 use crate::store::{Store, StoreError};
 
@@ -44,23 +48,33 @@ impl Server {
         let stored = tokio::task::spawn_blocking(move || loader.load())
             .await
             .map_err(|e| StoreError::Other(e.to_string()))??;
-        let registry = match stored {
-            Some(stored) => {
+        let (registry, book) = match stored {
+            Some(mut stored) => {
+                let book = PolicyBook::restore(std::mem::take(&mut stored.policy))?;
                 let registry = Registry::restore(ipam, timing, stored, clock.now_ms())?;
                 let (up, down) = registry.counts();
-                tracing::info!(revision = registry.revision(), up, down, "state loaded");
-                registry
+                let state = book.state();
+                tracing::info!(
+                    revision = registry.revision(),
+                    up,
+                    down,
+                    pods = state.pods.len(),
+                    policies = state.policies.len(),
+                    "state loaded"
+                );
+                (registry, book)
             }
             None => {
-                let registry = Registry::new(ipam, timing);
-                save(&store, &registry).await?;
+                let (registry, book) = (Registry::new(ipam, timing), PolicyBook::default());
+                save(&store, &registry, &book).await?;
                 tracing::info!("no saved state, starting with an empty node table");
-                registry
+                (registry, book)
             }
         };
         Ok(Server::build(
             config,
             registry,
+            book,
             Mirror::default(),
             Box::new(File { store }),
             clock,
@@ -72,22 +86,26 @@ impl Server {
     pub async fn open_etcd(config: ServerConfig, etcd: Etcd) -> Result<Server, ServerError> {
         let (ipam, timing) = check(&config)?;
         let clock = LeaseClock::starting_at(now_ms());
-        let (registry, mirror, revision) = etcd
+        let loaded = etcd
             .load(ipam, timing, clock.now_ms() + timing.lease_ttl_ms)
             .await?;
-        let (up, down) = registry.counts();
+        let (up, down) = loaded.registry.counts();
+        let state = loaded.book.state();
         tracing::info!(
-            revision,
+            revision = loaded.revision,
             up,
             down,
+            pods = state.pods.len(),
+            policies = state.policies.len(),
             endpoints = etcd.endpoints(),
             "etcd state loaded"
         );
-        let replica = Replica::new(etcd, registry.revision());
+        let replica = Replica::new(etcd, loaded.registry.revision());
         Ok(Server::build(
             config,
-            registry,
-            mirror,
+            loaded.registry,
+            loaded.book,
+            loaded.mirror,
             Box::new(replica),
             clock,
         ))
@@ -96,6 +114,7 @@ impl Server {
     fn build(
         config: ServerConfig,
         registry: Registry,
+        book: PolicyBook,
         mirror: Mirror,
         backend: Box<dyn Backend>,
         clock: LeaseClock,
@@ -104,6 +123,7 @@ impl Server {
         let (events, _) = broadcast::channel(config.history_len.max(16));
         let (stopping, _) = watch::channel(false);
         let watch_slots = Arc::new(Semaphore::new(config.max_watchers));
+        let (policy_revision, _) = watch::channel(book.revision());
         let metrics = Metrics::new();
         metrics.insecure.set(i64::from(config.tls.is_none()));
         Server {
@@ -115,11 +135,13 @@ impl Server {
                     registry,
                     history,
                     mirror,
+                    book,
                 }),
                 events,
                 backend,
                 metrics,
                 stopping,
+                policy_revision,
             }),
         }
     }
@@ -133,6 +155,14 @@ impl Server {
                 "/v1/nodes/{name}",
                 get(get_node).put(put_node).delete(delete_node),
             )
+            .route("/v1/policy", get(get_policy))
+            .route(
+                "/v1/pods/{namespace}/{name}",
+                put(put_pod).delete(delete_pod).patch(label_pod),
+            )
+            .route("/v1/namespaces/{namespace}", patch(label_namespace))
+            .route("/v1/policies", post(apply_policies))
+            .route("/v1/policies/{namespace}/{name}", delete(delete_policy))
             .route("/metrics", get(metrics))
             .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
         Router::new()

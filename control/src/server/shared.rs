@@ -13,6 +13,7 @@ use super::config::ServerConfig;
 use super::metrics::Metrics;
 use crate::clock::LeaseClock;
 use crate::etcd::Mirror;
+use crate::policy::{PolicyBook, PolicyChange};
 use crate::state::{History, Registry};
 
 /// The node table and what follows it, behind the one lock that orders changes.
@@ -21,6 +22,8 @@ pub(crate) struct Core {
     pub(crate) history: History,
     /// With the etcd store: the key revisions and leases behind `registry`.
     pub(crate) mirror: Mirror,
+    /// Pods, namespace labels and network policies.
+    pub(crate) book: PolicyBook,
 }
 
 /// The service's state, one per process, shared by every handler and background task.
@@ -33,6 +36,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     /// Flips to true on shutdown so watch streams end and the server can drain.
     pub(crate) stopping: watch::Sender<bool>,
+    /// The revision of the policy records, for agents waiting for a change.
+    pub(crate) policy_revision: watch::Sender<u64>,
     /// One permit per open watch stream.
     pub(crate) watch_slots: Arc<Semaphore>,
     pub(crate) clock: LeaseClock,
@@ -56,6 +61,13 @@ pub(crate) trait Backend: Send + Sync {
         shared: &'a Arc<Shared>,
         name: &'a str,
         purge: bool,
+    ) -> BoxFuture<'a, Response>;
+
+    /// Checks and applies a change to the policy records, saves it, and answers the request.
+    fn change_policy<'a>(
+        &'a self,
+        shared: &'a Arc<Shared>,
+        change: PolicyChange,
     ) -> BoxFuture<'a, Response>;
 
     /// Starts the background work: the lease sweep, and with etcd the mirror and its probe.
