@@ -9,7 +9,7 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use podnet_tests::{e2e_ready, run, Encap, HostMode, Peers, Testbed, TestbedBuilder};
+use podnet_tests::{e2e_ready, run, wait_for, Encap, HostMode, Peers, Testbed, TestbedBuilder};
 use serde_json::{json, Value};
 
 fn cni_testbed(name: &str, encap: Encap, hosts: u8) -> Testbed {
@@ -279,7 +279,7 @@ fn portmap_chained_after_podnet_publishes_a_host_port() {
         ]},
         "prevResult": prev,
     });
-    let out = tb.cni_exec(1, portmap, "ADD", &pns, "eth0", &pm);
+    let out = tb.cni_exec(1, portmap, "ADD", &pns, "eth0", &pm, "");
     assert!(out.success(), "portmap ADD: {}", out.combined());
     let chained: Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(
@@ -302,7 +302,7 @@ fn portmap_chained_after_podnet_publishes_a_host_port() {
     );
 
     // DEL in reverse order, as runtimes do.
-    let out = tb.cni_exec(1, portmap, "DEL", &pns, "eth0", &pm);
+    let out = tb.cni_exec(1, portmap, "DEL", &pns, "eth0", &pm, "");
     assert!(out.success(), "portmap DEL: {}", out.combined());
     let out = tb.cni_call(1, "DEL", &pns, "eth0", Some(&conf));
     assert!(out.success(), "podnet DEL: {}", out.combined());
@@ -369,4 +369,106 @@ fn delegated_ipam_and_del_after_the_netns_is_gone() {
     let out = tb.cni_call(1, "DEL", &gone, "eth0", None);
     assert!(out.success(), "DEL with the netns gone: {}", out.combined());
     assert_eq!(allocations(&tb, 1).len(), 2);
+}
+
+/// The pod records on the control service, `NS/NAME` -> record, read from host 1.
+fn pod_records(tb: &Testbed) -> serde_json::Map<String, Value> {
+    let r = podnet_tests::http::get(&tb.host(1).ns, tb.control_addr(), "/v1/policy").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json().unwrap()["pods"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// ADD tells the agent who the pod is (CNI_ARGS namespace, name, labels, named ports), the
+/// agent publishes the record to podnet-control, DEL withdraws it; a name held by another
+/// container and a malformed CNI_ARGS are refused with their codes, leaving nothing behind.
+#[test]
+fn pods_get_their_identity_from_the_cni_call() {
+    if !e2e_ready() {
+        return;
+    }
+    let mut tb = cni_testbed("cniid", Encap::Vxlan, 2);
+    // The builder's pods, made without CNI_ARGS: namespace default, the container ID as name.
+    let builder_pods = wait_for(
+        "the builder's pods published",
+        Duration::from_secs(10),
+        || {
+            let pods = pod_records(&tb);
+            if pods.len() == 4 {
+                Ok(pods)
+            } else {
+                Err(format!("{pods:?}"))
+            }
+        },
+    )
+    .unwrap();
+    assert!(
+        builder_pods.keys().all(|k| k.starts_with("default/")),
+        "{builder_pods:?}"
+    );
+
+    let pns = tb.add_netns("h2-web");
+    let args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;\
+                PODNET_LABELS=app:web,tier:front;PODNET_PORTS=http:8080/TCP,dns:53/UDP";
+    let out = tb.cni_call_as(2, "ADD", &pns, args);
+    assert!(out.success(), "{}", out.combined());
+    let result: Value = serde_json::from_str(&out.stdout).unwrap();
+    let ip = result["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let record = wait_for("shop/web-1 published", Duration::from_secs(10), || {
+        pod_records(&tb)
+            .remove("shop/web-1")
+            .ok_or_else(|| "not yet".to_string())
+    })
+    .unwrap();
+    assert_eq!(
+        record,
+        json!({"namespace": "shop", "name": "web-1", "node": "h2", "ips": [ip],
+               "labels": {"app": "web", "tier": "front"},
+               "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                         {"name": "dns", "port": 53, "protocol": "UDP"}],
+               "container_id": pns})
+    );
+    let local = tb.admin_get(2, "/pods").unwrap().json().unwrap();
+    assert_eq!(local[format!("{pns}/eth0")]["name"], "web-1", "{local}");
+
+    // The same pod name from another container: refused, and its address given back.
+    let before = allocations(&tb, 2).len();
+    let twin = tb.add_netns("h2-twin");
+    let out = tb.cni_call_as(2, "ADD", &twin, "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1");
+    assert!(!out.success());
+    assert_eq!(code(&out), 7, "{}", out.combined());
+    assert!(out.stdout.contains("attached already"), "{}", out.stdout);
+    assert_eq!(
+        allocations(&tb, 2).len(),
+        before,
+        "the twin's address was released"
+    );
+    let out = tb.cni_call_as(2, "ADD", &twin, "PODNET_LABELS=app");
+    assert_eq!(code(&out), 4, "{}", out.combined());
+    assert!(out.stdout.contains("PODNET_LABELS"), "{}", out.stdout);
+    assert_eq!(
+        allocations(&tb, 2).len(),
+        before,
+        "nothing allocated for bad CNI_ARGS"
+    );
+
+    let out = tb.cni_call_as(2, "DEL", &pns, args);
+    assert!(out.success(), "{}", out.combined());
+    wait_for(
+        "shop/web-1 withdrawn",
+        Duration::from_secs(10),
+        || match pod_records(&tb).contains_key("shop/web-1") {
+            false => Ok(()),
+            true => Err("still there".to_string()),
+        },
+    )
+    .unwrap();
 }

@@ -1,5 +1,6 @@
 //! The agent's local admin API, server side: `/status`, `/routes`, `/metrics`, `/why`,
-//! `/drops` and the types they answer with. The commands that read it are in
+//! `/drops`, `/pods` (where the CNI plugin reports the pods it attaches) and the types they
+//! answer with. The commands that read it are in
 //! [`crate::agent::admin_client`].
 //!
 //! Handlers only read atomics and the current route table (`ArcSwap::load`), so scraping never
@@ -11,8 +12,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use axum::extract::{Query, State};
-use axum::http::header;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -25,11 +26,14 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
 
+use crate::agent::pods::PodError;
 use crate::agent::state::{unix_ms, Agent, NodeInfo};
+use crate::cni::identity::PodIdentity;
 use crate::core::drops::{CountersSnapshot, DropReason, PeerStats, TrafficSnapshot};
 use crate::core::dropwatch::DropSample;
 use crate::core::routing::PeerPath;
 use crate::core::why::{self, Answer};
+use podnet_proto::policy::PodRecord;
 
 /// One peer in `/status`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -154,7 +158,86 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/metrics", get(metrics))
         .route("/why", get(why_handler))
         .route("/drops", get(drops_handler))
+        .route("/pods", get(list_pods))
+        .route(
+            "/pods/{container}/{ifname}",
+            axum::routing::put(attach_pod).delete(detach_pod),
+        )
         .with_state(agent)
+}
+
+/// What the CNI plugin reports of a pod it attached: its identity and addresses.
+#[derive(Debug, Deserialize)]
+pub struct PodAttached {
+    #[serde(flatten)]
+    pub identity: PodIdentity,
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+/// `PUT /pods/{container}/{ifname}`: the CNI plugin attached a pod.
+async fn attach_pod(
+    State(agent): State<Arc<Agent>>,
+    Path((container, ifname)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    let attached: PodAttached = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return pod_error(StatusCode::BAD_REQUEST, format!("pod report: {e}")),
+    };
+    let PodAttached { identity, ips } = attached;
+    let record = PodRecord {
+        namespace: identity.namespace,
+        name: identity.name,
+        node: String::new(),
+        ips,
+        labels: identity.labels,
+        ports: identity.ports,
+        container_id: container.clone(),
+    };
+    let key = record.key();
+    match agent.pods.attach(&format!("{container}/{ifname}"), record) {
+        Ok(changed) => {
+            if changed {
+                tracing::info!(pod = %key, container = %container, "pod attached");
+            }
+            Json(serde_json::json!({"pod": key, "changed": changed})).into_response()
+        }
+        Err(e @ PodError::Invalid(_)) => pod_error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e @ PodError::NameTaken { .. }) => pod_error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ PodError::Save(_)) => pod_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `DELETE /pods/{container}/{ifname}`: the CNI plugin removed a pod (idempotent).
+async fn detach_pod(
+    State(agent): State<Arc<Agent>>,
+    Path((container, ifname)): Path<(String, String)>,
+) -> axum::response::Response {
+    match agent.pods.detach(&format!("{container}/{ifname}")) {
+        Ok(gone) => {
+            let pod = gone.map(|p| p.key());
+            if let Some(pod) = &pod {
+                tracing::info!(pod = %pod, container = %container, "pod detached");
+            }
+            Json(serde_json::json!({"pod": pod})).into_response()
+        }
+        Err(e) => pod_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `GET /pods`: this node's pods, by attachment.
+async fn list_pods(
+    State(agent): State<Arc<Agent>>,
+) -> Json<std::collections::BTreeMap<String, PodRecord>> {
+    Json(agent.pods.snapshot())
+}
+
+fn pod_error(status: StatusCode, detail: String) -> axum::response::Response {
+    (
+        status,
+        Json(serde_json::json!({"error": status.canonical_reason(), "detail": detail})),
+    )
+        .into_response()
 }
 
 /// Every 100 ms: advances the drop sampler's clock (refilling its buckets), and logs each

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
@@ -17,12 +17,14 @@ pub struct StateDirError {
 }
 
 /// Writes `<state-dir>/subnet.env` for pod setup (DESIGN: POD_NETWORK, POD_SUBNET, POD_MTU,
-/// POD_GATEWAY), atomically so a pod script never reads half a file.
+/// POD_GATEWAY; and PODNET_API, the admin API the CNI plugin reports pods to), atomically so a
+/// pod script never reads half a file.
 pub fn write_subnet_env(
     dir: &Path,
     cluster: Ipv4Net,
     pod: Ipv4Net,
     mtu: u16,
+    api: SocketAddr,
 ) -> Result<(), StateDirError> {
     let gateway = Ipv4Addr::from(u32::from(pod.network()) + 1);
     let mut body = String::new();
@@ -30,6 +32,7 @@ pub fn write_subnet_env(
     let _ = writeln!(body, "POD_SUBNET={pod}");
     let _ = writeln!(body, "POD_MTU={mtu}");
     let _ = writeln!(body, "POD_GATEWAY={gateway}");
+    let _ = writeln!(body, "PODNET_API={api}");
     write_atomic(&dir.join("subnet.env"), body.as_bytes())
 }
 
@@ -70,12 +73,14 @@ mod tests {
             "10.244.0.0/16".parse().unwrap(),
             "10.244.3.0/24".parse().unwrap(),
             1450,
+            "127.0.0.1:7801".parse().unwrap(),
         )
         .unwrap();
         let s = std::fs::read_to_string(dir.path().join("subnet.env")).unwrap();
         assert_eq!(
             s,
-            "POD_NETWORK=10.244.0.0/16\nPOD_SUBNET=10.244.3.0/24\nPOD_MTU=1450\nPOD_GATEWAY=10.244.3.1\n"
+            "POD_NETWORK=10.244.0.0/16\nPOD_SUBNET=10.244.3.0/24\nPOD_MTU=1450\nPOD_GATEWAY=10.244.3.1\n\
+             PODNET_API=127.0.0.1:7801\n"
         );
     }
 
@@ -86,6 +91,7 @@ mod tests {
             "10.244.0.0/16".parse().unwrap(),
             "10.244.3.0/24".parse().unwrap(),
             1450,
+            "127.0.0.1:7801".parse().unwrap(),
         )
         .unwrap_err();
         assert!(e.to_string().contains("--state-dir"), "{e}");

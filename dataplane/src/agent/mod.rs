@@ -11,6 +11,7 @@ pub mod egress;
 pub mod files;
 pub mod host;
 pub mod membership;
+pub mod pods;
 pub mod state;
 
 use std::io;
@@ -44,6 +45,7 @@ use crate::wireguard::{self, KeyError, Keys, Wireguard};
 use egress::Masquerade;
 use files::{write_subnet_env, StateDirError};
 use host::{Desired, Host, HostError, Repairs};
+use pods::LocalPods;
 use state::{warn_unreachable_peers, Agent, MembershipStatus, NodeInfo, OffloadInfo};
 
 /// Why the agent could not start (or had to stop).
@@ -331,7 +333,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             _ => (false, false, Vec::new()),
         };
         let receive_sockets = sock.receiver_count();
-        write_subnet_env(&cfg.state_dir, cluster_cidr, pod_cidr, mtu)?;
+        write_subnet_env(&cfg.state_dir, cluster_cidr, pod_cidr, mtu, cfg.api)?;
         let info = NodeInfo {
             node: cfg.node_name.clone(),
             underlay_ip: cfg.underlay_ip,
@@ -428,6 +430,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             routing,
             direct,
             control: joined.session.as_ref().map(|s| s.client.clone()),
+            pods: Arc::new(LocalPods::load(&cfg.state_dir, &cfg.node_name)),
         });
         warn_unreachable_peers(&agent, None, &shared.table.load());
         let mut threads = spawn_data_path(&shared)?;
@@ -551,11 +554,15 @@ async fn serve(
             tracing::error!(error = %e, "admin API stopped");
         }
     });
+    let publisher = agent
+        .control
+        .clone()
+        .map(|client| tokio::spawn(pods::publish(Arc::clone(&agent.pods), client)));
     let member = session.map(|s| tokio::spawn(membership::run(s, Arc::clone(&agent))));
     let stopped = wait_for_stop(&agent.shared.stop).await;
     admin.abort();
-    if let Some(m) = member {
-        m.abort();
+    for task in [member, publisher].into_iter().flatten() {
+        task.abort();
     }
     membership::leave(&agent).await;
     tracing::info!(reason = stopped, "podnet-agent stopping");

@@ -15,6 +15,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 
 use crate::agent::host::{DirectRoutes, Repairs};
+use crate::agent::pods::LocalPods;
 use crate::core::routing::{self, PeerPath, Routing};
 use crate::core::table::{Peer, RouteTable, TableError};
 use crate::datapath::Shared;
@@ -83,6 +84,8 @@ pub struct Agent {
     pub direct: Arc<ArcSwap<DirectRoutes>>,
     /// The control service client in control mode (for the graceful leave at shutdown).
     pub control: Option<podnet_control_client::client::Client>,
+    /// The pods this node runs, as the CNI plugin reported them.
+    pub pods: Arc<LocalPods>,
 }
 
 impl Agent {

@@ -8,12 +8,17 @@
 //! [`ipam`] (or from a delegated IPAM plugin such as `host-local`) and a default route via the
 //! gateway. The pod CIDR and MTU come from the agent's `subnet.env`. Whatever ADD made is
 //! removed again when a later step fails.
+//!
+//! ADD then tells the agent who the pod is ([`identity`], through [`agent_api`]), so network
+//! policy can select it; DEL tells it the pod is gone.
 
+pub mod agent_api;
+pub mod identity;
 pub mod ipam;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -97,6 +102,8 @@ pub struct NetConf {
     pub bridge: Option<String>,
     pub mtu: Option<u32>,
     pub ipam: Option<Value>,
+    /// The CNI conventions' `args`; `args.cni.labels` are the pod's labels.
+    pub args: Option<Value>,
     #[serde(rename = "prevResult")]
     pub prev_result: Option<Value>,
     #[serde(rename = "cni.dev/valid-attachments")]
@@ -111,6 +118,8 @@ pub struct Env {
     pub netns: Option<String>,
     pub ifname: Option<String>,
     pub path: Option<String>,
+    /// `CNI_ARGS`: `KEY=VALUE;...` (the pod's namespace, name, labels and named ports).
+    pub args: Option<String>,
 }
 
 impl Env {
@@ -122,6 +131,7 @@ impl Env {
             netns: var("CNI_NETNS"),
             ifname: var("CNI_IFNAME"),
             path: var("CNI_PATH"),
+            args: var("CNI_ARGS"),
         }
     }
 
@@ -153,6 +163,8 @@ impl Env {
 pub struct Subnet {
     pub pod_cidr: Ipv4Net,
     pub mtu: u32,
+    /// The agent's admin API (`PODNET_API`), where pods are reported.
+    pub api: Option<SocketAddr>,
 }
 
 fn read_subnet(path: &Path) -> Result<Subnet, CniError> {
@@ -187,7 +199,11 @@ fn read_subnet(path: &Path) -> Result<Subnet, CniError> {
         .get("POD_MTU")
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| bad("POD_MTU"))?;
-    Ok(Subnet { pod_cidr, mtu })
+    let api = match vars.get("PODNET_API") {
+        None => None,
+        Some(v) => Some(v.parse().map_err(|_| bad("PODNET_API"))?),
+    };
+    Ok(Subnet { pod_cidr, mtu, api })
 }
 
 /// Runs one plugin invocation; `Ok(Some(json))` is printed, `Ok(None)` prints nothing.
@@ -412,13 +428,26 @@ fn delegate(env: &Env, stdin: &[u8], kind: &str, verb: &str) -> Result<Value, Cn
 fn add(inv: &Invocation, subnet_file: &Path) -> Result<Value, CniError> {
     let (env, conf) = (inv.env, inv.conf);
     let who = env.attachment()?;
+    let pod = identity::identity(env.args.as_deref(), conf.args.as_ref(), &who.container_id)
+        .map_err(|e| {
+            let code = if e.starts_with("args.") {
+                code::INVALID_CONFIG
+            } else {
+                code::BAD_ENV
+            };
+            CniError::new(code, e, "")
+        })?;
     let netns = open_netns(env)?;
     let subnet = read_subnet(subnet_file)?;
     let mtu = conf.mtu.unwrap_or(subnet.mtu);
     let bridge_name = conf.bridge.clone().unwrap_or_else(|| DEFAULT_BRIDGE.into());
     let (ip, gw) = allocate(inv, subnet, &who)?;
     let made = setup(&netns, &who, &bridge_name, mtu, ip, gw, subnet.pod_cidr);
-    let (bridge, host, pod) = match made {
+    let reported = made.and_then(|m| match subnet.api {
+        Some(api) => report(api, &who, &pod, ip.addr()).map(|()| m),
+        None => Ok(m),
+    });
+    let (bridge, host, pod) = match reported {
         Ok(m) => m,
         Err(e) => {
             // Nothing left behind: the pair (if made) and the address.
@@ -448,6 +477,71 @@ fn add(inv: &Invocation, subnet_file: &Path) -> Result<Value, CniError> {
         result = chain(prev, result);
     }
     Ok(result)
+}
+
+/// The admin API path of an attachment.
+fn pod_path(who: &Attachment) -> String {
+    // Runtimes' container IDs and interface names hold no `/`, `?` or spaces, but the path is
+    // built from them, so anything else is refused rather than sent.
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
+    if ok(&who.container_id) && ok(&who.ifname) {
+        format!("/pods/{}/{}", who.container_id, who.ifname)
+    } else {
+        String::new()
+    }
+}
+
+/// Tells the agent at `api` that the pod is attached with `ip`; only then may ADD succeed, so
+/// the node knows every pod it runs before the pod sends a packet.
+fn report(
+    api: SocketAddr,
+    who: &Attachment,
+    pod: &identity::PodIdentity,
+    ip: Ipv4Addr,
+) -> Result<(), CniError> {
+    let path = pod_path(who);
+    if path.is_empty() {
+        return Err(CniError::new(
+            code::BAD_ENV,
+            "CNI_CONTAINERID and CNI_IFNAME may hold only letters, digits, '-', '_' and '.'",
+            format!("{who:?}"),
+        ));
+    }
+    let mut body = serde_json::to_value(pod).expect("identities serialize");
+    body["ips"] = json!([ip]);
+    match agent_api::call(api, "PUT", &path, Some(&body)) {
+        Ok((200, _)) => Ok(()),
+        Ok((status, answer)) => {
+            let detail = serde_json::from_str::<Value>(&answer)
+                .ok()
+                .and_then(|v| v["detail"].as_str().map(str::to_string))
+                .unwrap_or(answer);
+            let code = if status >= 500 {
+                code::TRY_AGAIN
+            } else {
+                code::INVALID_CONFIG
+            };
+            Err(CniError::new(
+                code,
+                format!(
+                    "podnet-agent refused pod {}/{}: {detail}",
+                    pod.namespace, pod.name
+                ),
+                format!("HTTP {status}"),
+            ))
+        }
+        Err(e) => Err(CniError::new(
+            code::TRY_AGAIN,
+            format!(
+                "cannot reach podnet-agent at {api} to register the pod; is it running? Try again"
+            ),
+            e,
+        )),
+    }
 }
 
 /// A chained ADD: the earlier plugins' result with ours appended (interface indexes moved).
@@ -540,7 +634,23 @@ fn del(inv: &Invocation) -> Result<(), CniError> {
         .as_deref()
         .and_then(|p| NetNs::open(Path::new(p)).ok());
     teardown(netns.as_ref(), &who);
+    forget(inv.conf, &who);
     release(inv, &who)
+}
+
+/// Tells the agent the pod is gone (DEL, and GC for each attachment it frees). DEL succeeds whatever the agent says (the spec wants DEL
+/// to succeed where it can); a record left behind is replaced when its address is reused, and
+/// the agent withdraws it when it learns otherwise.
+fn forget(conf: &NetConf, who: &Attachment) {
+    let file = conf
+        .subnet_file
+        .clone()
+        .unwrap_or_else(|| DEFAULT_SUBNET_FILE.into());
+    let api = read_subnet(&file).ok().and_then(|s| s.api);
+    let path = pod_path(who);
+    if let (Some(api), false) = (api, path.is_empty()) {
+        let _ = agent_api::call(api, "DELETE", &path, None);
+    }
 }
 
 /// Runs `f` (netlink work) on a thread inside the pod's namespace.
@@ -611,6 +721,7 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
     let freed = store(conf)?.gc(&keep)?;
     for (_, who) in &freed {
         teardown(None, who);
+        forget(conf, who);
     }
     Ok(())
 }

@@ -29,11 +29,19 @@ impl Testbed {
     ) -> crate::Output {
         let conf = conf.cloned().unwrap_or_else(|| self.cni_config(n));
         let bin = crate::podnet_bin("podnet-cni");
-        self.cni_exec(n, &bin, verb, pod_ns, ifname, &conf)
+        self.cni_exec(n, &bin, verb, pod_ns, ifname, &conf, "")
+    }
+
+    /// [`Self::cni_call`] with the default config and `CNI_ARGS` set to `cni_args` (the pod's
+    /// identity: `K8S_POD_NAMESPACE=..;K8S_POD_NAME=..;PODNET_LABELS=..`).
+    pub fn cni_call_as(&self, n: u8, verb: &str, pod_ns: &str, cni_args: &str) -> crate::Output {
+        let bin = crate::podnet_bin("podnet-cni");
+        self.cni_exec(n, &bin, verb, pod_ns, "eth0", &self.cni_config(n), cni_args)
     }
 
     /// Runs CNI plugin `plugin` (podnet's or a reference plugin) in host n's namespace as a
-    /// runtime would, `conf` on stdin.
+    /// runtime would, `conf` on stdin and `CNI_ARGS` set to `cni_args`.
+    #[allow(clippy::too_many_arguments)] // the CNI_* variables a runtime sets, one each
     pub fn cni_exec(
         &self,
         n: u8,
@@ -42,6 +50,7 @@ impl Testbed {
         pod_ns: &str,
         ifname: &str,
         conf: &serde_json::Value,
+        cni_args: &str,
     ) -> crate::Output {
         let netns = format!("/run/netns/{pod_ns}");
         crate::cmd::run_with_stdin(
@@ -53,6 +62,7 @@ impl Testbed {
                 &format!("CNI_NETNS={netns}"),
                 &format!("CNI_IFNAME={ifname}"),
                 "CNI_PATH=/usr/lib/cni",
+                &format!("CNI_ARGS={cni_args}"),
                 plugin.to_str().expect("utf-8 path"),
             ],
             conf.to_string().as_bytes(),
