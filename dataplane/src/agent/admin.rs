@@ -195,8 +195,24 @@ async fn attach_pod(
         container_id: container.clone(),
     };
     let key = record.key();
-    match agent.pods.attach(&format!("{container}/{ifname}"), record) {
+    let attachment = format!("{container}/{ifname}");
+    match agent.pods.attach(&attachment, record) {
         Ok(changed) => {
+            // The pod's rules are in place before the plugin may finish: the pod is never
+            // reachable against its policies.
+            let a = Arc::clone(&agent);
+            let enforced = tokio::task::spawn_blocking(move || a.policy.apply()).await;
+            if let Some(e) = match enforced {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            } {
+                let _ = agent.pods.detach(&attachment);
+                return pod_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("the pod's network policy could not be applied: {e}"),
+                );
+            }
             if changed {
                 tracing::info!(pod = %key, container = %container, "pod attached");
             }
@@ -215,6 +231,10 @@ async fn detach_pod(
 ) -> axum::response::Response {
     match agent.pods.detach(&format!("{container}/{ifname}")) {
         Ok(gone) => {
+            let a = Arc::clone(&agent);
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || a.policy.apply()).await {
+                tracing::warn!("network policy not updated after a pod left: {e}");
+            }
             let pod = gone.map(|p| p.key());
             if let Some(pod) = &pod {
                 tracing::info!(pod = %pod, container = %container, "pod detached");

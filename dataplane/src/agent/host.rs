@@ -59,7 +59,7 @@ pub type DirectRoutes = BTreeMap<Ipv4Net, Ipv4Addr>;
 
 /// Kinds of repair, in the order [`Host::reconcile`] checks them (also the `what` label of
 /// `podnet_agent_repairs_total`).
-pub const REPAIR_KINDS: [&str; 8] = [
+pub const REPAIR_KINDS: [&str; 9] = [
     "device",
     "mtu",
     "link_up",
@@ -68,6 +68,7 @@ pub const REPAIR_KINDS: [&str; 8] = [
     "ip_forward",
     "direct_route",
     "masquerade",
+    "policy",
 ];
 
 /// Repairs made, by kind ([`REPAIR_KINDS`]).
@@ -77,7 +78,7 @@ pub struct Repairs {
 }
 
 impl Repairs {
-    fn add(&self, what: &str) {
+    pub(crate) fn add(&self, what: &str) {
         if let Some(i) = REPAIR_KINDS.iter().position(|k| *k == what) {
             self.counts[i].fetch_add(1, Relaxed);
         }

@@ -12,6 +12,7 @@ pub mod files;
 pub mod host;
 pub mod membership;
 pub mod pods;
+pub mod policy;
 pub mod state;
 
 use std::io;
@@ -67,6 +68,8 @@ pub enum AgentError {
     Lock(#[from] LockError),
     #[error(transparent)]
     Host(#[from] HostError),
+    #[error(transparent)]
+    Policy(#[from] policy::PolicyError),
     #[error("TUN device {name} is held by another process (PID {}); nothing was changed. A second open would attach to it and take a share of its packets: stop that process, or pass another --tun-name", pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "))]
     TunHeld { name: String, pids: Vec<i32> },
     #[error("--static-peer {cidr}={ip} cannot be reached: {why}")]
@@ -379,6 +382,12 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
                 "off (--no-masquerade): pods reach only the cluster".to_string()
             },
         };
+        let pods = Arc::new(LocalPods::load(&cfg.state_dir, &cfg.node_name));
+        let enforcer = Arc::new(policy::Enforcer::new(Arc::clone(&pods), &cfg.state_dir));
+        // What an earlier agent left goes; the saved records are enforced before the data
+        // path forwards anything, and before "up".
+        enforcer.remove();
+        enforcer.apply()?;
         tracing::info!(
             node = %info.node, pod_cidr = %pod_cidr, encap = info.encap, mtu,
             tun = %info.tun, underlay = %info.underlay_dev,
@@ -430,7 +439,8 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             routing,
             direct,
             control: joined.session.as_ref().map(|s| s.client.clone()),
-            pods: Arc::new(LocalPods::load(&cfg.state_dir, &cfg.node_name)),
+            pods: Arc::clone(&pods),
+            policy: Arc::clone(&enforcer),
         });
         warn_unreachable_peers(&agent, None, &shared.table.load());
         let mut threads = spawn_data_path(&shared)?;
@@ -558,12 +568,22 @@ async fn serve(
         .control
         .clone()
         .map(|client| tokio::spawn(pods::publish(Arc::clone(&agent.pods), client)));
+    let policy = agent
+        .control
+        .clone()
+        .map(|client| tokio::spawn(policy::follow(Arc::clone(&agent.policy), client)));
+    let policy_watch = tokio::spawn(policy::watch(
+        Arc::clone(&agent.policy),
+        Arc::clone(&agent.repairs),
+    ));
     let member = session.map(|s| tokio::spawn(membership::run(s, Arc::clone(&agent))));
     let stopped = wait_for_stop(&agent.shared.stop).await;
     admin.abort();
-    for task in [member, publisher].into_iter().flatten() {
+    for task in [member, publisher, policy].into_iter().flatten() {
         task.abort();
     }
+    policy_watch.abort();
+    agent.policy.remove();
     membership::leave(&agent).await;
     tracing::info!(reason = stopped, "podnet-agent stopping");
     Ok(())

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::agent::host::{DirectRoutes, Repairs};
 use crate::agent::pods::LocalPods;
+use crate::agent::policy::Enforcer;
 use crate::core::routing::{self, PeerPath, Routing};
 use crate::core::table::{Peer, RouteTable, TableError};
 use crate::datapath::Shared;
@@ -86,6 +87,8 @@ pub struct Agent {
     pub control: Option<podnet_control_client::client::Client>,
     /// The pods this node runs, as the CNI plugin reported them.
     pub pods: Arc<LocalPods>,
+    /// Network policy for those pods.
+    pub policy: Arc<Enforcer>,
 }
 
 impl Agent {

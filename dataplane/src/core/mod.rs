@@ -8,6 +8,7 @@ pub mod drops;
 pub mod dropwatch;
 pub mod forward;
 pub mod lpm;
+pub mod policy;
 pub mod reason;
 pub mod routing;
 pub mod table;
