@@ -1,9 +1,10 @@
 //! Network policy enforced on every node, probed as upstream's network-policy suite probes it:
-//! namespaces x, y and z with pods a, b and c each (labelled `pod=<name>`, namespaces `ns=<name>`),
-//! spread over 3 nodes, every pod serving TCP and UDP on ports 80 and 81. For each case the
-//! full 9x9 matrix is probed per port and protocol from inside the pods and compared with what
-//! the policy semantics (`podnet_proto::policy`, unit-tested against upstream's truth tables)
-//! say for the records podnet-control holds.
+//! namespaces x, y and z with pods a, b and c each (labelled `pod=<name>`, namespaces
+//! `ns=<name>`), spread over 3 nodes (over VXLAN, and over WireGuard), every pod serving TCP
+//! and UDP on ports 80 and 81. For each case the full 9x9 matrix is probed per port and
+//! protocol from inside the pods and compared with what the policy semantics
+//! (`podnet_proto::policy`, unit-tested against upstream's truth tables) say for the records
+//! podnet-control holds.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -609,4 +610,13 @@ fn lifecycle(m: &mut Matrix) {
         listed.combined()
     );
     m.converge("after an agent restart", limit);
+}
+
+#[test]
+fn the_probe_matrix_over_wireguard() {
+    if !e2e_ready() {
+        return;
+    }
+    let m = Matrix::new("polwg", Encap::Wireguard);
+    upstream_cases(&m);
 }
