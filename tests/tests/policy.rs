@@ -502,6 +502,25 @@ fn lifecycle(m: &mut Matrix) {
     m.converge("deny all ingress in x", limit);
     // The node of x/a reaches it (health checks): its traffic leaves through `output`.
     let (xa, node) = (m.pod("x/a").clone(), m.node_of("x/a"));
+    let status = m.tb.admin_get(node, "/status").unwrap().json().unwrap();
+    assert_eq!(
+        status["policy"]["policies"],
+        json!(["x/deny"]),
+        "{}",
+        status["policy"]
+    );
+    assert_eq!(
+        status["policy"]["ingress_isolated"],
+        json!(["x/a"]),
+        "{}",
+        status["policy"]
+    );
+    assert_eq!(
+        status["policy"]["egress_isolated"],
+        json!([]),
+        "{}",
+        status["policy"]
+    );
     let probe = m.tb.path("probe.py");
     let out = run(
         Some(&m.tb.host(node).ns),

@@ -95,6 +95,39 @@ pub struct StatusBody<'a> {
     pub receive_overflow: u64,
     /// Host state put back since start, by kind (crate::agent::host::REPAIR_KINDS).
     pub repairs: std::collections::BTreeMap<&'static str, u64>,
+    pub policy: PolicyStatus,
+}
+
+/// Network policy in `/status`: the records' revision, the policies in force, and this node's
+/// pods each direction isolates (`NS/NAME`).
+#[derive(Debug, Serialize)]
+pub struct PolicyStatus {
+    pub revision: u64,
+    pub policies: Vec<String>,
+    pub ingress_isolated: Vec<String>,
+    pub egress_isolated: Vec<String>,
+}
+
+fn policy_status(agent: &Agent) -> PolicyStatus {
+    let records = agent.policy.records();
+    let rules = agent.policy.rules().unwrap_or_default();
+    let pods = agent.pods.snapshot();
+    let names = |isolated: &std::collections::BTreeSet<std::net::Ipv4Addr>| {
+        pods.values()
+            .filter(|p| {
+                p.ips
+                    .iter()
+                    .any(|ip| matches!(ip, std::net::IpAddr::V4(v4) if isolated.contains(v4)))
+            })
+            .map(PodRecord::key)
+            .collect()
+    };
+    PolicyStatus {
+        revision: records.revision,
+        policies: records.policies.keys().cloned().collect(),
+        ingress_isolated: names(&rules.ingress_isolated),
+        egress_isolated: names(&rules.egress_isolated),
+    }
 }
 
 /// One worker's share of the node's counters, in `/status`.
@@ -501,6 +534,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
         },
         receive_overflow: agent.shared.underlay.receive_drops(),
         repairs: agent.repairs.snapshot().into_iter().collect(),
+        policy: policy_status(&agent),
     };
     Json(serde_json::to_value(&body).unwrap_or_default())
 }

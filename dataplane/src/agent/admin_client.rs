@@ -197,6 +197,27 @@ pub fn format_status(v: &serde_json::Value) -> String {
             }
         );
     }
+    if let Some(p) = v.get("policy") {
+        let list = |k: &str| {
+            let items: Vec<&str> = p[k]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                .unwrap_or_default();
+            if items.is_empty() {
+                "none".to_string()
+            } else {
+                items.join(", ")
+            }
+        };
+        let _ = writeln!(
+            out,
+            "policy:      revision {}, in force: {}\n             isolated for ingress: {}; for egress: {}",
+            p["revision"],
+            list("policies"),
+            list("ingress_isolated"),
+            list("egress_isolated")
+        );
+    }
     let c = &v["counters"];
     let _ = writeln!(
         out,
