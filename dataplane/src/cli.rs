@@ -60,10 +60,41 @@ pub struct KeyArgs {
 
 #[derive(Debug, Args)]
 pub struct WhyArgs {
-    /// Destination address to explain (e.g. a pod IP).
-    pub ip: Ipv4Addr,
+    /// `DST` (how a packet to it is forwarded), or `SRC DST [PORT/PROTO]` (and what network
+    /// policy says of that connection; PROTO is TCP, UDP or SCTP, TCP when omitted).
+    #[arg(required = true, num_args = 1..=3, value_name = "[SRC] DST [PORT/PROTO]")]
+    pub args: Vec<String>,
     #[command(flatten)]
     pub api: ApiArgs,
+}
+
+impl WhyArgs {
+    /// The admin API query these arguments ask.
+    pub fn query(&self) -> Result<String, String> {
+        let ip = |s: &str| {
+            s.parse::<Ipv4Addr>()
+                .map_err(|_| format!("{s:?} is not an IPv4 address"))
+        };
+        match self.args.as_slice() {
+            [dst] => Ok(format!("/why?ip={}", ip(dst)?)),
+            [src, dst] => Ok(format!("/why?ip={}&src={}", ip(dst)?, ip(src)?)),
+            [src, dst, port] => {
+                let bad = || format!("{port:?}: give PORT/PROTO, e.g. 80/TCP (TCP, UDP or SCTP)");
+                let (number, proto) = port.split_once('/').unwrap_or((port, "TCP"));
+                let number: u16 = number.parse().ok().filter(|n| *n > 0).ok_or_else(bad)?;
+                let proto = proto.to_ascii_uppercase();
+                if !["TCP", "UDP", "SCTP"].contains(&proto.as_str()) {
+                    return Err(bad());
+                }
+                Ok(format!(
+                    "/why?ip={}&src={}&port={number}&protocol={proto}",
+                    ip(dst)?,
+                    ip(src)?
+                ))
+            }
+            _ => Err("give DST, or SRC DST [PORT/PROTO]".into()),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -529,6 +560,41 @@ fn validate_static(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn why_takes_a_destination_or_a_connection() {
+        let query = |args: &[&str]| {
+            let mut argv = vec!["podnet-agent", "why"];
+            argv.extend_from_slice(args);
+            match Cli::try_parse_from(argv)
+                .map_err(|e| e.to_string())?
+                .command
+            {
+                Command::Why(w) => w.query(),
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(query(&["10.244.2.3"]).unwrap(), "/why?ip=10.244.2.3");
+        assert_eq!(
+            query(&["10.244.1.2", "10.244.2.3"]).unwrap(),
+            "/why?ip=10.244.2.3&src=10.244.1.2"
+        );
+        assert_eq!(
+            query(&["10.244.1.2", "10.244.2.3", "53/udp"]).unwrap(),
+            "/why?ip=10.244.2.3&src=10.244.1.2&port=53&protocol=UDP"
+        );
+        assert_eq!(
+            query(&["10.244.1.2", "10.244.2.3", "80"]).unwrap(),
+            "/why?ip=10.244.2.3&src=10.244.1.2&port=80&protocol=TCP"
+        );
+        assert!(query(&["10.244.1.2", "10.244.2.3", "80/icmp"])
+            .unwrap_err()
+            .contains("PORT/PROTO"));
+        assert!(query(&["10.244.1.2", "x"])
+            .unwrap_err()
+            .contains("not an IPv4 address"));
+        assert!(query(&["a", "b", "c", "d"]).is_err());
+    }
 
     fn run(args: &[&str]) -> Result<RunConfig, String> {
         let mut argv = vec!["podnet-agent", "run"];

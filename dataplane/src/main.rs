@@ -26,14 +26,19 @@ fn main() -> ExitCode {
         Command::Status(a) => query(&a, "/status", admin_client::format_status),
         Command::Routes(a) => query(&a, "/routes", admin_client::format_routes),
         Command::Why(w) => {
-            query(
-                &w.api,
-                &format!("/why?ip={}", w.ip),
-                |v| match serde_json::from_value::<why::Answer>(v.clone()) {
+            let path = match w.query() {
+                Ok(path) => path,
+                Err(e) => {
+                    eprintln!("podnet-agent: error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            query(&w.api, &path, |v| {
+                match serde_json::from_value::<why::Answer>(v.clone()) {
                     Ok(a) => why::format(&a),
                     Err(e) => format!("unexpected answer from the agent: {e}\n{v}\n"),
-                },
-            )
+                }
+            })
         }
         Command::Drops(d) => drops(&d),
         Command::WireguardKey(k) => podnet_dataplane::wireguard::Keys::load_or_create(&k.state_dir)

@@ -521,6 +521,36 @@ fn lifecycle(m: &mut Matrix) {
         "{}",
         status["policy"]
     );
+    // `why SRC DST PORT/PROTO` says which end decides, and by which policy.
+    let ya = m.pod("y/a").clone();
+    let agent = podnet_tests::podnet_bin("podnet-agent");
+    let why = |dst: &ProbePod, port: &str| {
+        let argv = [
+            agent.to_str().unwrap(),
+            "why",
+            &ya.ip.to_string(),
+            &dst.ip.to_string(),
+            port,
+        ];
+        let out = run(Some(&m.tb.host(node).ns), &argv, Duration::from_secs(10)).unwrap();
+        assert!(out.success(), "{}", out.combined());
+        out.stdout
+    };
+    let text = why(&xa, "80/tcp");
+    assert!(
+        text.contains(&format!(
+            "policy:      {} -> {} 80/TCP: denied",
+            ya.ip, xa.ip
+        )) && text.contains("denied: isolated by x/deny, and none of them allows it")
+            && text.contains("no policy isolates it: allowed"),
+        "{text}"
+    );
+    let za = m.pod("z/a").clone();
+    let text = why(&za, "81/udp");
+    assert!(
+        text.contains(&format!("{} -> {} 81/UDP: allowed", ya.ip, za.ip)),
+        "{text}"
+    );
     let probe = m.tb.path("probe.py");
     let out = run(
         Some(&m.tb.host(node).ns),

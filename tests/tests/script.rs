@@ -669,14 +669,16 @@ fn ping_hops_splits_round_trips_and_cleans_up() {
     // tunnelled ICMP) and the load.
     let (ok, text) = run(&["--encap", "ipip", "--count", "20", "--interval", "0.02"]);
     assert!(ok, "{text}");
-    assert_hops_reported(&text, 20);
+    assert_hops_reported(&text, 20, 20);
     let loaded: Vec<&str> = "--encap vxlan --count 20 --interval 0.02 --load"
         .split(' ')
         .collect();
     let (ok, text) = run(&loaded);
     let _ = std::fs::remove_dir_all(&run_dir);
     assert!(ok, "{text}");
-    assert_hops_reported(&text, 20);
+    // A saturating stream may cost a ping in a full queue, as on any network; every one that
+    // was answered must still be found at every hop.
+    assert_hops_reported(&text, 20, 15);
     let rate: f64 = text
         .split("load: one iperf3 stream, median ")
         .nth(1)
@@ -686,13 +688,21 @@ fn ping_hops_splits_round_trips_and_cleans_up() {
     assert!(rate > 0.0, "{text}");
 }
 
-/// `ping-hops` output: all `count` pings seen at every capture, each hop's median <= p99 <= max
-/// and none negative, and the testbed it made gone.
-fn assert_hops_reported(text: &str, count: usize) {
-    assert!(
-        text.contains(&format!("{count} of {count} pings seen at every hop")),
-        "{text}"
-    );
+/// `ping-hops` output: of `count` pings at least `least` answered, and every answered one seen
+/// at every capture; each hop's median <= p99 <= max and none negative; and the testbed it made
+/// gone.
+fn assert_hops_reported(text: &str, count: usize, least: usize) {
+    let (seen, answered) = text
+        .lines()
+        .find_map(|l| {
+            let rest = l.strip_suffix(" answered)")?;
+            let (head, answered) = rest.split_once(" pings seen at every hop (")?;
+            let (seen, of) = head.split_once(" of ")?;
+            (of.parse::<usize>().ok()? == count).then_some(())?;
+            Some((seen.parse::<usize>().ok()?, answered.parse::<usize>().ok()?))
+        })
+        .unwrap_or_else(|| panic!("no `N of {count} pings seen at every hop` line: {text}"));
+    assert!(answered >= least && seen == answered, "{text}");
     for hop in [
         "h1 agent: tunl0 read -> underlay",
         "h2 agent: socket -> tunl0 write",

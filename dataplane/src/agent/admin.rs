@@ -33,7 +33,7 @@ use crate::core::drops::{CountersSnapshot, DropReason, PeerStats, TrafficSnapsho
 use crate::core::dropwatch::DropSample;
 use crate::core::routing::PeerPath;
 use crate::core::why::{self, Answer};
-use podnet_proto::policy::PodRecord;
+use podnet_proto::policy::{PodRecord, Protocol};
 
 /// One peer in `/status`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -335,6 +335,10 @@ async fn housekeeping(agent: Weak<Agent>) {
 #[derive(Debug, Deserialize)]
 struct WhyQuery {
     ip: Ipv4Addr,
+    /// With a source, the answer says what network policy decides.
+    src: Option<Ipv4Addr>,
+    port: Option<u16>,
+    protocol: Option<String>,
 }
 
 async fn why_handler(State(agent): State<Arc<Agent>>, Query(q): Query<WhyQuery>) -> Json<Answer> {
@@ -348,6 +352,21 @@ async fn why_handler(State(agent): State<Arc<Agent>>, Query(q): Query<WhyQuery>)
             agent.control.is_some(),
         )
     };
+    if let Some(src) = q.src {
+        let protocol = q
+            .protocol
+            .as_deref()
+            .map(|p| p.to_ascii_uppercase())
+            .and_then(|p| Protocol::from_name(&p))
+            .unwrap_or(Protocol::Tcp);
+        let port = q.port.map(|n| (n, protocol));
+        answer.policy = Some(why::PolicyAnswer::new(
+            &agent.policy.cluster(),
+            src,
+            q.ip,
+            port,
+        ));
+    }
     let tunnel = answer
         .peer
         .as_ref()

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use podnet_control_client::{Backoff, Client};
-use podnet_proto::policy::{PodRecord, PodView, PolicyState};
+use podnet_proto::policy::{Cluster, PodRecord, PodView, PolicyState};
 
 use crate::agent::files::write_atomic;
 use crate::agent::pods::LocalPods;
@@ -123,10 +123,14 @@ impl Enforcer {
         self.apply()
     }
 
-    /// Compiles the rules for this node's pods and applies them if they changed; whether
-    /// they did. The local pods count as they are here, also before the control service has
-    /// their records: a pod is never without its rules.
-    pub fn apply(&self) -> Result<bool, PolicyError> {
+    /// What policy is evaluated over here: the records, with this node's pods as it knows them.
+    pub fn cluster(&self) -> Cluster {
+        self.view().0
+    }
+
+    /// The records' cluster with the local pods' own records in place of the service's, and
+    /// the local pods.
+    fn view(&self) -> (Cluster, Vec<PodRecord>) {
         let mut cluster = self.records().cluster();
         let local: Vec<PodRecord> = self.pods.snapshot().into_values().collect();
         cluster.pods.retain(|p| {
@@ -135,6 +139,14 @@ impl Enforcer {
                 .any(|l| l.namespace == p.namespace && l.name == p.name)
         });
         cluster.pods.extend(local.iter().map(PodRecord::view));
+        (cluster, local)
+    }
+
+    /// Compiles the rules for this node's pods and applies them if they changed; whether
+    /// they did. The local pods count as they are here, also before the control service has
+    /// their records: a pod is never without its rules.
+    pub fn apply(&self) -> Result<bool, PolicyError> {
+        let (cluster, local) = self.view();
         let mine: Vec<&PodView> = cluster
             .pods
             .iter()

@@ -82,6 +82,9 @@ pub struct Answer {
     /// A WireGuard peer's tunnel as the data path reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<TunnelInfo>,
+    /// With a source (`why SRC DST [PORT/PROTO]`): what network policy says at each end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyAnswer>,
     /// One sentence a human can act on.
     pub explanation: String,
 }
@@ -121,6 +124,7 @@ pub fn explain(
         membership: if control { "control" } else { "static" }.into(),
         lease: None,
         tunnel: None,
+        policy: None,
         explanation: String::new(),
     };
     let route = forward::route(config, table, ip);
@@ -292,6 +296,47 @@ fn set_encap(answer: &mut Answer, config: &NodeConfig, encap: &PeerEncap) {
 }
 
 /// Human-readable `podnet-agent why`.
+/// What network policy says of a connection, at each end, in words.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyAnswer {
+    pub src: Ipv4Addr,
+    /// `PORT/PROTO`, or `any` when none was given.
+    pub port: String,
+    pub allowed: bool,
+    pub egress: String,
+    pub ingress: String,
+}
+
+impl PolicyAnswer {
+    /// The verdict of `decide` for `src` to `dst` on `port` (`None`: any port, asked as TCP 0).
+    pub fn new(
+        cluster: &podnet_proto::policy::Cluster,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        port: Option<(u16, podnet_proto::policy::Protocol)>,
+    ) -> PolicyAnswer {
+        use podnet_proto::policy::{Decision, Protocol};
+        let (number, protocol) = port.unwrap_or((0, Protocol::Tcp));
+        let v = cluster.decide(src.into(), dst.into(), number, protocol);
+        let words = |d: &Decision, who: &str| match d {
+            Decision::NotAPod => format!("{who} is not a pod: no policy applies"),
+            Decision::Unisolated => "no policy isolates it: allowed".to_string(),
+            Decision::Allowed(by) => format!("allowed by {}", by.join(", ")),
+            Decision::Denied(by) => format!(
+                "denied: isolated by {}, and none of them allows it",
+                by.join(", ")
+            ),
+        };
+        PolicyAnswer {
+            src,
+            port: port.map_or("any".to_string(), |(n, p)| format!("{n}/{p}")),
+            allowed: v.allowed(),
+            egress: words(&v.egress, &src.to_string()),
+            ingress: words(&v.ingress, &dst.to_string()),
+        }
+    }
+}
+
 pub fn format(a: &Answer) -> String {
     let mut out = String::new();
     let verdict = match (&a.verdict, &a.peer, &a.reason) {
@@ -353,6 +398,14 @@ pub fn format(a: &Answer) -> String {
     }
     if let Some(i) = &a.icmp {
         let _ = writeln!(out, "  icmp:        {i}");
+    }
+    if let Some(p) = &a.policy {
+        let verdict = if p.allowed { "allowed" } else { "denied" };
+        let _ = writeln!(
+            out,
+            "  policy:      {} -> {} {}: {verdict}\n    egress of {}: {}\n    ingress of {}: {}",
+            p.src, a.ip, p.port, p.src, p.egress, a.ip, p.ingress
+        );
     }
     let _ = writeln!(out, "  why:         {}", a.explanation);
     out
