@@ -401,45 +401,22 @@ fn rule_lines(r: &Allow, me: &str, other: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use podnet_proto::policy::NamedPort;
     use serde_json::json;
 
-    /// Upstream's probe layout (namespaces x, y, z; pods a, b, c; `serve-<port>-<proto>` on
-    /// 80 and 81), with `policies`.
+    /// Upstream's probe layout with `policies` (JSON, `apiVersion` and `kind` added).
     fn cluster(policies: &[serde_json::Value]) -> Cluster {
-        let mut c = Cluster::default();
-        for (i, ns) in ["x", "y", "z"].iter().enumerate() {
-            c.namespaces
-                .insert(ns.to_string(), [("ns".to_string(), ns.to_string())].into());
-            for (j, pod) in ["a", "b", "c"].iter().enumerate() {
-                let ports = [80, 81]
-                    .into_iter()
-                    .flat_map(|port| {
-                        [Protocol::Tcp, Protocol::Udp].map(|protocol| NamedPort {
-                            name: format!("serve-{port}-{}", protocol.name().to_lowercase()),
-                            port,
-                            protocol,
-                        })
-                    })
-                    .collect();
-                c.pods.push(PodView {
-                    namespace: ns.to_string(),
-                    name: pod.to_string(),
-                    labels: [("pod".to_string(), pod.to_string())].into(),
-                    ips: vec![IpAddr::from([10, 244, i as u8 + 1, j as u8 + 10])],
-                    ports,
-                });
-            }
-        }
-        for p in policies {
-            let mut p = p.clone();
-            p["apiVersion"] = json!("networking.k8s.io/v1");
-            p["kind"] = json!("NetworkPolicy");
-            let policy: NetworkPolicy = serde_json::from_value(p).expect("a policy");
-            policy.validate().expect("a valid policy");
-            c.policies.push(policy);
-        }
-        c
+        let policies = policies
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                p["apiVersion"] = json!("networking.k8s.io/v1");
+                p["kind"] = json!("NetworkPolicy");
+                let policy: NetworkPolicy = serde_json::from_value(p).expect("a policy");
+                policy.validate().expect("a valid policy");
+                policy
+            })
+            .collect();
+        podnet_proto::policy::fixtures::probe_cluster(policies)
     }
 
     fn policy(name: &str, ns: &str, spec: serde_json::Value) -> serde_json::Value {

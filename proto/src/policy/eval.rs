@@ -264,43 +264,19 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const NAMESPACES: [&str; 3] = ["x", "y", "z"];
-    const PODS: [&str; 3] = ["a", "b", "c"];
+    use crate::policy::fixtures::{probe_cluster, NAMESPACES, PODS};
 
-    /// Upstream's network-policy probe layout: namespaces x, y, z labelled `ns=<name>`, pods
-    /// a, b, c in each labelled `pod=<name>`, each declaring `serve-<port>-<proto>` for ports 80
-    /// and 81, TCP and UDP.
+    /// The probe layout with `policies` (JSON documents, each checked as the service would).
     fn cluster(policies: &[serde_json::Value]) -> Cluster {
-        let mut c = Cluster::default();
-        for (i, ns) in NAMESPACES.iter().enumerate() {
-            c.namespaces
-                .insert(ns.to_string(), [("ns".to_string(), ns.to_string())].into());
-            for (j, pod) in PODS.iter().enumerate() {
-                let ports = [80, 81]
-                    .into_iter()
-                    .flat_map(|port| {
-                        [Protocol::Tcp, Protocol::Udp].map(|protocol| NamedPort {
-                            name: format!("serve-{port}-{}", protocol.name().to_lowercase()),
-                            port,
-                            protocol,
-                        })
-                    })
-                    .collect();
-                c.pods.push(PodView {
-                    namespace: ns.to_string(),
-                    name: pod.to_string(),
-                    labels: [("pod".to_string(), pod.to_string())].into(),
-                    ips: vec![IpAddr::from([10, 244, i as u8 + 1, j as u8 + 10])],
-                    ports,
-                });
-            }
-        }
-        for p in policies {
-            let policy: NetworkPolicy = serde_json::from_value(p.clone()).expect("a policy");
-            policy.validate().expect("a valid policy");
-            c.policies.push(policy);
-        }
-        c
+        let policies = policies
+            .iter()
+            .map(|p| {
+                let policy: NetworkPolicy = serde_json::from_value(p.clone()).expect("a policy");
+                policy.validate().expect("a valid policy");
+                policy
+            })
+            .collect();
+        probe_cluster(policies)
     }
 
     fn ip_of(c: &Cluster, name: &str) -> IpAddr {

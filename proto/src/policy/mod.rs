@@ -7,6 +7,8 @@
 //! control service validates with it, and the agent evaluates and compiles rules from it.
 
 mod eval;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 mod model;
 mod records;
 mod selector;
