@@ -91,6 +91,25 @@ while True:
     time.sleep(0.02)
 "#;
 
+/// Tries TCP port 80 of every address given, over and over (each try 0.05 s at most), for
+/// `SECONDS`, printing `reached IP` whenever a connection opens.
+const HAMMER: &str = r#"
+import socket, sys, threading, time
+end = time.time() + float(sys.argv[1])
+print("hammering", flush=True)
+def hammer(ip):
+    while time.time() < end:
+        try:
+            socket.create_connection((ip, 80), timeout=0.05).close()
+            print("reached", ip, flush=True)
+        except OSError:
+            pass
+ts = [threading.Thread(target=hammer, args=(ip,)) for ip in sys.argv[2:]]
+for t in ts: t.start()
+for t in ts: t.join()
+print("done", flush=True)
+"#;
+
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const PODS: [&str; 3] = ["a", "b", "c"];
 
@@ -562,6 +581,81 @@ fn lifecycle(m: &mut Matrix) {
         out.stdout.contains(&format!("{} 80 TCP ok", xa.ip)),
         "node -> its isolated pod: {}",
         out.stdout
+    );
+
+    // A new pod in the isolated namespace x is never reachable, probed from its first moment:
+    // its server listens before the pod has an address, and y/a hammers every free address of
+    // the node. A new pod in y, not isolated, is reached by the same hammering.
+    let cidr: ipnet::Ipv4Net = m.tb.wait_subnet(node, Duration::from_secs(5));
+    let taken: Vec<Ipv4Addr> = m.pods.iter().map(|p| p.ip).collect();
+    let free: Vec<String> = cidr
+        .hosts()
+        .skip(1)
+        .take(24)
+        .filter(|ip| !taken.contains(ip))
+        .map(|ip| ip.to_string())
+        .collect();
+    let hammer = m.tb.path("hammer.py");
+    std::fs::write(&hammer, HAMMER).unwrap();
+    let mut argv = vec![
+        "python3".to_string(),
+        hammer.to_str().unwrap().into(),
+        "6".into(),
+    ];
+    argv.extend(free.iter().cloned());
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let ya_ns = m.pod("y/a").netns.clone();
+    m.tb.start_ready(
+        "hammer",
+        &ya_ns,
+        &argv,
+        "hammering",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let server = m.tb.path("serve.py");
+    let mut made = BTreeMap::new();
+    for (ns, pod) in [("x", "d"), ("y", "d")] {
+        let netns = m.tb.add_netns(&format!("{ns}{pod}"));
+        let name = format!("serve-{ns}{pod}");
+        m.tb.start_ready(
+            &name,
+            &netns,
+            &["python3", server.to_str().unwrap()],
+            "serving",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let args = format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod};PODNET_LABELS=pod:{pod}");
+        let out = m.tb.cni_call_as(node, "ADD", &netns, &args);
+        assert!(out.success(), "ADD {ns}/{pod}: {}", out.combined());
+        let result: Value = serde_json::from_str(&out.stdout).unwrap();
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(
+            free.contains(&ip),
+            "{ns}/{pod} got {ip}, outside the hammered {free:?}"
+        );
+        made.insert(ns, ip);
+    }
+    wait_for("the hammer done", Duration::from_secs(15), || {
+        m.tb.finished_line("hammer", "done")
+            .ok_or_else(|| m.tb.log("hammer"))
+    })
+    .unwrap();
+    let log = m.tb.log("hammer");
+    assert!(
+        !log.contains(&format!("reached {}\n", made["x"])),
+        "x/d was reachable: {log}"
+    );
+    assert!(
+        log.contains(&format!("reached {}\n", made["y"])),
+        "y/d was never reached, so the hammer saw nothing: {log}"
     );
 
     // A connection from y/a to x/b, allowed, then cut by a policy that denies it.

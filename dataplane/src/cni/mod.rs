@@ -9,8 +9,9 @@
 //! gateway. The pod CIDR and MTU come from the agent's `subnet.env`. Whatever ADD made is
 //! removed again when a later step fails.
 //!
-//! ADD then tells the agent who the pod is ([`identity`], through [`agent_api`]), so network
-//! policy can select it; DEL tells it the pod is gone.
+//! Before the pod's interface is made, ADD tells the agent who the pod is and which address it
+//! gets ([`identity`], through [`agent_api`]), so network policy selects it and is in force
+//! before the pod can be reached; DEL tells the agent the pod is gone.
 
 pub mod agent_api;
 pub mod identity;
@@ -442,16 +443,21 @@ fn add(inv: &Invocation, subnet_file: &Path) -> Result<Value, CniError> {
     let mtu = conf.mtu.unwrap_or(subnet.mtu);
     let bridge_name = conf.bridge.clone().unwrap_or_else(|| DEFAULT_BRIDGE.into());
     let (ip, gw) = allocate(inv, subnet, &who)?;
-    let made = setup(&netns, &who, &bridge_name, mtu, ip, gw, subnet.pod_cidr);
-    let reported = made.and_then(|m| match subnet.api {
-        Some(api) => report(api, &who, &pod, ip.addr()).map(|()| m),
-        None => Ok(m),
-    });
-    let (bridge, host, pod) = match reported {
+    // The agent has the pod, and has applied its network policy, before the pod has its
+    // address: there is no moment in which it is reachable against its policy.
+    if let Some(api) = subnet.api {
+        if let Err(e) = report(api, &who, &pod, ip.addr()) {
+            let _ = release(inv, &who);
+            return Err(e);
+        }
+    }
+    let (bridge, host, pod) = match setup(&netns, &who, &bridge_name, mtu, ip, gw, subnet.pod_cidr)
+    {
         Ok(m) => m,
         Err(e) => {
-            // Nothing left behind: the pair (if made) and the address.
+            // Nothing left behind: the pair (if made), the agent's record and the address.
             teardown(Some(&netns), &who);
+            forget(conf, &who);
             let _ = release(inv, &who);
             return Err(e);
         }
@@ -495,8 +501,8 @@ fn pod_path(who: &Attachment) -> String {
     }
 }
 
-/// Tells the agent at `api` that the pod is attached with `ip`; only then may ADD succeed, so
-/// the node knows every pod it runs before the pod sends a packet.
+/// Tells the agent at `api` that the pod is being attached with `ip`, before the pod gets it,
+/// so the node knows every pod it runs (and enforces its policy) before the pod has an address.
 fn report(
     api: SocketAddr,
     who: &Attachment,
