@@ -412,16 +412,7 @@ fn pods_get_their_identity_from_the_cni_call() {
     let pns = tb.add_netns("h2-web");
     let args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;\
                 PODNET_LABELS=app:web,tier:front;PODNET_PORTS=http:8080/TCP,dns:53/UDP";
-    let out = tb.cni_call_as(2, "ADD", &pns, args);
-    assert!(out.success(), "{}", out.combined());
-    let result: Value = serde_json::from_str(&out.stdout).unwrap();
-    let ip = result["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let ip = tb.cni_add(2, &pns, args).to_string();
     let record = wait_for("shop/web-1 published", Duration::from_secs(10), || {
         pod_records(&tb)
             .remove("shop/web-1")

@@ -157,13 +157,7 @@ impl Matrix {
                 let args = format!(
                     "K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod};PODNET_LABELS=pod:{pod};PODNET_PORTS={ports}"
                 );
-                let out = tb.cni_call_as(node, "ADD", &netns, &args);
-                assert!(out.success(), "ADD {ns}/{pod}: {}", out.combined());
-                let result: Value = serde_json::from_str(&out.stdout).unwrap();
-                let ip: Ipv4Addr = result["ips"][0]["address"]
-                    .as_str()
-                    .and_then(|a| a.split('/').next()?.parse().ok())
-                    .unwrap();
+                let ip = tb.cni_add(node, &netns, &args);
                 let name = format!("serve-{ns}{pod}");
                 tb.start_ready(
                     &name,
@@ -627,16 +621,7 @@ fn lifecycle(m: &mut Matrix) {
         )
         .unwrap();
         let args = format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod};PODNET_LABELS=pod:{pod}");
-        let out = m.tb.cni_call_as(node, "ADD", &netns, &args);
-        assert!(out.success(), "ADD {ns}/{pod}: {}", out.combined());
-        let result: Value = serde_json::from_str(&out.stdout).unwrap();
-        let ip = result["ips"][0]["address"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .to_string();
+        let ip = m.tb.cni_add(node, &netns, &args).to_string();
         assert!(
             free.contains(&ip),
             "{ns}/{pod} got {ip}, outside the hammered {free:?}"

@@ -39,6 +39,23 @@ impl Testbed {
         self.cni_exec(n, &bin, verb, pod_ns, "eth0", &self.cni_config(n), cni_args)
     }
 
+    /// ADD of the pod in `pod_ns` on host n with `CNI_ARGS` `cni_args` (the default config);
+    /// panics unless it succeeds, and returns the address the result gives the pod.
+    pub fn cni_add(&self, n: u8, pod_ns: &str, cni_args: &str) -> std::net::Ipv4Addr {
+        let out = self.cni_call_as(n, "ADD", pod_ns, cni_args);
+        assert!(
+            out.success(),
+            "podnet-cni ADD for {pod_ns}: {}",
+            out.combined()
+        );
+        let result: serde_json::Value = serde_json::from_str(&out.stdout).expect("ADD result JSON");
+        result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.parse::<ipnet::Ipv4Net>().ok())
+            .unwrap_or_else(|| panic!("no address in {result}"))
+            .addr()
+    }
+
     /// Runs CNI plugin `plugin` (podnet's or a reference plugin) in host n's namespace as a
     /// runtime would, `conf` on stdin and `CNI_ARGS` set to `cni_args`.
     #[allow(clippy::too_many_arguments)] // the CNI_* variables a runtime sets, one each

@@ -78,21 +78,10 @@ impl Testbed {
             let mut pods = Vec::new();
             for m in 1..=self.pods_per_host {
                 let pns = self.add_netns(&format!("h{n}-p{m}"));
-                let out = self.cni_call(n, "ADD", &pns, "eth0", None);
-                assert!(
-                    out.success(),
-                    "podnet-cni ADD for {pns}: {}",
-                    out.combined()
-                );
-                let result: serde_json::Value =
-                    serde_json::from_str(&out.stdout).expect("ADD result JSON");
-                let ip: Ipv4Net = result["ips"][0]["address"]
-                    .as_str()
-                    .and_then(|a| a.parse().ok())
-                    .unwrap_or_else(|| panic!("no address in {result}"));
+                let ip = self.cni_add(n, &pns, "");
                 pods.push(Pod {
                     ns: pns,
-                    ip: ip.addr(),
+                    ip,
                     host: n,
                 });
             }
