@@ -124,6 +124,8 @@ struct ProbePod {
 struct Matrix {
     tb: Testbed,
     pods: Vec<ProbePod>,
+    /// For each change made: the time from the request to every node enforcing its revision.
+    enforced_after: std::sync::Mutex<Vec<Duration>>,
 }
 
 /// A probe result: (from, to, port, protocol) -> reached.
@@ -174,7 +176,11 @@ impl Matrix {
                 });
             }
         }
-        let m = Matrix { tb, pods };
+        let m = Matrix {
+            tb,
+            pods,
+            enforced_after: Default::default(),
+        };
         for ns in NAMESPACES {
             m.call(
                 "PATCH",
@@ -323,13 +329,54 @@ impl Matrix {
     }
 
     fn apply(&self, policies: Value) {
-        self.call("POST", "/v1/policies", &policies);
+        self.change("POST", "/v1/policies", &policies);
     }
 
     fn delete_all(&self) {
         for key in self.records().policies.keys() {
-            self.call("DELETE", &format!("/v1/policies/{key}"), &Value::Null);
+            self.change("DELETE", &format!("/v1/policies/{key}"), &Value::Null);
         }
+    }
+
+    /// A change of the records (policies or labels), then a wait until every node enforces its
+    /// revision (each agent's `/status`); the time from the request to that is kept.
+    fn change(&self, method: &str, path: &str, body: &Value) {
+        let start = Instant::now();
+        let answer = self.call(method, path, body);
+        let revision = answer["revision"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{method} {path} gave no revision: {answer}"));
+        for n in 1..=3 {
+            loop {
+                let status = self.tb.admin_get(n, "/status").unwrap().json().unwrap();
+                if status["policy"]["revision"].as_u64() >= Some(revision) {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "h{n} does not enforce revision {revision}: {}",
+                    status["policy"]
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        self.enforced_after.lock().unwrap().push(start.elapsed());
+    }
+
+    /// The changes so far were each enforced on every node within a second (the p99), as the
+    /// agents report it.
+    fn assert_changes_fast(&self) {
+        let mut took = self.enforced_after.lock().unwrap().clone();
+        took.sort();
+        assert!(took.len() >= 20, "only {} changes measured", took.len());
+        let at = |q: f64| took[((took.len() - 1) as f64 * q).round() as usize];
+        let (p50, p99) = (at(0.5), at(0.99));
+        eprintln!(
+            "{} changes enforced on all 3 nodes: p50 {p50:?}, p99 {p99:?}, max {:?}",
+            took.len(),
+            took[took.len() - 1]
+        );
+        assert!(p99 < Duration::from_secs(1), "p99 {p99:?}: {took:?}");
     }
 }
 
@@ -471,16 +518,44 @@ fn upstream_cases(m: &Matrix) {
     m.delete_all();
     m.apply(json!([policy("p", "x", json!({"podSelector": a, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "blue"}}}, {"podSelector": {"matchLabels": {"role": "client"}}}]}]}))]));
     m.converge("changes: before", limit);
-    m.call(
+    m.change(
         "PATCH",
         "/v1/namespaces/z",
         &json!({"set": {"team": "blue"}}),
     );
     m.converge("changes: namespace label added", limit);
-    m.call("PATCH", "/v1/pods/x/b", &json!({"set": {"role": "client"}}));
+    // A pod taken into a rule changes that rule's set, and no rule: every rule keeps its
+    // handle on the node of the isolated pod.
+    let node = m.node_of("x/a");
+    let table = || {
+        let argv = ["nft", "-a", "list", "table", "ip", "podnet_policy"];
+        let out = run(Some(&m.tb.host(node).ns), &argv, Duration::from_secs(10)).unwrap();
+        assert!(out.success(), "{}", out.combined());
+        out.stdout
+    };
+    let handles = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains(" comment \""))
+            .map(|l| l.trim().to_string())
+            .collect()
+    };
+    let before = table();
+    m.change("PATCH", "/v1/pods/x/b", &json!({"set": {"role": "client"}}));
+    let after = table();
+    assert_eq!(handles(&before), handles(&after), "{before}\n{after}");
+    let xb = m.pod("x/b").ip.to_string();
+    let has = |text: &str| {
+        text.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .any(|w| w == xb)
+    };
+    assert!(
+        !has(&before) && has(&after),
+        "x/b {xb} is not added to a set:\n{before}\n{after}"
+    );
     m.converge("changes: pod label added", limit);
     m.delete_all();
     m.converge("changes: policy deleted", limit);
+    m.assert_changes_fast();
 }
 
 #[test]
@@ -513,6 +588,36 @@ fn lifecycle(m: &mut Matrix) {
         json!({"podSelector": {}, "policyTypes": ["Ingress"]})
     )]));
     m.converge("deny all ingress in x", limit);
+    // The probes x's pods denied are counted where they were denied; nothing isolates egress.
+    let judged = |m: &Matrix, n: u8, direction: &str, verdict: &str| {
+        m.tb.metric(
+            n,
+            "podnet_agent_policy_packets_total",
+            &[("direction", direction), ("verdict", verdict)],
+        )
+    };
+    let counted = |m: &Matrix| -> Vec<[f64; 2]> {
+        (1..=3)
+            .map(|n| {
+                [
+                    judged(m, n, "ingress", "denied"),
+                    judged(m, n, "egress", "denied"),
+                ]
+            })
+            .collect()
+    };
+    let before = counted(m);
+    m.converge("deny all ingress in x, again", limit);
+    let after = counted(m);
+    for n in 0..3 {
+        assert!(
+            after[n][0] > before[n][0] && after[n][1] == before[n][1],
+            "h{}: ingress and egress denied before {:?}, after {:?}",
+            n + 1,
+            before[n],
+            after[n]
+        );
+    }
     // The node of x/a reaches it (health checks): its traffic leaves through `output`.
     let (xa, node) = (m.pod("x/a").clone(), m.node_of("x/a"));
     let status = m.tb.admin_get(node, "/status").unwrap().json().unwrap();
@@ -657,7 +762,13 @@ fn lifecycle(m: &mut Matrix) {
         Duration::from_secs(10),
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for("the stream's first answers", Duration::from_secs(5), || {
+        let log = m.tb.log("stream");
+        (log.matches("alive ").count() >= 5)
+            .then_some(())
+            .ok_or(log)
+    })
+    .unwrap();
     let cut_at = unix_now();
     m.apply(json!([policy(
         "only-z",
@@ -665,8 +776,12 @@ fn lifecycle(m: &mut Matrix) {
         json!({"podSelector": {"matchLabels": {"pod": "b"}},
         "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}]}]})
     )]));
-    std::thread::sleep(Duration::from_millis(2500));
-    let log = m.tb.log("stream");
+    // The stream says `stopped` once nothing answered for 3 s.
+    let log = wait_for("the stream to stop", Duration::from_secs(10), || {
+        let log = m.tb.log("stream");
+        log.contains("stopped").then_some(log.clone()).ok_or(log)
+    })
+    .unwrap();
     let last = log
         .lines()
         .filter_map(|l| l.strip_prefix("alive "))

@@ -98,10 +98,11 @@ pub struct StatusBody<'a> {
     pub policy: PolicyStatus,
 }
 
-/// Network policy in `/status`: the records' revision, the policies in force, and this node's
-/// pods each direction isolates (`NS/NAME`).
+/// Network policy in `/status`: the revision of the records in force, the policies, and this
+/// node's pods each direction isolates (`NS/NAME`).
 #[derive(Debug, Serialize)]
 pub struct PolicyStatus {
+    /// The records' revision whose rules this node enforces (0 before any).
     pub revision: u64,
     pub policies: Vec<String>,
     pub ingress_isolated: Vec<String>,
@@ -123,7 +124,7 @@ fn policy_status(agent: &Agent) -> PolicyStatus {
             .collect()
     };
     PolicyStatus {
-        revision: records.revision,
+        revision: agent.policy.enforced(),
         policies: records.policies.keys().cloned().collect(),
         ingress_isolated: names(&rules.ingress_isolated),
         egress_isolated: names(&rules.egress_isolated),
@@ -762,6 +763,29 @@ impl Collector for AgentMetrics {
                 .map(|(what, n)| (label("what", what), n)),
         )?;
         m.counter(
+            "podnet_agent_policy_packets",
+            "Packets network policy judged on this node, by direction and verdict: every denied \
+             packet, and the first packet of each allowed connection since the last policy change.",
+            agent
+                .policy
+                .judged()
+                .into_iter()
+                .map(|(direction, allowed, n)| {
+                    let direction = match direction {
+                        podnet_proto::policy::Direction::Ingress => "ingress",
+                        podnet_proto::policy::Direction::Egress => "egress",
+                    };
+                    let verdict = if allowed { "allowed" } else { "denied" };
+                    (
+                        vec![
+                            ("direction", direction.to_string()),
+                            ("verdict", verdict.to_string()),
+                        ],
+                        n,
+                    )
+                }),
+        )?;
+        m.counter(
             "podnet_agent_receive_overflow",
             "Underlay datagrams the kernel dropped because the agent's receive sockets were full.",
             one(agent.shared.underlay.receive_drops()),
@@ -844,9 +868,14 @@ pub fn render_metrics(agent: &Arc<Agent>) -> String {
     metrics::render(&registry)
 }
 
-async fn metrics(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        render_metrics(&agent),
-    )
+async fn metrics(State(agent): State<Arc<Agent>>) -> axum::response::Response {
+    // Policy's counters are read from nft.
+    match tokio::task::spawn_blocking(move || render_metrics(&agent)).await {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("metrics failed: {e}\n"),
+        )
+            .into_response(),
+    }
 }

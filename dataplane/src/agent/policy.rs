@@ -4,22 +4,26 @@
 //! it, and removed at a clean stop. The last records are kept in `<state-dir>/policy.json`, so
 //! a restarted agent enforces them before its data path forwards a packet.
 //!
-//! The table is written as nft's own language through `nft -f -`, one transaction that deletes
-//! the old table and adds the new one: the `ct original` matches the rules need are one
-//! expression each there.
+//! Scripts are nft's own language through `nft -f -` (the `ct original` matches the rules need
+//! are one expression each there), each one transaction. The first creates the table; after
+//! that a change adds and deletes only what differs ([`crate::core::policy_table`]), by the
+//! handles nft echoes (`--echo --handle`, as JSON).
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use podnet_control_client::{Backoff, Client};
-use podnet_proto::policy::{Cluster, PodRecord, PodView, PolicyState};
+use podnet_proto::policy::{Cluster, Direction, PodRecord, PodView, PolicyState};
 
 use crate::agent::files::write_atomic;
 use crate::agent::pods::LocalPods;
-use crate::core::policy::{compile, render, NodeRules, TABLE};
+use crate::core::policy::{compile, NodeRules};
+use crate::core::policy_table::{self, counter, create, update, Plan, Script, Slot, TABLE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -32,16 +36,35 @@ pub enum PolicyError {
 /// What was applied last.
 #[derive(Default)]
 struct Applied {
+    /// The rules in force (`None` when the table must be written again whole).
     rules: Option<NodeRules>,
+    plan: Plan,
     generation: u32,
+    /// Whether this agent wrote the table (it writes none until a rule is needed).
+    table: bool,
+    /// The handles of the table's rules.
+    handles: BTreeMap<Slot, u64>,
+}
+
+/// The packets the rules judged, by direction and verdict, kept monotonic across tables
+/// written anew (the kernel's counters start again with each).
+#[derive(Default)]
+struct Judged {
+    counted: BTreeMap<&'static str, u64>,
+    last: BTreeMap<&'static str, u64>,
 }
 
 /// The node's policy: the records last read from the control service, and the table applied.
 pub struct Enforcer {
     pods: Arc<LocalPods>,
     file: PathBuf,
+    /// Where the scripts are written for nft.
+    script: PathBuf,
     records: Mutex<PolicyState>,
     applied: Mutex<Applied>,
+    /// The revision of the records whose rules are in force.
+    enforced: AtomicU64,
+    judged: Mutex<Judged>,
 }
 
 impl Enforcer {
@@ -61,13 +84,17 @@ impl Enforcer {
         Enforcer {
             pods,
             file,
+            script: state_dir.join("policy.nft"),
             records: Mutex::new(records),
             // Nothing isolates anything until records say so; the table is written the first
             // time a rule is needed, so a node without nft runs fine until then.
             applied: Mutex::new(Applied {
                 rules: Some(NodeRules::default()),
                 generation,
+                ..Applied::default()
             }),
+            enforced: AtomicU64::new(0),
+            judged: Mutex::default(),
         }
     }
 
@@ -77,6 +104,11 @@ impl Enforcer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The revision of the records whose rules are in force (0 before any).
+    pub fn enforced(&self) -> u64 {
+        self.enforced.load(Relaxed)
     }
 
     /// The rules in force, if any table was applied.
@@ -97,30 +129,52 @@ impl Enforcer {
     }
 
     /// Whether the table in the kernel is still the one applied: its generation and its number
-    /// of rules. If not (deleted, or rules removed by hand), it is applied again; whether it was.
+    /// of rules. If not (deleted, or rules removed by hand), it is written again whole; whether
+    /// it was.
     pub fn check(&self) -> Result<bool, PolicyError> {
         let (want, generation) = {
             let applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
-            match &applied.rules {
-                Some(r) if *r != NodeRules::default() => {
-                    (render(r, applied.generation), applied.generation)
-                }
-                // Nothing to enforce: no table is needed.
-                _ => return Ok(false),
+            if !applied.table {
+                return Ok(false);
             }
+            // Every allowing rule and the two denying ones carry a comment.
+            (applied.plan.rules.len() + 2, applied.generation)
         };
         let listed = nft_list().unwrap_or_default();
-        let rules = |text: &str| text.matches(" comment \"").count();
         // nft lists marks in hex.
         let mark = format!("ct mark {generation:#010x} accept");
-        if listed.contains(&mark) && rules(&listed) == rules(&want) {
+        if listed.contains(&mark) && listed.matches(" comment \"").count() == want {
             return Ok(false);
         }
         tracing::warn!("the policy table was changed by something else, putting it back");
         let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
         applied.rules = None;
+        applied.table = false;
         drop(applied);
         self.apply()
+    }
+
+    /// The packets the rules judged since the agent started, by direction and verdict:
+    /// `(direction, allowed, packets)`. Read from the table's counters (none without a table).
+    pub fn judged(&self) -> Vec<(Direction, bool, u64)> {
+        let now = nft_counters().unwrap_or_default();
+        let mut judged = self.judged.lock().unwrap_or_else(|e| e.into_inner());
+        let Judged { counted, last } = &mut *judged;
+        let mut out = Vec::new();
+        for direction in [Direction::Ingress, Direction::Egress] {
+            for allowed in [true, false] {
+                let name = counter(direction, allowed);
+                let was = last.get(name).copied().unwrap_or(0);
+                let is = now.get(name).copied().unwrap_or(0);
+                // A count below the last one read belongs to a table written anew.
+                let more = if is >= was { is - was } else { is };
+                last.insert(name, is);
+                let total = counted.entry(name).or_default();
+                *total += more;
+                out.push((direction, allowed, *total));
+            }
+        }
+        out
     }
 
     /// What policy is evaluated over here: the records, with this node's pods as it knows them.
@@ -146,6 +200,17 @@ impl Enforcer {
     /// they did. The local pods count as they are here, also before the control service has
     /// their records: a pod is never without its rules.
     pub fn apply(&self) -> Result<bool, PolicyError> {
+        let revision = self
+            .records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .revision;
+        let changed = self.apply_rules()?;
+        self.enforced.store(revision, Relaxed);
+        Ok(changed)
+    }
+
+    fn apply_rules(&self) -> Result<bool, PolicyError> {
         let (cluster, local) = self.view();
         let mine: Vec<&PodView> = cluster
             .pods
@@ -162,29 +227,53 @@ impl Enforcer {
             return Ok(false);
         }
         let generation = applied.generation.wrapping_add(1);
-        nft(&format!(
-            "add table ip {TABLE}\ndelete table ip {TABLE}\n{}",
-            render(&rules, generation)
-        ))?;
+        let plan = Plan::of(&rules);
+        let change = match applied.rules {
+            Some(_) if applied.table => {
+                update(&applied.plan, &plan, generation, &applied.handles).ok()
+            }
+            _ => None,
+        };
+        let whole = change.is_none();
+        let handles = match change.map(|script| run(&script, &self.script)) {
+            Some(Ok(handles)) => handles,
+            // A table someone else changed may refuse a change: write it whole.
+            Some(Err(e)) => {
+                tracing::warn!("policy change refused, writing the table anew: {e}");
+                applied.table = false;
+                run(&create(&plan, generation), &self.script)?
+            }
+            None => run(&create(&plan, generation), &self.script)?,
+        };
+        if whole || !applied.table {
+            applied.handles.clear();
+        }
+        applied.handles.retain(
+            |slot, _| !matches!(slot, Slot::Allow(d, r) if !plan.rules.contains(&(*d, r.clone()))),
+        );
+        applied.handles.extend(handles);
         tracing::info!(
             ingress_isolated = rules.ingress_isolated.len(),
             egress_isolated = rules.egress_isolated.len(),
-            rules = rules.ingress.len() + rules.egress.len(),
+            rules = plan.rules.len(),
+            sets = plan.sets.len(),
             generation,
+            whole,
             "network policy applied"
         );
-        *applied = Applied {
-            rules: Some(rules),
-            generation,
-        };
+        applied.rules = Some(rules);
+        applied.plan = plan;
+        applied.generation = generation;
+        applied.table = true;
         Ok(true)
     }
 
     /// Removes the table: at start (what an earlier agent left is not this one's), and at a
     /// clean stop (pods are then no longer isolated). Without nft there is nothing to remove.
     pub fn remove(&self) {
-        match nft(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")) {
-            Ok(()) | Err(PolicyError::NoNft) => {}
+        let script = format!("add table ip {TABLE}\ndelete table ip {TABLE}\n");
+        match nft(&["-f", "-"], &script) {
+            Ok(_) | Err(PolicyError::NoNft) => {}
             Err(e) => tracing::warn!("policy table not removed: {e}"),
         }
     }
@@ -192,22 +281,39 @@ impl Enforcer {
 
 /// `nft list table ip podnet_policy` (`None` if there is no such table or no nft).
 fn nft_list() -> Option<String> {
-    let out = Command::new("nft")
-        .args(["list", "table", "ip", TABLE])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    nft(&["list", "table", "ip", TABLE], "").ok()
 }
 
-/// Runs `nft -f -` with `script` on stdin.
-fn nft(script: &str) -> Result<(), PolicyError> {
+/// Runs `script` and returns the handles nft gave the rules it added. The script goes through
+/// `file` (kept, the last one run): nft 1.0 echoes nothing as JSON for a script on a pipe.
+fn run(script: &Script, file: &Path) -> Result<Vec<(Slot, u64)>, PolicyError> {
+    std::fs::write(file, &script.text)
+        .map_err(|e| PolicyError::Nft(format!("cannot write {}: {e}", file.display())))?;
+    let path = file.to_string_lossy();
+    let echo = nft(&["-j", "--echo", "--handle", "-f", &path], "")?;
+    let handles = policy_table::echoed_handles(&echo).map_err(PolicyError::Nft)?;
+    if handles.len() != script.added.len() {
+        return Err(PolicyError::Nft(format!(
+            "nft echoed {} rules for the {} added",
+            handles.len(),
+            script.added.len()
+        )));
+    }
+    Ok(script.added.iter().cloned().zip(handles).collect())
+}
+
+/// The table's named counters, by name (`None` if there is no such table or no nft).
+fn nft_counters() -> Option<BTreeMap<String, u64>> {
+    let listed = nft(&["-j", "list", "counters", "table", "ip", TABLE], "").ok()?;
+    policy_table::counters(&listed).ok()
+}
+
+/// Runs nft with `args` and `script` on stdin; what it printed.
+fn nft(args: &[&str], script: &str) -> Result<String, PolicyError> {
     let mut child = Command::new("nft")
-        .args(["-f", "-"])
+        .args(args)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| match e.kind() {
@@ -223,7 +329,7 @@ fn nft(script: &str) -> Result<(), PolicyError> {
         .wait_with_output()
         .map_err(|e| PolicyError::Nft(e.to_string()))?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(PolicyError::Nft(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),

@@ -9,6 +9,7 @@ pub mod dropwatch;
 pub mod forward;
 pub mod lpm;
 pub mod policy;
+pub mod policy_table;
 pub mod reason;
 pub mod routing;
 pub mod table;

@@ -11,18 +11,18 @@
 //! generation in its conntrack mark and passes at once after that. A change brings a new
 //! generation: each connection is judged again at its next packet, and one the new rules deny
 //! stops there, with no conntrack entry to flush.
+//!
+//! The addresses a policy's peer covers are a named set, one per peer of each policy rule,
+//! named for where the peer is written: a pod coming or going changes the set's elements, and
+//! no rule. [`crate::core::policy_table`] turns these rules into the table and its updates.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 use podnet_proto::policy::{
     Cluster, Direction, Endpoint, NetworkPolicy, Peer, PodView, PolicyPort, PortRef, Protocol,
 };
-
-/// The nftables table (family `ip`) the agent owns for policy.
-pub const TABLE: &str = "podnet_policy";
 
 /// What a rule allows on the transport layer: one protocol, and a range of destination ports
 /// (every port when `None`).
@@ -37,12 +37,43 @@ pub struct PortRange {
 pub struct Allow {
     /// The local pod's address.
     pub pod: Ipv4Addr,
-    /// The other end: anywhere (`None`), or these networks (a pod as a /32).
-    pub peers: Option<Vec<Ipv4Net>>,
+    /// The other end.
+    pub peers: Peers,
     /// Any traffic (`None`), or any of these.
     pub ports: Option<Vec<PortRange>>,
     /// The policy the rule comes from (`NS/NAME`).
     pub policy: String,
+}
+
+/// The other end of an allowing rule.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Peers {
+    /// Anywhere.
+    Any,
+    /// What one peer of a policy rule covers now (pods as /32s), as the named set `name`.
+    Set { name: String, nets: Vec<Ipv4Net> },
+    /// The one pod a named port resolved on, written into the rule.
+    Pod(Ipv4Addr),
+}
+
+impl Peers {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        match self {
+            Peers::Any => true,
+            Peers::Set { nets, .. } => nets.iter().any(|n| n.contains(&ip)),
+            Peers::Pod(pod) => *pod == ip,
+        }
+    }
+}
+
+/// The name of the set of peer `peer` of rule `rule` of `policy` in `direction`: the same for
+/// as long as the policy reads the same there (FNV-1a, so restarts agree).
+fn set_name(policy: &str, direction: Direction, rule: usize, peer: usize) -> String {
+    let key = format!("{policy}\0{direction:?}\0{rule}\0{peer}");
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("peers_{hash:016x}")
 }
 
 /// The node's policy: isolated pods per direction and their allowing rules.
@@ -67,9 +98,7 @@ impl NodeRules {
         let ok = |rules: &[Allow], me: Ipv4Addr, other: Ipv4Addr| {
             rules.iter().any(|r| {
                 r.pod == me
-                    && r.peers
-                        .as_ref()
-                        .is_none_or(|p| p.iter().any(|n| n.contains(&other)))
+                    && r.peers.contains(other)
                     && r.ports.as_ref().is_none_or(|ps| {
                         ps.iter().any(|p| {
                             Some(p.protocol) == protocol
@@ -152,28 +181,29 @@ fn allows(
     };
     let mut out = Vec::new();
     let unset = Ipv4Addr::UNSPECIFIED;
-    for (peers, ports) in rules {
-        let peers = match peers {
-            None | Some([]) => None,
-            Some(list) => {
-                let nets: Vec<Ipv4Net> = list
-                    .iter()
-                    .flat_map(|p| peer_nets(cluster, policy, p))
-                    .collect();
-                if nets.is_empty() {
-                    continue; // No address matches: the rule allows nothing now.
-                }
-                Some(Ipv4Net::aggregate(&nets))
-            }
+    for (index, (peers, ports)) in rules.into_iter().enumerate() {
+        // Each peer is a set of its own: the sets of a pod selector and of a block may overlap,
+        // and a set's elements may not.
+        let groups: Vec<Peers> = match peers {
+            None | Some([]) => vec![Peers::Any],
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, p)| Peers::Set {
+                    name: set_name(&policy.key(), direction, index, i),
+                    nets: peer_nets(cluster, policy, p),
+                })
+                .collect(),
+        };
+        let allow = |peers: &Peers, ports: Option<Vec<PortRange>>| Allow {
+            pod: unset,
+            peers: peers.clone(),
+            ports,
+            policy: policy.key(),
         };
         let entries = match ports {
             None | Some([]) => {
-                out.push(Allow {
-                    pod: unset,
-                    peers,
-                    ports: None,
-                    policy: policy.key(),
-                });
+                out.extend(groups.iter().map(|g| allow(g, None)));
                 continue;
             }
             Some(entries) => entries,
@@ -202,51 +232,32 @@ fn allows(
                 }),
             }
         }
-        match direction {
-            Direction::Ingress => {
-                fixed.extend(
-                    named
-                        .iter()
-                        .filter_map(|(name, proto)| resolve(pod, name, *proto)),
-                );
-                if !fixed.is_empty() {
-                    out.push(Allow {
-                        pod: unset,
-                        peers,
-                        ports: Some(dedup(fixed)),
-                        policy: policy.key(),
-                    });
+        if direction == Direction::Ingress {
+            fixed.extend(
+                named
+                    .iter()
+                    .filter_map(|(name, proto)| resolve(pod, name, *proto)),
+            );
+        }
+        if !fixed.is_empty() {
+            let fixed = dedup(fixed);
+            out.extend(groups.iter().map(|g| allow(g, Some(fixed.clone()))));
+        }
+        if direction == Direction::Egress && !named.is_empty() {
+            for dst in &cluster.pods {
+                let resolved: Vec<PortRange> = named
+                    .iter()
+                    .filter_map(|(name, proto)| resolve(dst, name, *proto))
+                    .collect();
+                if resolved.is_empty() {
+                    continue;
                 }
-            }
-            Direction::Egress => {
-                if !fixed.is_empty() {
-                    out.push(Allow {
-                        pod: unset,
-                        peers: peers.clone(),
-                        ports: Some(dedup(fixed)),
-                        policy: policy.key(),
-                    });
-                }
-                for dst in &cluster.pods {
-                    let resolved: Vec<PortRange> = named
-                        .iter()
-                        .filter_map(|(name, proto)| resolve(dst, name, *proto))
-                        .collect();
-                    for ip in dst.ips.iter().filter_map(|ip| match ip {
-                        IpAddr::V4(v4) => Some(*v4),
-                        IpAddr::V6(_) => None,
-                    }) {
-                        let covered = peers
-                            .as_ref()
-                            .is_none_or(|p| p.iter().any(|n| n.contains(&ip)));
-                        if covered && !resolved.is_empty() {
-                            out.push(Allow {
-                                pod: unset,
-                                peers: Some(vec![Ipv4Net::from(ip)]),
-                                ports: Some(dedup(resolved.clone())),
-                                policy: policy.key(),
-                            });
-                        }
+                for ip in dst.ips.iter().filter_map(|ip| match ip {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                }) {
+                    if groups.iter().any(|g| g.contains(ip)) {
+                        out.push(allow(&Peers::Pod(ip), Some(dedup(resolved.clone()))));
                     }
                 }
             }
@@ -288,7 +299,7 @@ fn peer_nets(cluster: &Cluster, policy: &NetworkPolicy, peer: &Peer) -> Vec<Ipv4
             .collect();
         return subtract(cidr, &except);
     }
-    cluster
+    let mut pods: Vec<Ipv4Net> = cluster
         .pods
         .iter()
         .flat_map(|p| p.ips.iter().map(move |ip| (p, *ip)))
@@ -297,7 +308,9 @@ fn peer_nets(cluster: &Cluster, policy: &NetworkPolicy, peer: &Peer) -> Vec<Ipv4
             IpAddr::V4(v4) => Some(Ipv4Net::from(v4)),
             IpAddr::V6(_) => None,
         })
-        .collect()
+        .collect();
+    pods.sort();
+    pods
 }
 
 /// `net` without the addresses of `holes`, as the fewest prefixes.
@@ -313,89 +326,6 @@ fn subtract(net: Ipv4Net, holes: &[Ipv4Net]) -> Vec<Ipv4Net> {
         .subnets(net.prefix_len() + 1)
         .expect("a net holding a smaller hole has a longer prefix");
     halves.flat_map(|half| subtract(half, holes)).collect()
-}
-
-/// The ruleset: one table, replaced whole (`nft -f` with this text is one transaction). A
-/// connection approved under `generation` passes at once; the rules judge the others.
-pub fn render(rules: &NodeRules, generation: u32) -> String {
-    let mut t = String::new();
-    let set = |t: &mut String, name: &str, addrs: &BTreeSet<Ipv4Addr>| {
-        let _ = writeln!(t, "  set {name} {{\n    type ipv4_addr");
-        if !addrs.is_empty() {
-            let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
-            let _ = writeln!(t, "    elements = {{ {} }}", list.join(", "));
-        }
-        t.push_str("  }\n");
-    };
-    let _ = writeln!(t, "table ip {TABLE} {{");
-    set(&mut t, "ingress_isolated", &rules.ingress_isolated);
-    set(&mut t, "egress_isolated", &rules.egress_isolated);
-    // Conntrack calls a packet invalid when it fits no connection; from or to an isolated pod
-    // such a packet has no connection to be judged by, so it goes.
-    let _ = writeln!(
-        t,
-        "  chain forward {{\n    type filter hook forward priority filter - 5; policy accept;\n    \
-         ct mark {generation} accept\n    ct state related accept\n    \
-         ct state invalid ip saddr @egress_isolated drop\n    \
-         ct state invalid ip daddr @ingress_isolated drop\n    \
-         ct original ip saddr @egress_isolated jump egress_allow\n    \
-         ct original ip daddr @ingress_isolated jump ingress_allow\n    \
-         ct mark set {generation} accept\n  }}"
-    );
-    for (chain, list, me, other) in [
-        ("egress_allow", &rules.egress, "saddr", "daddr"),
-        ("ingress_allow", &rules.ingress, "daddr", "saddr"),
-    ] {
-        let _ = writeln!(t, "  chain {chain} {{");
-        for r in list {
-            for line in rule_lines(r, me, other) {
-                let _ = writeln!(t, "    {line} counter return comment \"{}\"", r.policy);
-            }
-        }
-        let _ = writeln!(t, "    counter drop comment \"denied\"\n  }}");
-    }
-    t.push_str("}\n");
-    t
-}
-
-/// The nft match expressions of one rule (one line per protocol it names).
-fn rule_lines(r: &Allow, me: &str, other: &str) -> Vec<String> {
-    let mut head = format!("ct original ip {me} {}", r.pod);
-    if let Some(peers) = &r.peers {
-        let list: Vec<String> = peers.iter().map(|n| n.to_string()).collect();
-        let _ = write!(head, " ct original ip {other} {{ {} }}", list.join(", "));
-    }
-    let Some(ports) = &r.ports else {
-        return vec![head];
-    };
-    let mut by_protocol: BTreeMap<Protocol, Vec<Option<(u16, u16)>>> = BTreeMap::new();
-    for p in ports {
-        by_protocol.entry(p.protocol).or_default().push(p.ports);
-    }
-    by_protocol
-        .into_iter()
-        .map(|(protocol, ranges)| {
-            let proto = protocol.name().to_lowercase();
-            if ranges.iter().any(Option::is_none) {
-                return format!("{head} meta l4proto {proto}");
-            }
-            let list: Vec<String> = ranges
-                .into_iter()
-                .flatten()
-                .map(|(a, b)| {
-                    if a == b {
-                        a.to_string()
-                    } else {
-                        format!("{a}-{b}")
-                    }
-                })
-                .collect();
-            format!(
-                "{head} meta l4proto {proto} ct original proto-dst {{ {} }}",
-                list.join(", ")
-            )
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -585,37 +515,5 @@ mod tests {
             subtract(net("10.0.0.0/24"), &[net("10.1.0.0/24")]),
             [net("10.0.0.0/24")]
         );
-    }
-
-    #[test]
-    fn the_table_text() {
-        let c = cluster(&cases()[7]);
-        let rules = compile(&c, &c.pods);
-        let text = render(&rules, 42);
-        assert!(text.starts_with("table ip podnet_policy {\n"), "{text}");
-        assert!(text.contains("    ct mark 42 accept\n"), "{text}");
-        assert!(text.contains("elements = { 10.244.1.10 }"), "{text}");
-        // x/a may send UDP 81 to y's pods, and TCP 80 to each by its named port.
-        assert!(
-            text.contains(
-                "ct original ip saddr 10.244.1.10 ct original ip daddr { 10.244.2.10/31, 10.244.2.12/32 } \
-                 meta l4proto udp ct original proto-dst { 81 } counter return comment \"x/p\""
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "ct original ip saddr 10.244.1.10 ct original ip daddr { 10.244.2.11/32 } \
-                 meta l4proto tcp ct original proto-dst { 80 } counter return comment \"x/p\""
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains("    counter drop comment \"denied\"\n"),
-            "{text}"
-        );
-        // Nothing isolated: empty sets are written without elements.
-        let none = render(&NodeRules::default(), 1);
-        assert!(!none.contains("elements"), "{none}");
     }
 }
