@@ -264,3 +264,70 @@ async fn a_waiting_agent_learns_of_a_change_at_once() {
     })
     .await;
 }
+
+/// A policy file is larger than any other request: a hundred policies (about 60 KB) go in one
+/// `POST /v1/policies`, while other routes keep the small limit and a document over the policy
+/// limit is refused with it named.
+#[tokio::test]
+async fn a_hundred_policies_fit_in_one_request() {
+    with_timeout(async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::new(dir.path().join("state.json")));
+        let srv = start(ServerConfig::default(), store, any_port()).await;
+        let http = reqwest::Client::new();
+        let policies: Vec<Value> = (0..100)
+            .map(|k| {
+                let mut p = deny_all(&format!("n{}", k / 10));
+                p["metadata"]["name"] = json!(format!("p{}", k % 10));
+                p["metadata"]["annotations"] = json!({"note": "x".repeat(400)});
+                p
+            })
+            .collect();
+        let body = Value::Array(policies);
+        assert!(body.to_string().len() > 3 * ServerConfig::default().max_body_bytes);
+        let (status, answer) = send(
+            &http,
+            reqwest::Method::POST,
+            srv.url("/v1/policies"),
+            Some(&body),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["revision"], 1, "{answer}");
+
+        let big = json!({"set": {"k": "v".repeat(20_000)}});
+        let (status, answer) = send(
+            &http,
+            reqwest::Method::PATCH,
+            srv.url("/v1/namespaces/x"),
+            Some(&big),
+        )
+        .await;
+        assert_eq!(status, 413, "{answer}");
+        assert!(
+            answer["detail"]
+                .as_str()
+                .unwrap()
+                .contains("16384 byte limit"),
+            "{answer}"
+        );
+
+        let huge = json!([{"metadata": {"name": "x", "annotations": {"k": "v".repeat(1 << 20)}}}]);
+        let (status, answer) = send(
+            &http,
+            reqwest::Method::POST,
+            srv.url("/v1/policies"),
+            Some(&huge),
+        )
+        .await;
+        assert_eq!(status, 413, "{answer}");
+        assert!(
+            answer["detail"]
+                .as_str()
+                .unwrap()
+                .contains("1048576 byte limit"),
+            "{answer}"
+        );
+    })
+    .await;
+}

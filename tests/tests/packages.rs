@@ -104,6 +104,7 @@ fn every_command_a_script_checks_for_is_listed() {
         "scripts/test",
         "scripts/bench-iperf",
         "scripts/bench-control",
+        "scripts/bench-policy",
         "scripts/ping-hops",
         ".ci/run",
     ] {

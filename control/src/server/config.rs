@@ -22,6 +22,9 @@ pub struct ServerConfig {
     /// Watch events kept for resuming watches.
     pub history_len: usize,
     pub max_body_bytes: usize,
+    /// The body limit of `POST /v1/policies`, whose documents are larger than any other
+    /// request (a hundred policies are about 50 KB).
+    pub max_policy_body_bytes: usize,
     /// An empty line is sent on idle watch streams this often, so clients can tell a silent
     /// stream from a dead one.
     pub watch_keepalive: Duration,
@@ -49,6 +52,17 @@ pub const DEFAULT_MAX_WATCHERS: usize = 4096;
 /// Default of [`ServerConfig::max_connections`] (`--max-connections`).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
 
+impl ServerConfig {
+    /// The body limit of a request to `path`.
+    pub fn body_limit(&self, path: &str) -> usize {
+        if path == "/v1/policies" {
+            self.max_policy_body_bytes
+        } else {
+            self.max_body_bytes
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -59,6 +73,7 @@ impl Default for ServerConfig {
             token: None,
             history_len: 1024,
             max_body_bytes: 16 * 1024,
+            max_policy_body_bytes: 1024 * 1024,
             watch_keepalive: Duration::from_secs(10),
             max_watchers: DEFAULT_MAX_WATCHERS,
             max_connections: DEFAULT_MAX_CONNECTIONS,

@@ -38,7 +38,8 @@ pub(super) async fn refuse_declared_oversize(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > shared.config.max_body_bytes as u64) {
+    let limit = shared.config.body_limit(req.uri().path());
+    if declared.is_some_and(|n| n > limit as u64) {
         let mut resp = StatusCode::PAYLOAD_TOO_LARGE.into_response();
         // The unread body makes the connection unusable for another request.
         resp.headers_mut()
@@ -55,6 +56,7 @@ pub(super) async fn json_errors(
     req: Request,
     next: Next,
 ) -> Response {
+    let limit = shared.config.body_limit(req.uri().path());
     let resp = next.run(req).await;
     let status = resp.status();
     let is_json = resp
@@ -71,10 +73,7 @@ pub(super) async fn json_errors(
     let (kind, detail) = match status {
         StatusCode::PAYLOAD_TOO_LARGE => (
             "payload_too_large",
-            format!(
-                "request body is larger than the {} byte limit",
-                shared.config.max_body_bytes
-            ),
+            format!("request body is larger than the {limit} byte limit"),
         ),
         StatusCode::METHOD_NOT_ALLOWED => (
             "method_not_allowed",

@@ -161,7 +161,11 @@ impl Server {
                 put(put_pod).delete(delete_pod).patch(label_pod),
             )
             .route("/v1/namespaces/{namespace}", patch(label_namespace))
-            .route("/v1/policies", post(apply_policies))
+            .route(
+                "/v1/policies",
+                post(apply_policies)
+                    .layer(DefaultBodyLimit::max(shared.config.max_policy_body_bytes)),
+            )
             .route("/v1/policies/{namespace}/{name}", delete(delete_policy))
             .route("/metrics", get(metrics))
             .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
