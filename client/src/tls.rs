@@ -189,14 +189,16 @@ impl ResolvesClientCert for Reloading {
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct ClientArgs {
     /// The cluster CA (`ca.pem` of `podnet-control ca init`), for an https:// --control URL.
-    #[arg(long)]
+    // Global, so a command with subcommands (`podnet-control policy apply`) takes them after
+    // its subcommand too, as it does --server.
+    #[arg(long, global = true)]
     pub tls_ca: Option<PathBuf>,
     /// This client's certificate (`podnet-control ca issue --node NAME`); reread at each new
     /// connection after it changed on disk.
-    #[arg(long, requires = "tls_key")]
+    #[arg(long, global = true, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// The key of --tls-cert (mode 0600).
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, global = true, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 }
 

@@ -714,6 +714,44 @@ mod tests {
     use super::*;
     use podnet_control::api::{Encap, NodeState};
 
+    /// The connection flags go before or after a subcommand alike.
+    #[test]
+    fn connection_flags_follow_subcommands() {
+        let tls = [
+            "--server",
+            "https://198.18.0.1:7800",
+            "--tls-ca",
+            "ca.pem",
+            "--tls-cert",
+            "op.pem",
+            "--tls-key",
+            "op-key.pem",
+        ];
+        for head in [
+            &["policy", "apply", "-f", "p.yaml"][..],
+            &["policy", "delete", "x/p"],
+            &["policy", "list"],
+            &["pod", "label", "x/a", "k=v"],
+            &["namespace", "label", "x", "k=v"],
+        ] {
+            let argv = ["podnet-control"].iter().chain(head).chain(&tls);
+            let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{head:?}: {e}"));
+            let conn = match cli.command {
+                Command::Policy { conn, .. }
+                | Command::Pod { conn, .. }
+                | Command::Namespace { conn, .. } => conn,
+                _ => unreachable!(),
+            };
+            assert_eq!(conn.server, "https://198.18.0.1:7800");
+            assert_eq!(conn.tls.tls_ca, Some(PathBuf::from("ca.pem")), "{head:?}");
+            assert_eq!(
+                conn.tls.tls_key,
+                Some(PathBuf::from("op-key.pem")),
+                "{head:?}"
+            );
+        }
+    }
+
     #[test]
     fn table_is_aligned_and_readable() {
         let node = |name: &str, ip: &str, cidr: &str, state, hb| Node {
