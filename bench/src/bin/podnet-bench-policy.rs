@@ -35,7 +35,7 @@ struct Args {
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100))]
     events: u32,
     /// iperf3 rounds (each: without policies, then with them).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: u32,
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=60))]
@@ -147,6 +147,17 @@ impl Bench {
                     .map(|x| x.parse().unwrap_or(0))
                     .collect();
                 (f[11] + f[12] + f[13] + f[14]) as f64 / 100.0
+            })
+            .sum()
+    }
+
+    /// Packets the policy rules of all nodes judged so far (allowed and denied).
+    fn judged(&self) -> f64 {
+        (1..=3)
+            .map(|n| {
+                let text = self.tb.metrics(n);
+                podnet_tests::parse::metric_sum(&text, "podnet_agent_policy_packets_total", &[])
+                    .unwrap_or_else(|e| panic!("h{n}: {e}"))
             })
             .sum()
     }
@@ -269,54 +280,82 @@ fn main() {
     let client = pods[0].1.clone();
     let server = pods[1].1.clone();
     let iperf = |b: &mut Bench, label: &str, out: &mut Vec<Value>| {
+        let judged_before = b.judged();
+        let agents_before = b.agents_cpu();
         let cpu = machine_cpu();
         let r =
             b.tb.iperf(&client, &server, args.time)
                 .unwrap_or_else(|e| panic!("iperf3 {label}: {e}"));
         let after = machine_cpu();
+        // The rules judge a connection's first packets; the rest pass on the conntrack mark.
+        let judged = b.judged() - judged_before;
+        let agents = b.agents_cpu() - agents_before;
         let busy_s = (after.0 - cpu.0) as f64 / 100.0;
         let gbits = r.received_bps / 1e9;
         let cpu_per_gb = busy_s / (r.received_bytes as f64 / 1e9);
         say(format!(
-            "iperf3 {label}: {gbits:.2} Gbit/s, {cpu_per_gb:.2} CPU s/GB, {} retransmits",
+            "iperf3 {label}: {gbits:.2} Gbit/s, {cpu_per_gb:.2} CPU s/GB, {} retransmits, \
+             {judged} packets judged by policy rules, agents' CPU {agents:.2} s",
             r.retransmits
         ));
         out.push(
             json!({"policies": label, "gbits": gbits, "cpu_s_per_gb": cpu_per_gb,
-                        "retransmits": r.retransmits}),
+                        "retransmits": r.retransmits, "judged_packets": judged,
+                        "agents_cpu_s": agents}),
         );
     };
 
     let mut throughput = Vec::new();
     let mut apply_one = Vec::new();
     let mut apply_all = Vec::new();
+    let mut delete_one = Vec::new();
     let mut table = Vec::new();
+    let mut in_force = false;
+    // Rounds alternate which state goes first, so neither always follows a change.
     for round in 0..args.rounds {
-        iperf(&mut b, "none", &mut throughput);
-        if round == 0 {
-            say(format!("applying {} policies one at a time", args.policies));
-            for k in 0..args.policies {
-                let t = b.change("POST", "/v1/policies", Some(&json!([policy(k)])));
-                apply_one.push(t.as_secs_f64());
-            }
-            table = b.table_lines();
+        let order = if round % 2 == 0 {
+            [false, true]
         } else {
-            let all: Vec<Value> = (0..args.policies).map(policy).collect();
-            let t = b.change("POST", "/v1/policies", Some(&Value::Array(all)));
-            apply_all.push(t.as_secs_f64());
-        }
-        iperf(&mut b, "all", &mut throughput);
-        if round + 1 < args.rounds {
-            for k in 0..args.policies {
-                let p = policy(k);
-                let key = format!(
-                    "{}/{}",
-                    p["metadata"]["namespace"].as_str().unwrap(),
-                    p["metadata"]["name"].as_str().unwrap()
-                );
-                b.change("DELETE", &format!("/v1/policies/{key}"), None);
+            [true, false]
+        };
+        for policies in order {
+            if policies && !in_force {
+                if apply_one.is_empty() {
+                    say(format!("applying {} policies one at a time", args.policies));
+                    for k in 0..args.policies {
+                        let t = b.change("POST", "/v1/policies", Some(&json!([policy(k)])));
+                        apply_one.push(t.as_secs_f64());
+                    }
+                    table = b.table_lines();
+                } else {
+                    let all: Vec<Value> = (0..args.policies).map(policy).collect();
+                    let t = b.change("POST", "/v1/policies", Some(&Value::Array(all)));
+                    apply_all.push(t.as_secs_f64());
+                }
             }
+            if !policies && in_force {
+                for k in 0..args.policies {
+                    let p = policy(k);
+                    let key = format!(
+                        "{}/{}",
+                        p["metadata"]["namespace"].as_str().unwrap(),
+                        p["metadata"]["name"].as_str().unwrap()
+                    );
+                    let t = b.change("DELETE", &format!("/v1/policies/{key}"), None);
+                    delete_one.push(t.as_secs_f64());
+                }
+            }
+            in_force = policies;
+            iperf(
+                &mut b,
+                if policies { "all" } else { "none" },
+                &mut throughput,
+            );
         }
+    }
+    if !in_force {
+        let all: Vec<Value> = (0..args.policies).map(policy).collect();
+        b.change("POST", "/v1/policies", Some(&Value::Array(all)));
     }
     say(format!(
         "apply, one policy: {}; whole table lines per node {table:?}",
@@ -374,6 +413,7 @@ fn main() {
         "policies": args.policies,
         "apply_one_s": stats(apply_one),
         "apply_all_s": if apply_all.is_empty() { Value::Null } else { stats(apply_all) },
+        "delete_one_s": if delete_one.is_empty() { Value::Null } else { stats(delete_one) },
         "table_lines": table,
         "pod_add_enforced_s": stats(add),
         "pod_del_enforced_s": stats(del),

@@ -50,8 +50,13 @@ pub struct Allow {
 pub enum Peers {
     /// Anywhere.
     Any,
-    /// What one peer of a policy rule covers now (pods as /32s), as the named set `name`.
-    Set { name: String, nets: Vec<Ipv4Net> },
+    /// What one peer of a policy rule covers now, as the named set `name`: pods as /32s, or a
+    /// block's prefixes (`interval`).
+    Set {
+        name: String,
+        nets: Vec<Ipv4Net>,
+        interval: bool,
+    },
     /// The one pod a named port resolved on, written into the rule.
     Pod(Ipv4Addr),
 }
@@ -192,6 +197,7 @@ fn allows(
                 .map(|(i, p)| Peers::Set {
                     name: set_name(&policy.key(), direction, index, i),
                     nets: peer_nets(cluster, policy, p),
+                    interval: p.ip_block.is_some(),
                 })
                 .collect(),
         };
