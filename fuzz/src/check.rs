@@ -27,7 +27,7 @@ use podnet_proto::{checksum, gso, ipip};
 pub type Check = fn(&[u8]);
 
 /// Every target by name, as `fuzz/run-bounded` and the corpus folders name them.
-pub const TARGETS: [(&str, Check); 9] = [
+pub const TARGETS: [(&str, Check); 10] = [
     ("ipv4", ipv4),
     ("ipip_decap", ipip_decap),
     ("vxlan_decap", vxlan_decap),
@@ -37,6 +37,7 @@ pub const TARGETS: [(&str, Check); 9] = [
     ("gro", gro),
     ("api_json", api_json),
     ("wireguard_inbound", wireguard_inbound),
+    ("policy_documents", policy_documents),
 ];
 
 /// The rules of an IPv4 header view (RFC 791): version 4, IHL at least 5 words, and
@@ -626,4 +627,48 @@ pub fn wireguard_inbound(data: &[u8]) {
             ),
         }
     });
+}
+
+/// A policy file (`podnet-control policy apply -f`): any bytes end in policies or an error,
+/// never a panic. What is accepted passes validation, reads back unchanged from its own JSON,
+/// and, compiled into a node's rules for the probe layout (9 pods, 3 namespaces), allows exactly
+/// what Kubernetes' semantics decide for every pair, on TCP and UDP ports 80 and 81.
+pub fn policy_documents(data: &[u8]) {
+    use podnet_control::documents::read_policies;
+    use podnet_proto::policy::{fixtures::probe_cluster, Protocol};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(policies) = read_policies(text) else {
+        return;
+    };
+    for p in &policies {
+        p.validate().expect("an accepted policy validates");
+        let json = serde_json::to_string(p).expect("policies serialize");
+        let again = read_policies(&json).expect("a policy's own JSON reads again");
+        assert_eq!(again, [p.clone()]);
+    }
+    let cluster = probe_cluster(policies);
+    let rules = podnet_dataplane::core::policy::compile(&cluster, &cluster.pods);
+    for src in &cluster.pods {
+        for dst in cluster.pods.iter().filter(|d| *d != src) {
+            let (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) = (src.ips[0], dst.ips[0]) else {
+                unreachable!("the probe layout is IPv4")
+            };
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                for port in [80, 81] {
+                    let want = cluster.decide(src.ips[0], dst.ips[0], port, protocol).allowed();
+                    assert_eq!(
+                        rules.allows(s, d, port, Some(protocol)),
+                        want,
+                        "{}/{} -> {}/{} {port}/{protocol}",
+                        src.namespace,
+                        src.name,
+                        dst.namespace,
+                        dst.name
+                    );
+                }
+            }
+        }
+    }
 }

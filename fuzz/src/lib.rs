@@ -60,6 +60,18 @@ mod tests {
         }
     }
 
+    /// The policy seeds reach the compiler: the valid ones are read (the check returns early
+    /// on a document it cannot read), and the bad ones are refused.
+    #[test]
+    fn policy_seeds_are_read_as_meant() {
+        for (name, bytes) in seeds::for_target("policy_documents") {
+            let text = std::str::from_utf8(&bytes).unwrap();
+            let read = podnet_control::documents::read_policies(text);
+            let valid = ["selectors.yaml", "egress-block.yaml", "list.json"].contains(&name);
+            assert_eq!(read.is_ok(), valid, "{name}: {read:?}");
+        }
+    }
+
     /// The checks are not vacuous: a broken "parser" result trips them.
     #[test]
     fn subslice_check_catches_foreign_bytes() {

@@ -263,6 +263,33 @@ pub fn for_target(target: &str) -> Seeds {
             // Found by the fuzzer: boringtun reads an empty datagram as "send what you queued".
             ("forged-empty", vec![0]),
         ],
+        "policy_documents" => vec![
+            (
+                "selectors.yaml",
+                b"apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\n\
+spec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns: y}}\n      \
+podSelector: {matchExpressions: [{key: pod, operator: NotIn, values: [b]}]}\n    ports: [{port: 80}, {port: serve-81-udp, protocol: UDP}]\n"
+                    .to_vec(),
+            ),
+            (
+                "egress-block.yaml",
+                b"kind: NetworkPolicy\nmetadata: {name: out, namespace: y}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  \
+egress:\n  - to: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.2.0/24]}}]\n    ports: [{port: 80, endPort: 90}]\n---\n\
+kind: NetworkPolicy\nmetadata: {name: deny, namespace: z}\nspec: {podSelector: {}, policyTypes: [Ingress, Egress]}\n"
+                    .to_vec(),
+            ),
+            (
+                "list.json",
+                br#"{"kind":"List","items":[{"metadata":{"name":"p","namespace":"x"},"spec":{"podSelector":{},"egress":[{"ports":[{"port":"serve-80-tcp"}]}]}}]}"#
+                    .to_vec(),
+            ),
+            (
+                "bad-except.yaml",
+                b"kind: NetworkPolicy\nmetadata: {name: p}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/8]}}]}]\n"
+                    .to_vec(),
+            ),
+            ("not-yaml", b"{[: -\n\t}".to_vec()),
+        ],
         other => panic!("no target named {other}"),
     }
 }
