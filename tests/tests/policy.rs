@@ -135,14 +135,23 @@ impl Matrix {
     /// 3 nodes over `encap`, the 9 pods made through the CNI plugin with their identity,
     /// namespaces labelled, servers running.
     fn new(name: &str, encap: Encap) -> Matrix {
-        let mut tb = TestbedBuilder::new(name)
+        Matrix::with(name, encap, |b| b)
+    }
+
+    /// [`Matrix::new`] with the testbed's builder changed by `more`.
+    fn with(
+        name: &str,
+        encap: Encap,
+        more: impl FnOnce(TestbedBuilder) -> TestbedBuilder,
+    ) -> Matrix {
+        let builder = TestbedBuilder::new(name)
             .hosts(3)
             .pods_per_host(0)
             .mode(HostMode::Podnet(encap))
             .peers(Peers::Control)
             .cni()
-            .no_wait()
-            .build();
+            .no_wait();
+        let mut tb = more(builder).build();
         for n in 1..=3 {
             tb.wait_subnet(n, Duration::from_secs(20));
         }
@@ -862,4 +871,83 @@ fn the_probe_matrix_over_wireguard() {
     }
     let m = Matrix::new("polwg", Encap::Wireguard);
     upstream_cases(&m);
+}
+
+/// A few cases on a path: isolation, a namespace selector, and an egress deny over an ingress
+/// allow, each over the full matrix.
+fn path_cases(m: &Matrix) {
+    let limit = Duration::from_secs(10);
+    let a = json!({"matchLabels": {"pod": "a"}});
+    m.converge("no policy", limit);
+    for (case, policies) in [
+        (
+            "deny all ingress",
+            json!([policy(
+                "deny",
+                "x",
+                json!({"podSelector": {}, "policyTypes": ["Ingress"]})
+            )]),
+        ),
+        (
+            "from a namespace selector",
+            json!([policy(
+                "p",
+                "x",
+                json!({"podSelector": a, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]})
+            )]),
+        ),
+        (
+            "egress deny wins over ingress allow",
+            json!([
+                policy(
+                    "out",
+                    "x",
+                    json!({"podSelector": a, "policyTypes": ["Egress"]})
+                ),
+                policy(
+                    "in",
+                    "y",
+                    json!({"podSelector": {"matchLabels": {"pod": "b"}}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}, "podSelector": a}]}]})
+                )
+            ]),
+        ),
+    ] {
+        m.delete_all();
+        m.apply(policies);
+        m.converge(case, limit);
+    }
+}
+
+/// Policy is enforced on the forward hook, which every path passes: IP-in-IP, no tunnel at all,
+/// and VXLAN with `--cross-subnet` (direct within a subnet, tunnelled across).
+#[test]
+fn the_matrix_over_ipip() {
+    if !e2e_ready() {
+        return;
+    }
+    path_cases(&Matrix::new("polip", Encap::Ipip));
+}
+
+#[test]
+fn the_matrix_without_a_tunnel() {
+    if !e2e_ready() {
+        return;
+    }
+    path_cases(&Matrix::new("polno", Encap::None));
+}
+
+#[test]
+fn the_matrix_over_vxlan_cross_subnet() {
+    if !e2e_ready() {
+        return;
+    }
+    // Hosts 1 and 2 share a subnet; host 3 is on the other.
+    let m = Matrix::with("polxs", Encap::Vxlan, |b| {
+        b.subnets(2).agent_args(&["--cross-subnet"])
+    });
+    assert_eq!(
+        m.tb.host(3).underlay_ip,
+        std::net::Ipv4Addr::new(198, 18, 1, 3)
+    );
+    path_cases(&m);
 }
