@@ -77,10 +77,13 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| e.to_string())
 }
 
-async fn fetch_drops(a: &ApiArgs, since: u64) -> Result<DropsBody, String> {
-    let v = admin_client::fetch(a.api, &format!("/drops?since={since}"))
-        .await
-        .map_err(|e| e.to_string())?;
+async fn fetch_drops(a: &ApiArgs, since: u64, policy_since: u64) -> Result<DropsBody, String> {
+    let v = admin_client::fetch(
+        a.api,
+        &format!("/drops?since={since}&policy_since={policy_since}"),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     serde_json::from_value(v).map_err(|e| format!("unexpected answer from the agent: {e}"))
 }
 
@@ -89,7 +92,7 @@ fn drops(d: &DropsArgs) -> Result<(), String> {
     use std::io::Write as _;
     let rt = runtime()?;
     rt.block_on(async {
-        let first = fetch_drops(&d.api, 0).await?;
+        let first = fetch_drops(&d.api, 0, 0).await?;
         if !d.watch {
             if d.api.json {
                 println!(
@@ -100,6 +103,9 @@ fn drops(d: &DropsArgs) -> Result<(), String> {
                 for row in &first.samples {
                     println!("{}", admin_client::format_drop(row));
                 }
+                for denial in &first.policy {
+                    println!("{}", admin_client::format_denial(denial));
+                }
                 println!(
                     "{} drops counted, {} sampled; {} packets dropped by the kernel at full \
                      receive sockets",
@@ -109,6 +115,7 @@ fn drops(d: &DropsArgs) -> Result<(), String> {
             return Ok(());
         }
         let deadline = d.duration.map(|t| tokio::time::Instant::now() + t);
+        let mut policy_since = first.policy_last_seq;
         let (mut since, mut total, mut sampled, mut overflow) = (
             first.last_seq,
             first.drops_total,
@@ -117,9 +124,11 @@ fn drops(d: &DropsArgs) -> Result<(), String> {
         );
         if !d.api.json {
             println!(
-                "watching drops on {} (sampled, at most {} per reason per second)",
+                "watching drops on {} (sampled, at most {} per reason per second; packets \
+                 network policy denies, at most {} per direction per second)",
                 d.api.api,
-                podnet_dataplane::core::dropwatch::RATE_PER_S
+                podnet_dataplane::core::dropwatch::RATE_PER_S,
+                podnet_dataplane::core::policy_table::SAMPLES_PER_S
             );
         }
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
@@ -128,7 +137,15 @@ fn drops(d: &DropsArgs) -> Result<(), String> {
             if deadline.is_some_and(|t| tokio::time::Instant::now() >= t) {
                 return Ok(());
             }
-            let body = fetch_drops(&d.api, since).await?;
+            let body = fetch_drops(&d.api, since, policy_since).await?;
+            for denial in &body.policy {
+                if d.api.json {
+                    println!("{}", serde_json::to_string(denial).unwrap_or_default());
+                } else {
+                    println!("{}", admin_client::format_denial(denial));
+                }
+            }
+            policy_since = body.policy_last_seq;
             for row in &body.samples {
                 if d.api.json {
                     println!("{}", serde_json::to_string(row).unwrap_or_default());

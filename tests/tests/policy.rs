@@ -629,6 +629,27 @@ fn lifecycle(m: &mut Matrix) {
     }
     // The node of x/a reaches it (health checks): its traffic leaves through `output`.
     let (xa, node) = (m.pod("x/a").clone(), m.node_of("x/a"));
+    let ya = m.pod("y/a").clone();
+    // `drops` shows what was denied there, sampled, with the pods' and the policy's names.
+    let agent = podnet_tests::podnet_bin("podnet-agent");
+    let drops = run(
+        Some(&m.tb.host(node).ns),
+        &[agent.to_str().unwrap(), "drops"],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(drops.success(), "{}", drops.combined());
+    // (Earlier cases' denials are there too, under the policies of their time.)
+    let denial = format!(
+        "policy_denied    ingress {} (y/a) -> {} (x/a) TCP 80: isolated by x/deny, and no policy \
+         allows it",
+        ya.ip, xa.ip
+    );
+    assert!(
+        drops.stdout.lines().any(|l| l.ends_with(&denial)),
+        "no `{denial}` in:\n{}",
+        drops.stdout
+    );
     let status = m.tb.admin_get(node, "/status").unwrap().json().unwrap();
     assert_eq!(
         status["policy"]["policies"],
@@ -649,8 +670,6 @@ fn lifecycle(m: &mut Matrix) {
         status["policy"]
     );
     // `why SRC DST PORT/PROTO` says which end decides, and by which policy.
-    let ya = m.pod("y/a").clone();
-    let agent = podnet_tests::podnet_bin("podnet-agent");
     let why = |dst: &ProbePod, port: &str| {
         let argv = [
             agent.to_str().unwrap(),

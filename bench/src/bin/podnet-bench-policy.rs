@@ -50,7 +50,7 @@ fn say(text: impl AsRef<str>) {
 
 /// Pod j of a namespace: its node, and its labels (`app` one of ten, `role` client or server).
 fn pod_labels(j: u32) -> (u8, String) {
-    let role = if j % 2 == 0 { "client" } else { "server" };
+    let role = if j.is_multiple_of(2) { "client" } else { "server" };
     ((j % 3 + 1) as u8, format!("app:a{},role:{role}", j % 10))
 }
 
@@ -70,7 +70,7 @@ fn policy(k: u32) -> Value {
             "ports": [{"port": 80}, {"port": 443}, {"port": 5201}, {"port": 8000, "endPort": 8100}]
         }]
     });
-    if k % 4 == 0 {
+    if k.is_multiple_of(4) {
         spec["policyTypes"] = json!(["Ingress", "Egress"]);
         spec["egress"] = json!([
             {"to": [{"namespaceSelector": {}}],
@@ -313,7 +313,7 @@ fn main() {
     let mut in_force = false;
     // Rounds alternate which state goes first, so neither always follows a change.
     for round in 0..args.rounds {
-        let order = if round % 2 == 0 {
+        let order = if round.is_multiple_of(2) {
             [false, true]
         } else {
             [true, false]

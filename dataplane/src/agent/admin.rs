@@ -450,12 +450,20 @@ pub struct DropsBody {
     /// counted by reason nor sampled (`receive_overflow` in `/status`).
     #[serde(default)]
     pub receive_overflow: u64,
+    /// Packets network policy denied here, sampled, after `policy_since`.
+    #[serde(default)]
+    pub policy: Vec<crate::agent::policy::Denial>,
+    /// Sequence number of the newest denial: pass it as `policy_since` next time.
+    #[serde(default)]
+    pub policy_last_seq: u64,
 }
 
 #[derive(Debug, Deserialize)]
 struct DropsQuery {
     #[serde(default)]
     since: u64,
+    #[serde(default)]
+    policy_since: u64,
 }
 
 async fn drops_handler(
@@ -476,7 +484,10 @@ async fn drops_handler(
             sample: s.into(),
         })
         .collect();
+    let (policy_last_seq, policy) = agent.policy.denials_since(q.policy_since);
     Json(DropsBody {
+        policy,
+        policy_last_seq,
         last_seq: sampled_total,
         drops_total: agent.shared.counters().total_drops(),
         sampled_total,

@@ -344,16 +344,49 @@ pub fn format_routes(v: &serde_json::Value) -> String {
 }
 
 /// One line of `podnet-agent drops`: UTC time, reason, direction, addresses, peer.
-pub fn format_drop(row: &DropRow) -> String {
-    let s = &row.sample;
-    let ms = s.time_ms % 86_400_000;
-    let time = format!(
+/// A Unix time in milliseconds as the time of day (UTC).
+fn time_of_day(time_ms: u64) -> String {
+    let ms = time_ms % 86_400_000;
+    format!(
         "{:02}:{:02}:{:02}.{:03}",
         ms / 3_600_000,
         ms / 60_000 % 60,
         ms / 1000 % 60,
         ms % 1000
-    );
+    )
+}
+
+/// One packet network policy denied, as `drops` prints it.
+pub fn format_denial(d: &crate::agent::policy::Denial) -> String {
+    let end = |ip: std::net::Ipv4Addr, pod: &Option<String>| match pod {
+        Some(pod) => format!("{ip} ({pod})"),
+        None => ip.to_string(),
+    };
+    let what = match (d.protocol, d.dst_port) {
+        (6, p) => format!("TCP {p}"),
+        (17, p) => format!("UDP {p}"),
+        (132, p) => format!("SCTP {p}"),
+        (other, _) => format!("proto {other}"),
+    };
+    let why = if d.isolated_by.is_empty() {
+        "isolated".to_string()
+    } else {
+        format!("isolated by {}", d.isolated_by.join(", "))
+    };
+    format!(
+        "{} #{:<5} {:<16} {} {} -> {} {what}: {why}, and no policy allows it",
+        time_of_day(d.time_ms),
+        d.seq,
+        "policy_denied",
+        d.direction,
+        end(d.src, &d.src_pod),
+        end(d.dst, &d.dst_pod),
+    )
+}
+
+pub fn format_drop(row: &DropRow) -> String {
+    let s = &row.sample;
+    let time = time_of_day(s.time_ms);
     let inner = match (s.inner_src, s.inner_dst) {
         (Some(src), Some(dst)) => format!(
             "{src} -> {dst} proto {}",

@@ -572,6 +572,7 @@ async fn serve(
         .control
         .clone()
         .map(|client| tokio::spawn(policy::follow(Arc::clone(&agent.policy), client)));
+    policy::sample_denials(Arc::clone(&agent.policy));
     let policy_watch = tokio::spawn(policy::watch(
         Arc::clone(&agent.policy),
         Arc::clone(&agent.repairs),

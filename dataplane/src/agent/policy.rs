@@ -9,8 +9,9 @@
 //! that a change adds and deletes only what differs ([`crate::core::policy_table`]), by the
 //! handles nft echoes (`--echo --handle`, as JSON).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -22,6 +23,7 @@ use podnet_proto::policy::{Cluster, Direction, PodRecord, PodView, PolicyState};
 
 use crate::agent::files::write_atomic;
 use crate::agent::pods::LocalPods;
+use crate::core::nflog;
 use crate::core::policy::{compile, NodeRules};
 use crate::core::policy_table::{self, counter, create, update, Plan, Script, Slot, TABLE};
 
@@ -54,6 +56,28 @@ struct Judged {
     last: BTreeMap<&'static str, u64>,
 }
 
+/// A packet network policy denied here, as NFLOG sampled it, with the names that say why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Denial {
+    pub seq: u64,
+    pub time_ms: u64,
+    /// `ingress` (denied into a pod of this node) or `egress` (out of one).
+    pub direction: String,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub protocol: u8,
+    /// 0 for a protocol without ports.
+    pub dst_port: u16,
+    /// The pods at either end (`NS/NAME`), where they are pods.
+    pub src_pod: Option<String>,
+    pub dst_pod: Option<String>,
+    /// The policies that isolate this node's end in that direction.
+    pub isolated_by: Vec<String>,
+}
+
+/// Denials kept for `drops`; older ones are dropped.
+pub const DENIALS_KEPT: usize = 256;
+
 /// The node's policy: the records last read from the control service, and the table applied.
 pub struct Enforcer {
     pods: Arc<LocalPods>,
@@ -67,6 +91,8 @@ pub struct Enforcer {
     /// Checks made, for [`FULL_CHECK_EVERY`].
     checks: AtomicU64,
     judged: Mutex<Judged>,
+    /// The last sequence number given, and the newest denials.
+    denials: Mutex<(u64, VecDeque<Denial>)>,
 }
 
 impl Enforcer {
@@ -98,6 +124,7 @@ impl Enforcer {
             enforced: AtomicU64::new(0),
             checks: AtomicU64::new(0),
             judged: Mutex::default(),
+            denials: Mutex::default(),
         }
     }
 
@@ -144,7 +171,10 @@ impl Enforcer {
             // Every allowing rule and the two denying ones carry a comment.
             (applied.plan.rules.len() + 2, applied.generation)
         };
-        let full = self.checks.fetch_add(1, Relaxed) % FULL_CHECK_EVERY == 0;
+        let full = self
+            .checks
+            .fetch_add(1, Relaxed)
+            .is_multiple_of(FULL_CHECK_EVERY);
         let chains = nft(&["-j", "list", "chains", "ip"], "")
             .ok()
             .and_then(|listed| policy_table::chains(&listed).ok())
@@ -190,6 +220,61 @@ impl Enforcer {
             }
         }
         out
+    }
+
+    /// Keeps a denied packet NFLOG reported under `prefix` (its direction), named from the
+    /// records.
+    fn record_denial(&self, prefix: &str, flow: nflog::Flow) {
+        let direction = match prefix {
+            "ingress" => Direction::Ingress,
+            "egress" => Direction::Egress,
+            _ => return,
+        };
+        let cluster = self.cluster();
+        let pod = |ip: Ipv4Addr| {
+            cluster
+                .pods
+                .iter()
+                .find(|p| p.ips.contains(&IpAddr::V4(ip)))
+        };
+        let local = pod(match direction {
+            Direction::Ingress => flow.dst,
+            Direction::Egress => flow.src,
+        });
+        let isolated_by = local
+            .map(|p| cluster.isolating(p, direction).map(|n| n.key()).collect())
+            .unwrap_or_default();
+        let name = |ip| pod(ip).map(|p| format!("{}/{}", p.namespace, p.name));
+        let mut denials = self.denials.lock().unwrap_or_else(|e| e.into_inner());
+        denials.0 += 1;
+        let denial = Denial {
+            seq: denials.0,
+            time_ms: podnet_control_client::clock::now_ms(),
+            direction: prefix.to_string(),
+            src: flow.src,
+            dst: flow.dst,
+            protocol: flow.protocol,
+            dst_port: flow.dst_port,
+            src_pod: name(flow.src),
+            dst_pod: name(flow.dst),
+            isolated_by,
+        };
+        if denials.1.len() == DENIALS_KEPT {
+            denials.1.pop_front();
+        }
+        denials.1.push_back(denial);
+    }
+
+    /// The newest sequence number, and the denials kept after `since`.
+    pub fn denials_since(&self, since: u64) -> (u64, Vec<Denial>) {
+        let denials = self.denials.lock().unwrap_or_else(|e| e.into_inner());
+        let after = denials
+            .1
+            .iter()
+            .filter(|d| d.seq > since)
+            .cloned()
+            .collect();
+        (denials.0, after)
     }
 
     /// What policy is evaluated over here: the records, with this node's pods as it knows them.
@@ -362,6 +447,53 @@ fn nft(args: &[&str], script: &str) -> Result<String, PolicyError> {
         Err(PolicyError::Nft(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ))
+    }
+}
+
+/// Reads the denied packets the table samples to NFLOG, for as long as the agent runs (a
+/// thread of its own: the socket blocks). Without nfnetlink_log, or with the group taken, the
+/// agent runs on and `drops` shows no denials.
+pub fn sample_denials(enforcer: Arc<Enforcer>) {
+    let socket = match crate::sys::nflog::NflogSocket::open(nflog::GROUP, nflog::COPY_RANGE) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(
+                "denied packets are not sampled for `drops` (NFLOG group {}): {e}",
+                nflog::GROUP
+            );
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("policy-log".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut failed = 0;
+            loop {
+                let n = match socket.recv(&mut buf) {
+                    Ok(n) => n,
+                    // ENOBUFS: the kernel dropped samples while this thread was behind; they
+                    // are samples, so reading goes on, unless the socket fails for good.
+                    Err(e) if failed < 100 => {
+                        failed += 1;
+                        tracing::debug!("{e}");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!("denied packets are no longer sampled for `drops`: {e}");
+                        return;
+                    }
+                };
+                failed = 0;
+                for logged in nflog::packets(&buf[..n]) {
+                    if let Some(flow) = nflog::flow(logged.payload) {
+                        enforcer.record_denial(logged.prefix, flow);
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("denied packets are not sampled for `drops`: {e}");
     }
 }
 

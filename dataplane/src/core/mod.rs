@@ -8,6 +8,7 @@ pub mod drops;
 pub mod dropwatch;
 pub mod forward;
 pub mod lpm;
+pub mod nflog;
 pub mod policy;
 pub mod policy_table;
 pub mod reason;

@@ -24,10 +24,14 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use podnet_proto::policy::{Direction, Protocol};
 
+use crate::core::nflog;
 use crate::core::policy::{Allow, NodeRules, Peers};
 
 /// The nftables table (family `ip`) the agent owns for policy.
 pub const TABLE: &str = "podnet_policy";
+
+/// Denied packets sampled per second and direction (to NFLOG, for `drops --watch`).
+pub const SAMPLES_PER_S: u32 = 20;
 
 /// The counters' names, by direction and verdict (`allowed` or `denied`).
 pub fn counter(direction: Direction, allowed: bool) -> &'static str {
@@ -49,6 +53,9 @@ fn chain(direction: Direction) -> &'static str {
 
 /// One rule of the table, by what it is: an allowing rule by its chain's direction and text,
 /// or one of the fixed rules around them.
+///
+/// `Deny` is the first of the two rules that end a direction's chain (the sample to NFLOG; the
+/// drop follows): new allowing rules go before it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Slot {
     Allow(Direction, String),
@@ -227,8 +234,23 @@ pub fn create(plan: &Plan, generation: u32) -> Script {
         );
     }
     for direction in [Direction::Ingress, Direction::Egress] {
+        // A sample of what is denied goes to NFLOG for `drops --watch`; the limit is on a rule
+        // of its own, since a rule whose limit is spent does not match and would let the
+        // packet fall through to the accept.
+        let name = match direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
         s.add_rule(
             Slot::Deny(direction),
+            chain(direction),
+            &format!(
+                "limit rate {SAMPLES_PER_S}/second burst {SAMPLES_PER_S} packets log prefix \"{name}\" group {}",
+                nflog::GROUP
+            ),
+        );
+        s.add_rule(
+            Slot::Frame,
             chain(direction),
             &format!(
                 "counter counter name \"{}\" drop comment \"denied\"",
@@ -498,12 +520,18 @@ mod tests {
         );
         assert_eq!(s.added[0], Slot::Frame);
         assert_eq!(
-            s.added[s.added.len() - 2..],
+            s.added[s.added.len() - 4..],
             [
                 Slot::Deny(Direction::Ingress),
-                Slot::Deny(Direction::Egress)
+                Slot::Frame,
+                Slot::Deny(Direction::Egress),
+                Slot::Frame
             ]
         );
+        assert!(text.contains(
+            "add rule ip podnet_policy ingress_allow limit rate 20/second burst 20 packets \
+             log prefix \"ingress\" group 47\n"
+        ));
     }
 
     /// A pod coming changes the elements of the sets that select it, and no rule.

@@ -16,6 +16,7 @@ pub mod lock;
 mod mmsg;
 pub mod netlink;
 pub mod netns;
+pub mod nflog;
 pub mod raw;
 mod sockopt;
 pub mod sysctl;
