@@ -50,7 +50,11 @@ fn say(text: impl AsRef<str>) {
 
 /// Pod j of a namespace: its node, and its labels (`app` one of ten, `role` client or server).
 fn pod_labels(j: u32) -> (u8, String) {
-    let role = if j.is_multiple_of(2) { "client" } else { "server" };
+    let role = if j.is_multiple_of(2) {
+        "client"
+    } else {
+        "server"
+    };
     ((j % 3 + 1) as u8, format!("app:a{},role:{role}", j % 10))
 }
 
