@@ -112,21 +112,8 @@ impl Bench {
 
     /// Waits until every node enforces `revision`; panics after 30 s.
     fn enforced(&self, revision: u64) {
-        let start = Instant::now();
-        for n in 1..=3 {
-            loop {
-                let status = self.tb.admin_get(n, "/status").unwrap().json().unwrap();
-                if status["policy"]["revision"].as_u64() >= Some(revision) {
-                    break;
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "h{n} does not enforce revision {revision}: {}",
-                    status["policy"]
-                );
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
+        self.tb
+            .wait_policy_enforced(1..=3, revision, Duration::from_secs(30));
     }
 
     /// A change, then the wait until every node enforces it; the time both took.

@@ -152,6 +152,31 @@ impl Testbed {
         parse::iperf3_json(&out.stdout).map_err(|e| format!("{e}; stderr: {}", out.stderr))
     }
 
+    /// Waits until the agents of `hosts` all enforce network-policy revision `revision` (their
+    /// `/status`), polling every 5 ms; panics, naming the host, after `timeout`.
+    pub fn wait_policy_enforced(
+        &self,
+        hosts: std::ops::RangeInclusive<u8>,
+        revision: u64,
+        timeout: Duration,
+    ) {
+        let start = Instant::now();
+        for n in hosts {
+            loop {
+                let status = self.admin_get(n, "/status").unwrap().json().unwrap();
+                if status["policy"]["revision"].as_u64() >= Some(revision) {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < timeout,
+                    "h{n} does not enforce policy revision {revision}: {}",
+                    status["policy"]
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
     /// GET on host n's agent admin API.
     pub fn admin_get(&self, n: u8, path: &str) -> Result<http::Response, String> {
         http::get(&self.host(n).ns, admin_api(), path)
