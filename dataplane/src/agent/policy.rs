@@ -4,10 +4,10 @@
 //! it, and removed at a clean stop. The last records are kept in `<state-dir>/policy.json`, so
 //! a restarted agent enforces them before its data path forwards a packet.
 //!
-//! Scripts are nft's own language through `nft -f -` (the `ct original` matches the rules need
-//! are one expression each there), each one transaction. The first creates the table; after
-//! that a change adds and deletes only what differs ([`crate::core::policy_table`]), by the
-//! handles nft echoes (`--echo --handle`, as JSON).
+//! Scripts are nft's own language (the `ct original` matches the rules need are one expression
+//! each there), written to `<state-dir>/policy.nft` and run by `nft -f`, each one transaction.
+//! The first creates the table; after that a change adds and deletes only what differs
+//! ([`crate::core::policy_table`]), rules by the handles nft echoes (`--echo --handle`, as JSON).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write as _;
