@@ -680,6 +680,7 @@ fn metrics_parse_with_the_prometheus_parser_and_keep_their_names() {
         ("podnet_agent_icmp_ratelimited_total", ""),
         ("podnet_agent_io_errors_total", "op"),
         ("podnet_agent_repairs_total", "what"),
+        ("podnet_agent_policy_packets_total", "direction,verdict"),
         ("podnet_agent_receive_overflow_total", ""),
         ("podnet_agent_routes", ""),
         ("podnet_agent_table_revision", ""),
