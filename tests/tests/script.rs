@@ -383,6 +383,20 @@ fn bench_control_explains_itself_and_refuses_bad_flags() {
     assert!(!ok && text.contains("unknown option '--fast'"), "{text}");
 }
 
+/// `scripts/bench-policy` explains itself and refuses bad flags before building or touching
+/// anything (its ranges are the benchmark binary's; the run itself is in bench/RESULTS.md).
+#[test]
+fn bench_policy_explains_itself_and_refuses_bad_flags() {
+    let run = |args: &[&str]| script_ok("bench-policy", args, &[]);
+    let (ok, help) = run(&["--help"]);
+    assert!(ok && help.starts_with("Network-policy scale benchmark"), "{help}");
+    assert!(help.contains("enforcement on every node"), "{help}");
+    let (ok, text) = run(&["--pods", "many"]);
+    assert!(!ok && text.contains("--pods needs a number, not 'many'"), "{text}");
+    let (ok, text) = run(&["--fast"]);
+    assert!(!ok && text.contains("unknown option '--fast'"), "{text}");
+}
+
 /// `scripts/bench-cni` times ADD and DEL of real pods (here 3, next to a "baseline" that is the
 /// same build), reports each verb for each build and the ratio, and leaves no namespace behind;
 /// bad flags are refused before anything is made.
