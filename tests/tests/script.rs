@@ -389,10 +389,16 @@ fn bench_control_explains_itself_and_refuses_bad_flags() {
 fn bench_policy_explains_itself_and_refuses_bad_flags() {
     let run = |args: &[&str]| script_ok("bench-policy", args, &[]);
     let (ok, help) = run(&["--help"]);
-    assert!(ok && help.starts_with("Network-policy scale benchmark"), "{help}");
+    assert!(
+        ok && help.starts_with("Network-policy scale benchmark"),
+        "{help}"
+    );
     assert!(help.contains("enforcement on every node"), "{help}");
     let (ok, text) = run(&["--pods", "many"]);
-    assert!(!ok && text.contains("--pods needs a number, not 'many'"), "{text}");
+    assert!(
+        !ok && text.contains("--pods needs a number, not 'many'"),
+        "{text}"
+    );
     let (ok, text) = run(&["--fast"]);
     assert!(!ok && text.contains("unknown option '--fast'"), "{text}");
 }
