@@ -13,8 +13,8 @@
 //! So pods' sets are plain sets of addresses, only a block's set is an interval set, the
 //! generation moves by elements, and a pod coming or going is such a script.
 //!
-//! Four named counters count the packets the rules judged, by direction and verdict. A
-//! connection's packets after its first pass on the generation's conntrack mark and are not
+//! Four named counters count the packets the rules judged, by direction and verdict. An
+//! allowed connection's later packets pass on the generation's conntrack mark and are not
 //! counted; every denied packet is.
 
 use std::collections::{BTreeMap, BTreeSet};
