@@ -11,7 +11,6 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use podnet_proto::policy::{PolicyState, Protocol};
-use podnet_tests::http;
 use podnet_tests::{e2e_ready, run, wait_for, Encap, HostMode, Peers, Testbed, TestbedBuilder};
 use serde_json::{json, Value};
 
@@ -204,18 +203,7 @@ impl Matrix {
     fn call(&self, method: &str, path: &str, body: &Value) -> Value {
         let body = body.to_string();
         let body = (method != "DELETE").then_some(body.as_str());
-        let r = http::request(
-            &self.tb.host(1).ns,
-            self.tb.control_addr(),
-            method,
-            path,
-            &[],
-            body,
-            Duration::from_secs(10),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(r.status, 200, "{method} {path}: {}", r.body);
-        r.json().unwrap()
+        self.tb.control_call(method, path, body)
     }
 
     fn records(&self) -> PolicyState {

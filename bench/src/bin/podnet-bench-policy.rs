@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use podnet_tests::testbed::Pod;
-use podnet_tests::{http, run, Encap, HostMode, Peers, Testbed, TestbedBuilder};
+use podnet_tests::{run, Encap, HostMode, Peers, Testbed, TestbedBuilder};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -96,18 +96,7 @@ impl Bench {
     /// A control API call from host 1; panics unless it answers 200.
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
         let body = body.map(Value::to_string);
-        let r = http::request(
-            &self.tb.host(1).ns,
-            self.tb.control_addr(),
-            method,
-            path,
-            &[],
-            body.as_deref(),
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(r.status, 200, "{method} {path}: {}", r.body);
-        r.json().unwrap()
+        self.tb.control_call(method, path, body.as_deref())
     }
 
     /// Waits until every node enforces `revision`; panics after 30 s.

@@ -782,14 +782,10 @@ impl Collector for AgentMetrics {
                 .judged()
                 .into_iter()
                 .map(|(direction, allowed, n)| {
-                    let direction = match direction {
-                        podnet_proto::policy::Direction::Ingress => "ingress",
-                        podnet_proto::policy::Direction::Egress => "egress",
-                    };
                     let verdict = if allowed { "allowed" } else { "denied" };
                     (
                         vec![
-                            ("direction", direction.to_string()),
+                            ("direction", direction.name().to_string()),
                             ("verdict", verdict.to_string()),
                         ],
                         n,

@@ -225,10 +225,11 @@ impl Enforcer {
     /// Keeps a denied packet NFLOG reported under `prefix` (its direction), named from the
     /// records.
     fn record_denial(&self, prefix: &str, flow: nflog::Flow) {
-        let direction = match prefix {
-            "ingress" => Direction::Ingress,
-            "egress" => Direction::Egress,
-            _ => return,
+        let Some(direction) = [Direction::Ingress, Direction::Egress]
+            .into_iter()
+            .find(|d| d.name() == prefix)
+        else {
+            return;
         };
         let cluster = self.cluster();
         let pod = |ip: Ipv4Addr| {

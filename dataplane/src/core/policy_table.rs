@@ -237,10 +237,7 @@ pub fn create(plan: &Plan, generation: u32) -> Script {
         // A sample of what is denied goes to NFLOG for `drops --watch`; the limit is on a rule
         // of its own, since a rule whose limit is spent does not match and would let the
         // packet fall through to the accept.
-        let name = match direction {
-            Direction::Ingress => "ingress",
-            Direction::Egress => "egress",
-        };
+        let name = direction.name();
         s.add_rule(
             Slot::Deny(direction),
             chain(direction),

@@ -199,6 +199,23 @@ impl Testbed {
         a
     }
 
+    /// A plain-HTTP control API call from host 1 with an optional JSON `body`; panics unless
+    /// it answers 200, and returns the answer's JSON.
+    pub fn control_call(&self, method: &str, path: &str, body: Option<&str>) -> serde_json::Value {
+        let r = http::request(
+            &self.host(1).ns,
+            self.control_addr(),
+            method,
+            path,
+            &[],
+            body,
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status, 200, "{method} {path}: {}", r.body);
+        r.json().unwrap()
+    }
+
     /// The control service's address (replica 1's on an HA testbed).
     pub fn control_addr(&self) -> SocketAddr {
         if self.replicas > 0 {
