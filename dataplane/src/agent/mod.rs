@@ -388,6 +388,14 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
         // path forwards anything, and before "up".
         enforcer.remove();
         enforcer.apply()?;
+        // The admin API's port is bound before "up" is logged: a client that connects after
+        // that line waits in the backlog until `serve` accepts, instead of being refused.
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(cfg.api))
+            .map_err(|source| AgentError::Api {
+                addr: cfg.api,
+                source,
+            })?;
         tracing::info!(
             node = %info.node, pod_cidr = %pod_cidr, encap = info.encap, mtu,
             tun = %info.tun, underlay = %info.underlay_dev,
@@ -448,7 +456,7 @@ pub fn run(cfg: RunConfig) -> Result<(), AgentError> {
             threads.push(spawn_wireguard_timers(&shared)?);
         }
         let watcher = spawn_host_watch(host.take(), &shared, &repairs)?;
-        let served = runtime.block_on(serve(&cfg, Arc::clone(&agent), joined.session));
+        let served = runtime.block_on(serve(listener, Arc::clone(&agent), joined.session));
         shared.stop.stop();
         for (i, thread) in threads.into_iter().enumerate() {
             match thread.join() {
@@ -548,16 +556,10 @@ fn spawn_wireguard_timers(
 
 /// Runs the admin API and the membership task until a signal (or the data path) stops us.
 async fn serve(
-    cfg: &RunConfig,
+    listener: tokio::net::TcpListener,
     agent: Arc<Agent>,
     session: Option<membership::Session>,
 ) -> Result<(), AgentError> {
-    let listener = tokio::net::TcpListener::bind(cfg.api)
-        .await
-        .map_err(|source| AgentError::Api {
-            addr: cfg.api,
-            source,
-        })?;
     let app = crate::agent::admin::router(Arc::clone(&agent));
     let admin = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
