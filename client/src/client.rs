@@ -634,19 +634,9 @@ impl EventStream {
     }
 }
 
-/// An error with its causes, e.g. "error sending request: ...: Connection refused", and
-/// what to do when a TLS check failed.
+/// An error with its causes, and what to do when a TLS check failed.
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
+    let mut out = crate::tls::causes(e);
     if let Some(advice) = crate::tls::advice(&out) {
         out.push_str(". ");
         out.push_str(advice);

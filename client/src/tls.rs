@@ -220,35 +220,85 @@ impl ClientArgs {
     }
 }
 
-/// What to do about a TLS failure, from the words of rustls' error.
+/// What went wrong in a TLS handshake, as rustls' error or the peer's alert words it. The
+/// podnet API and the etcd connection each turn it into advice that names their own flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Expired,
+    NotValidYet,
+    /// Signed by a CA the other side does not trust.
+    UnknownIssuer,
+    /// The server's certificate does not name the address dialled.
+    WrongName,
+    /// The server wants a client certificate and got none.
+    CertificateRequired,
+    /// The server refused the client certificate without saying why (Go's `bad certificate`).
+    BadCertificate,
+}
+
+impl Fault {
+    /// The fault `error` (an error chain's text) describes, if it is a TLS one.
+    pub fn of(error: &str) -> Option<Fault> {
+        let e = error.to_ascii_lowercase();
+        let any = |words: &[&str]| words.iter().any(|w| e.contains(w));
+        Some(if any(&["expired"]) {
+            Fault::Expired
+        } else if any(&["notvalidyet", "not valid yet", "not yet valid"]) {
+            Fault::NotValidYet
+        } else if any(&[
+            "unknownissuer",
+            "unknown issuer",
+            "unknownca",
+            "badsignature",
+        ]) {
+            Fault::UnknownIssuer
+        } else if any(&["notvalidforname", "not valid for name"]) {
+            Fault::WrongName
+        } else if any(&["certificaterequired", "certificate required"]) {
+            Fault::CertificateRequired
+        } else if any(&["badcertificate", "bad certificate", "certificateunknown"]) {
+            Fault::BadCertificate
+        } else {
+            return None;
+        })
+    }
+}
+
+/// What to do about a TLS failure with the podnet API, from the words of rustls' error.
 pub fn advice(error: &str) -> Option<&'static str> {
-    let e = error.to_ascii_lowercase();
-    Some(if e.contains("expired") {
-        "a certificate has expired: issue a new one with `podnet-control ca issue`"
-    } else if e.contains("notvalidyet")
-        || e.contains("not valid yet")
-        || e.contains("not yet valid")
-    {
-        "a certificate is not valid yet: check the clocks of both hosts"
-    } else if [
-        "unknownissuer",
-        "unknown issuer",
-        "unknownca",
-        "badsignature",
-    ]
-    .iter()
-    .any(|w| e.contains(w))
-    {
-        "the certificate is not signed by the CA the other side trusts: use the cluster's ca.pem \
-         (--tls-ca / --client-ca) and certificates it issued"
-    } else if e.contains("notvalidforname") || e.contains("not valid for name") {
-        "the server certificate does not carry the address in --control: issue it with \
-         `podnet-control ca issue --server --ip ADDR`"
-    } else if e.contains("certificaterequired") || e.contains("certificate required") {
-        "the service requires a client certificate: give --tls-cert and --tls-key"
-    } else {
-        return None;
+    Some(match Fault::of(error)? {
+        Fault::Expired => {
+            "a certificate has expired: issue a new one with `podnet-control ca issue`"
+        }
+        Fault::NotValidYet => "a certificate is not valid yet: check the clocks of both hosts",
+        Fault::UnknownIssuer | Fault::BadCertificate => {
+            "the certificate is not signed by the CA the other side trusts: use the cluster's \
+             ca.pem (--tls-ca / --client-ca) and certificates it issued"
+        }
+        Fault::WrongName => {
+            "the server certificate does not carry the address in --control: issue it with \
+             `podnet-control ca issue --server --ip ADDR`"
+        }
+        Fault::CertificateRequired => {
+            "the service requires a client certificate: give --tls-cert and --tls-key"
+        }
     })
+}
+
+/// An error with its causes, e.g. "error sending request: ...: Connection refused" (a cause
+/// whose words are already in the text is left out).
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@
 //! first, the mirror catches up and the change is planned again.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
@@ -33,6 +34,7 @@ use ipnet::Ipv4Net;
 use podnet_proto::api::{EventType, Node, NodeState, WatchEvent};
 use serde::{Deserialize, Serialize};
 
+use crate::etcd_tls::{self, EtcdTls, Material};
 use crate::ipam::Ipam;
 use crate::policy::PolicyBook;
 use crate::state::{Registry, Timing, STATE_FORMAT};
@@ -64,6 +66,8 @@ pub enum EtcdError {
     Corrupt { key: String, reason: String },
     #[error("--etcd-endpoints: {0}")]
     Endpoints(String),
+    #[error("etcd TLS: {0}")]
+    Tls(String),
 }
 
 /// The layout stored once under `config`.
@@ -623,10 +627,65 @@ pub struct Loaded {
 /// A connection to the etcd cluster and the key names under the prefix.
 #[derive(Clone)]
 pub struct Etcd {
-    client: etcd_client::Client,
+    connection: Arc<Connection>,
     keys: Keys,
     endpoints: String,
     lease_ttl_s: i64,
+}
+
+/// The client, and the TLS files it was made with: when a call fails and the files changed
+/// since, the client is made again with the new ones.
+struct Connection {
+    endpoints: Vec<String>,
+    tls: Option<EtcdTls>,
+    current: Mutex<(etcd_client::Client, Option<Material>)>,
+}
+
+impl Connection {
+    /// A client (lazy: it dials at its first call).
+    async fn client(
+        endpoints: &[String],
+        material: Option<&Material>,
+    ) -> Result<etcd_client::Client, etcd_client::Error> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(CALL_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+            // A member that lost its leader refuses at once rather than hanging the call, and
+            // ends our watch, so the replica can tell "etcd unavailable".
+            .with_require_leader(true);
+        if let Some(material) = material {
+            options = options.with_tls(material.options());
+        }
+        etcd_client::Client::connect(endpoints, Some(options)).await
+    }
+
+    fn get(&self) -> etcd_client::Client {
+        self.current.lock().expect("etcd client lock").0.clone()
+    }
+
+    /// After a failed call: when the TLS files changed on disk, the next calls dial with them.
+    async fn refresh(&self) {
+        let Some(tls) = &self.tls else { return };
+        let material = match tls.read() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("etcd TLS files not usable, keeping the loaded ones: {e}");
+                return;
+            }
+        };
+        if self.current.lock().expect("etcd client lock").1.as_ref() == Some(&material) {
+            return;
+        }
+        match Connection::client(&self.endpoints, Some(&material)).await {
+            Ok(client) => {
+                tracing::info!("etcd TLS files changed on disk; dialling with the new ones");
+                *self.current.lock().expect("etcd client lock") = (client, Some(material));
+            }
+            Err(e) => tracing::warn!("etcd TLS files changed, but unusable: {e}"),
+        }
+    }
 }
 
 impl Etcd {
@@ -635,6 +694,7 @@ impl Etcd {
         endpoints: &[String],
         prefix: &str,
         lease_ttl: Duration,
+        tls: Option<EtcdTls>,
     ) -> Result<Etcd, EtcdError> {
         if endpoints.is_empty() {
             return Err(EtcdError::Endpoints(
@@ -653,23 +713,25 @@ impl Etcd {
                 "--etcd-prefix {prefix:?} must be a key path like /podnet"
             )));
         }
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(CALL_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true)
-            // A member that lost its leader refuses at once rather than hanging the call, and
-            // ends our watch, so the replica can tell "etcd unavailable".
-            .with_require_leader(true);
+        etcd_tls::check_endpoints(endpoints, tls.as_ref()).map_err(EtcdError::Endpoints)?;
+        let material = tls
+            .as_ref()
+            .map(EtcdTls::read)
+            .transpose()
+            .map_err(EtcdError::Tls)?;
         let joined = endpoints.join(",");
-        let client = etcd_client::Client::connect(endpoints, Some(options))
+        let client = Connection::client(endpoints, material.as_ref())
             .await
             .map_err(|e| EtcdError::Unavailable {
                 endpoints: joined.clone(),
                 reason: e.to_string(),
             })?;
         Ok(Etcd {
-            client,
+            connection: Arc::new(Connection {
+                endpoints: endpoints.to_vec(),
+                tls,
+                current: Mutex::new((client, material)),
+            }),
             keys: Keys::new(prefix),
             endpoints: joined,
             // etcd counts leases in whole seconds.
@@ -692,13 +754,34 @@ impl Etcd {
         }
     }
 
+    /// A failed call's error with its causes and what to do; the TLS files are read again,
+    /// so a certificate replaced on disk is used from the next call on.
+    async fn failed(&self, e: &etcd_client::Error) -> EtcdError {
+        let mut reason = podnet_control_client::tls::causes(e);
+        let tls = self.connection.tls.as_ref();
+        let dial = etcd_tls::Dial {
+            https: tls.is_some(),
+            client_cert: tls.is_some_and(|t| t.client.is_some()),
+        };
+        if let Some(advice) = etcd_tls::advice(&reason, dial) {
+            reason.push_str(". ");
+            reason.push_str(advice);
+        }
+        self.connection.refresh().await;
+        self.unavailable(reason)
+    }
+
+    fn client(&self) -> etcd_client::Client {
+        self.connection.get()
+    }
+
     async fn call<T>(
         &self,
         call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, EtcdError> {
         match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(Ok(t)) => Ok(t),
-            Ok(Err(e)) => Err(self.unavailable(e)),
+            Ok(Err(e)) => Err(self.failed(&e).await),
             Err(_) => Err(self.unavailable(format!("no answer within {CALL_TIMEOUT:?}"))),
         }
     }
@@ -723,7 +806,7 @@ impl Etcd {
             .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.as_str(), value, None)])
             .or_else([TxnOp::get(key.as_str(), None)]);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let resp = self.call(kv.txn(txn)).await?;
         if !resp.succeeded() {
             let stored = resp
@@ -781,7 +864,7 @@ impl Etcd {
         let mut ops: Vec<TxnOp> = Vec::new();
         let mut granted = None;
         if let Some(name) = &plan.alive {
-            let mut lease = self.client.lease_client();
+            let mut lease = self.client().lease_client();
             let grant = self.call(lease.grant(self.lease_ttl_s, None)).await?;
             granted = Some(grant.id());
             ops.push(TxnOp::put(
@@ -810,7 +893,7 @@ impl Etcd {
                 .iter()
                 .map(|key| TxnOp::delete(key.as_str(), None)),
         );
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let resp = self
             .call(kv.txn(Txn::new().when(compares).and_then(ops)))
             .await;
@@ -838,7 +921,7 @@ impl Etcd {
 
     /// Revokes a lease no key needs any more; failures only leave it to run out.
     async fn revoke(&self, id: i64) {
-        let mut lease = self.client.lease_client();
+        let mut lease = self.client().lease_client();
         if let Err(e) = self.call(lease.revoke(id)).await {
             tracing::debug!(lease = id, "lease not revoked (it runs out by itself): {e}");
         }
@@ -846,26 +929,26 @@ impl Etcd {
 
     /// Renews a node's lease: `Ok(false)` when etcd no longer has it.
     pub async fn keep_alive(&self, id: i64) -> Result<bool, EtcdError> {
-        let mut lease = self.client.lease_client();
+        let mut lease = self.client().lease_client();
         match tokio::time::timeout(CALL_TIMEOUT, lease.keep_alive(id)).await {
             Ok(Ok(_)) => Ok(true),
             Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) if e.contains("not found") => {
                 Ok(false)
             }
-            Ok(Err(e)) => Err(self.unavailable(e)),
+            Ok(Err(e)) => Err(self.failed(&e).await),
             Err(_) => Err(self.unavailable(format!("no answer within {CALL_TIMEOUT:?}"))),
         }
     }
 
     /// A linearizable read, which needs a quorum: `Ok` means etcd can take writes.
     pub async fn probe(&self) -> Result<(), EtcdError> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         self.call(kv.get(self.keys.config(), None)).await.map(drop)
     }
 
     /// Watches every key under the prefix from `revision` on.
     pub async fn watch(&self, revision: u64) -> Result<WatchStream, EtcdError> {
-        let mut watch = self.client.watch_client();
+        let mut watch = self.client().watch_client();
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision as i64);

@@ -2,7 +2,7 @@
 //!
 //! The service hands every node a pod CIDR carved from the cluster CIDR (`ipam`), tracks
 //! membership with leases (`state`), persists it (`store`, one process; or `etcd` and
-//! `replica`, any number of replicas over an etcd cluster) and serves the HTTP/JSON API with
+//! `replica`, any number of replicas over an etcd cluster, over TLS with `etcd_tls`) and serves the HTTP/JSON API with
 //! resumable NDJSON watches (`server`). Network policy's records (pods, namespace labels,
 //! policies) are kept beside the node table (`policy`). Agents use `client` to register, renew and follow the
 //! node table; that library is the `podnet-control-client` crate, re-exported here. The wire
@@ -11,6 +11,7 @@
 pub mod clock;
 pub mod documents;
 pub mod etcd;
+pub mod etcd_tls;
 pub mod ipam;
 pub mod policy;
 pub mod server;

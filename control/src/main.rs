@@ -14,6 +14,7 @@ use podnet_control::api::{Node, NodeList};
 use podnet_control::client::read_token_file;
 use podnet_control::clock::now_ms;
 use podnet_control::documents::read_policies;
+use podnet_control::etcd_tls::EtcdTls;
 use podnet_control::server::{DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_WATCHERS};
 use podnet_control::tls::{self, ClientArgs, Subject};
 use podnet_control::{Client, Etcd, FileStore, Server, ServerConfig};
@@ -56,6 +57,16 @@ enum Command {
         /// Key prefix of this cluster in etcd (with --store etcd).
         #[arg(long, default_value = "/podnet")]
         etcd_prefix: String,
+        /// The CA that signed etcd's certificate, for https:// --etcd-endpoints.
+        #[arg(long)]
+        etcd_ca: Option<PathBuf>,
+        /// A client certificate for etcd's --client-cert-auth (`ca issue --etcd-client NAME`).
+        /// Read again when a call fails, so a replaced one is used at the next reconnect.
+        #[arg(long, requires_all = ["etcd_key", "etcd_ca"])]
+        etcd_cert: Option<PathBuf>,
+        /// The key of --etcd-cert (mode 0600).
+        #[arg(long, requires = "etcd_cert")]
+        etcd_key: Option<PathBuf>,
         /// A node that does not renew within this is marked down and withdrawn.
         #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
         lease_ttl: Duration,
@@ -223,11 +234,19 @@ enum CaCommand {
         /// The service's certificate (server.pem), for the addresses in --ip and --dns.
         #[arg(long, group = "subject")]
         server: bool,
-        /// An address clients dial (with --server; repeatable).
-        #[arg(long, requires = "server")]
+        /// etcd's members' certificate (etcd-server.pem), for the addresses in --ip and --dns:
+        /// their client and peer ports (etcd's --cert-file and --peer-cert-file).
+        #[arg(long, group = "subject")]
+        etcd_server: bool,
+        /// A replica's client certificate for etcd's --client-cert-auth
+        /// (etcd-client-NAME.pem; podnet-control serve --etcd-cert).
+        #[arg(long, group = "subject", value_name = "NAME")]
+        etcd_client: Option<String>,
+        /// An address clients dial (with --server or --etcd-server; repeatable).
+        #[arg(long)]
         ip: Vec<std::net::IpAddr>,
-        /// A DNS name clients dial (with --server; repeatable).
-        #[arg(long, requires = "server")]
+        /// A DNS name clients dial (with --server or --etcd-server; repeatable).
+        #[arg(long)]
         dns: Vec<String>,
         /// Validity in days.
         #[arg(long, default_value_t = 365)]
@@ -280,25 +299,40 @@ fn ca(command: CaCommand) -> Result<(), CliError> {
             node,
             operator,
             server,
+            etcd_server,
+            etcd_client,
             ip,
             dns,
             days,
         } => {
-            let subject = match (node, operator, server) {
-                (Some(n), _, _) => {
-                    podnet_control::api::validate_node_name(&n)
-                        .map_err(|e| tls::TlsError::Config(format!("--node {n:?}: {e}")))?;
-                    Subject::Node(n)
-                }
-                (_, Some(o), _) => Subject::Operator(o),
-                (_, _, true) => Subject::Server { ips: ip, dns },
-                _ => {
-                    return Err(tls::TlsError::Config(
-                        "say what to issue: --node NAME, --operator NAME or --server --ip ADDR"
-                            .into(),
-                    )
-                    .into())
-                }
+            let names = !(ip.is_empty() && dns.is_empty());
+            if names && !server && !etcd_server {
+                return Err(tls::TlsError::Config(
+                    "--ip and --dns name a server: give them with --server or --etcd-server".into(),
+                )
+                .into());
+            }
+            let subject = if let Some(n) = node {
+                podnet_control::api::validate_node_name(&n)
+                    .map_err(|e| tls::TlsError::Config(format!("--node {n:?}: {e}")))?;
+                Subject::Node(n)
+            } else if let Some(o) = operator {
+                Subject::Operator(o)
+            } else if let Some(c) = etcd_client {
+                podnet_control::api::validate_node_name(&c)
+                    .map_err(|e| tls::TlsError::Config(format!("--etcd-client {c:?}: {e}")))?;
+                Subject::EtcdClient(c)
+            } else if server {
+                Subject::Server { ips: ip, dns }
+            } else if etcd_server {
+                Subject::EtcdServer { ips: ip, dns }
+            } else {
+                return Err(tls::TlsError::Config(
+                    "say what to issue: --node NAME, --operator NAME, --server --ip ADDR, \
+                     --etcd-server --ip ADDR or --etcd-client NAME"
+                        .into(),
+                )
+                .into());
             };
             tls::issue(&dir, &subject, days)?
         }
@@ -382,6 +416,9 @@ fn main() -> ExitCode {
                 state,
                 etcd_endpoints,
                 etcd_prefix,
+                etcd_ca,
+                etcd_cert,
+                etcd_key,
                 lease_ttl,
                 reclaim_after,
                 token_file,
@@ -412,6 +449,10 @@ fn main() -> ExitCode {
                     StoreKind::Etcd => Backing::Etcd {
                         endpoints: etcd_endpoints,
                         prefix: etcd_prefix,
+                        tls: etcd_ca.map(|ca| EtcdTls {
+                            ca,
+                            client: etcd_cert.zip(etcd_key),
+                        }),
                     },
                 };
                 serve(listen, config, store).await
@@ -472,6 +513,7 @@ enum Backing {
     Etcd {
         endpoints: Vec<String>,
         prefix: String,
+        tls: Option<EtcdTls>,
     },
 }
 
@@ -491,8 +533,12 @@ async fn serve(listen: SocketAddr, config: ServerConfig, store: Backing) -> Resu
             let server = Server::open(config, Arc::new(store)).await?;
             (server, state.display().to_string())
         }
-        Backing::Etcd { endpoints, prefix } => {
-            let etcd = Etcd::connect(&endpoints, &prefix, config.lease_ttl)
+        Backing::Etcd {
+            endpoints,
+            prefix,
+            tls,
+        } => {
+            let etcd = Etcd::connect(&endpoints, &prefix, config.lease_ttl, tls)
                 .await
                 .map_err(podnet_control::ServerError::from)?;
             let server = Server::open_etcd(config, etcd).await?;

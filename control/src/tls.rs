@@ -31,6 +31,8 @@ pub const NODE_ORG: &str = "podnet:nodes";
 pub const OPERATOR_ORG: &str = "podnet:operators";
 /// Organisation of the service's certificate.
 pub const SERVER_ORG: &str = "podnet:control";
+/// Organisation of etcd members' certificates and of replicas' etcd client certificates.
+pub const ETCD_ORG: &str = "podnet:etcd";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -128,6 +130,14 @@ pub enum Subject {
         ips: Vec<IpAddr>,
         dns: Vec<String>,
     },
+    /// etcd's members, for their client and peer ports: the addresses they serve on. It is a
+    /// client certificate too, since members dial each other with it.
+    EtcdServer {
+        ips: Vec<IpAddr>,
+        dns: Vec<String>,
+    },
+    /// A podnet-control replica's certificate for etcd's `--client-cert-auth`.
+    EtcdClient(String),
 }
 
 /// Paths of the CA in `dir`.
@@ -141,6 +151,8 @@ pub fn issued_paths(dir: &Path, subject: &Subject) -> (PathBuf, PathBuf) {
         Subject::Node(n) => format!("node-{n}"),
         Subject::Operator(n) => format!("operator-{n}"),
         Subject::Server { .. } => "server".to_string(),
+        Subject::EtcdServer { .. } => "etcd-server".to_string(),
+        Subject::EtcdClient(n) => format!("etcd-client-{n}"),
     };
     (
         dir.join(format!("{stem}.pem")),
@@ -206,34 +218,38 @@ pub fn issue(dir: &Path, subject: &Subject, days: u32) -> Result<(PathBuf, PathB
 
 /// The parameters of a certificate for `subject`, valid from five minutes ago for `days`.
 pub fn params_for(subject: &Subject, days: u32) -> Result<CertificateParams, TlsError> {
-    let (cn, org, sans, usage) = match subject {
+    use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+    let (cn, org, sans, usages) = match subject {
         Subject::Node(n) => (
             n.clone(),
             NODE_ORG,
-            vec![SanType::DnsName(n.as_str().try_into()?)],
-            ExtendedKeyUsagePurpose::ClientAuth,
+            dns_sans(std::slice::from_ref(n))?,
+            vec![ClientAuth],
         ),
         Subject::Operator(n) => (
             n.clone(),
             OPERATOR_ORG,
-            vec![SanType::DnsName(n.as_str().try_into()?)],
-            ExtendedKeyUsagePurpose::ClientAuth,
+            dns_sans(std::slice::from_ref(n))?,
+            vec![ClientAuth],
         ),
-        Subject::Server { ips, dns } => {
-            if ips.is_empty() && dns.is_empty() {
-                return Err(TlsError::NoServerNames);
-            }
-            let mut sans: Vec<SanType> = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
-            for d in dns {
-                sans.push(SanType::DnsName(d.as_str().try_into()?));
-            }
-            (
-                "podnet-control".to_string(),
-                SERVER_ORG,
-                sans,
-                ExtendedKeyUsagePurpose::ServerAuth,
-            )
-        }
+        Subject::EtcdClient(n) => (
+            n.clone(),
+            ETCD_ORG,
+            dns_sans(std::slice::from_ref(n))?,
+            vec![ClientAuth],
+        ),
+        Subject::Server { ips, dns } => (
+            "podnet-control".to_string(),
+            SERVER_ORG,
+            server_sans(ips, dns)?,
+            vec![ServerAuth],
+        ),
+        Subject::EtcdServer { ips, dns } => (
+            "etcd".to_string(),
+            ETCD_ORG,
+            server_sans(ips, dns)?,
+            vec![ServerAuth, ClientAuth],
+        ),
     };
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, cn);
@@ -242,9 +258,26 @@ pub fn params_for(subject: &Subject, days: u32) -> Result<CertificateParams, Tls
         .push(DnType::OrganizationName, org);
     params.subject_alt_names = sans;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![usage];
+    params.extended_key_usages = usages;
     validity(&mut params, days);
     Ok(params)
+}
+
+fn dns_sans(names: &[String]) -> Result<Vec<SanType>, TlsError> {
+    names
+        .iter()
+        .map(|n| Ok(SanType::DnsName(n.as_str().try_into()?)))
+        .collect()
+}
+
+/// A server certificate's names: the addresses and DNS names its clients dial.
+fn server_sans(ips: &[IpAddr], dns: &[String]) -> Result<Vec<SanType>, TlsError> {
+    if ips.is_empty() && dns.is_empty() {
+        return Err(TlsError::NoServerNames);
+    }
+    let mut sans: Vec<SanType> = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+    sans.extend(dns_sans(dns)?);
+    Ok(sans)
 }
 
 fn read_text(path: &Path) -> Result<String, TlsError> {
