@@ -91,19 +91,7 @@ fn etcd_claims(tb: &Testbed) -> BTreeMap<String, String> {
 
 /// Every key under `prefix` in etcd, with its value, read with etcdctl.
 fn etcd_keys(tb: &Testbed, prefix: &str) -> BTreeMap<String, String> {
-    let out = run(
-        Some(&tb.etcd_ns(1)),
-        &[
-            "etcdctl",
-            "--endpoints",
-            &etcd_endpoints(),
-            "get",
-            "--prefix",
-            prefix,
-        ],
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let out = tb.etcdctl(&["get", "--prefix", prefix]).unwrap();
     assert!(out.success(), "{}", out.combined());
     let lines: Vec<&str> = out.stdout.lines().filter(|l| !l.is_empty()).collect();
     lines
@@ -225,24 +213,22 @@ fn concurrent_registrations_on_two_replicas_get_distinct_cidrs() {
 
     // A third replica with another layout refuses to start and says which value differs.
     let bin = podnet_bin("podnet-control");
-    let out = run(
-        Some(&tb.replica_ns(1)),
-        &[
-            bin.to_str().unwrap(),
-            "serve",
-            "--insecure",
-            "--listen",
-            "127.0.0.1:7801",
-            "--store",
-            "etcd",
-            "--etcd-endpoints",
-            &etcd_endpoints(),
-            "--node-prefix",
-            "26",
-        ],
-        Duration::from_secs(20),
-    )
-    .unwrap();
+    let mut argv: Vec<String> = [
+        bin.to_str().unwrap(),
+        "serve",
+        "--insecure",
+        "--listen",
+        "127.0.0.1:7801",
+        "--store",
+        "etcd",
+        "--node-prefix",
+        "26",
+    ]
+    .map(str::to_string)
+    .to_vec();
+    argv.extend(tb.etcd_client_args());
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = run(Some(&tb.replica_ns(1)), &argv, Duration::from_secs(20)).unwrap();
     assert!(!out.success(), "{}", out.combined());
     assert!(
         out.combined().contains("node prefix /24") && out.combined().contains("--node-prefix 26"),

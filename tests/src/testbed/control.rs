@@ -40,23 +40,21 @@ impl Testbed {
         format!("{}-etcd{i}", self.prefix)
     }
 
-    /// Starts the 3-member etcd cluster and waits until it is healthy.
+    /// Starts the 3-member etcd cluster and waits until it is healthy. It serves TLS on its
+    /// client and peer ports and requires client certificates, all from the testbed's CA
+    /// (`pki()`: etcd-server.pem for the members, etcd-client-podnet-control.pem for the
+    /// replicas, etcd-client-etcdctl.pem for [`Testbed::etcdctl`]).
     pub fn start_etcd_cluster(&mut self) {
         crate::require_tools(&["etcd", "etcdctl"]);
+        self.make_etcd_pki();
         for i in 1..=etcd_members() {
             self.add_underlay_node(&format!("etcd{i}"), etcd_ip(i));
         }
         for i in 1..=etcd_members() {
             self.start_etcd(i);
         }
-        let ns = self.etcd_ns(1);
-        let endpoints = etcd_endpoints();
         let healthy = wait_for("etcd cluster healthy", Duration::from_secs(30), || {
-            let out = crate::run(
-                Some(&ns),
-                &["etcdctl", "--endpoints", &endpoints, "endpoint", "health"],
-                Duration::from_secs(10),
-            )?;
+            let out = self.etcdctl(&["endpoint", "health"])?;
             if out.success() {
                 Ok(())
             } else {
@@ -68,10 +66,78 @@ impl Testbed {
         }
     }
 
+    /// The CA (made unless the testbed has one) and etcd's certificates.
+    fn make_etcd_pki(&self) {
+        let pki = self.pki();
+        let dir = pki.to_str().expect("utf-8 path");
+        if !pki.join("ca.pem").exists() {
+            self.ca(&["init", "--dir", dir]);
+        }
+        let mut server = vec!["issue", "--dir", dir, "--etcd-server"];
+        let ips: Vec<String> = (1..=etcd_members())
+            .map(|i| etcd_ip(i).to_string())
+            .collect();
+        for ip in &ips {
+            server.extend(["--ip", ip.as_str()]);
+        }
+        self.ca(&server);
+        for client in ["podnet-control", "etcdctl"] {
+            self.ca(&["issue", "--dir", dir, "--etcd-client", client]);
+        }
+    }
+
+    /// `etcdctl ARGS` against the cluster, with its client certificate, from etcd1's
+    /// namespace.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<crate::cmd::Output, String> {
+        let pki = self.pki();
+        let file = |name: &str| pki.join(name).to_str().expect("utf-8 path").to_string();
+        let endpoints = etcd_endpoints();
+        let (ca, cert, key) = (
+            file("ca.pem"),
+            file("etcd-client-etcdctl.pem"),
+            file("etcd-client-etcdctl-key.pem"),
+        );
+        let mut argv = vec![
+            "etcdctl",
+            "--endpoints",
+            &endpoints,
+            "--cacert",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+        ];
+        argv.extend_from_slice(args);
+        crate::run(Some(&self.etcd_ns(1)), &argv, Duration::from_secs(10))
+    }
+
+    /// A replica's flags to reach etcd: the endpoints and its TLS files.
+    pub fn etcd_client_args(&self) -> Vec<String> {
+        let pki = self.pki();
+        let file = |name: &str| pki.join(name).to_str().expect("utf-8 path").to_string();
+        vec![
+            "--etcd-endpoints".into(),
+            etcd_endpoints(),
+            "--etcd-ca".into(),
+            file("ca.pem"),
+            "--etcd-cert".into(),
+            file("etcd-client-podnet-control.pem"),
+            "--etcd-key".into(),
+            file("etcd-client-podnet-control-key.pem"),
+        ]
+    }
+
     /// Starts (or restarts, on its data dir) etcd member i as process `etcdI`.
     pub fn start_etcd(&mut self, i: u8) {
         let data = self.path(&format!("etcd{i}.data"));
-        let argv = etcd_args(i, data.to_str().expect("utf-8 path"), &self.prefix);
+        let pki = self.pki();
+        let argv = etcd_args(
+            i,
+            data.to_str().expect("utf-8 path"),
+            &self.prefix,
+            pki.to_str().expect("utf-8 path"),
+        );
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let ns = self.etcd_ns(i);
         self.start(&format!("etcd{i}"), &ns, &argv);
@@ -79,19 +145,7 @@ impl Testbed {
 
     /// The etcd member (1-3) that leads now, from `etcdctl endpoint status`.
     pub fn etcd_leader(&self) -> Result<u8, String> {
-        let out = crate::run(
-            Some(&self.etcd_ns(1)),
-            &[
-                "etcdctl",
-                "--endpoints",
-                &etcd_endpoints(),
-                "endpoint",
-                "status",
-                "-w",
-                "json",
-            ],
-            Duration::from_secs(10),
-        )?;
+        let out = self.etcdctl(&["endpoint", "status", "-w", "json"])?;
         let status: serde_json::Value =
             serde_json::from_str(&out.stdout).map_err(|e| format!("{e}: {}", out.combined()))?;
         for (i, member) in status.as_array().into_iter().flatten().enumerate() {
@@ -122,14 +176,13 @@ impl Testbed {
             &addr.to_string(),
             "--store",
             "etcd",
-            "--etcd-endpoints",
-            &etcd_endpoints(),
             "--etcd-prefix",
             "/podnet",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        argv.extend(self.etcd_client_args());
         argv.push("--insecure".into());
         argv.extend(self.control_args.iter().cloned());
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();

@@ -77,18 +77,15 @@ pub fn etcd_ip(i: u8) -> Ipv4Addr {
     addr("UNDERLAY", 0, value::<u8>("ETCD_BASE") + i)
 }
 
-/// The etcd client URLs, comma-separated.
+/// The etcd client URLs, comma-separated: `https://`, since a testbed's etcd serves TLS.
 pub fn etcd_endpoints() -> String {
-    let port: u16 = value("ETCD_CLIENT_PORT");
-    (1..=etcd_members())
-        .map(|i| format!("http://{}:{port}", etcd_ip(i)))
-        .collect::<Vec<_>>()
-        .join(",")
+    run_script(&["etcd-endpoints", "https"]).trim().to_string()
 }
 
-/// etcd member i's command line, with its data in `data` and cluster token `token`.
-pub fn etcd_args(i: u8, data: &str, token: &str) -> Vec<String> {
-    run_script(&["etcd-args", &i.to_string(), data, token])
+/// etcd member i's command line, with its data in `data`, cluster token `token`, and TLS on
+/// both ports with the certificates of the CA directory `pki`.
+pub fn etcd_args(i: u8, data: &str, token: &str, pki: &str) -> Vec<String> {
+    run_script(&["etcd-args", &i.to_string(), data, token, pki])
         .lines()
         .map(str::to_owned)
         .collect()
@@ -206,15 +203,20 @@ mod tests {
         assert_eq!(replica_ip(1), Ipv4Addr::new(198, 18, 0, 211));
         assert_eq!(
             etcd_endpoints(),
-            "http://198.18.0.201:2379,http://198.18.0.202:2379,http://198.18.0.203:2379"
+            "https://198.18.0.201:2379,https://198.18.0.202:2379,https://198.18.0.203:2379"
         );
-        let args = etcd_args(2, "/d", "tok");
+        let args = etcd_args(2, "/d", "tok", "/pki");
         assert_eq!(args[..5], ["etcd", "--name", "e2", "--data-dir", "/d"]);
         let cluster = args.iter().position(|a| a == "--initial-cluster").unwrap();
         assert_eq!(
             args[cluster + 1],
-            "e1=http://198.18.0.201:2380,e2=http://198.18.0.202:2380,e3=http://198.18.0.203:2380"
+            "e1=https://198.18.0.201:2380,e2=https://198.18.0.202:2380,e3=https://198.18.0.203:2380"
         );
-        assert!(args.ends_with(&["--initial-cluster-state".into(), "new".into()]));
+        // Client certificates on both ports, from the one CA.
+        for flag in ["--client-cert-auth", "--peer-client-cert-auth"] {
+            assert!(args.iter().any(|a| a == flag), "{flag} missing: {args:?}");
+        }
+        let ca = args.iter().position(|a| a == "--trusted-ca-file").unwrap();
+        assert_eq!(args[ca + 1], "/pki/ca.pem");
     }
 }
