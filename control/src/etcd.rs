@@ -782,8 +782,13 @@ impl Etcd {
         match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(Ok(t)) => Ok(t),
             Ok(Err(e)) => Err(self.failed(&e).await),
-            Err(_) => Err(self.unavailable(format!("no answer within {CALL_TIMEOUT:?}"))),
+            Err(_) => Err(self.timed_out().await),
         }
+    }
+
+    async fn timed_out(&self) -> EtcdError {
+        self.connection.refresh().await;
+        self.unavailable(format!("no answer within {CALL_TIMEOUT:?}"))
     }
 
     /// Stores the cluster layout if this is the first replica, or checks it against the
@@ -936,7 +941,7 @@ impl Etcd {
                 Ok(false)
             }
             Ok(Err(e)) => Err(self.failed(&e).await),
-            Err(_) => Err(self.unavailable(format!("no answer within {CALL_TIMEOUT:?}"))),
+            Err(_) => Err(self.timed_out().await),
         }
     }
 

@@ -325,7 +325,7 @@ fn testbed_script_runs_the_ha_control_plane() {
     let s = Script::new("scha");
     let text = s.up(&["--ha", "--hosts", "2", "--pods-per-host", "1"]);
     assert!(
-        text.contains("HA control: 2 replicas over 3 etcd members"),
+        text.contains("HA control: 2 replicas over 3 etcd members, mTLS"),
         "{text}"
     );
     let (status, text) = s.call(&["status", "--prefix", &s.prefix]);
@@ -349,6 +349,44 @@ fn testbed_script_runs_the_ha_control_plane() {
     for ns in ["etcd1", "etcd2", "etcd3", "c1", "c2"] {
         assert!(netns_exists(&s.ns(ns)), "{ns} missing");
     }
+    // etcd takes only clients with a certificate of the cluster CA; the replicas' records are
+    // there for one that has it.
+    let pki = format!("{}/{}/pki", s.run_dir.display(), s.prefix);
+    let etcdctl = |client: bool| {
+        let mut argv = vec![
+            "etcdctl".to_string(),
+            "--endpoints".into(),
+            "https://198.18.0.201:2379".into(),
+            "--cacert".into(),
+            format!("{pki}/ca.pem"),
+        ];
+        if client {
+            argv.extend([
+                "--cert".into(),
+                format!("{pki}/etcd-client-etcdctl.pem"),
+                "--key".into(),
+                format!("{pki}/etcd-client-etcdctl-key.pem"),
+            ]);
+        }
+        argv.extend([
+            "get".into(),
+            "/podnet/nodes/".into(),
+            "--prefix".into(),
+            "--keys-only".into(),
+        ]);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        s.exec("etcd1", &argv)
+    };
+    let (out, text) = etcdctl(true);
+    assert!(
+        out.status.success() && text.contains("/podnet/nodes/h2"),
+        "{text}"
+    );
+    let (out, text) = etcdctl(false);
+    assert!(
+        !out.status.success(),
+        "etcd served a client without a certificate: {text}"
+    );
     // `up` waited for the full mesh; the pods file says where each pod is.
     let pods = std::fs::read_to_string(s.run_dir.join(&s.prefix).join("pods")).unwrap();
     let to = pods
