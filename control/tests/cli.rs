@@ -527,3 +527,101 @@ async fn policy_commands_apply_list_label_and_refuse_bad_files_whole() {
     assert_eq!(state.policies.keys().collect::<Vec<_>>(), ["x/deny"]);
     assert_eq!(state.namespaces["y"]["team"], "ops");
 }
+
+/// `ca issue` makes etcd's certificates from the cluster CA (a member one for the addresses
+/// given, usable by both ends of etcd's peer connections; a client one per replica), and
+/// `serve --store etcd` refuses TLS flags that do not fit its endpoints before dialling.
+#[test]
+fn ca_issues_etcd_certificates_and_serve_checks_the_etcd_tls_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let ok = |args: &[&str]| {
+        let out = cli(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let refused = |args: &[&str]| {
+        let out = cli(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    ok(&["ca", "init", "--dir", d]);
+    let server = ok(&[
+        "ca",
+        "issue",
+        "--dir",
+        d,
+        "--etcd-server",
+        "--ip",
+        "198.18.0.201",
+    ]);
+    assert!(server.contains("etcd-server.pem"), "{server}");
+    let client = ok(&["ca", "issue", "--dir", d, "--etcd-client", "r1"]);
+    assert!(client.contains("etcd-client-r1.pem"), "{client}");
+    let pem = std::fs::read(dir.path().join("etcd-server.pem")).unwrap();
+    let der = first_cert_der(&pem);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let eku = cert.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.server_auth && eku.client_auth, "{eku:?}");
+    let san = cert.subject_alternative_name().unwrap().unwrap().value;
+    assert!(format!("{san:?}").contains("[198, 18, 0, 201]"), "{san:?}");
+
+    let e = refused(&["ca", "issue", "--dir", d, "--etcd-server"]);
+    assert!(e.contains("--ip or --dns"), "{e}");
+    let e = refused(&[
+        "ca",
+        "issue",
+        "--dir",
+        d,
+        "--etcd-client",
+        "r2",
+        "--ip",
+        "198.18.0.9",
+    ]);
+    assert!(e.contains("--ip and --dns name a server"), "{e}");
+    let e = refused(&["ca", "issue", "--dir", d, "--etcd-client", "bad name"]);
+    assert!(e.contains("--etcd-client \"bad name\""), "{e}");
+
+    let ca = format!("{d}/ca.pem");
+    let serve = |endpoints: &str, tls: &[&str]| {
+        let mut args = vec![
+            "serve",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            endpoints,
+        ];
+        args.extend_from_slice(tls);
+        refused(&args)
+    };
+    let e = serve("https://127.0.0.1:1", &[]);
+    assert!(e.contains("https:// endpoints need --etcd-ca"), "{e}");
+    let e = serve("http://127.0.0.1:1", &["--etcd-ca", &ca]);
+    assert!(e.contains("but these are plain http://"), "{e}");
+    let e = serve(
+        "http://127.0.0.1:1,https://127.0.0.1:2",
+        &["--etcd-ca", &ca],
+    );
+    assert!(e.contains("mixes http:// and https://"), "{e}");
+    let e = serve(
+        "https://127.0.0.1:1",
+        &["--etcd-ca", &format!("{d}/missing.pem")],
+    );
+    assert!(e.contains("--etcd-ca") && e.contains("missing.pem"), "{e}");
+    let e = serve(
+        "https://127.0.0.1:1",
+        &["--etcd-ca", &ca, "--etcd-cert", &ca],
+    );
+    assert!(e.contains("--etcd-key"), "{e}");
+}
+
+/// The DER of the first certificate in a PEM file.
+fn first_cert_der(pem: &[u8]) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem)
+        .unwrap()
+        .to_vec()
+}
