@@ -25,4 +25,4 @@ pub use podnet_control_client::{
 };
 pub use podnet_proto::api;
 pub use server::{Server, ServerConfig, ServerError};
-pub use store::{FileStore, MemoryStore, Store, StoreError};
+pub use store::{Change, FileStore, MemoryStore, Store, StoreError};

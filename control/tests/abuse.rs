@@ -503,7 +503,7 @@ async fn hostile_node_names_are_refused_with_the_reason() {
     assert_eq!(resp.status(), 404);
     json_error(&resp.text().await.unwrap());
 
-    // Nothing was registered and no file but the state file was created.
+    // Nothing was registered and no file but the state file and its log was created.
     let list: Value = reqwest::get(run.url("/v1/nodes"))
         .await
         .unwrap()
@@ -512,10 +512,12 @@ async fn hostile_node_names_are_refused_with_the_reason() {
         .unwrap();
     assert_eq!(list["nodes"].as_array().unwrap().len(), 0);
     serves_others(&run, "ok-1", 1, Duration::from_secs(5)).await;
-    let files: Vec<String> = std::fs::read_dir(dir.path())
+    let mut files: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(files, ["state.json"]);
+    files.sort();
+    // ok-1's registration is the log's first line.
+    assert_eq!(files, ["state.json", "state.json.log"]);
     run.stop().await;
 }

@@ -255,8 +255,8 @@ async fn a_second_service_on_the_same_state_file_refuses_to_start() {
     assert_eq!(client.list().await.unwrap().nodes.len(), 2, "state kept");
 }
 
-/// SIGKILL the service at arbitrary moments while registrations stream in: the state file
-/// always parses and holds every acknowledged registration, and a restart hands each node the
+/// SIGKILL the service at arbitrary moments while registrations stream in: the state file and
+/// its log always load and hold every acknowledged registration, and a restart hands each node the
 /// pod CIDR it was acknowledged with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_survives_sigkill_at_any_moment() {
@@ -327,7 +327,7 @@ async fn state_survives_sigkill_at_any_moment() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     files.sort();
-    assert_eq!(files, ["state.json", "state.json.lock"]);
+    assert_eq!(files, ["state.json", "state.json.lock", "state.json.log"]);
     let client = Client::new(&serve.url(), None).unwrap();
     for (name, i, cidr) in acked {
         assert_eq!(

@@ -671,16 +671,13 @@ impl Store for FlakyStore {
         self.inner.load()
     }
 
-    fn save(
-        &self,
-        state: &podnet_control::state::StoredState,
-    ) -> Result<(), podnet_control::StoreError> {
+    fn save(&self, change: &podnet_control::Change) -> Result<(), podnet_control::StoreError> {
         use std::sync::atomic::Ordering::SeqCst;
         if self.fail.load(SeqCst) {
             return Err(podnet_control::StoreError::Other("disk on fire".into()));
         }
         self.saves.fetch_add(1, SeqCst);
-        self.inner.save(state)
+        self.inner.save(change)
     }
 }
 

@@ -17,7 +17,7 @@ use super::policy::refused;
 use super::shared::{Backend, Core, Shared};
 use crate::policy::{PolicyBook, PolicyChange};
 use crate::state::Registry;
-use crate::store::{Store, StoreError};
+use crate::store::{Change, Store, StoreError};
 
 /// The file store (or memory, in tests) behind one process.
 pub(crate) struct File {
@@ -98,7 +98,7 @@ impl File {
             Err(e) => return refused(e),
         };
         if next.revision() != core.book.revision() {
-            if let Err(e) = save(&self.store, &core.registry, &next).await {
+            if let Err(e) = save(&self.store, Change::Policy(next.state().clone())).await {
                 return store_failed(shared, e);
             }
             core.book = next;
@@ -145,18 +145,19 @@ impl Backend for File {
     }
 }
 
-/// Saves the node table and the policy records together: the file holds both.
-pub(super) async fn save(
-    store: &Arc<dyn Store>,
-    registry: &Registry,
-    book: &PolicyBook,
-) -> Result<(), StoreError> {
-    let mut stored = registry.to_stored();
-    stored.policy = book.state().clone();
+/// Saves `change` off the async threads (a file store fsyncs).
+pub(super) async fn save(store: &Arc<dyn Store>, change: Change) -> Result<(), StoreError> {
     let store = store.clone();
-    tokio::task::spawn_blocking(move || store.save(&stored))
+    tokio::task::spawn_blocking(move || store.save(&change))
         .await
         .map_err(|e| StoreError::Other(e.to_string()))?
+}
+
+/// Everything, for a fresh store: the node table and the policy records.
+pub(super) fn whole(registry: &Registry, book: &PolicyBook) -> Change {
+    let mut stored = registry.to_stored();
+    stored.policy = book.state().clone();
+    Change::Whole(stored)
 }
 
 /// Marks lapsed leases down. Runs often enough that a node is withdrawn within a tenth of the
@@ -192,8 +193,8 @@ pub(super) async fn sweep(store: Arc<dyn Store>, shared: Arc<Shared>) {
 }
 
 /// Makes `next` the registry of record, then records and announces `events`. With `persist`
-/// `next` is saved first, so nothing is acknowledged or announced that a crash could lose;
-/// plain lease renewals skip the write (leases restart on load anyway).
+/// what `next` changed is saved first, so nothing is acknowledged or announced that a crash
+/// could lose; plain lease renewals skip the write (leases restart on load anyway).
 async fn commit(
     store: &Arc<dyn Store>,
     shared: &Shared,
@@ -203,7 +204,7 @@ async fn commit(
     events: impl IntoIterator<Item = WatchEvent>,
 ) -> Result<(), StoreError> {
     if persist {
-        save(store, &next, &core.book).await?;
+        save(store, Change::Nodes(core.registry.delta(&next))).await?;
     }
     core.registry = next;
     for ev in events {

@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, watch, Semaphore};
 use super::answer::error;
 use super::auth::authenticate;
 use super::config::{check, ServerConfig, ServerError};
-use super::file::{save, File};
+use super::file::{save, whole, File};
 use super::guard;
 use super::handlers::{delete_node, get_node, healthz, metrics, put_node};
 use super::layers::{count_requests, json_errors, refuse_declared_oversize};
@@ -66,7 +66,7 @@ impl Server {
             }
             None => {
                 let (registry, book) = (Registry::new(ipam, timing), PolicyBook::default());
-                save(&store, &registry, &book).await?;
+                save(&store, whole(&registry, &book)).await?;
                 tracing::info!("no saved state, starting with an empty node table");
                 (registry, book)
             }
