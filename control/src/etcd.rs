@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use crate::etcd_tls::{self, EtcdTls, Material};
 use crate::ipam::Ipam;
 use crate::policy::PolicyBook;
-use crate::state::{Registry, Timing, STATE_FORMAT};
+use crate::state::{Registry, StoredState, Timing, STATE_FORMAT};
 use podnet_proto::policy::{Labels, NetworkPolicy, PodRecord, PolicyState};
 
 /// A single etcd call may take this long; then the write is answered 503.
@@ -68,6 +68,38 @@ pub enum EtcdError {
     Endpoints(String),
     #[error("etcd TLS: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Copy(String),
+}
+
+/// What [`Etcd::copy_in`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyReport {
+    /// Keys written by this run.
+    pub written: usize,
+    /// Keys an earlier, cut-short run had written already.
+    pub present: usize,
+    /// An earlier run had finished the copy.
+    pub done_before: bool,
+}
+
+/// The `copy` key: which state is being copied in, and whether all of it is.
+#[derive(Serialize, Deserialize)]
+struct CopyMarker {
+    digest: String,
+    done: bool,
+}
+
+/// FNV-1a over every key and value: tells one state's copy from another's.
+fn digest(puts: &[(String, Vec<u8>)]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (k, v) in puts {
+        for b in k.bytes().chain([0]).chain(v.iter().copied()).chain([0]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
 }
 
 /// The layout stored once under `config`.
@@ -127,6 +159,11 @@ impl Keys {
 
     fn config(&self) -> String {
         format!("{}/config", self.prefix)
+    }
+
+    /// Where `store migrate` and `store restore` record what they are copying in.
+    fn copy(&self) -> String {
+        format!("{}/copy", self.prefix)
     }
 
     fn node(&self, name: &str) -> String {
@@ -190,11 +227,16 @@ impl Mirror {
         self.leases.get(name).copied()
     }
 
-    /// Nodes the registry holds as up whose lease is gone: the sweep marks them down.
-    pub fn lapsed<'a>(&'a self, registry: &'a Registry) -> impl Iterator<Item = &'a str> {
+    /// Nodes the registry holds as up whose lease is gone: the sweep marks them down. Not
+    /// before one lease TTL after this replica read the node's record (loaded, or written
+    /// since), so a node copied in without an `alive` key (`store migrate`), or whose lease ran
+    /// out while no replica ran, gets as long to renew as after a file store's restart.
+    pub fn lapsed<'a>(&'a self, registry: &'a Registry, now: u64) -> impl Iterator<Item = &'a str> {
         registry
             .live()
-            .filter(|n| !self.leases.contains_key(&n.name))
+            .filter(move |n| {
+                !self.leases.contains_key(&n.name) && registry.lease_over(&n.name, now)
+            })
             .map(|n| n.name.as_str())
     }
 }
@@ -951,6 +993,190 @@ impl Etcd {
         self.call(kv.get(self.keys.config(), None)).await.map(drop)
     }
 
+    /// The cluster layout stored under the prefix, `None` when it holds no cluster.
+    pub async fn layout(&self) -> Result<Option<(Ipv4Net, u8)>, EtcdError> {
+        let key = self.keys.config();
+        let mut kv = self.client().kv_client();
+        let resp = self.call(kv.get(key.as_str(), None)).await?;
+        let Some(found) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        let layout: Layout =
+            serde_json::from_slice(found.value()).map_err(|e| EtcdError::Corrupt {
+                key: key.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Some((layout.cluster_cidr, layout.node_prefix)))
+    }
+
+    /// Copies `state` in as the replicas keep it: the layout, node records with their pod CIDR
+    /// claims, and the policy records; no `alive` keys, since a replica gives every node that
+    /// is up one lease TTL from its start to renew. Resumable: a copy cut short and run again
+    /// writes only what is missing, and nothing twice. Refuses a prefix that holds a cluster
+    /// other than one this same state was being copied into.
+    pub async fn copy_in(
+        &self,
+        state: &StoredState,
+        timing: Timing,
+        batch: usize,
+    ) -> Result<CopyReport, EtcdError> {
+        let ipam = Ipam::new(state.cluster_cidr, state.node_prefix)
+            .map_err(|e| EtcdError::Copy(format!("the state's layout: {e}")))?;
+        let registry = Registry::restore(ipam, timing, state.clone(), 0)
+            .map_err(|e| EtcdError::Copy(format!("the state does not load: {e}")))?;
+        let mut plan = plan(
+            &self.keys,
+            &Registry::new(ipam, timing),
+            &Mirror::default(),
+            &registry,
+            None,
+            None,
+            0,
+        );
+        let records = plan_records(
+            &self.keys,
+            &Mirror::default(),
+            &PolicyState::default(),
+            &state.policy,
+        );
+        plan.puts.extend(records.puts);
+        let layout = Layout {
+            format: STATE_FORMAT,
+            cluster_cidr: ipam.cluster(),
+            node_prefix: ipam.node_prefix(),
+        };
+        plan.puts.insert(
+            0,
+            (
+                self.keys.config(),
+                serde_json::to_vec(&layout).expect("layouts serialize"),
+            ),
+        );
+        let digest = digest(&plan.puts);
+        let marker = |done: bool| {
+            serde_json::to_vec(&CopyMarker {
+                digest: digest.clone(),
+                done,
+            })
+            .expect("markers serialize")
+        };
+
+        let mut kv = self.client().kv_client();
+        let resp = self
+            .call(kv.get(self.keys.all(), Some(GetOptions::new().with_prefix())))
+            .await?;
+        let existing: HashMap<String, Vec<u8>> = resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                )
+            })
+            .collect();
+        let copy_key = self.keys.copy();
+        match existing
+            .get(&copy_key)
+            .map(|v| serde_json::from_slice::<CopyMarker>(v))
+        {
+            None if existing.is_empty() => {}
+            None => {
+                let nodes = existing
+                    .keys()
+                    .filter(|k| matches!(self.keys.parse(k), Some(Key::Node(_))))
+                    .count();
+                return Err(EtcdError::Copy(format!(
+                    "etcd prefix {} already holds a podnet cluster ({nodes} nodes): copy into an \
+                     empty prefix (--etcd-prefix), or remove that cluster's keys first",
+                    self.keys.prefix
+                )));
+            }
+            Some(Ok(m)) if m.digest == digest && m.done => {
+                return Ok(CopyReport {
+                    written: 0,
+                    present: plan.puts.len(),
+                    done_before: true,
+                });
+            }
+            Some(Ok(m)) if m.digest == digest => {}
+            Some(_) => {
+                return Err(EtcdError::Copy(format!(
+                    "etcd prefix {} holds another copy, begun from a different state: copy into \
+                     an empty prefix, or remove its keys first",
+                    self.keys.prefix
+                )));
+            }
+        }
+        let mut todo = Vec::new();
+        for (key, value) in &plan.puts {
+            match existing.get(key) {
+                Some(v) if v == value => {}
+                Some(_) => {
+                    return Err(EtcdError::Copy(format!(
+                        "{key} holds something other than the state being copied; copy into an \
+                         empty prefix"
+                    )))
+                }
+                None => todo.push((key.clone(), value.clone())),
+            }
+        }
+        let present = plan.puts.len() - todo.len();
+        if !existing.contains_key(&copy_key) {
+            self.put_absent(&[(copy_key.clone(), marker(false))])
+                .await?;
+        }
+        for chunk in todo.chunks(batch.clamp(1, SWEEP_BATCH * 3)) {
+            self.put_absent(chunk).await?;
+        }
+        let mut kv = self.client().kv_client();
+        self.call(kv.put(copy_key.as_str(), marker(true), None))
+            .await?;
+        Ok(CopyReport {
+            written: todo.len(),
+            present,
+            done_before: false,
+        })
+    }
+
+    /// Puts keys that must not exist yet, in one transaction.
+    async fn put_absent(&self, puts: &[(String, Vec<u8>)]) -> Result<(), EtcdError> {
+        let compares: Vec<Compare> = puts
+            .iter()
+            .map(|(k, _)| Compare::create_revision(k.as_str(), CompareOp::Equal, 0))
+            .collect();
+        let ops: Vec<TxnOp> = puts
+            .iter()
+            .map(|(k, v)| TxnOp::put(k.as_str(), v.clone(), None))
+            .collect();
+        let mut kv = self.client().kv_client();
+        let resp = self
+            .call(kv.txn(Txn::new().when(compares).and_then(ops)))
+            .await?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(EtcdError::Copy(format!(
+                "someone else wrote under {} during the copy (at {}): stop every replica and \
+                 copy again",
+                self.keys.prefix, puts[0].0
+            )))
+        }
+    }
+
+    /// Everything under the prefix as one state, in the file store's form (for `store dump`).
+    pub async fn copy_out(&self, timing: Timing) -> Result<Option<StoredState>, EtcdError> {
+        let Some((cidr, prefix)) = self.layout().await? else {
+            return Ok(None);
+        };
+        let ipam = Ipam::new(cidr, prefix)
+            .map_err(|e| EtcdError::Copy(format!("the stored layout: {e}")))?;
+        let loaded = self.load(ipam, timing, 0).await?;
+        let mut state = loaded.registry.to_stored();
+        state.policy = loaded.book.state().clone();
+        Ok(Some(state))
+    }
+
     /// Watches every key under the prefix from `revision` on.
     pub async fn watch(&self, revision: u64) -> Result<WatchStream, EtcdError> {
         let mut watch = self.client().watch_client();
@@ -1168,7 +1394,7 @@ mod tests {
             lease: 0,
         };
         assert!(apply(&k, &mut reg, &mut mirror, &[gone], 0).is_empty());
-        assert_eq!(mirror.lapsed(&reg).collect::<Vec<_>>(), ["h1"]);
+        assert_eq!(mirror.lapsed(&reg, 0).collect::<Vec<_>>(), ["h1"]);
 
         let mut next = reg.clone();
         next.remove("h1", false);
@@ -1184,7 +1410,23 @@ mod tests {
             (events[0].kind, events[0].revision, events[0].node.state),
             (EventType::Deleted, 7, NodeState::Down)
         );
-        assert_eq!(mirror.lapsed(&reg).count(), 0);
+        assert_eq!(mirror.lapsed(&reg, 0).count(), 0);
+    }
+
+    /// A node record without an `alive` key (copied in by `store migrate`, or whose lease ran
+    /// out while no replica ran) is up for one lease TTL from when the replica read it, then
+    /// lapses like any other.
+    #[test]
+    fn an_up_node_without_a_lease_gets_one_ttl_from_its_load_to_renew() {
+        let k = keys();
+        let mut joined = empty();
+        joined.register("h1", &req(1), 0).unwrap();
+        let (mut reg, mut mirror) = (empty(), Mirror::default());
+        let node = joined.node("h1").unwrap();
+        let record = put(k.node("h1"), record_json(node), 3, 0);
+        apply(&k, &mut reg, &mut mirror, &[record], 20_000);
+        assert_eq!(mirror.lapsed(&reg, 19_999).count(), 0, "still in its grace");
+        assert_eq!(mirror.lapsed(&reg, 20_000).collect::<Vec<_>>(), ["h1"]);
     }
 
     /// A graceful leave with purge deletes the record, the claim and the alive key, and

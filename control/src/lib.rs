@@ -9,6 +9,7 @@
 //! types live in `podnet_proto::api`.
 
 pub mod clock;
+pub mod copy;
 pub mod documents;
 pub mod etcd;
 pub mod etcd_tls;

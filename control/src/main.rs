@@ -13,6 +13,7 @@ use ipnet::Ipv4Net;
 use podnet_control::api::{Node, NodeList};
 use podnet_control::client::read_token_file;
 use podnet_control::clock::now_ms;
+use podnet_control::copy::{self, EtcdAccess, Place};
 use podnet_control::documents::read_policies;
 use podnet_control::etcd_tls::EtcdTls;
 use podnet_control::server::{DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_WATCHERS};
@@ -123,6 +124,112 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Copy a cluster's whole state between stores (file:PATH, etcd:URL,...), with every
+    /// node's pod CIDR: grow from the file store to etcd, back up, restore.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+        #[command(flatten)]
+        etcd: EtcdFlags,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy everything from one store into another that holds no cluster. Stop the services
+    /// of both first. Into etcd it is resumable: run again after a failure, it finishes.
+    Migrate {
+        #[arg(long, value_name = "file:PATH|etcd:URL,...")]
+        from: Place,
+        #[arg(long, value_name = "file:PATH|etcd:URL,...")]
+        to: Place,
+        /// Keys per etcd transaction (etcd takes at most 128 operations in one).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=96))]
+        batch: u16,
+    },
+    /// Print a store's whole state as a JSON snapshot (the file store's format).
+    Dump {
+        #[arg(long, value_name = "file:PATH|etcd:URL,...")]
+        from: Place,
+    },
+    /// Write a JSON snapshot (from `store dump`) into a store that holds no cluster.
+    Restore {
+        #[arg(long, value_name = "file:PATH|etcd:URL,...")]
+        to: Place,
+        /// The snapshot, or - for standard input.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=96))]
+        batch: u16,
+    },
+}
+
+/// How `store` reaches an etcd place.
+#[derive(clap::Args)]
+struct EtcdFlags {
+    /// Key prefix of the cluster in etcd.
+    #[arg(long, global = true, default_value = "/podnet")]
+    etcd_prefix: String,
+    /// The CA that signed etcd's certificate, for https:// endpoints.
+    #[arg(long, global = true)]
+    etcd_ca: Option<PathBuf>,
+    /// A client certificate for etcd's --client-cert-auth.
+    #[arg(long, global = true, requires_all = ["etcd_key", "etcd_ca"])]
+    etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert.
+    #[arg(long, global = true, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+}
+
+impl EtcdFlags {
+    fn access(self) -> EtcdAccess {
+        EtcdAccess {
+            prefix: self.etcd_prefix,
+            tls: self.etcd_ca.map(|ca| EtcdTls {
+                ca,
+                client: self.etcd_cert.zip(self.etcd_key),
+            }),
+        }
+    }
+}
+
+async fn store(command: StoreCommand, etcd: EtcdAccess) -> Result<(), CliError> {
+    match command {
+        StoreCommand::Migrate { from, to, batch } => {
+            if from == to {
+                return Err(CliError::Usage("--from and --to are the same store".into()));
+            }
+            let state = copy::read(&from, &etcd).await?;
+            let said = copy::write(&to, &state, &etcd, usize::from(batch)).await?;
+            println!("{said}");
+        }
+        StoreCommand::Dump { from } => {
+            let state = copy::read(&from, &etcd).await?;
+            let text = serde_json::to_string_pretty(&state).expect("states serialize");
+            println!("{text}");
+        }
+        StoreCommand::Restore { to, file, batch } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+            } else {
+                std::fs::read_to_string(&file)
+            }
+            .map_err(|source| CliError::ReadFile {
+                path: file.clone(),
+                source,
+            })?;
+            let state: podnet_control::state::StoredState =
+                serde_json::from_str(&text).map_err(|e| {
+                    CliError::Usage(format!(
+                        "{}: not a snapshot from `store dump` ({e}); nothing written",
+                        file.display()
+                    ))
+                })?;
+            let said = copy::write(&to, &state, &etcd, usize::from(batch)).await?;
+            println!("{said}");
+        }
+    }
+    Ok(())
 }
 
 /// How a command reaches the control service.
@@ -276,6 +383,8 @@ enum CliError {
     Runtime(std::io::Error),
     #[error(transparent)]
     Tls(#[from] podnet_control::tls::TlsError),
+    #[error(transparent)]
+    Copy(#[from] podnet_control::copy::CopyError),
     #[error("{0}")]
     Usage(String),
     #[error("cannot read {path}: {source}")]
@@ -494,6 +603,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Ca { command } => ca(command),
+            Command::Store { command, etcd } => store(command, etcd.access()).await,
         }
     });
     match result {

@@ -578,6 +578,12 @@ impl Registry {
         );
     }
 
+    /// Whether `name`'s lease in this registry ran out by `now` (a node it does not hold has
+    /// none).
+    pub fn lease_over(&self, name: &str, now: u64) -> bool {
+        self.nodes.get(name).is_none_or(|e| now >= e.lease_expires)
+    }
+
     /// Forgets a node the replicated store no longer holds.
     pub fn mirror_remove(&mut self, name: &str) {
         self.nodes.remove(name);

@@ -342,7 +342,7 @@ async fn sweep(shared: Arc<Shared>, r: Replica) {
             let core = shared.core.lock().await;
             let lapsed: Vec<String> = core
                 .mirror
-                .lapsed(&core.registry)
+                .lapsed(&core.registry, now)
                 .take(1)
                 .map(str::to_string)
                 .collect();
@@ -459,7 +459,12 @@ async fn follow(shared: Arc<Shared>, r: Replica) {
             }
             let revision = core.registry.revision();
             core.history.advance_to(revision);
-            if core.mirror.lapsed(&core.registry).next().is_some() {
+            if core
+                .mirror
+                .lapsed(&core.registry, shared.clock.now_ms())
+                .next()
+                .is_some()
+            {
                 r.sweep_now.notify_one();
             }
             r.mirror_revision.send_replace(revision);
