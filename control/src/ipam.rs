@@ -4,7 +4,7 @@
 //! own addresses, so the first node gets 10.244.1.0/24. Which blocks are taken is the caller's
 //! business (the registry knows its nodes); this module only does the arithmetic.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -85,10 +85,10 @@ impl Ipam {
 
     /// The first block not in `taken` at or after `start`, wrapping around: replicas that
     /// allocate at once from different starting points rarely pick the same block.
-    pub fn free_from(&self, taken: &BTreeSet<u32>, start: u32) -> Option<u32> {
+    pub fn free_from<V>(&self, taken: &BTreeMap<u32, V>, start: u32) -> Option<u32> {
         let start = u64::from(start).clamp(1, self.blocks() - 1);
         let mut candidate = start;
-        for &index in taken.range(start as u32..) {
+        for &index in taken.range(start as u32..).map(|(i, _)| i) {
             if u64::from(index) > candidate {
                 break;
             }
@@ -101,10 +101,10 @@ impl Ipam {
     }
 
     /// The lowest block not in `taken`, so allocation is deterministic and compact.
-    pub fn first_free(&self, taken: &BTreeSet<u32>) -> Option<u32> {
+    pub fn first_free<V>(&self, taken: &BTreeMap<u32, V>) -> Option<u32> {
         // Blocks are 1..blocks; walk the sorted taken set for the first gap.
         let mut candidate: u64 = 1;
-        for &index in taken.range(1..) {
+        for &index in taken.range(1..).map(|(i, _)| i) {
             if u64::from(index) > candidate {
                 break;
             }
@@ -118,6 +118,10 @@ impl Ipam {
 mod tests {
     use super::*;
 
+    fn set<const N: usize>(blocks: [u32; N]) -> BTreeMap<u32, ()> {
+        blocks.into_iter().map(|i| (i, ())).collect()
+    }
+
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
     }
@@ -125,7 +129,7 @@ mod tests {
     #[test]
     fn free_from_wraps_and_skips_taken_blocks() {
         let ipam = Ipam::new(net("10.244.0.0/16"), 24).unwrap();
-        let taken: BTreeSet<u32> = [1, 2, 200, 201, 255].into();
+        let taken = set([1, 2, 200, 201, 255]);
         assert_eq!(ipam.free_from(&taken, 200), Some(202));
         assert_eq!(
             ipam.free_from(&taken, 255),
@@ -133,7 +137,7 @@ mod tests {
             "wraps past the last block"
         );
         assert_eq!(ipam.free_from(&taken, 0), Some(3), "block 0 is reserved");
-        let full: BTreeSet<u32> = (1..=255).collect();
+        let full: BTreeMap<u32, ()> = (1..=255).map(|i| (i, ())).collect();
         assert_eq!(ipam.free_from(&full, 17), None);
     }
 
@@ -143,7 +147,7 @@ mod tests {
         assert_eq!(ipam.capacity(), 255);
         assert_eq!(ipam.block(1), net("10.244.1.0/24"));
         assert_eq!(ipam.block(255), net("10.244.255.0/24"));
-        assert_eq!(ipam.first_free(&BTreeSet::new()), Some(1));
+        assert_eq!(ipam.first_free(&BTreeMap::<u32, ()>::new()), Some(1));
         assert_eq!(ipam.index_of(net("10.244.7.0/24")), Some(7));
         assert_eq!(ipam.index_of(net("10.244.0.0/24")), None, "reserved block");
         assert_eq!(ipam.index_of(net("10.245.7.0/24")), None, "outside");
@@ -154,9 +158,9 @@ mod tests {
     fn first_free_fills_gaps_then_runs_out() {
         let ipam = Ipam::new(net("10.244.0.0/22"), 24).unwrap();
         assert_eq!(ipam.capacity(), 3);
-        let mut taken = BTreeSet::from([1, 3]);
+        let mut taken = set([1, 3]);
         assert_eq!(ipam.first_free(&taken), Some(2));
-        taken.insert(2);
+        taken.insert(2, ());
         assert_eq!(ipam.first_free(&taken), None);
         taken.remove(&1);
         assert_eq!(ipam.first_free(&taken), Some(1));

@@ -209,15 +209,7 @@ async fn store(command: StoreCommand, etcd: EtcdAccess) -> Result<(), CliError> 
             println!("{text}");
         }
         StoreCommand::Restore { to, file, batch } => {
-            let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin())
-            } else {
-                std::fs::read_to_string(&file)
-            }
-            .map_err(|source| CliError::ReadFile {
-                path: file.clone(),
-                source,
-            })?;
+            let text = read_input(&file)?;
             let state: podnet_control::state::StoredState =
                 serde_json::from_str(&text).map_err(|e| {
                     CliError::Usage(format!(
@@ -450,6 +442,19 @@ fn ca(command: CaCommand) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The contents of `file`, or of standard input for `-`.
+fn read_input(file: &std::path::Path) -> Result<String, CliError> {
+    if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(file)
+    }
+    .map_err(|source| CliError::ReadFile {
+        path: file.to_path_buf(),
+        source,
+    })
+}
+
 /// `NS/NAME` split in two.
 fn split_key<'a>(key: &'a str, what: &str) -> Result<(&'a str, &'a str), CliError> {
     key.split_once('/')
@@ -464,15 +469,7 @@ fn split_key<'a>(key: &'a str, what: &str) -> Result<(&'a str, &'a str), CliErro
 async fn policy(command: PolicyCommand, client: &Client) -> Result<(), CliError> {
     match command {
         PolicyCommand::Apply { file } => {
-            let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin())
-            } else {
-                std::fs::read_to_string(&file)
-            }
-            .map_err(|source| CliError::ReadFile {
-                path: file.clone(),
-                source,
-            })?;
+            let text = read_input(&file)?;
             let batch = read_policies(&text).map_err(|e| {
                 CliError::Usage(format!("{}: {e}; nothing applied", file.display()))
             })?;

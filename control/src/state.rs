@@ -147,6 +147,27 @@ pub enum RestoreError {
     },
 }
 
+/// How to take back one [`Registry::register_in_place`].
+#[derive(Debug)]
+pub struct Undo {
+    revision: u64,
+    name: String,
+    before: Option<Entry>,
+    reclaimed: Option<(String, Entry)>,
+}
+
+impl Undo {
+    /// What the registration changed, for the store: the node, and the down node whose block
+    /// it took; `registry` is the registry it was made in.
+    pub fn delta(&self, registry: &Registry, done: &Registered) -> NodeDelta {
+        NodeDelta {
+            revision: registry.revision,
+            put: vec![done.node.clone()],
+            removed: self.reclaimed.iter().map(|(n, _)| n.clone()).collect(),
+        }
+    }
+}
+
 /// What a registration did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Registered {
@@ -176,6 +197,9 @@ pub struct Registry {
     timing: Timing,
     revision: u64,
     nodes: BTreeMap<String, Entry>,
+    /// The holder of each block, by index: allocation looks here rather than at every node.
+    /// Kept in step with `nodes` by [`Registry::put_entry`] and [`Registry::take_entry`].
+    blocks: BTreeMap<u32, String>,
     /// Blocks promised to writes still in flight (the etcd store), never handed out twice.
     held: BTreeSet<u32>,
     /// Start each search for a free block at a point given by the node's name, instead of
@@ -190,8 +214,39 @@ impl Registry {
             timing,
             revision: 0,
             nodes: BTreeMap::new(),
+            blocks: BTreeMap::new(),
             held: BTreeSet::new(),
             spread: false,
+        }
+    }
+
+    /// Sets `name`'s entry, its block with it; returns the entry it replaced.
+    fn put_entry(&mut self, name: String, entry: Entry) -> Option<Entry> {
+        if let Some(index) = self.ipam.index_of(entry.node.pod_cidr) {
+            self.blocks.insert(index, name.clone());
+        }
+        let old = self.nodes.insert(name.clone(), entry);
+        if let Some(old) = &old {
+            self.release_block(&name, old.node.pod_cidr);
+        }
+        old
+    }
+
+    /// Removes `name`'s entry, and its block unless another node holds that now.
+    fn take_entry(&mut self, name: &str) -> Option<Entry> {
+        let old = self.nodes.remove(name)?;
+        self.release_block(name, old.node.pod_cidr);
+        Some(old)
+    }
+
+    fn release_block(&mut self, name: &str, net: Ipv4Net) {
+        let Some(index) = self.ipam.index_of(net) else {
+            return;
+        };
+        let same = |holder: &String| holder == name;
+        let stays = self.nodes.get(name).is_some_and(|e| e.node.pod_cidr == net);
+        if !stays && self.blocks.get(&index).is_some_and(same) {
+            self.blocks.remove(&index);
         }
     }
 
@@ -235,7 +290,7 @@ impl Registry {
                 });
             }
             let lease_expires = now + timing.lease_ttl_ms;
-            registry.nodes.insert(
+            registry.put_entry(
                 node.name.clone(),
                 Entry {
                     node,
@@ -302,6 +357,48 @@ impl Registry {
         req: &RegisterRequest,
         now: u64,
     ) -> Result<Registered, RegisterError> {
+        self.register_inner(name, req, now).map(|(done, _)| done)
+    }
+
+    /// [`Registry::register`] in place, with the undo for when the store does not take the
+    /// change: no copy of the registry per registration.
+    pub fn register_in_place(
+        &mut self,
+        name: &str,
+        req: &RegisterRequest,
+        now: u64,
+    ) -> Result<(Registered, Undo), RegisterError> {
+        let revision = self.revision;
+        let before = self.nodes.get(name).cloned();
+        let (done, reclaimed) = self.register_inner(name, req, now)?;
+        let undo = Undo {
+            revision,
+            name: name.to_string(),
+            before,
+            reclaimed,
+        };
+        Ok((done, undo))
+    }
+
+    /// Takes back a registration made by [`Registry::register_in_place`].
+    pub fn undo(&mut self, undo: Undo) {
+        self.revision = undo.revision;
+        self.take_entry(&undo.name);
+        if let Some(entry) = undo.before {
+            self.put_entry(undo.name, entry);
+        }
+        if let Some((name, entry)) = undo.reclaimed {
+            self.put_entry(name, entry);
+        }
+    }
+
+    /// The registration, and the down node whose block it reclaimed.
+    fn register_inner(
+        &mut self,
+        name: &str,
+        req: &RegisterRequest,
+        now: u64,
+    ) -> Result<(Registered, Option<(String, Entry)>), RegisterError> {
         validate_node_name(name).map_err(|source| RegisterError::BadName {
             name: name.to_string(),
             source,
@@ -348,10 +445,11 @@ impl Registry {
             entry.lease_expires = lease_expires;
             node.last_heartbeat = now;
             let Some(kind) = kind else {
-                return Ok(Registered {
+                let done = Registered {
                     node: node.clone(),
                     event: None,
-                });
+                };
+                return Ok((done, None));
             };
             self.revision += 1;
             node.underlay_ip = ip;
@@ -361,13 +459,14 @@ impl Registry {
             node.state = NodeState::Up;
             node.revision = self.revision;
             let node = node.clone();
-            return Ok(Registered {
+            let done = Registered {
                 event: Some(event(kind, &node)),
                 node,
-            });
+            };
+            return Ok((done, None));
         }
 
-        let index = self.allocate(name, now)?;
+        let (index, reclaimed) = self.allocate(name, now)?;
         self.revision += 1;
         let node = Node {
             name: name.to_string(),
@@ -380,35 +479,45 @@ impl Registry {
             last_heartbeat: now,
             revision: self.revision,
         };
-        self.nodes.insert(
+        self.put_entry(
             name.to_string(),
             Entry {
                 node: node.clone(),
                 lease_expires,
             },
         );
-        Ok(Registered {
+        let done = Registered {
             event: Some(event(EventType::Added, &node)),
             node,
-        })
+        };
+        Ok((done, reclaimed))
     }
 
-    /// A free block, else the block of the down node whose reservation ran out longest ago.
-    fn allocate(&mut self, name: &str, now: u64) -> Result<u32, RegisterError> {
-        let mut taken: BTreeSet<u32> = self
-            .nodes
-            .values()
-            .filter_map(|e| self.ipam.index_of(e.node.pod_cidr))
-            .collect();
-        taken.extend(&self.held);
+    /// A free block, else the block of the down node whose reservation ran out longest ago
+    /// (returned with that node's entry, which is removed).
+    #[allow(clippy::type_complexity)]
+    fn allocate(
+        &mut self,
+        name: &str,
+        now: u64,
+    ) -> Result<(u32, Option<(String, Entry)>), RegisterError> {
+        let with_held;
+        let taken = if self.held.is_empty() {
+            &self.blocks
+        } else {
+            let mut all = self.blocks.clone();
+            all.extend(self.held.iter().map(|&i| (i, String::new())));
+            with_held = all;
+            &with_held
+        };
         let free = if self.spread {
             self.ipam
-                .free_from(&taken, spread_start(name, self.ipam.capacity()))
+                .free_from(taken, spread_start(name, self.ipam.capacity()))
         } else {
-            self.ipam.first_free(&taken)
+            self.ipam.first_free(taken)
         };
         if let Some(index) = free {
-            return Ok(index);
+            return Ok((index, None));
         }
         let reclaimable = self
             .nodes
@@ -418,11 +527,12 @@ impl Registry {
             .map(|e| e.node.name.clone());
         match reclaimable {
             Some(name) => {
-                let entry = self.nodes.remove(&name).expect("name taken from the map");
-                Ok(self
+                let entry = self.take_entry(&name).expect("name taken from the map");
+                let index = self
                     .ipam
                     .index_of(entry.node.pod_cidr)
-                    .expect("validated on insert"))
+                    .expect("validated on insert");
+                Ok((index, Some((name, entry))))
             }
             None => Err(RegisterError::Exhausted {
                 cluster: self.ipam.cluster(),
@@ -451,7 +561,7 @@ impl Registry {
             None
         };
         if purge {
-            self.nodes.remove(name);
+            self.take_entry(name);
         }
         Some(event)
     }
@@ -468,13 +578,20 @@ impl Registry {
                 events.push(event(EventType::Deleted, &entry.node));
             }
         }
-        let before = self.nodes.len();
         let reclaim_after = self.timing.reclaim_after_ms;
-        self.nodes.retain(|_, e| {
-            e.node.state == NodeState::Up
-                || now < e.node.last_heartbeat.saturating_add(reclaim_after)
-        });
-        let changed = !events.is_empty() || self.nodes.len() != before;
+        let forgotten: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|e| {
+                e.node.state == NodeState::Down
+                    && now >= e.node.last_heartbeat.saturating_add(reclaim_after)
+            })
+            .map(|e| e.node.name.clone())
+            .collect();
+        for name in &forgotten {
+            self.take_entry(name);
+        }
+        let changed = !events.is_empty() || !forgotten.is_empty();
         (events, changed)
     }
 
@@ -567,9 +684,10 @@ impl Registry {
     }
 
     /// Sets a node as a replicated store holds it (the etcd store's local mirror): its lease
-    /// is the store's, so `lease_expires` here only feeds the "lease ends in" of a refusal.
+    /// is the store's, so `lease_expires` here only feeds the "lease ends in" of a refusal and
+    /// the time a node without a lease gets to renew ([`Registry::lease_over`]).
     pub fn mirror_put(&mut self, node: Node, lease_expires: u64) {
-        self.nodes.insert(
+        self.put_entry(
             node.name.clone(),
             Entry {
                 node,
@@ -586,7 +704,7 @@ impl Registry {
 
     /// Forgets a node the replicated store no longer holds.
     pub fn mirror_remove(&mut self, name: &str) {
-        self.nodes.remove(name);
+        self.take_entry(name);
     }
 
     /// The replicated store's revision this mirror has caught up with.
@@ -1009,7 +1127,8 @@ mod tests {
     proptest::proptest! {
         /// Whatever a step does (join, change, leave, purge, lapse, reclaim of a down node's
         /// block for a newcomer), the delta applied to the stored state before it gives the
-        /// stored state after it: the file store's log loses nothing.
+        /// stored state after it: the file store's log loses nothing. A registration in place
+        /// is undone exactly, and the block index follows every step.
         #[test]
         fn a_delta_applied_to_the_state_before_gives_the_state_after(
             steps in proptest::collection::vec((0u8..6, 1u8..12, 0u64..50_000), 1..60)
@@ -1025,15 +1144,39 @@ mod tests {
                 now += dt;
                 let name = format!("n{n}");
                 let mut next = reg.clone();
+                let request = match op {
+                    2 => RegisterRequest { encap: Encap::Ipip, ..req(n) },
+                    _ => req(n),
+                };
                 match op {
-                    0 | 1 => { let _ = next.register(&name, &req(n), now); }
-                    2 => { let _ = next.register(&name, &RegisterRequest { encap: Encap::Ipip, ..req(n) }, now); }
+                    0..=2 => {
+                        // In place, as the file store registers: its delta is the change, and
+                        // its undo gives back the registry before it.
+                        let mut undone = reg.clone();
+                        if let Ok((done, undo)) = undone.register_in_place(&name, &request, now) {
+                            if done.event.is_some() {
+                                let mut after = stored.clone();
+                                after.apply(&undo.delta(&undone, &done));
+                                proptest::prop_assert_eq!(&after, &undone.to_stored());
+                            }
+                            undone.undo(undo);
+                        }
+                        proptest::prop_assert_eq!(&undone.to_stored(), &stored);
+                        proptest::prop_assert_eq!(&undone.blocks, &reg.blocks);
+                        let _ = next.register(&name, &request, now);
+                    }
                     3 => { next.remove(&name, false); }
                     4 => { next.remove(&name, true); }
                     _ => { next.expire(now); }
                 }
                 stored.apply(&reg.delta(&next));
                 proptest::prop_assert_eq!(&stored, &next.to_stored());
+                // The block index is every node's block, by holder.
+                let blocks: BTreeMap<u32, String> = next
+                    .nodes()
+                    .map(|n| (next.ipam.index_of(n.pod_cidr).unwrap(), n.name.clone()))
+                    .collect();
+                proptest::prop_assert_eq!(&next.blocks, &blocks);
                 reg = next;
             }
         }

@@ -213,28 +213,12 @@ fn concurrent_registrations_on_two_replicas_get_distinct_cidrs() {
     }
 
     // A third replica with another layout refuses to start and says which value differs.
-    let bin = podnet_bin("podnet-control");
-    let mut argv: Vec<String> = [
-        bin.to_str().unwrap(),
-        "serve",
-        "--insecure",
-        "--listen",
-        "127.0.0.1:7801",
-        "--store",
-        "etcd",
-        "--node-prefix",
-        "26",
-    ]
-    .map(str::to_string)
-    .to_vec();
-    argv.extend(tb.etcd_client_args());
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let out = run(Some(&tb.replica_ns(1)), &argv, Duration::from_secs(20)).unwrap();
-    assert!(!out.success(), "{}", out.combined());
+    let mut flags = vec!["--node-prefix".to_string(), "26".into()];
+    flags.extend(tb.etcd_client_args());
+    let text = refused_replica(&tb, &flags);
     assert!(
-        out.combined().contains("node prefix /24") && out.combined().contains("--node-prefix 26"),
-        "{}",
-        out.combined()
+        text.contains("node prefix /24") && text.contains("--node-prefix 26"),
+        "{text}"
     );
 }
 
@@ -606,9 +590,9 @@ fn policy_records_are_shared_by_replicas() {
     assert!(state["policies"]["x/deny"].is_object(), "{state}");
 }
 
-/// `podnet-control serve` over this testbed's etcd with `etcd_flags`, in replica 1's namespace;
-/// it must fail, and its output is returned.
-fn refused_replica(tb: &Testbed, etcd_flags: &[String]) -> String {
+/// `podnet-control serve --store etcd` with `flags`, in replica 1's namespace; it must fail,
+/// and its output is returned.
+fn refused_replica(tb: &Testbed, flags: &[String]) -> String {
     let bin = podnet_bin("podnet-control");
     let mut argv: Vec<String> = [
         bin.to_str().unwrap(),
@@ -621,10 +605,10 @@ fn refused_replica(tb: &Testbed, etcd_flags: &[String]) -> String {
     ]
     .map(str::to_string)
     .to_vec();
-    argv.extend_from_slice(etcd_flags);
+    argv.extend_from_slice(flags);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let out = run(Some(&tb.replica_ns(1)), &argv, Duration::from_secs(30)).unwrap();
-    assert!(!out.success(), "it served with {etcd_flags:?}");
+    assert!(!out.success(), "it served with {flags:?}");
     out.combined()
 }
 

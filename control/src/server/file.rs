@@ -35,8 +35,12 @@ impl File {
                 return register_answer(shared, &node, "renewed");
             }
         }
-        let mut next = core.registry.clone();
-        let done = match next.register(name, req, shared.clock.now_ms()) {
+        // In place, undone if the store does not take it: copying the registry per
+        // registration would make a cold start grow with the square of the nodes.
+        let (done, undo) = match core
+            .registry
+            .register_in_place(name, req, shared.clock.now_ms())
+        {
             Ok(done) => done,
             Err(e) => {
                 let (status, kind) = refusal(&e);
@@ -44,17 +48,13 @@ impl File {
                 return error(status, kind, e.to_string());
             }
         };
-        if let Err(e) = commit(
-            &self.store,
-            shared,
-            &mut core,
-            next,
-            done.changed(),
-            done.event.clone(),
-        )
-        .await
-        {
-            return store_failed(shared, e);
+        if let Some(event) = &done.event {
+            let delta = undo.delta(&core.registry, &done);
+            if let Err(e) = save(&self.store, Change::Nodes(delta)).await {
+                core.registry.undo(undo);
+                return store_failed(shared, e);
+            }
+            announce(shared, &mut core, [event.clone()]);
         }
         let result = match &done.event {
             None => "renewed",
@@ -207,10 +207,15 @@ async fn commit(
         save(store, Change::Nodes(core.registry.delta(&next))).await?;
     }
     core.registry = next;
+    announce(shared, core, events);
+    Ok(())
+}
+
+/// Records `events` in the history and sends them to the watchers.
+fn announce(shared: &Shared, core: &mut Core, events: impl IntoIterator<Item = WatchEvent>) {
     for ev in events {
         core.history.push(ev.clone());
         // No receivers is fine: nobody is watching.
         let _ = shared.events.send(ev);
     }
-    Ok(())
 }
