@@ -102,7 +102,14 @@ impl Ipam {
 
     /// The lowest block not in `taken`, so allocation is deterministic and compact.
     pub fn first_free<V>(&self, taken: &BTreeMap<u32, V>) -> Option<u32> {
-        // Blocks are 1..blocks; walk the sorted taken set for the first gap.
+        // Blocks are 1..blocks. Taken blocks 1..=N with no gap (a cluster that only grew) are
+        // told by their count and the last one, without a walk.
+        let last = taken.last_key_value().map_or(0, |(&i, _)| u64::from(i));
+        let from_one = taken.first_key_value().is_some_and(|(&i, _)| i == 1);
+        if from_one && taken.len() as u64 == last {
+            return (last + 1 < self.blocks()).then_some(last as u32 + 1);
+        }
+        // Otherwise walk the sorted taken set for the first gap.
         let mut candidate: u64 = 1;
         for &index in taken.range(1..).map(|(i, _)| i) {
             if u64::from(index) > candidate {
@@ -158,6 +165,11 @@ mod tests {
     fn first_free_fills_gaps_then_runs_out() {
         let ipam = Ipam::new(net("10.244.0.0/22"), 24).unwrap();
         assert_eq!(ipam.capacity(), 3);
+        assert_eq!(
+            ipam.first_free(&set([1, 2])),
+            Some(3),
+            "dense: the next one"
+        );
         let mut taken = set([1, 3]);
         assert_eq!(ipam.first_free(&taken), Some(2));
         taken.insert(2, ());

@@ -412,8 +412,9 @@ impl Registry {
             Some(mac) => mac,
             None => MacAddr::vtep_for(ip),
         };
+        // The address first: comparing it is cheap, and it rarely matches.
         if let Some(holder) = self.nodes.values().find(|e| {
-            e.node.name != name && e.node.state == NodeState::Up && e.node.underlay_ip == ip
+            e.node.underlay_ip == ip && e.node.state == NodeState::Up && e.node.name != name
         }) {
             return Err(RegisterError::UnderlayTaken {
                 underlay_ip: ip,
