@@ -200,6 +200,9 @@ pub struct Registry {
     /// The holder of each block, by index: allocation looks here rather than at every node.
     /// Kept in step with `nodes` by [`Registry::put_entry`] and [`Registry::take_entry`].
     blocks: BTreeMap<u32, String>,
+    /// Every node by underlay address, kept like `blocks`: the check that a registration's
+    /// address is free reads the few nodes at it, not every node.
+    underlays: BTreeSet<(Ipv4Addr, String)>,
     /// Blocks promised to writes still in flight (the etcd store), never handed out twice.
     held: BTreeSet<u32>,
     /// Start each search for a free block at a point given by the node's name, instead of
@@ -215,6 +218,7 @@ impl Registry {
             revision: 0,
             nodes: BTreeMap::new(),
             blocks: BTreeMap::new(),
+            underlays: BTreeSet::new(),
             held: BTreeSet::new(),
             spread: false,
         }
@@ -225,10 +229,13 @@ impl Registry {
         if let Some(index) = self.ipam.index_of(entry.node.pod_cidr) {
             self.blocks.insert(index, name.clone());
         }
+        let ip = entry.node.underlay_ip;
         let old = self.nodes.insert(name.clone(), entry);
         if let Some(old) = &old {
             self.release_block(&name, old.node.pod_cidr);
+            self.underlays.remove(&(old.node.underlay_ip, name.clone()));
         }
+        self.underlays.insert((ip, name));
         old
     }
 
@@ -236,6 +243,8 @@ impl Registry {
     fn take_entry(&mut self, name: &str) -> Option<Entry> {
         let old = self.nodes.remove(name)?;
         self.release_block(name, old.node.pod_cidr);
+        self.underlays
+            .remove(&(old.node.underlay_ip, name.to_string()));
         Some(old)
     }
 
@@ -412,13 +421,22 @@ impl Registry {
             Some(mac) => mac,
             None => MacAddr::vtep_for(ip),
         };
-        // The address first: comparing it is cheap, and it rarely matches.
-        if let Some(holder) = self.nodes.values().find(|e| {
-            e.node.underlay_ip == ip && e.node.state == NodeState::Up && e.node.name != name
-        }) {
+        let holder = self
+            .underlays
+            .range((ip, String::new())..)
+            .take_while(|(at, _)| *at == ip)
+            .map(|(_, holder)| holder)
+            .find(|&holder| {
+                holder != name
+                    && self
+                        .nodes
+                        .get(holder)
+                        .is_some_and(|e| e.node.state == NodeState::Up)
+            });
+        if let Some(holder) = holder {
             return Err(RegisterError::UnderlayTaken {
                 underlay_ip: ip,
-                holder: holder.node.name.clone(),
+                holder: holder.clone(),
             });
         }
         let lease_expires = now + self.timing.lease_ttl_ms;
@@ -453,6 +471,10 @@ impl Registry {
                 return Ok((done, None));
             };
             self.revision += 1;
+            if node.underlay_ip != ip {
+                self.underlays.remove(&(node.underlay_ip, name.to_string()));
+                self.underlays.insert((ip, name.to_string()));
+            }
             node.underlay_ip = ip;
             node.encap = req.encap;
             node.vtep_mac = vtep_mac;
@@ -1145,16 +1167,27 @@ mod tests {
                 now += dt;
                 let name = format!("n{n}");
                 let mut next = reg.clone();
+                // Op 2 moves the node to another's address, or changes its encapsulation.
                 let request = match op {
-                    2 => RegisterRequest { encap: Encap::Ipip, ..req(n) },
+                    2 => RegisterRequest { encap: Encap::Ipip, ..req(n % 4 + 1) },
                     _ => req(n),
                 };
+                let up_at_address = reg.nodes().any(|node| {
+                    node.underlay_ip == request.underlay_ip
+                        && node.state == NodeState::Up
+                        && node.name != name
+                });
                 match op {
                     0..=2 => {
                         // In place, as the file store registers: its delta is the change, and
                         // its undo gives back the registry before it.
                         let mut undone = reg.clone();
-                        if let Ok((done, undo)) = undone.register_in_place(&name, &request, now) {
+                        let result = undone.register_in_place(&name, &request, now);
+                        proptest::prop_assert_eq!(
+                            matches!(result, Err(RegisterError::UnderlayTaken { .. })),
+                            up_at_address
+                        );
+                        if let Ok((done, undo)) = result {
                             if done.event.is_some() {
                                 let mut after = stored.clone();
                                 after.apply(&undo.delta(&undone, &done));
@@ -1164,6 +1197,7 @@ mod tests {
                         }
                         proptest::prop_assert_eq!(&undone.to_stored(), &stored);
                         proptest::prop_assert_eq!(&undone.blocks, &reg.blocks);
+                        proptest::prop_assert_eq!(&undone.underlays, &reg.underlays);
                         let _ = next.register(&name, &request, now);
                     }
                     3 => { next.remove(&name, false); }
@@ -1178,6 +1212,9 @@ mod tests {
                     .map(|n| (next.ipam.index_of(n.pod_cidr).unwrap(), n.name.clone()))
                     .collect();
                 proptest::prop_assert_eq!(&next.blocks, &blocks);
+                let underlays: BTreeSet<(Ipv4Addr, String)> =
+                    next.nodes().map(|n| (n.underlay_ip, n.name.clone())).collect();
+                proptest::prop_assert_eq!(&next.underlays, &underlays);
                 reg = next;
             }
         }
