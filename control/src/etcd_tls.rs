@@ -167,7 +167,7 @@ pub fn advice(error: &str, dial: Dial) -> Option<&'static str> {
             "etcd answers plain HTTP on an https:// endpoint: give its http:// URLs without the \
              --etcd-* flags, or start etcd with TLS (--cert-file, --key-file)",
         )
-    } else if !any(&["connection closed", "connectionreset", "connection reset"]) {
+    } else if !closed_by_peer(&e) {
         None
     } else if !dial.https {
         // A TLS port closes a plain HTTP/2 connection without a word.
@@ -190,6 +190,31 @@ pub fn advice(error: &str, dial: Dial) -> Option<&'static str> {
              certificate\", give --etcd-cert and --etcd-key",
         )
     }
+}
+
+/// Whether a failed call's error (lower case) is etcd ending a connection it had accepted:
+/// what a refused handshake, or TLS on one side only, looks like when no alert got through.
+/// hyper words it as closed, canceled, not ready, reset or a broken pipe, depending on when it
+/// noticed, so this goes by what it is not: no connection at all, or no answer in time.
+fn closed_by_peer(e: &str) -> bool {
+    let any = |words: &[&str]| words.iter().any(|w| e.contains(w));
+    let transport = any(&[
+        "transport error",
+        "operation was canceled",
+        "connection closed",
+    ]);
+    let unreached = any(&[
+        "connection refused",
+        "connectionrefused",
+        "timed out",
+        "timedout",
+        "deadline",
+        "no route",
+        "unreachable",
+        "dns error",
+        "failed to lookup",
+    ]);
+    transport && !unreached
 }
 
 #[cfg(test)]
@@ -274,6 +299,16 @@ mod tests {
                 plain,
                 "https://",
             ),
+            (
+                "transport error: hyper::Error(Io, Custom { kind: BrokenPipe })",
+                plain,
+                "https://",
+            ),
+            (
+                "operation was canceled: hyper::Error(Canceled, \"connection was not ready\")",
+                tls,
+                "failed to verify client certificate",
+            ),
             (closed, tls, "failed to verify client certificate"),
             (closed, no_cert, "give --etcd-cert"),
         ] {
@@ -281,6 +316,13 @@ mod tests {
             assert!(advice.contains(says), "{error} ({dial:?}): {advice}");
         }
         assert_eq!(advice("connection refused", tls), None);
+        for unreached in [
+            "transport error: tcp connect error: Connection refused (os error 111)",
+            "transport error: tcp connect error: deadline has elapsed",
+            "transport error: No route to host (os error 113)",
+        ] {
+            assert_eq!(advice(unreached, plain), None, "{unreached}");
+        }
     }
 
     #[test]
