@@ -200,8 +200,9 @@ pub struct Registry {
     /// The holder of each block, by index: allocation looks here rather than at every node.
     /// Kept in step with `nodes` by [`Registry::put_entry`] and [`Registry::take_entry`].
     blocks: BTreeMap<u32, String>,
-    /// Every node by underlay address, kept like `blocks`: the check that a registration's
-    /// address is free reads the few nodes at it, not every node.
+    /// Every node by underlay address, kept like `blocks` (and by `register_inner`, the one
+    /// place an entry's address changes in place): the check that a registration's address
+    /// is free reads the few nodes at it, not every node.
     underlays: BTreeSet<(Ipv4Addr, String)>,
     /// Blocks promised to writes still in flight (the etcd store), never handed out twice.
     held: BTreeSet<u32>,
@@ -224,7 +225,8 @@ impl Registry {
         }
     }
 
-    /// Sets `name`'s entry, its block with it; returns the entry it replaced.
+    /// Sets `name`'s entry, and its block and address in the indexes; returns the entry it
+    /// replaced.
     fn put_entry(&mut self, name: String, entry: Entry) -> Option<Entry> {
         if let Some(index) = self.ipam.index_of(entry.node.pod_cidr) {
             self.blocks.insert(index, name.clone());
@@ -239,7 +241,8 @@ impl Registry {
         old
     }
 
-    /// Removes `name`'s entry, and its block unless another node holds that now.
+    /// Removes `name`'s entry and its address, and its block unless another node holds that
+    /// now.
     fn take_entry(&mut self, name: &str) -> Option<Entry> {
         let old = self.nodes.remove(name)?;
         self.release_block(name, old.node.pod_cidr);
