@@ -681,6 +681,8 @@ struct Connection {
     endpoints: Vec<String>,
     tls: Option<EtcdTls>,
     current: Mutex<(etcd_client::Client, Option<Material>)>,
+    /// Why the files on disk were last found unusable: said once, not at every failed call.
+    unusable: Mutex<Option<String>>,
 }
 
 impl Connection {
@@ -712,10 +714,7 @@ impl Connection {
         let Some(tls) = &self.tls else { return };
         let material = match tls.read() {
             Ok(m) => m,
-            Err(e) => {
-                tracing::warn!("etcd TLS files not usable, keeping the loaded ones: {e}");
-                return;
-            }
+            Err(e) => return self.unusable(format!("keeping the loaded ones: {e}")),
         };
         if self.current.lock().expect("etcd client lock").1.as_ref() == Some(&material) {
             return;
@@ -724,8 +723,17 @@ impl Connection {
             Ok(client) => {
                 tracing::info!("etcd TLS files changed on disk; dialling with the new ones");
                 *self.current.lock().expect("etcd client lock") = (client, Some(material));
+                *self.unusable.lock().expect("etcd client lock") = None;
             }
-            Err(e) => tracing::warn!("etcd TLS files changed, but unusable: {e}"),
+            Err(e) => self.unusable(format!("they changed, but do not load: {e}")),
+        }
+    }
+
+    fn unusable(&self, why: String) {
+        let mut last = self.unusable.lock().expect("etcd client lock");
+        if last.as_deref() != Some(why.as_str()) {
+            tracing::warn!("etcd TLS files not usable, {why}");
+            *last = Some(why);
         }
     }
 }
@@ -773,6 +781,7 @@ impl Etcd {
                 endpoints: endpoints.to_vec(),
                 tls,
                 current: Mutex::new((client, material)),
+                unusable: Mutex::new(None),
             }),
             keys: Keys::new(prefix),
             endpoints: joined,
