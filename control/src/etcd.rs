@@ -92,14 +92,10 @@ struct CopyMarker {
 
 /// FNV-1a over every key and value: tells one state's copy from another's.
 fn digest(puts: &[(String, Vec<u8>)]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for (k, v) in puts {
-        for b in k.bytes().chain([0]).chain(v.iter().copied()).chain([0]) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    format!("{h:016x}")
+    let bytes = puts
+        .iter()
+        .flat_map(|(k, v)| k.bytes().chain([0]).chain(v.iter().copied()).chain([0]));
+    format!("{:016x}", crate::state::fnv1a(bytes))
 }
 
 /// The layout stored once under `config`.

@@ -58,16 +58,8 @@ enum Command {
         /// Key prefix of this cluster in etcd (with --store etcd).
         #[arg(long, default_value = "/podnet")]
         etcd_prefix: String,
-        /// The CA that signed etcd's certificate, for https:// --etcd-endpoints.
-        #[arg(long)]
-        etcd_ca: Option<PathBuf>,
-        /// A client certificate for etcd's --client-cert-auth (`ca issue --etcd-client NAME`).
-        /// Read again when a call fails, so a replaced one is used at the next reconnect.
-        #[arg(long, requires_all = ["etcd_key", "etcd_ca"])]
-        etcd_cert: Option<PathBuf>,
-        /// The key of --etcd-cert (mode 0600).
-        #[arg(long, requires = "etcd_cert")]
-        etcd_key: Option<PathBuf>,
+        #[command(flatten)]
+        etcd_tls: EtcdTlsFlags,
         /// A node that does not renew within this is marked down and withdrawn.
         #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
         lease_ttl: Duration,
@@ -170,26 +162,40 @@ struct EtcdFlags {
     /// Key prefix of the cluster in etcd.
     #[arg(long, global = true, default_value = "/podnet")]
     etcd_prefix: String,
-    /// The CA that signed etcd's certificate, for https:// endpoints.
-    #[arg(long, global = true)]
-    etcd_ca: Option<PathBuf>,
-    /// A client certificate for etcd's --client-cert-auth.
-    #[arg(long, global = true, requires_all = ["etcd_key", "etcd_ca"])]
-    etcd_cert: Option<PathBuf>,
-    /// The key of --etcd-cert.
-    #[arg(long, global = true, requires = "etcd_cert")]
-    etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    tls: EtcdTlsFlags,
 }
 
 impl EtcdFlags {
     fn access(self) -> EtcdAccess {
         EtcdAccess {
             prefix: self.etcd_prefix,
-            tls: self.etcd_ca.map(|ca| EtcdTls {
-                ca,
-                client: self.etcd_cert.zip(self.etcd_key),
-            }),
+            tls: self.tls.files(),
         }
+    }
+}
+
+/// How `serve` and `store` reach etcd over TLS.
+#[derive(clap::Args)]
+struct EtcdTlsFlags {
+    /// The CA that signed etcd's certificate, for https:// etcd endpoints.
+    #[arg(long, global = true)]
+    etcd_ca: Option<PathBuf>,
+    /// A client certificate for etcd's --client-cert-auth (`ca issue --etcd-client NAME`).
+    /// Read again when a call fails, so a replaced one is used at the next reconnect.
+    #[arg(long, global = true, requires_all = ["etcd_key", "etcd_ca"])]
+    etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (mode 0600).
+    #[arg(long, global = true, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+}
+
+impl EtcdTlsFlags {
+    fn files(self) -> Option<EtcdTls> {
+        self.etcd_ca.map(|ca| EtcdTls {
+            ca,
+            client: self.etcd_cert.zip(self.etcd_key),
+        })
     }
 }
 
@@ -522,9 +528,7 @@ fn main() -> ExitCode {
                 state,
                 etcd_endpoints,
                 etcd_prefix,
-                etcd_ca,
-                etcd_cert,
-                etcd_key,
+                etcd_tls,
                 lease_ttl,
                 reclaim_after,
                 token_file,
@@ -555,10 +559,7 @@ fn main() -> ExitCode {
                     StoreKind::Etcd => Backing::Etcd {
                         endpoints: etcd_endpoints,
                         prefix: etcd_prefix,
-                        tls: etcd_ca.map(|ca| EtcdTls {
-                            ca,
-                            client: etcd_cert.zip(etcd_key),
-                        }),
+                        tls: etcd_tls.files(),
                     },
                 };
                 serve(listen, config, store).await

@@ -750,10 +750,15 @@ impl Registry {
 
 /// Where the search for a free block starts for `name` (1..=capacity): FNV-1a of the name.
 fn spread_start(name: &str, capacity: u64) -> u32 {
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
+    let hash = fnv1a(name.bytes());
     (1 + hash % capacity.max(1)) as u32
+}
+
+/// 64-bit FNV-1a: a fixed, cheap hash for spreading and telling contents apart (not secure).
+pub(crate) fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 fn event(kind: EventType, node: &Node) -> WatchEvent {
