@@ -19,6 +19,7 @@ use podnet_proto::api::{
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::gro::{Coalescer, Span};
 use podnet_proto::ipv4::{self, Ipv4Packet, Ipv4Repr};
+use podnet_proto::ipv6::{self, Ipv6Packet, Ipv6Repr};
 use podnet_proto::virtio::{VirtioNetHdr, GSO_NONE, GSO_TCPV4};
 use podnet_proto::vxlan::{self, Vni};
 use podnet_proto::{checksum, gso, ipip};
@@ -27,8 +28,9 @@ use podnet_proto::{checksum, gso, ipip};
 pub type Check = fn(&[u8]);
 
 /// Every target by name, as `fuzz/run-bounded` and the corpus folders name them.
-pub const TARGETS: [(&str, Check); 10] = [
+pub const TARGETS: [(&str, Check); 11] = [
     ("ipv4", ipv4),
+    ("ipv6", ipv6),
     ("ipip_decap", ipip_decap),
     ("vxlan_decap", vxlan_decap),
     ("inbound", inbound),
@@ -94,6 +96,90 @@ pub fn ipv4(data: &[u8]) {
     assert!(again.verify_checksum());
     assert_eq!(Ipv4Repr::parse(&again), repr);
     assert_eq!(again.payload(), ip.payload());
+}
+
+/// Where the transport header of `data` is by the rules of RFC 8200 sections 3 and 4, restated:
+/// `None` unless version 6 and `40 + payload length <= bytes received`; then, walking from the
+/// fixed header's Next Header within the payload: hop-by-hop (0) only as the very first
+/// header, routing (43) and destination options (60) `8 * (1 + byte 1)` bytes long, fragment
+/// (44) 8 bytes and the end of the chain when its offset is not 0, AH (51)
+/// `4 * (2 + byte 1)`; any other value is the transport; at most 8 extension headers.
+/// `Some(Ok((protocol, offset, routing seen)))` or `Some(Err(()))` for a chain the walk refuses.
+#[allow(clippy::type_complexity)]
+fn ipv6_walk(data: &[u8]) -> Option<Result<(u8, usize, bool), ()>> {
+    if data.len() < 40 || data[0] >> 4 != 6 {
+        return None;
+    }
+    let end = 40 + usize::from(u16::from_be_bytes([data[4], data[5]]));
+    if end > data.len() {
+        return None;
+    }
+    let (mut next, mut at, mut routing) = (data[6], 40, false);
+    for count in 0..=8 {
+        let len_byte = |at: usize| data[..end].get(at + 1).copied().map(usize::from);
+        let len = match next {
+            0 if count > 0 => return Some(Err(())),
+            0 | 43 | 60 => len_byte(at).map(|l| (l + 1) * 8),
+            44 => Some(8),
+            51 => len_byte(at).map(|l| (l + 2) * 4),
+            _ => return Some(Ok((next, at, routing))),
+        };
+        let Some(len) = len.filter(|&l| count < 8 && at + l <= end) else {
+            return Some(Err(()));
+        };
+        routing |= next == 43;
+        let later_fragment =
+            next == 44 && u16::from_be_bytes([data[at + 2], data[at + 3]]) >> 3 != 0;
+        next = data[at];
+        at += len;
+        if later_fragment {
+            return Some(Ok((next, at, routing)));
+        }
+    }
+    Some(Err(()))
+}
+
+/// `Ipv6Packet::new_checked` and `transport`: accept exactly what the restated rules accept,
+/// find the same transport header, and the fixed header survives a repr round trip; the flow
+/// hash never panics and ignores the flow label.
+pub fn ipv6(data: &[u8]) {
+    let expect = ipv6_walk(data);
+    let hash = ipv6::flow_hash(data);
+    if data.len() >= 4 {
+        let mut relabelled = data.to_vec();
+        relabelled[1] ^= 0x0f;
+        relabelled[2] ^= 0xff;
+        assert_eq!(
+            ipv6::flow_hash(&relabelled),
+            hash,
+            "the flow label moved the hash"
+        );
+    }
+    let ip = match (Ipv6Packet::new_checked(data), expect) {
+        (Ok(ip), Some(_)) => ip,
+        (Err(_), None) => return,
+        (Ok(_), None) => panic!("invalid IPv6 header accepted"),
+        (Err(e), Some(_)) => panic!("valid IPv6 header refused: {e:?}"),
+    };
+    let end = 40 + usize::from(u16::from_be_bytes([data[4], data[5]]));
+    assert_eq!(ip.packet(), &data[..end]);
+    assert_eq!(ip.payload(), &data[40..end]);
+    match (ip.transport(), expect.expect("checked above")) {
+        (Ok(t), Ok((protocol, offset, routing))) => {
+            assert_eq!(
+                (t.protocol, t.offset, t.routing),
+                (protocol, offset, routing)
+            );
+            assert!(t.offset <= end);
+        }
+        (Err(_), Err(())) => {}
+        (Ok(t), Err(())) => panic!("a chain the rules refuse was walked: {t:?}"),
+        (Err(e), Ok(_)) => panic!("a valid chain was refused: {e:?}"),
+    }
+    let repr = Ipv6Repr::parse(&ip);
+    let mut rebuilt = vec![0u8; ipv6::HEADER_LEN];
+    repr.emit(&mut rebuilt);
+    assert_eq!(&rebuilt[..], &data[..40]);
 }
 
 /// `ipip::decapsulate`: accepts exactly valid, checksummed, unfragmented protocol-4 packets,
@@ -646,18 +732,21 @@ pub fn policy_documents(data: &[u8]) {
         p.validate().expect("an accepted policy validates");
         let json = serde_json::to_string(p).expect("policies serialize");
         let again = read_policies(&json).expect("a policy's own JSON reads again");
-        assert_eq!(again, [p.clone()]);
+        assert_eq!(again, std::slice::from_ref(p));
     }
     let cluster = probe_cluster(policies);
     let rules = podnet_dataplane::core::policy::compile(&cluster, &cluster.pods);
     for src in &cluster.pods {
         for dst in cluster.pods.iter().filter(|d| *d != src) {
-            let (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) = (src.ips[0], dst.ips[0]) else {
+            let (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) = (src.ips[0], dst.ips[0])
+            else {
                 unreachable!("the probe layout is IPv4")
             };
             for protocol in [Protocol::Tcp, Protocol::Udp] {
                 for port in [80, 81] {
-                    let want = cluster.decide(src.ips[0], dst.ips[0], port, protocol).allowed();
+                    let want = cluster
+                        .decide(src.ips[0], dst.ips[0], port, protocol)
+                        .allowed();
                     assert_eq!(
                         rules.allows(s, d, port, Some(protocol)),
                         want,

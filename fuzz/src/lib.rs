@@ -72,6 +72,38 @@ mod tests {
         }
     }
 
+    /// Each IPv6 seed reaches the part of the walk its name says.
+    #[test]
+    fn ipv6_seeds_are_read_as_meant() {
+        use podnet_proto::ipv6::{next_header, Ipv6Packet};
+        use podnet_proto::{Layer, WireError};
+        for (name, bytes) in seeds::for_target("ipv6") {
+            let walked = Ipv6Packet::new_checked(&bytes[..]).map(|ip| ip.transport());
+            let found = walked.map(|w| w.map(|t| (t.protocol, t.routing, t.header_present())));
+            let udp = next_header::UDP;
+            let expected = match name {
+                "valid-udp" | "ext-chain" => Ok(Ok((udp, false, true))),
+                "routing-header" => Ok(Ok((udp, true, true))),
+                "later-fragment" => Ok(Ok((udp, false, false))),
+                "truncated-chain" => Ok(Err(WireError::Truncated {
+                    layer: Layer::Ipv6Ext,
+                    required: 72,
+                    len: 60,
+                })),
+                "hop-by-hop-second" => Ok(Err(WireError::HopByHopNotFirst)),
+                "nine-headers" => Ok(Err(WireError::TooManyExtHeaders(8))),
+                "payload-len-past-end" => Err(WireError::Truncated {
+                    layer: Layer::Ipv6,
+                    required: 40 + 0xff,
+                    len: 56,
+                }),
+                "ipv4" => Err(WireError::NotIpv6(4)),
+                other => panic!("seed {other} has no expectation"),
+            };
+            assert_eq!(found, expected, "{name}");
+        }
+    }
+
     /// The checks are not vacuous: a broken "parser" result trips them.
     #[test]
     fn subslice_check_catches_foreign_bytes() {

@@ -2,11 +2,12 @@
 //! so the fuzzer starts from inputs that reach deep into the parsers. `fuzz/corpus/<target>/`
 //! holds exactly these (a unit test keeps them in sync).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use podnet_proto::checksum;
 use podnet_proto::ethernet::MacAddr;
 use podnet_proto::ipv4::{self, Ipv4Repr};
+use podnet_proto::ipv6::{self, next_header, Ipv6Repr};
 use podnet_proto::virtio::{VirtioNetHdr, F_NEEDS_CSUM, GSO_TCPV4};
 use podnet_proto::{ipip, vxlan};
 
@@ -124,6 +125,36 @@ fn ipv6() -> Vec<u8> {
     p
 }
 
+/// A UDP/IPv6 packet from one pod to another behind extension headers `exts` (kind and
+/// length in 8-byte units; each header's first byte names the next one).
+fn udp6(exts: &[(u8, usize)], payload_len: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (i, &(_, words)) in exts.iter().enumerate() {
+        let mut h = vec![0u8; words * 8];
+        h[0] = exts.get(i + 1).map_or(next_header::UDP, |e| e.0);
+        h[1] = (words - 1) as u8;
+        body.extend_from_slice(&h);
+    }
+    let udp_len = 8 + payload_len;
+    body.extend_from_slice(&[0x30, 0x39, 0x00, 0x35]);
+    body.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    body.extend_from_slice(&[0, 0]);
+    body.resize(body.len() + payload_len, 0xab);
+    let mut p = vec![0u8; ipv6::HEADER_LEN];
+    Ipv6Repr {
+        src: Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 5),
+        dst: Ipv6Addr::new(0xfd00, 0x10, 0x244, 2, 0, 0, 0, 7),
+        next_header: exts.first().map_or(next_header::UDP, |e| e.0),
+        hop_limit: 64,
+        traffic_class: 0,
+        flow_label: 0x54321,
+        payload_len: body.len(),
+    }
+    .emit(&mut p);
+    p.extend_from_slice(&body);
+    p
+}
+
 /// Seeds for the named target.
 pub fn for_target(target: &str) -> Seeds {
     let good = udp(POD_H2, POD_H1, 32, true);
@@ -147,6 +178,29 @@ pub fn for_target(target: &str) -> Seeds {
             ("bad-checksum", with(good.clone(), |p| p[10] ^= 0xff)),
             ("ipv6", ipv6()),
         ],
+        "ipv6" => {
+            let dest = next_header::DEST_OPTS;
+            let chain = [
+                (next_header::HOP_BY_HOP, 1),
+                (dest, 2),
+                (next_header::FRAGMENT, 1),
+                (next_header::AH, 3),
+            ];
+            vec![
+                ("valid-udp", udp6(&[], 32)),
+                ("ext-chain", udp6(&chain, 16)),
+                ("routing-header", udp6(&[(next_header::ROUTING, 3)], 8)),
+                ("later-fragment", with(udp6(&[(next_header::FRAGMENT, 1)], 24), |p| p[43] = 0xb8)),
+                ("truncated-chain", with(udp6(&[(dest, 4)], 0), |p| {
+                    p.truncate(60);
+                    p[4..6].copy_from_slice(&20u16.to_be_bytes());
+                })),
+                ("hop-by-hop-second", udp6(&[(dest, 1), (next_header::HOP_BY_HOP, 1)], 4)),
+                ("nine-headers", udp6(&[(dest, 1); 9], 4)),
+                ("payload-len-past-end", with(udp6(&[], 8), |p| p[5] = 0xff)),
+                ("ipv4", good.clone()),
+            ]
+        }
         "ipip_decap" => vec![
             ("valid", ipip_good.clone()),
             ("bad-checksum", with(ipip_good.clone(), |p| p[11] ^= 1)),

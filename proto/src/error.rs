@@ -12,6 +12,10 @@ pub enum Layer {
     Ipv4,
     /// The outer (underlay) IPv4 header of an IP-in-IP packet.
     OuterIpv4,
+    /// The fixed 40-byte IPv6 header.
+    Ipv6,
+    /// An IPv6 extension header (hop-by-hop, routing, fragment, destination options, AH).
+    Ipv6Ext,
     /// The 8-byte VXLAN header.
     Vxlan,
     /// The inner Ethernet II header carried by VXLAN.
@@ -29,6 +33,8 @@ impl fmt::Display for Layer {
         f.write_str(match self {
             Layer::Ipv4 => "IPv4",
             Layer::OuterIpv4 => "outer IPv4",
+            Layer::Ipv6 => "IPv6",
+            Layer::Ipv6Ext => "IPv6 extension header",
             Layer::Vxlan => "VXLAN",
             Layer::Ethernet => "Ethernet",
             Layer::Icmp => "ICMP",
@@ -54,6 +60,16 @@ pub enum WireError {
     /// IPv4 version field is not 4 (the value found).
     #[error("IP version {0}, expected 4")]
     BadVersion(u8),
+    /// An IPv6 header whose version field is not 6 (the value found).
+    #[error("IP version {0}, expected 6")]
+    NotIpv6(u8),
+    /// A hop-by-hop options header anywhere but straight after the IPv6 header (RFC 8200
+    /// section 4.1 allows it only there).
+    #[error("IPv6 hop-by-hop options header after another extension header")]
+    HopByHopNotFirst,
+    /// An IPv6 extension header chain longer than the walk follows (the count walked).
+    #[error("IPv6 extension header chain longer than {0} headers")]
+    TooManyExtHeaders(usize),
     /// IPv4 IHL below 5 (the value found, in 32-bit words).
     #[error("IPv4 header length {0} words, minimum is 5")]
     BadHeaderLen(u8),

@@ -8,6 +8,7 @@
 pub use error::{Layer, WireError};
 pub use ethernet::MacAddr;
 pub use ipv4::{Ipv4Packet, Ipv4Repr};
+pub use ipv6::{Ipv6Packet, Ipv6Repr};
 pub use vxlan::Vni;
 
 pub mod api;
@@ -19,6 +20,7 @@ pub mod gso;
 pub mod icmp;
 pub mod ipip;
 pub mod ipv4;
+pub mod ipv6;
 pub mod policy;
 pub mod virtio;
 pub mod vxlan;
