@@ -30,7 +30,7 @@ use etcd_client::{
     Compare, CompareOp, ConnectOptions, EventType as KvEvent, GetOptions, PutOptions, Txn, TxnOp,
     WatchOptions, WatchStream,
 };
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use podnet_proto::api::{EventType, Node, NodeState, WatchEvent};
 use serde::{Deserialize, Serialize};
 
@@ -53,8 +53,8 @@ pub enum EtcdError {
     Unavailable { endpoints: String, reason: String },
     #[error(
         "etcd prefix {prefix} holds a cluster with {what} {stored}, but this replica was started \
-         with {ours}: every replica of one cluster takes the same --cluster-cidr and \
-         --node-prefix (or give this one another --etcd-prefix)"
+         with {ours}: every replica of one cluster takes the same --cluster-cidr, --node-prefix \
+         and their -v6 forms (or give this one another --etcd-prefix)"
     )]
     ConfigMismatch {
         prefix: String,
@@ -104,6 +104,30 @@ struct Layout {
     format: u32,
     cluster_cidr: Ipv4Net,
     node_prefix: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cluster_cidr_v6: Option<Ipv6Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node_prefix_v6: Option<u8>,
+}
+
+impl Layout {
+    fn of(ipam: &Ipam) -> Layout {
+        Layout {
+            format: STATE_FORMAT,
+            cluster_cidr: ipam.cluster(),
+            node_prefix: ipam.node_prefix(),
+            cluster_cidr_v6: ipam.v6().map(|(cidr, _)| cidr),
+            node_prefix_v6: ipam.v6().map(|(_, prefix)| prefix),
+        }
+    }
+
+    fn ipam(&self) -> Result<Ipam, crate::ipam::IpamError> {
+        let ipam = Ipam::new(self.cluster_cidr, self.node_prefix)?;
+        match self.cluster_cidr_v6.zip(self.node_prefix_v6) {
+            Some((cidr, prefix)) => ipam.with_v6(cidr, prefix),
+            None => Ok(ipam),
+        }
+    }
 }
 
 /// What a key under the prefix is.
@@ -847,11 +871,7 @@ impl Etcd {
         timing: Timing,
         lease_ends: u64,
     ) -> Result<Loaded, EtcdError> {
-        let ours = Layout {
-            format: STATE_FORMAT,
-            cluster_cidr: ipam.cluster(),
-            node_prefix: ipam.node_prefix(),
-        };
+        let ours = Layout::of(&ipam);
         let key = self.keys.config();
         let value = serde_json::to_vec(&ours).expect("layouts serialize");
         let txn = Txn::new()
@@ -999,7 +1019,7 @@ impl Etcd {
     }
 
     /// The cluster layout stored under the prefix, `None` when it holds no cluster.
-    pub async fn layout(&self) -> Result<Option<(Ipv4Net, u8)>, EtcdError> {
+    async fn layout(&self) -> Result<Option<Layout>, EtcdError> {
         let key = self.keys.config();
         let mut kv = self.client().kv_client();
         let resp = self.call(kv.get(key.as_str(), None)).await?;
@@ -1011,7 +1031,7 @@ impl Etcd {
                 key: key.clone(),
                 reason: e.to_string(),
             })?;
-        Ok(Some((layout.cluster_cidr, layout.node_prefix)))
+        Ok(Some(layout))
     }
 
     /// Copies `state` in as the replicas keep it: the layout, node records with their pod CIDR
@@ -1025,7 +1045,8 @@ impl Etcd {
         timing: Timing,
         batch: usize,
     ) -> Result<CopyReport, EtcdError> {
-        let ipam = Ipam::new(state.cluster_cidr, state.node_prefix)
+        let ipam = state
+            .ipam()
             .map_err(|e| EtcdError::Copy(format!("the state's layout: {e}")))?;
         let registry = Registry::restore(ipam, timing, state.clone(), 0)
             .map_err(|e| EtcdError::Copy(format!("the state does not load: {e}")))?;
@@ -1045,11 +1066,7 @@ impl Etcd {
             &state.policy,
         );
         plan.puts.extend(records.puts);
-        let layout = Layout {
-            format: STATE_FORMAT,
-            cluster_cidr: ipam.cluster(),
-            node_prefix: ipam.node_prefix(),
-        };
+        let layout = Layout::of(&ipam);
         plan.puts.insert(
             0,
             (
@@ -1171,10 +1188,11 @@ impl Etcd {
 
     /// Everything under the prefix as one state, in the file store's form (for `store dump`).
     pub async fn copy_out(&self, timing: Timing) -> Result<Option<StoredState>, EtcdError> {
-        let Some((cidr, prefix)) = self.layout().await? else {
+        let Some(layout) = self.layout().await? else {
             return Ok(None);
         };
-        let ipam = Ipam::new(cidr, prefix)
+        let ipam = layout
+            .ipam()
             .map_err(|e| EtcdError::Copy(format!("the stored layout: {e}")))?;
         let loaded = self.load(ipam, timing, 0).await?;
         let mut state = loaded.registry.to_stored();
@@ -1240,6 +1258,25 @@ fn check_layout(prefix: &str, stored: &Layout, ours: &Layout) -> Result<(), Etcd
             "node prefix",
             format!("/{}", stored.node_prefix),
             format!("--node-prefix {}", ours.node_prefix),
+        ));
+    }
+    let none = || "none".to_string();
+    if stored.cluster_cidr_v6 != ours.cluster_cidr_v6 {
+        return Err(mismatch(
+            "IPv6 cluster CIDR",
+            stored.cluster_cidr_v6.map_or_else(none, |c| c.to_string()),
+            ours.cluster_cidr_v6.map_or_else(
+                || "no --cluster-cidr-v6".to_string(),
+                |c| format!("--cluster-cidr-v6 {c}"),
+            ),
+        ));
+    }
+    if stored.node_prefix_v6 != ours.node_prefix_v6 {
+        return Err(mismatch(
+            "IPv6 node prefix",
+            stored.node_prefix_v6.map_or_else(none, |p| format!("/{p}")),
+            ours.node_prefix_v6
+                .map_or_else(none, |p| format!("--node-prefix-v6 {p}")),
         ));
     }
     Ok(())
@@ -1484,11 +1521,7 @@ mod tests {
 
     #[test]
     fn a_different_layout_names_the_value_that_differs() {
-        let ours = Layout {
-            format: STATE_FORMAT,
-            cluster_cidr: "10.244.0.0/16".parse().unwrap(),
-            node_prefix: 24,
-        };
+        let ours = Layout::of(&Ipam::new("10.244.0.0/16".parse().unwrap(), 24).unwrap());
         let stored = Layout {
             node_prefix: 26,
             ..ours.clone()
@@ -1509,6 +1542,34 @@ mod tests {
             .to_string();
         assert!(err.contains("cluster CIDR 10.0.0.0/8"), "{err}");
         assert!(check_layout("/podnet", &ours, &ours).is_ok());
+        // Dual-stack: a replica without the stored IPv6 layout, or with another one.
+        let v6 = |cidr: &str, prefix| {
+            let ipam = Ipam::new("10.244.0.0/16".parse().unwrap(), 24).unwrap();
+            Layout::of(&ipam.with_v6(cidr.parse().unwrap(), prefix).unwrap())
+        };
+        let dual = v6("fd00:10:244::/56", 64);
+        assert!(check_layout("/podnet", &dual, &dual).is_ok());
+        let err = check_layout("/podnet", &dual, &ours)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("IPv6 cluster CIDR fd00:10:244::/56")
+                && err.contains("no --cluster-cidr-v6"),
+            "{err}"
+        );
+        let err = check_layout("/podnet", &dual, &v6("fd00:10:244::/56", 72))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("IPv6 node prefix /64") && err.contains("--node-prefix-v6 72"),
+            "{err}"
+        );
+        // A layout written before IPv6 existed reads as single-stack.
+        let old: Layout =
+            serde_json::from_str(r#"{"format":1,"cluster_cidr":"10.244.0.0/16","node_prefix":24}"#)
+                .unwrap();
+        assert_eq!(old, ours);
+        assert_eq!(old.ipam().unwrap().v6(), None);
     }
 
     #[test]

@@ -3,15 +3,23 @@
 //! Block 0 (10.244.0.0/24 with the defaults) is never handed out: it is kept for the overlay's
 //! own addresses, so the first node gets 10.244.1.0/24. Which blocks are taken is the caller's
 //! business (the registry knows its nodes); this module only does the arithmetic.
+//!
+//! A dual-stack layout (`--cluster-cidr-v6`) cuts the IPv6 cluster CIDR the same way, and a
+//! node's IPv6 block is the one with its IPv4 block's index: allocating one allocates both, so
+//! the IPv6 blocks are as stable and as unique as the IPv4 ones on every store, with nothing
+//! more to record. The IPv6 layout must hold at least as many blocks as the IPv4 one.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 /// The longest node prefix accepted: a /30 still leaves the network address for the TUN device,
 /// a gateway and one pod.
 pub const MAX_NODE_PREFIX: u8 = 30;
+
+/// The longest IPv6 node prefix accepted: a /120 leaves 255 pod addresses.
+pub const MAX_NODE_PREFIX_V6: u8 = 120;
 
 /// Why a cluster CIDR / node prefix pair is unusable.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +32,31 @@ pub enum IpamError {
         len = cluster.prefix_len()
     )]
     BadPrefix { cluster: Ipv4Net, prefix: u8 },
+    #[error("IPv6 cluster CIDR {given} is not a network address; did you mean {suggested}?")]
+    NotNetworkV6 { given: Ipv6Net, suggested: Ipv6Net },
+    #[error(
+        "IPv6 node prefix /{prefix} does not fit IPv6 cluster CIDR {cluster}: it must be longer \
+         than /{len} by at least one bit and at most /{MAX_NODE_PREFIX_V6}",
+        len = cluster.prefix_len()
+    )]
+    BadPrefixV6 { cluster: Ipv6Net, prefix: u8 },
+    #[error(
+        "IPv6 cluster CIDR {cluster} with /{prefix} per node holds fewer node blocks than the \
+         IPv4 layout ({v4_blocks}); every node's IPv6 block has its IPv4 block's index, so use a \
+         shorter --cluster-cidr-v6 or a longer --node-prefix-v6"
+    )]
+    V6TooSmall {
+        cluster: Ipv6Net,
+        prefix: u8,
+        v4_blocks: u64,
+    },
+}
+
+/// The IPv6 half of a dual-stack layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Ipam6 {
+    cluster: Ipv6Net,
+    prefix: u8,
 }
 
 /// Arithmetic over the node blocks of one cluster CIDR.
@@ -31,6 +64,7 @@ pub enum IpamError {
 pub struct Ipam {
     cluster: Ipv4Net,
     prefix: u8,
+    v6: Option<Ipam6>,
 }
 
 impl Ipam {
@@ -44,7 +78,52 @@ impl Ipam {
         if prefix <= cluster.prefix_len() || prefix > MAX_NODE_PREFIX {
             return Err(IpamError::BadPrefix { cluster, prefix });
         }
-        Ok(Ipam { cluster, prefix })
+        Ok(Ipam {
+            cluster,
+            prefix,
+            v6: None,
+        })
+    }
+
+    /// The same layout, dual-stack: node block `i` also gets block `i` of `cluster` cut into
+    /// `/prefix` blocks.
+    pub fn with_v6(self, cluster: Ipv6Net, prefix: u8) -> Result<Ipam, IpamError> {
+        if cluster.trunc() != cluster {
+            return Err(IpamError::NotNetworkV6 {
+                given: cluster,
+                suggested: cluster.trunc(),
+            });
+        }
+        if prefix <= cluster.prefix_len() || prefix > MAX_NODE_PREFIX_V6 {
+            return Err(IpamError::BadPrefixV6 { cluster, prefix });
+        }
+        // Compare the bits each layout gives to the block index (2^64 and more IPv6 blocks
+        // are plenty).
+        if prefix - cluster.prefix_len() < self.prefix - self.cluster.prefix_len() {
+            return Err(IpamError::V6TooSmall {
+                cluster,
+                prefix,
+                v4_blocks: self.blocks(),
+            });
+        }
+        Ok(Ipam {
+            v6: Some(Ipam6 { cluster, prefix }),
+            ..self
+        })
+    }
+
+    /// The IPv6 cluster CIDR and node prefix of a dual-stack layout.
+    pub fn v6(&self) -> Option<(Ipv6Net, u8)> {
+        self.v6.map(|v| (v.cluster, v.prefix))
+    }
+
+    /// The IPv6 pod CIDR that goes with block `index`, on a dual-stack layout.
+    pub fn block_v6(&self, index: u32) -> Option<Ipv6Net> {
+        let v6 = self.v6?;
+        let base = u128::from(v6.cluster.network());
+        let addr = base + (u128::from(index) << (128 - u32::from(v6.prefix)));
+        // Cannot fail: the prefix was checked in `with_v6`.
+        Some(Ipv6Net::new(Ipv6Addr::from(addr), v6.prefix).expect("prefix checked in with_v6"))
     }
 
     pub fn cluster(&self) -> Ipv4Net {
@@ -202,5 +281,51 @@ mod tests {
         assert!(Ipam::new(net("10.244.0.0/16"), 31).is_err());
         let msg = Ipam::new(net("10.244.0.0/24"), 24).unwrap_err().to_string();
         assert!(msg.contains("/24"), "{msg}");
+    }
+
+    fn net6(s: &str) -> Ipv6Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_v6_block_has_the_v4_blocks_index() {
+        let v4 = Ipam::new(net("10.244.0.0/16"), 24).unwrap();
+        assert_eq!(v4.block_v6(1), None, "single-stack");
+        let ipam = v4.with_v6(net6("fd00:10:244::/56"), 64).unwrap();
+        assert_eq!(ipam.v6(), Some((net6("fd00:10:244::/56"), 64)));
+        assert_eq!(ipam.block_v6(1), Some(net6("fd00:10:244:1::/64")));
+        assert_eq!(ipam.block_v6(255), Some(net6("fd00:10:244:ff::/64")));
+        assert_eq!(
+            ipam.capacity(),
+            255,
+            "the IPv4 layout bounds the node count"
+        );
+        // More IPv6 blocks than IPv4 ones is fine; odd prefixes cut as for IPv4.
+        let wide = Ipam::new(net("10.244.0.0/22"), 24).unwrap();
+        let wide = wide.with_v6(net6("fd00:10:244::/48"), 80).unwrap();
+        assert_eq!(wide.block_v6(3), Some(net6("fd00:10:244:0:3::/80")));
+    }
+
+    #[test]
+    fn bad_v6_layouts_are_explained() {
+        let v4 = Ipam::new(net("10.244.0.0/16"), 24).unwrap();
+        assert_eq!(
+            v4.with_v6(net6("fd00:10:244:1::/56"), 64),
+            Err(IpamError::NotNetworkV6 {
+                given: net6("fd00:10:244:1::/56"),
+                suggested: net6("fd00:10:244::/56")
+            })
+        );
+        assert!(v4.with_v6(net6("fd00::/56"), 56).is_err());
+        assert!(v4.with_v6(net6("fd00::/56"), 121).is_err());
+        // 2^7 IPv6 blocks for 2^8 IPv4 ones.
+        let msg = v4
+            .with_v6(net6("fd00:10:244::/57"), 64)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("fewer node blocks than the IPv4 layout (256)"),
+            "{msg}"
+        );
     }
 }

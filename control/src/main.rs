@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use podnet_control::api::{Node, NodeList};
 use podnet_control::client::read_token_file;
 use podnet_control::clock::now_ms;
@@ -45,6 +45,13 @@ enum Command {
         /// Prefix length of each node's pod CIDR.
         #[arg(long, default_value_t = 24)]
         node_prefix: u8,
+        /// The IPv6 pod network of a dual-stack cluster: every node also gets one block of it,
+        /// the one with its IPv4 block's index (without it the cluster is IPv4-only).
+        #[arg(long)]
+        cluster_cidr_v6: Option<Ipv6Net>,
+        /// Prefix length of each node's IPv6 pod CIDR (with --cluster-cidr-v6).
+        #[arg(long, default_value_t = 64, requires = "cluster_cidr_v6")]
+        node_prefix_v6: u8,
         /// Where the node table is kept: `file` (one process, --state) or `etcd` (any number
         /// of replicas over --etcd-endpoints).
         #[arg(long, value_enum, default_value_t = StoreKind::File)]
@@ -524,6 +531,8 @@ fn main() -> ExitCode {
                 listen,
                 cluster_cidr,
                 node_prefix,
+                cluster_cidr_v6,
+                node_prefix_v6,
                 store,
                 state,
                 etcd_endpoints,
@@ -547,6 +556,8 @@ fn main() -> ExitCode {
                     tls,
                     cluster_cidr,
                     node_prefix,
+                    cluster_cidr_v6,
+                    node_prefix_v6,
                     lease_ttl,
                     reclaim_after,
                     token,
@@ -761,7 +772,21 @@ fn render_table(list: &NodeList, local_now: u64) -> String {
             ]
         })
         .collect();
-    table(header, &rows)
+    if list.nodes.iter().all(|n| n.pod_cidr_v6.is_none()) {
+        return table(header, &rows);
+    }
+    // Dual-stack: the IPv6 pod CIDR last, so the columns before keep their places.
+    let v6 = |n: &Node| {
+        n.pod_cidr_v6
+            .map_or_else(|| "-".to_string(), |c| c.to_string())
+    };
+    let [a, b, c, d, e, f] = header;
+    let rows: Vec<[String; 7]> = rows
+        .into_iter()
+        .zip(&list.nodes)
+        .map(|([a, b, c, d, e, f], n)| [a, b, c, d, e, f, v6(n)])
+        .collect();
+    table([a, b, c, d, e, f, "POD CIDR V6"], &rows)
 }
 
 /// Rows of cells as an aligned table, the header first.
@@ -915,6 +940,7 @@ mod tests {
             encap: Encap::Vxlan,
             vtep_mac: "02:00:c6:12:00:01".parse().unwrap(),
             pod_cidr: cidr.parse().unwrap(),
+            pod_cidr_v6: None,
             state,
             last_heartbeat: hb,
             revision: 1,
@@ -947,6 +973,43 @@ mod tests {
         list.server_time_ms = Some(99_000);
         let text = render_table(&list, 100_000 + 3_600_000);
         assert!(text.lines().nth(1).unwrap().ends_with(" 2s ago"), "{text}");
+        // Dual-stack: the IPv6 pod CIDR is the last column, so the others keep their places.
+        list.nodes[0].pod_cidr_v6 = Some("fd00:10:244:1::/64".parse().unwrap());
+        let text = render_table(&list, 0);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "NAME         UNDERLAY IP  POD CIDR       ENCAP  STATE  LAST HEARTBEAT  POD CIDR V6",
+                "h1           198.18.0.1   10.244.1.0/24  vxlan  up     2s ago          fd00:10:244:1::/64",
+                "worker-long  198.18.0.12  10.244.2.0/24  vxlan  down   99s ago         -",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_v6_node_prefix_needs_the_v6_cluster_cidr() {
+        let serve = |extra: &[&str]| {
+            let argv = ["podnet-control", "serve", "--insecure"]
+                .iter()
+                .chain(extra);
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Serve {
+                    cluster_cidr_v6,
+                    node_prefix_v6,
+                    ..
+                } => (cluster_cidr_v6.map(|c| c.to_string()), node_prefix_v6),
+                _ => unreachable!(),
+            })
+        };
+        assert_eq!(serve(&[]).unwrap(), (None, 64));
+        assert_eq!(
+            serve(&["--cluster-cidr-v6", "fd00:10:244::/56"]).unwrap(),
+            (Some("fd00:10:244::/56".to_string()), 64)
+        );
+        let err = serve(&["--node-prefix-v6", "80"]).unwrap_err().to_string();
+        assert!(err.contains("--cluster-cidr-v6"), "{err}");
+        assert!(serve(&["--cluster-cidr-v6", "10.0.0.0/8"]).is_err());
     }
 
     #[test]

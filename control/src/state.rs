@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv4Addr;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use podnet_proto::api::{
     validate_node_name, EventType, NameError, Node, NodeList, NodeState, RegisterRequest,
     WatchEvent,
@@ -38,6 +38,11 @@ pub struct StoredState {
     pub format: u32,
     pub cluster_cidr: Ipv4Net,
     pub node_prefix: u8,
+    /// The IPv6 layout of a dual-stack cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_cidr_v6: Option<Ipv6Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_prefix_v6: Option<u8>,
     pub revision: u64,
     pub nodes: Vec<Node>,
     /// Pods, namespace labels and network policies (absent from files of services that had
@@ -58,6 +63,15 @@ pub struct NodeDelta {
 }
 
 impl StoredState {
+    /// The layout this state was written for.
+    pub fn ipam(&self) -> Result<Ipam, crate::ipam::IpamError> {
+        let ipam = Ipam::new(self.cluster_cidr, self.node_prefix)?;
+        match self.cluster_cidr_v6.zip(self.node_prefix_v6) {
+            Some((cidr, prefix)) => ipam.with_v6(cidr, prefix),
+            None => Ok(ipam),
+        }
+    }
+
     /// Applies `delta`; `nodes` stays ordered by name, as [`Registry::to_stored`] writes it.
     pub fn apply(&mut self, delta: &NodeDelta) {
         for node in &delta.put {
@@ -129,8 +143,22 @@ pub enum RestoreError {
         cidr: Ipv4Net,
         prefix: u8,
     },
+    #[error(
+        "state was written for IPv6 layout {stored} but the service was started with {ours}; \
+         start with the stored --cluster-cidr-v6 and --node-prefix-v6 (or without them if it \
+         says none)"
+    )]
+    LayoutV6 { stored: V6Layout, ours: V6Layout },
     #[error("node {name:?}: pod CIDR {pod_cidr} is not one of this cluster's node blocks")]
     ForeignCidr { name: String, pod_cidr: Ipv4Net },
+    #[error(
+        "node {name:?}: IPv6 pod CIDR {found} does not go with its IPv4 block (expected {expected})"
+    )]
+    ForeignCidrV6 {
+        name: String,
+        found: V6Layout,
+        expected: V6Layout,
+    },
     #[error("node {name:?}: pod CIDR {pod_cidr} is also held by {other:?}")]
     DuplicateCidr {
         name: String,
@@ -145,6 +173,26 @@ pub enum RestoreError {
         key: String,
         reason: String,
     },
+}
+
+/// An IPv6 layout or pod CIDR as an error names it: the value, or `none`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct V6Layout(pub Option<String>);
+
+impl V6Layout {
+    fn of(v6: Option<(Ipv6Net, u8)>) -> V6Layout {
+        V6Layout(v6.map(|(cidr, prefix)| format!("{cidr} with /{prefix} per node")))
+    }
+
+    fn cidr(net: Option<Ipv6Net>) -> V6Layout {
+        V6Layout(net.map(|n| n.to_string()))
+    }
+}
+
+impl std::fmt::Display for V6Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.as_deref().unwrap_or("none"))
+    }
 }
 
 /// How to take back one [`Registry::register_in_place`].
@@ -281,6 +329,13 @@ impl Registry {
                 prefix: ipam.node_prefix(),
             });
         }
+        let stored_v6 = stored.cluster_cidr_v6.zip(stored.node_prefix_v6);
+        if stored_v6 != ipam.v6() {
+            return Err(RestoreError::LayoutV6 {
+                stored: V6Layout::of(stored_v6),
+                ours: V6Layout::of(ipam.v6()),
+            });
+        }
         let mut registry = Registry::new(ipam, timing);
         registry.revision = stored.revision;
         let mut holders: BTreeMap<u32, String> = BTreeMap::new();
@@ -294,6 +349,13 @@ impl Registry {
                     name: node.name.clone(),
                     pod_cidr: node.pod_cidr,
                 })?;
+            if node.pod_cidr_v6 != ipam.block_v6(index) {
+                return Err(RestoreError::ForeignCidrV6 {
+                    name: node.name,
+                    found: V6Layout::cidr(node.pod_cidr_v6),
+                    expected: V6Layout::cidr(ipam.block_v6(index)),
+                });
+            }
             if let Some(other) = holders.insert(index, node.name.clone()) {
                 return Err(RestoreError::DuplicateCidr {
                     name: node.name,
@@ -318,6 +380,8 @@ impl Registry {
             format: STATE_FORMAT,
             cluster_cidr: self.ipam.cluster(),
             node_prefix: self.ipam.node_prefix(),
+            cluster_cidr_v6: self.ipam.v6().map(|(cidr, _)| cidr),
+            node_prefix_v6: self.ipam.v6().map(|(_, prefix)| prefix),
             revision: self.revision,
             nodes: self.nodes.values().map(|e| e.node.clone()).collect(),
             policy: PolicyState::default(),
@@ -500,6 +564,7 @@ impl Registry {
             encap: req.encap,
             vtep_mac,
             pod_cidr: self.ipam.block(index),
+            pod_cidr_v6: self.ipam.block_v6(index),
             wireguard_public_key: req.wireguard_public_key,
             state: NodeState::Up,
             last_heartbeat: now,
@@ -1121,6 +1186,74 @@ mod tests {
         assert_eq!(
             Registry::restore(*reg.ipam(), reg.timing(), future, 0).unwrap_err(),
             RestoreError::Format(99)
+        );
+    }
+
+    fn dual_stack(v4: &Registry) -> Ipam {
+        v4.ipam()
+            .with_v6("fd00:10:244::/56".parse().unwrap(), 64)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_dual_stack_node_gets_the_v6_block_of_its_v4_index_kept_across_restore() {
+        let plain = registry("10.244.0.0/16");
+        let ipam = dual_stack(&plain);
+        let mut reg = Registry::new(ipam, plain.timing());
+        let v6 = |s: &str| Some(s.parse::<Ipv6Net>().unwrap());
+        let a = reg.register("h1", &req(1), 0).unwrap();
+        let b = reg.register("h2", &req(2), 0).unwrap();
+        assert_eq!(a.node.pod_cidr_v6, v6("fd00:10:244:1::/64"));
+        assert_eq!(b.node.pod_cidr_v6, v6("fd00:10:244:2::/64"));
+        // A block taken back from a purged node goes with its IPv6 half.
+        reg.remove("h1", true).unwrap();
+        let c = reg.register("h3", &req(3), 0).unwrap();
+        assert_eq!(
+            (c.node.pod_cidr, c.node.pod_cidr_v6),
+            (cidr("10.244.1.0/24"), v6("fd00:10:244:1::/64"))
+        );
+        // The store keeps the layout and the blocks; a restore gives them back.
+        let stored = reg.to_stored();
+        let json = serde_json::to_value(&stored).unwrap();
+        assert_eq!(json["cluster_cidr_v6"], "fd00:10:244::/56");
+        assert_eq!(json["node_prefix_v6"], 64);
+        let back = Registry::restore(ipam, reg.timing(), stored.clone(), 0).unwrap();
+        assert_eq!(
+            back.node("h3").unwrap().pod_cidr_v6,
+            v6("fd00:10:244:1::/64")
+        );
+        // A service started without the IPv6 layout, or with another one, refuses and names
+        // both values.
+        let err = Registry::restore(*plain.ipam(), reg.timing(), stored.clone(), 0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "state was written for IPv6 layout fd00:10:244::/56 with /64 per node but the \
+             service was started with none; start with the stored --cluster-cidr-v6 and \
+             --node-prefix-v6 (or without them if it says none)"
+        );
+        let other = plain
+            .ipam()
+            .with_v6("fd00:10:244::/56".parse().unwrap(), 72)
+            .unwrap();
+        assert!(matches!(
+            Registry::restore(other, reg.timing(), stored.clone(), 0),
+            Err(RestoreError::LayoutV6 { .. })
+        ));
+        // A single-stack state does not load into a dual-stack service either.
+        let single = plain.to_stored();
+        assert!(matches!(
+            Registry::restore(ipam, reg.timing(), single, 0),
+            Err(RestoreError::LayoutV6 { .. })
+        ));
+        // A node whose IPv6 block is not its IPv4 block's (h2 holds 10.244.2.0/24).
+        let mut foreign = stored;
+        assert_eq!(foreign.nodes[0].name, "h2");
+        foreign.nodes[0].pod_cidr_v6 = v6("fd00:10:244:9::/64");
+        let err = Registry::restore(ipam, reg.timing(), foreign, 0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "node \"h2\": IPv6 pod CIDR fd00:10:244:9::/64 does not go with its IPv4 block \
+             (expected fd00:10:244:2::/64)"
         );
     }
 

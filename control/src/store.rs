@@ -495,6 +495,8 @@ mod tests {
             format: STATE_FORMAT,
             cluster_cidr: "10.244.0.0/16".parse().unwrap(),
             node_prefix: 24,
+            cluster_cidr_v6: None,
+            node_prefix_v6: None,
             revision,
             nodes: (1..=nodes)
                 .map(|i| Node {
@@ -504,6 +506,7 @@ mod tests {
                     encap: Encap::Ipip,
                     vtep_mac: format!("02:00:c6:12:00:{i:02x}").parse().unwrap(),
                     pod_cidr: format!("10.244.{i}.0/24").parse().unwrap(),
+                    pod_cidr_v6: None,
                     state: NodeState::Up,
                     last_heartbeat: 1,
                     revision: i as u64,

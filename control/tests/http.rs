@@ -761,3 +761,96 @@ async fn changes_are_saved_before_they_are_acknowledged() {
     })
     .await;
 }
+
+// Dual-stack on the file store: 100 concurrent registrations get 100 distinct IPv4 and IPv6
+// blocks, each IPv6 block the one with its IPv4 block's index, in the answers, the list and
+// the state file; a restart with another IPv6 layout refuses and names it.
+#[tokio::test]
+async fn dual_stack_blocks_are_distinct_under_concurrent_registrations_and_persist() {
+    with_timeout(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let cfg = ServerConfig {
+            cluster_cidr_v6: Some("fd00:10:244::/56".parse().unwrap()),
+            node_prefix_v6: 64,
+            ..config()
+        };
+        let srv = start(cfg.clone(), Arc::new(FileStore::new(&path)), any_port()).await;
+        let http = reqwest::Client::new();
+        let tasks: Vec<_> = (1..=100u8)
+            .map(|i| {
+                let (http, url) = (http.clone(), srv.url(&format!("/v1/nodes/n{i}")));
+                tokio::spawn(async move {
+                    let (status, body) = put(&http, url, &reg(i, "vxlan")).await;
+                    assert_eq!(status, 200, "{body}");
+                    serde_json::from_value::<RegisterResponse>(body).unwrap()
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.unwrap());
+        }
+        let pairs = |list: &mut dyn Iterator<Item = (String, String)>| {
+            let mut v4 = std::collections::BTreeSet::new();
+            let mut v6 = std::collections::BTreeSet::new();
+            for (a, b) in list {
+                // 10.244.I.0/24 goes with fd00:10:244:I::/64 (I in hex).
+                let index: u8 = a.split('.').nth(2).unwrap().parse().unwrap();
+                assert_eq!(b, format!("fd00:10:244:{index:x}::/64"), "{a}");
+                v4.insert(a);
+                v6.insert(b);
+            }
+            (v4.len(), v6.len())
+        };
+        let mut answered = answers.iter().map(|r| {
+            assert_eq!(r.cluster_cidr_v6.unwrap().to_string(), "fd00:10:244::/56");
+            (r.pod_cidr.to_string(), r.pod_cidr_v6.unwrap().to_string())
+        });
+        assert_eq!(pairs(&mut answered), (100, 100));
+        let list: NodeList = http
+            .get(srv.url("/v1/nodes"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut listed = list
+            .nodes
+            .iter()
+            .map(|n| (n.pod_cidr.to_string(), n.pod_cidr_v6.unwrap().to_string()));
+        assert_eq!(pairs(&mut listed), (100, 100));
+        srv.stop().await;
+
+        // The state file holds the layout and the blocks; the same layout loads them.
+        let saved: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(saved["cluster_cidr_v6"], "fd00:10:244::/56");
+        let srv = start(cfg.clone(), Arc::new(FileStore::new(&path)), any_port()).await;
+        let again = Client::new(&srv.url(""), None)
+            .unwrap()
+            .list()
+            .await
+            .unwrap();
+        assert_eq!(again.nodes, list.nodes);
+        srv.stop().await;
+        for other in [
+            ServerConfig {
+                node_prefix_v6: 72,
+                ..cfg.clone()
+            },
+            config(),
+        ] {
+            let msg = Server::open(other, Arc::new(FileStore::new(&path)))
+                .await
+                .err()
+                .expect("another IPv6 layout is refused")
+                .to_string();
+            assert!(
+                msg.contains("IPv6 layout fd00:10:244::/56 with /64 per node"),
+                "{msg}"
+            );
+        }
+    })
+    .await;
+}

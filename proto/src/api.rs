@@ -9,7 +9,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::ethernet::MacAddr;
@@ -156,6 +156,12 @@ pub struct RegisterResponse {
     pub pod_cidr: Ipv4Net,
     /// The whole overlay: agents route it into their TUN device.
     pub cluster_cidr: Ipv4Net,
+    /// The node's IPv6 pod CIDR, when the service runs dual-stack (`--cluster-cidr-v6`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr_v6: Option<Ipv6Net>,
+    /// The whole IPv6 overlay, when the service runs dual-stack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_cidr_v6: Option<Ipv6Net>,
     /// Renew well before this runs out (the client library renews at a third of it).
     pub lease_ttl_s: u64,
     /// The same lease in milliseconds, for sub-second test settings.
@@ -194,6 +200,10 @@ pub struct Node {
     pub encap: Encap,
     pub vtep_mac: MacAddr,
     pub pod_cidr: Ipv4Net,
+    /// Its IPv6 pod CIDR, on a dual-stack cluster: the IPv6 block with the index of its IPv4
+    /// block, so it is as stable and as unique as that one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr_v6: Option<Ipv6Net>,
     /// Its WireGuard public key (nodes with encap `wireguard` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard_public_key: Option<WgKey>,
@@ -380,6 +390,7 @@ mod tests {
             encap: Encap::Vxlan,
             vtep_mac: MacAddr::vtep_for(Ipv4Addr::new(198, 18, 0, 1)),
             pod_cidr: "10.244.1.0/24".parse().unwrap(),
+            pod_cidr_v6: None,
             state,
             last_heartbeat: 1_700_000_000_000,
             revision,

@@ -33,9 +33,15 @@ fn ha(name: &str, hosts: u8, replicas: u8, control_args: &[&str]) -> Testbed {
 
 /// Only the etcd cluster and `replicas` replicas, and one bare host to send requests from.
 fn replicas_only(name: &str, replicas: u8) -> Testbed {
+    replicas_with(name, replicas, &[])
+}
+
+/// [`replicas_only`], every replica also given `serve_flags`.
+fn replicas_with(name: &str, replicas: u8, serve_flags: &[&str]) -> Testbed {
     let mut tb = TestbedBuilder::new(name)
         .hosts(1)
         .mode(HostMode::Bare)
+        .control_args(serve_flags)
         .no_wait()
         .build();
     tb.start_etcd_cluster();
@@ -148,7 +154,19 @@ fn added_names(watch: &Response) -> BTreeSet<String> {
         .collect()
 }
 
-// 1. Two replicas, 100 concurrent registrations split across them: 100 distinct CIDRs, every
+/// Every node's IPv6 pod CIDR in a replica's list.
+fn v6_cidrs(ns: &str, addr: SocketAddr) -> BTreeMap<String, String> {
+    let list = http::get(ns, addr, "/v1/nodes").unwrap().json().unwrap();
+    let nodes = list["nodes"].as_array().cloned().unwrap_or_default();
+    let field = |n: &serde_json::Value, k: &str| n[k].as_str().unwrap_or_default().to_string();
+    nodes
+        .iter()
+        .map(|n| (field(n, "name"), field(n, "pod_cidr_v6")))
+        .collect()
+}
+
+// 1. Two dual-stack replicas, 100 concurrent registrations split across them: 100 distinct
+// IPv4 and IPv6 CIDRs (each IPv6 block the one with its IPv4 block's index), every
 // acknowledged registration visible through both, and both replicas' watches deliver every
 // event.
 #[test]
@@ -156,7 +174,13 @@ fn concurrent_registrations_on_two_replicas_get_distinct_cidrs() {
     if !e2e_ready() {
         return;
     }
-    let tb = replicas_only("ha-conc", 2);
+    let v6 = [
+        "--cluster-cidr-v6",
+        "fd00:10:244::/56",
+        "--node-prefix-v6",
+        "64",
+    ];
+    let tb = replicas_with("ha-conc", 2, &v6);
     let ns = tb.host(1).ns.clone();
     let watches = [1, 2].map(|r| watch_for(&ns, tb.replica_addr(r), Duration::from_secs(25)));
     // Registrations start once both streams are open, so each watch sees every one.
@@ -205,6 +229,17 @@ fn concurrent_registrations_on_two_replicas_get_distinct_cidrs() {
             );
         }
         assert_cidrs_unique(&tb, &listed);
+        let v6 = v6_cidrs(&ns, tb.replica_addr(r));
+        for (name, cidr) in &acked {
+            let index: u8 = cidr.split('.').nth(2).unwrap().parse().unwrap();
+            assert_eq!(
+                v6.get(name),
+                Some(&format!("fd00:10:244:{index:x}::/64")),
+                "{name} ({cidr}) through replica {r}"
+            );
+        }
+        let distinct: BTreeSet<&String> = v6.values().collect();
+        assert_eq!(distinct.len(), 100, "IPv6 CIDRs handed out twice: {v6:?}");
     }
     for (r, watch) in watches.into_iter().enumerate() {
         let seen = added_names(&watch.join().unwrap());
@@ -212,14 +247,33 @@ fn concurrent_registrations_on_two_replicas_get_distinct_cidrs() {
         assert_eq!(seen, want, "watch on replica {}", r + 1);
     }
 
-    // A third replica with another layout refuses to start and says which value differs.
-    let mut flags = vec!["--node-prefix".to_string(), "26".into()];
-    flags.extend(tb.etcd_client_args());
-    let text = refused_replica(&tb, &flags);
-    assert!(
-        text.contains("node prefix /24") && text.contains("--node-prefix 26"),
-        "{text}"
-    );
+    // A third replica with another layout refuses to start and says which value differs:
+    // the IPv4 node prefix, the IPv6 one, or no IPv6 layout at all.
+    let refusals: [(&[&str], &[&str]); 3] = [
+        (
+            &["--node-prefix", "26"],
+            &["node prefix /24", "--node-prefix 26"],
+        ),
+        (
+            &[
+                "--cluster-cidr-v6",
+                "fd00:10:244::/56",
+                "--node-prefix-v6",
+                "72",
+            ],
+            &["IPv6 node prefix /64", "--node-prefix-v6 72"],
+        ),
+        (
+            &[],
+            &["IPv6 cluster CIDR fd00:10:244::/56", "no --cluster-cidr-v6"],
+        ),
+    ];
+    for (extra, said) in refusals {
+        let mut flags: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        flags.extend(tb.etcd_client_args());
+        let text = refused_replica(&tb, &flags);
+        assert!(said.iter().all(|s| text.contains(s)), "{extra:?}: {text}");
+    }
 }
 
 // 2. The etcd leader SIGKILLed during a registration burst: every acknowledged registration

@@ -58,6 +58,8 @@ pub(crate) fn register_answer(shared: &Shared, node: &Node, result: &'static str
         node: node.name.clone(),
         pod_cidr: node.pod_cidr,
         cluster_cidr: shared.config.cluster_cidr,
+        pod_cidr_v6: node.pod_cidr_v6,
+        cluster_cidr_v6: node.pod_cidr_v6.and(shared.config.cluster_cidr_v6),
         lease_ttl_s: ttl.div_ceil(1000),
         lease_ttl_ms: ttl,
         revision: node.revision,

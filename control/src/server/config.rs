@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::etcd::EtcdError;
 use crate::ipam::{Ipam, IpamError};
@@ -15,6 +15,10 @@ use crate::store::StoreError;
 pub struct ServerConfig {
     pub cluster_cidr: Ipv4Net,
     pub node_prefix: u8,
+    /// The IPv6 pod network of a dual-stack cluster (`--cluster-cidr-v6`): every node also gets
+    /// a `/node_prefix_v6` block of it.
+    pub cluster_cidr_v6: Option<Ipv6Net>,
+    pub node_prefix_v6: u8,
     pub lease_ttl: Duration,
     pub reclaim_after: Duration,
     /// Bearer token required on every call but `/healthz`.
@@ -68,6 +72,8 @@ impl Default for ServerConfig {
         ServerConfig {
             cluster_cidr: "10.244.0.0/16".parse().expect("literal CIDR"),
             node_prefix: 24,
+            cluster_cidr_v6: None,
+            node_prefix_v6: 64,
             lease_ttl: Duration::from_secs(20),
             reclaim_after: Duration::from_secs(24 * 3600),
             token: None,
@@ -87,7 +93,7 @@ impl Default for ServerConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("invalid --cluster-cidr/--node-prefix: {0}")]
+    #[error("invalid pod network layout (--cluster-cidr, --node-prefix and their -v6 forms): {0}")]
     Ipam(#[from] IpamError),
     #[error("{0}")]
     Store(#[from] StoreError),
@@ -117,7 +123,10 @@ pub(super) fn check(config: &ServerConfig) -> Result<(Ipam, Timing), ServerError
             keepalive: config.watch_keepalive,
         });
     }
-    let ipam = Ipam::new(config.cluster_cidr, config.node_prefix)?;
+    let mut ipam = Ipam::new(config.cluster_cidr, config.node_prefix)?;
+    if let Some(v6) = config.cluster_cidr_v6 {
+        ipam = ipam.with_v6(v6, config.node_prefix_v6)?;
+    }
     let timing = Timing {
         lease_ttl_ms: config.lease_ttl.as_millis() as u64,
         reclaim_after_ms: config.reclaim_after.as_millis() as u64,

@@ -658,6 +658,7 @@ mod tests {
             encap: api::Encap::Vxlan,
             vtep_mac: MacAddr::vtep_for(ip("198.18.0.2")),
             pod_cidr: "10.244.2.0/24".parse().unwrap(),
+            pod_cidr_v6: None,
             state: api::NodeState::Up,
             last_heartbeat: 10_000,
             revision: 3,
