@@ -122,11 +122,12 @@ impl Layout {
     }
 
     fn ipam(&self) -> Result<Ipam, crate::ipam::IpamError> {
-        let ipam = Ipam::new(self.cluster_cidr, self.node_prefix)?;
-        match self.cluster_cidr_v6.zip(self.node_prefix_v6) {
-            Some((cidr, prefix)) => ipam.with_v6(cidr, prefix),
-            None => Ok(ipam),
-        }
+        Ipam::recorded(
+            self.cluster_cidr,
+            self.node_prefix,
+            self.cluster_cidr_v6,
+            self.node_prefix_v6,
+        )
     }
 }
 

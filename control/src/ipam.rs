@@ -85,6 +85,20 @@ impl Ipam {
         })
     }
 
+    /// The layout a store recorded: IPv4, and IPv6 when both of its values are there.
+    pub fn recorded(
+        cluster: Ipv4Net,
+        prefix: u8,
+        cluster_v6: Option<Ipv6Net>,
+        prefix_v6: Option<u8>,
+    ) -> Result<Ipam, IpamError> {
+        let ipam = Ipam::new(cluster, prefix)?;
+        match cluster_v6.zip(prefix_v6) {
+            Some((cidr, prefix)) => ipam.with_v6(cidr, prefix),
+            None => Ok(ipam),
+        }
+    }
+
     /// The same layout, dual-stack: node block `i` also gets block `i` of `cluster` cut into
     /// `/prefix` blocks.
     pub fn with_v6(self, cluster: Ipv6Net, prefix: u8) -> Result<Ipam, IpamError> {

@@ -65,11 +65,12 @@ pub struct NodeDelta {
 impl StoredState {
     /// The layout this state was written for.
     pub fn ipam(&self) -> Result<Ipam, crate::ipam::IpamError> {
-        let ipam = Ipam::new(self.cluster_cidr, self.node_prefix)?;
-        match self.cluster_cidr_v6.zip(self.node_prefix_v6) {
-            Some((cidr, prefix)) => ipam.with_v6(cidr, prefix),
-            None => Ok(ipam),
-        }
+        Ipam::recorded(
+            self.cluster_cidr,
+            self.node_prefix,
+            self.cluster_cidr_v6,
+            self.node_prefix_v6,
+        )
     }
 
     /// Applies `delta`; `nodes` stays ordered by name, as [`Registry::to_stored`] writes it.

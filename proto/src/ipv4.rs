@@ -357,6 +357,7 @@ fn hash_flow(packet: &[u8], symmetric: bool) -> u32 {
 /// The flow hash of a key (the IPv4 and IPv6 flow hashes share it): FNV-1a over the bytes,
 /// then a murmur3 finaliser so every bit of the key reaches the low bits a caller takes the
 /// hash modulo by.
+#[inline]
 pub(crate) fn mix<'a>(key: impl Iterator<Item = &'a u8>) -> u32 {
     let mut x = key.fold(0x811c_9dc5u32, |acc, &b| {
         (acc ^ u32::from(b)).wrapping_mul(0x0100_0193)
