@@ -149,7 +149,7 @@ pub enum RestoreError {
          start with the stored --cluster-cidr-v6 and --node-prefix-v6 (or without them if it \
          says none)"
     )]
-    LayoutV6 { stored: V6Layout, ours: V6Layout },
+    LayoutV6 { stored: V6Value, ours: V6Value },
     #[error("node {name:?}: pod CIDR {pod_cidr} is not one of this cluster's node blocks")]
     ForeignCidr { name: String, pod_cidr: Ipv4Net },
     #[error(
@@ -157,8 +157,8 @@ pub enum RestoreError {
     )]
     ForeignCidrV6 {
         name: String,
-        found: V6Layout,
-        expected: V6Layout,
+        found: V6Value,
+        expected: V6Value,
     },
     #[error("node {name:?}: pod CIDR {pod_cidr} is also held by {other:?}")]
     DuplicateCidr {
@@ -178,19 +178,19 @@ pub enum RestoreError {
 
 /// An IPv6 layout or pod CIDR as an error names it: the value, or `none`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct V6Layout(pub Option<String>);
+pub struct V6Value(pub Option<String>);
 
-impl V6Layout {
-    fn of(v6: Option<(Ipv6Net, u8)>) -> V6Layout {
-        V6Layout(v6.map(|(cidr, prefix)| format!("{cidr} with /{prefix} per node")))
+impl V6Value {
+    fn layout(v6: Option<(Ipv6Net, u8)>) -> V6Value {
+        V6Value(v6.map(|(cidr, prefix)| format!("{cidr} with /{prefix} per node")))
     }
 
-    fn cidr(net: Option<Ipv6Net>) -> V6Layout {
-        V6Layout(net.map(|n| n.to_string()))
+    fn cidr(net: Option<Ipv6Net>) -> V6Value {
+        V6Value(net.map(|n| n.to_string()))
     }
 }
 
-impl std::fmt::Display for V6Layout {
+impl std::fmt::Display for V6Value {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.0.as_deref().unwrap_or("none"))
     }
@@ -333,8 +333,8 @@ impl Registry {
         let stored_v6 = stored.cluster_cidr_v6.zip(stored.node_prefix_v6);
         if stored_v6 != ipam.v6() {
             return Err(RestoreError::LayoutV6 {
-                stored: V6Layout::of(stored_v6),
-                ours: V6Layout::of(ipam.v6()),
+                stored: V6Value::layout(stored_v6),
+                ours: V6Value::layout(ipam.v6()),
             });
         }
         let mut registry = Registry::new(ipam, timing);
@@ -353,8 +353,8 @@ impl Registry {
             if node.pod_cidr_v6 != ipam.block_v6(index) {
                 return Err(RestoreError::ForeignCidrV6 {
                     name: node.name,
-                    found: V6Layout::cidr(node.pod_cidr_v6),
-                    expected: V6Layout::cidr(ipam.block_v6(index)),
+                    found: V6Value::cidr(node.pod_cidr_v6),
+                    expected: V6Value::cidr(ipam.block_v6(index)),
                 });
             }
             if let Some(other) = holders.insert(index, node.name.clone()) {

@@ -18,6 +18,7 @@ pub mod ethernet;
 pub mod gro;
 pub mod gso;
 pub mod icmp;
+pub mod icmpv6;
 pub mod ipip;
 pub mod ipv4;
 pub mod ipv6;
