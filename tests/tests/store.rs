@@ -1,4 +1,4 @@
-//! Growing out of one control process: a running 3-host cluster on the file store moved to
+//! Growing out of one control process: a running 3-host dual-stack cluster on the file store moved to
 //! replicas over a 3-member etcd (TLS, client certificates) with `podnet-control store
 //! migrate`, while its pods keep an iperf3 stream going; and `store dump` / `store restore`.
 
@@ -14,8 +14,17 @@ use podnet_tests::{
 /// Simulated nodes registered besides the three hosts, so a copy takes long enough to be cut.
 const EXTRA_NODES: u32 = 150;
 
-/// Every node's pod CIDR and state, as the control service at `addr` lists them.
-fn cidrs(tb: &Testbed, addr: std::net::SocketAddr) -> BTreeMap<String, (String, String)> {
+/// The cluster runs dual-stack, so the move must keep the IPv6 blocks and layout too.
+const V6_FLAGS: [&str; 4] = [
+    "--cluster-cidr-v6",
+    "fd00:10:244::/56",
+    "--node-prefix-v6",
+    "64",
+];
+
+/// Every node's pod CIDR, state and IPv6 pod CIDR, as the control service at `addr` lists
+/// them.
+fn cidrs(tb: &Testbed, addr: std::net::SocketAddr) -> BTreeMap<String, (String, String, String)> {
     http::get(&tb.host(1).ns, addr, "/v1/nodes")
         .unwrap()
         .json()
@@ -29,6 +38,7 @@ fn cidrs(tb: &Testbed, addr: std::net::SocketAddr) -> BTreeMap<String, (String, 
                 (
                     n["pod_cidr"].as_str().unwrap().to_string(),
                     n["state"].as_str().unwrap().to_string(),
+                    n["pod_cidr_v6"].as_str().unwrap_or_default().to_string(),
                 ),
             )
         })
@@ -65,6 +75,7 @@ fn a_file_store_cluster_moves_to_etcd_replicas_keeping_every_cidr_while_iperf3_r
         .pods_per_host(1)
         .mode(HostMode::Podnet(Encap::Vxlan))
         .peers(Peers::Control)
+        .control_args(&V6_FLAGS)
         .build();
     let file_addr = tb.control_addr();
     // Policy records, and nodes beyond the hosts (they lapse to down, keeping their blocks).
@@ -92,6 +103,10 @@ fn a_file_store_cluster_moves_to_etcd_replicas_keeping_every_cidr_while_iperf3_r
     }
     let before = cidrs(&tb, file_addr);
     assert_eq!(before.len(), 3 + EXTRA_NODES as usize);
+    for (name, (cidr, _, v6)) in &before {
+        let index: u8 = cidr.split('.').nth(2).unwrap().parse().unwrap();
+        assert_eq!(v6, &format!("fd00:10:244:{index:x}::/64"), "{name}");
+    }
     let policy_before = tb.control_call("GET", "/v1/policy", None);
 
     // A TCP stream from h1's pod to h3's, through the whole move.
@@ -213,6 +228,7 @@ fn a_file_store_cluster_moves_to_etcd_replicas_keeping_every_cidr_while_iperf3_r
         "etcd".into(),
     ];
     replica.extend(tb.etcd_client_args());
+    replica.extend(V6_FLAGS.map(str::to_string));
     let replica: Vec<&str> = replica.iter().map(String::as_str).collect();
     let ns1 = tb.host(1).ns.clone();
     tb.start("control", &ns1, &replica);
@@ -245,10 +261,10 @@ fn a_file_store_cluster_moves_to_etcd_replicas_keeping_every_cidr_while_iperf3_r
     .unwrap();
     for addr in [file_addr, tb.replica_addr(2)] {
         let after = cidrs(&tb, addr);
-        for (name, (cidr, _)) in &before {
+        for (name, (cidr, _, v6)) in &before {
             assert_eq!(
-                after.get(name).map(|v| &v.0),
-                Some(cidr),
+                after.get(name).map(|v| (&v.0, &v.2)),
+                Some((cidr, v6)),
                 "{name} at {addr}"
             );
         }
@@ -320,5 +336,9 @@ fn a_file_store_cluster_moves_to_etcd_replicas_keeping_every_cidr_while_iperf3_r
     );
     assert_eq!(a, b, "dump and restore differ");
     assert_eq!(a["nodes"].as_array().unwrap().len(), before.len());
+    assert_eq!(
+        a["cluster_cidr_v6"], "fd00:10:244::/56",
+        "the IPv6 layout moved too"
+    );
     assert_eq!(a["policy"]["policies"], policy_before["policies"]);
 }
