@@ -1,6 +1,7 @@
-//! Growing out of one control process: a running 3-host dual-stack cluster on the file store moved to
-//! replicas over a 3-member etcd (TLS, client certificates) with `podnet-control store
-//! migrate`, while its pods keep an iperf3 stream going; and `store dump` / `store restore`.
+//! Growing out of one control process: a running 3-host dual-stack cluster on the file store
+//! moved to replicas over a 3-member etcd (TLS, client certificates) with `podnet-control
+//! store migrate`, while its pods keep an iperf3 stream going; and `store dump` / `store
+//! restore`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
