@@ -29,6 +29,12 @@ async fn put(http: &reqwest::Client, url: String, body: &Value) -> (u16, Value) 
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// `GET /v1/nodes`, read as the API's node list.
+async fn list_nodes(http: &reqwest::Client, srv: &common::Running) -> NodeList {
+    let resp = http.get(srv.url("/v1/nodes")).send().await.unwrap();
+    resp.json().await.unwrap()
+}
+
 async fn with_timeout<F: std::future::Future<Output = ()>>(f: F) {
     tokio::time::timeout(TEST_TIMEOUT, f)
         .await
@@ -69,14 +75,7 @@ async fn register_list_and_refusals() {
             .await;
             assert_eq!(status, 200);
         }
-        let list: NodeList = http
-            .get(srv.url("/v1/nodes"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list = list_nodes(&http, &srv).await;
         assert_eq!(list.revision, 3);
         let cidrs: Vec<String> = list.nodes.iter().map(|n| n.pod_cidr.to_string()).collect();
         assert_eq!(cidrs, ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"]);
@@ -716,14 +715,7 @@ async fn changes_are_saved_before_they_are_acknowledged() {
             body["detail"].as_str().unwrap().contains("disk on fire"),
             "{body}"
         );
-        let list: NodeList = http
-            .get(srv.url("/v1/nodes"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list = list_nodes(&http, &srv).await;
         assert_eq!(
             (list.revision, list.nodes.len()),
             (1, 1),
@@ -808,14 +800,7 @@ async fn dual_stack_blocks_are_distinct_under_concurrent_registrations_and_persi
             (r.pod_cidr.to_string(), r.pod_cidr_v6.unwrap().to_string())
         });
         assert_eq!(pairs(&mut answered), (100, 100));
-        let list: NodeList = http
-            .get(srv.url("/v1/nodes"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list = list_nodes(&http, &srv).await;
         let mut listed = list
             .nodes
             .iter()
