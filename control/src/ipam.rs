@@ -111,8 +111,8 @@ impl Ipam {
         if prefix <= cluster.prefix_len() || prefix > MAX_NODE_PREFIX_V6 {
             return Err(IpamError::BadPrefixV6 { cluster, prefix });
         }
-        // Compare the bits each layout gives to the block index (2^64 and more IPv6 blocks
-        // are plenty).
+        // Every IPv4 block index must name an IPv6 block: compare the bits each layout gives
+        // the index.
         if prefix - cluster.prefix_len() < self.prefix - self.cluster.prefix_len() {
             return Err(IpamError::V6TooSmall {
                 cluster,
